@@ -1,0 +1,246 @@
+"""The run configuration: a typed dataclass filled from defaults <- preset <- YAML file <- CLI overrides.
+
+    accelerate launch train/distill.py --preset digits --steps 500 --real_guidance_scale 2
+
+Any `--key value` names a field below or an option of the chosen method (see `onestep.methods`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the key, the value and what is allowed."""
+
+
+@dataclass
+class Config:
+    # ---- run ----
+    name: str = ""                       # run folder: <output_dir>/<name>; default "<preset>-<method>"
+    output_dir: str = "runs"             # parent of run folders
+    overwrite: bool = False              # allow reusing a run folder that already holds a run
+    resume: str = ""                     # "latest" or a checkpoint folder to continue from
+    seed: int = 0                        # global seed (each process offsets it)
+    # ---- teacher and data ----
+    teacher: str = "assets/digits-teacher"  # local diffusers folder or hub id
+    dataset: str = "digits"              # real images for methods that need them: "digits" or "none"
+    classes: list = field(default_factory=list)  # class labels to distil (empty: all the teacher's classes)
+    # ---- method ----
+    method: str = "dmd2"                 # a key of onestep.methods.METHODS
+    method_args: dict = field(default_factory=dict)  # options of the method (also accepted as top-level keys)
+    # ---- networks ----
+    fake_score: str = "copy"             # "copy" (full copy of the teacher) or "lora" (adapter on its weights)
+    lora_rank: int = 16                  # rank of the LoRA fake score
+    generator_timesteps: list = field(default_factory=list)  # few-step student, e.g. [999, 749, 499, 249]; empty: one step
+    gan_feature_source: str = "fake_score"  # bottleneck features for the GAN head: "fake_score" or "teacher"
+    gan_hidden: int = 0                  # GAN head width (0: the feature width)
+    attention: str = "sdpa"              # "sdpa", "xformers" or "auto"
+    gradient_checkpointing: bool = False  # trade compute for memory in the trained networks
+    # ---- optimisation ----
+    steps: int = 3000                    # training iterations (each has a critic step; every update_ratio-th a generator step)
+    batch_size: int = 64                 # per process
+    lr_generator: float = 5e-5
+    lr_fake: float = 5e-5
+    adam_beta1: float = 0.0
+    adam_beta2: float = 0.99
+    weight_decay: float = 0.01
+    grad_clip: float = 10.0              # max grad norm (0: off)
+    ema_decay: float = 0.0               # generator EMA decay (0: off); exported weights are the EMA where kept
+    # ---- logging, evaluation, checkpoints ----
+    log_every: int = 20                  # tensorboard scalars every N iterations
+    sample_every: int = 500              # sample grid every N iterations (0: only at the end)
+    eval_every: int = 0                  # digits-FID every N iterations (0: only at the end)
+    eval_samples: int = 2000             # samples per FID evaluation
+    teacher_eval_steps: list = field(default_factory=lambda: [50])  # teacher sampler steps for its FID in metrics.json
+    classifier: str = "assets/digits-classifier"  # feature/classifier net for digits-FID ("" to skip FID)
+    checkpoint_every: int = 1000         # accelerate save_state every N iterations (0: only at the end)
+    checkpoints_total_limit: int = 2     # keep the newest N checkpoints
+    export: bool = True                  # write the diffusers pipeline to <run>/pipeline at the end
+    preset: str = "digits"               # the preset these values started from
+
+
+PRESETS: dict[str, dict] = {
+    # The embedded default: DMD2 on the shipped digits teacher, ~8 minutes on 2 CPU cores.
+    "digits": {},
+    # DMD (2023): 1:1 updates and the regression loss on teacher ODE pairs, no GAN.
+    "digits-dmd": {"method": "dmd", "method_args": {"regression_weight": 0.25}},
+    # A few iterations at tiny sizes: the smoke test of the whole pipeline.
+    "smoke": {"steps": 4, "batch_size": 8, "eval_samples": 100, "teacher_eval_steps": [4], "sample_every": 0,
+              "checkpoint_every": 2, "log_every": 1},
+    # google/ddpm-cifar10-32 (unconditional, hub or local folder), DMD2 ImageNet-64 settings scaled down.
+    "cifar10": {"teacher": "google/ddpm-cifar10-32", "dataset": "none", "steps": 20000, "batch_size": 64,
+                "lr_generator": 2e-6, "lr_fake": 2e-6, "classifier": "", "ema_decay": 0.999,
+                "method_args": {"gan_generator_weight": 0.0, "gan_critic_weight": 0.0}},
+}
+
+CHOICES = {"fake_score": ("copy", "lora"), "attention": ("sdpa", "xformers", "auto"),
+           "gan_feature_source": ("fake_score", "teacher"), "dataset": ("digits", "none")}
+POSITIVE = ("steps", "batch_size", "lr_generator", "lr_fake", "eval_samples", "lora_rank")
+NON_NEGATIVE = ("log_every", "sample_every", "eval_every", "checkpoint_every", "checkpoints_total_limit",
+                "grad_clip", "weight_decay", "gan_hidden")
+
+
+def _convert(key: str, value, typ):
+    """Coerce a YAML or CLI value to the field's type, or raise ConfigError naming key and value."""
+    origin = typing.get_origin(typ) or typ
+    try:
+        if origin is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if origin is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            if isinstance(value, str) and not value.strip().lstrip("-").isdigit():
+                raise ValueError
+            return int(value)
+        if origin is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if origin is list:
+            if isinstance(value, str):
+                value = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
+            if not isinstance(value, (list, tuple)):
+                raise ValueError
+            return [yaml.safe_load(v) if isinstance(v, str) else v for v in value]
+        if origin is dict:
+            value = yaml.safe_load(value) if isinstance(value, str) else value
+            if not isinstance(value, dict):
+                raise ValueError
+            return value
+        if origin is str:
+            return "" if value is None else str(value)
+    except (ValueError, TypeError):
+        pass
+    kind = {bool: "true or false", int: "an integer", float: "a number", list: "a list (a,b,c)",
+            dict: "a mapping", str: "a string"}.get(origin, str(typ))
+    raise ConfigError(f"{key}: expected {kind}, got {value!r}")
+
+
+def _field_types() -> dict:
+    return typing.get_type_hints(Config)
+
+
+def apply(values: dict, cfg: dict, source: str) -> None:
+    """Merge `values` into the dict `cfg`; keys that are method options go to method_args."""
+    from .methods import METHODS, method_options
+
+    types = _field_types()
+    for key, value in values.items():
+        if key == "method_args":
+            for k, v in (_convert("method_args", value, dict)).items():
+                cfg["method_args"][k] = v
+        elif key in types:
+            cfg[key] = _convert(key, value, types[key])
+        else:
+            method = values.get("method", cfg["method"])
+            if method in METHODS and key in method_options(method):
+                cfg["method_args"][key] = value
+                continue
+            raise ConfigError(f"unknown config key {key!r} in {source}; see `accelerate launch train/distill.py "
+                              "--help` for the keys")
+
+
+def parse_cli(argv: list[str]) -> tuple[dict, str | None, str | None]:
+    """Split argv into overrides, a --config file and a --preset name."""
+    out, config_file, preset, i = {}, None, None, 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or arg == "--":
+            raise ConfigError(f"unexpected argument {arg!r}; options look like --key value")
+        key, _, val = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if not _:
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if nxt is None or nxt.startswith("--"):
+                val = "true"  # a bare flag
+            else:
+                val, i = nxt, i + 1
+        if key == "config":
+            config_file = val
+        elif key == "preset":
+            preset = val
+        else:
+            out[key] = val
+        i += 1
+    return out, config_file, preset
+
+
+def load_config(argv: list[str]) -> Config:
+    """defaults <- preset <- YAML file <- CLI overrides, then validated."""
+    overrides, config_file, preset = parse_cli(argv)
+    file_values = {}
+    if config_file:
+        try:
+            with open(config_file) as f:
+                file_values = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {config_file!r} does not exist") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {config_file!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(file_values, dict):
+            raise ConfigError(f"config file {config_file!r} must hold a mapping of keys to values")
+    preset = preset or file_values.pop("preset", None) or "digits"
+    if preset not in PRESETS:
+        raise ConfigError(f"preset: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    cfg = dataclasses.asdict(Config())
+    cfg["preset"] = preset
+    apply(PRESETS[preset], cfg, f"preset {preset!r}")
+    apply(file_values, cfg, f"config file {config_file!r}")
+    apply(overrides, cfg, "the command line")
+    config = Config(**cfg)
+    validate(config)
+    return config
+
+
+def validate(cfg: Config) -> None:
+    """Check ranges and choices; raise ConfigError with the key, the value and what is allowed."""
+    from .methods import build_method
+
+    for key, allowed in CHOICES.items():
+        if getattr(cfg, key) not in allowed:
+            raise ConfigError(f"{key}: {getattr(cfg, key)!r} is not one of {', '.join(allowed)}")
+    for key in POSITIVE:
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(f"{key}: must be > 0, got {getattr(cfg, key)!r}")
+    for key in NON_NEGATIVE:
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {getattr(cfg, key)!r}")
+    if not 0.0 <= cfg.ema_decay < 1.0:
+        raise ConfigError(f"ema_decay: must be in [0, 1), got {cfg.ema_decay!r}")
+    if not (0.0 <= cfg.adam_beta1 < 1.0 and 0.0 <= cfg.adam_beta2 < 1.0):
+        raise ConfigError(f"adam_beta1/adam_beta2: must be in [0, 1), got {cfg.adam_beta1}, {cfg.adam_beta2}")
+    for key in ("classes", "generator_timesteps", "teacher_eval_steps"):
+        for v in getattr(cfg, key):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or (key != "generator_timesteps" and not isinstance(v, int)):
+                raise ConfigError(f"{key}: expected numbers, got {v!r}")
+    if any(s < 1 for s in cfg.teacher_eval_steps):
+        raise ConfigError(f"teacher_eval_steps: sampler step counts must be >= 1, got {cfg.teacher_eval_steps}")
+    if cfg.name and ("/" in cfg.name or cfg.name.startswith(".")):
+        raise ConfigError(f"name: {cfg.name!r} must be a plain folder name (no '/', not starting with '.')")
+    try:
+        build_method(cfg.method, **method_kwargs(cfg))
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"method: {e}") from None
+
+
+def _method_value(method: str, key: str, value):
+    from .methods import METHODS, method_options
+
+    if key not in method_options(method):
+        return value  # build_method reports it
+    return _convert(key, value, typing.get_type_hints(METHODS[method])[key])
+
+
+def method_kwargs(cfg: Config) -> dict:
+    """The method's options with their declared types."""
+    return {k: _method_value(cfg.method, k, v) for k, v in cfg.method_args.items()}

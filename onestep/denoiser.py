@@ -1,0 +1,119 @@
+"""One contract for every network: x0 = denoiser(x_t, t, cond), float32 out.
+
+`Denoiser` adapts a diffusers backbone (UNet2DModel, class-conditional or not; UNet2DConditionModel;
+any model taking `encoder_hidden_states`) plus its `Schedule` to that contract, adds batched
+classifier-free guidance and an optional bottleneck-feature hook. No method touches a backbone.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from .schedule import Schedule, append_dims
+
+Cond = torch.Tensor | dict | None
+
+
+def _cat_cond(a: Cond, b: Cond) -> Cond:
+    if a is None:
+        return None
+    if isinstance(a, dict):
+        return {k: _cat_cond(a[k], b[k]) for k in a}
+    return torch.cat([a, b])
+
+
+def tuner_layers(module: nn.Module) -> list[nn.Module]:
+    """The peft LoRA layers inside a module (empty without peft adapters)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+
+
+class Denoiser(nn.Module):
+    """Wraps a diffusers backbone and its schedule as x0 = D(x_t, t, cond) in float32.
+
+    cond: class labels (LongTensor) for UNet2DModel, text embeddings (B, L, D) or a dict of
+    backbone kwargs (encoder_hidden_states, added_cond_kwargs) for text models, None if unconditional.
+    null_cond: the condition that means "no condition" for guidance (a class index or an embedding).
+    adapters: None leaves peft adapters alone; True / False enables / disables them on every call
+    (the LoRA fake score and the teacher share one backbone this way).
+    prediction_type: what the backbone predicts, if not the schedule's (e.g. "sample" for an x0 network).
+    """
+
+    def __init__(self, backbone: nn.Module, schedule: Schedule, *, null_cond=None, adapters: bool | None = None,
+                 prediction_type: str | None = None):
+        super().__init__()
+        self.backbone, self.schedule, self.null_cond, self.adapters = backbone, schedule, null_cond, adapters
+        self.prediction_type = prediction_type
+        self._tuners = tuner_layers(backbone) if adapters is not None else []
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.backbone.parameters()).dtype
+
+    @property
+    def class_conditional(self) -> bool:
+        cfg = getattr(self.backbone, "config", {})
+        return cfg.get("num_class_embeds") is not None or cfg.get("class_embed_type") is not None
+
+    def _backbone_kwargs(self, cond: Cond) -> dict:
+        if cond is None:
+            return {}
+        if isinstance(cond, dict):
+            return dict(cond)
+        if cond.dtype in (torch.long, torch.int32, torch.int64):
+            return {"class_labels": cond}
+        return {"encoder_hidden_states": cond.to(self.dtype)}
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond = None, *, features: bool = False):
+        """x0 estimate (B, C, H, W) float32; with features=True also the mid-block output."""
+        if self._tuners:
+            for layer in self._tuners:
+                layer.enable_adapters(self.adapters)
+        t = self.schedule.timesteps_tensor(t, x_t.shape[0], x_t.device)
+        inp, timestep = self.schedule.model_input(x_t.float(), t)
+        with self._capture(features) as store:
+            pred = self.backbone(inp.to(self.dtype), timestep, **self._backbone_kwargs(cond), return_dict=False)[0]
+        x0 = self.schedule.to_x0(pred.float(), x_t.float(), t, self.prediction_type)
+        return (x0, store["features"].float()) if features else x0
+
+    @contextlib.contextmanager
+    def _capture(self, on: bool):
+        store: dict = {}
+        if not on:
+            yield store
+            return
+        mid = getattr(self.backbone, "mid_block", None)
+        if mid is None:
+            raise ValueError(f"{type(self.backbone).__name__} has no mid_block to take GAN features from")
+        handle = mid.register_forward_hook(lambda m, i, o: store.__setitem__("features", o[0] if isinstance(o, tuple) else o))
+        try:
+            yield store
+        finally:
+            handle.remove()
+
+    def null_like(self, cond: Cond) -> Cond:
+        """The unconditional counterpart of a batch of conditions."""
+        if self.null_cond is None:
+            raise ValueError("classifier-free guidance needs a null condition, and this teacher has none "
+                             "(a class-conditional teacher needs a null class; set guidance scale 1)")
+        if isinstance(cond, dict):
+            return {k: self.null_cond[k].expand_as(v) if torch.is_tensor(v) else v for k, v in cond.items()}
+        if cond.dtype in (torch.long, torch.int32, torch.int64):
+            return torch.full_like(cond, int(self.null_cond))
+        return self.null_cond.to(cond).expand_as(cond)
+
+    def guided(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, scale, uncond: Cond = None) -> torch.Tensor:
+        """Classifier-free guidance x0_u + s (x0_c - x0_u), cond and uncond in one batched forward.
+
+        scale: a float or a (B,) tensor (per-sample scales); scale 1 runs the conditional pass alone.
+        """
+        if not torch.is_tensor(scale) and scale == 1.0:
+            return self(x_t, t, cond)
+        uncond = self.null_like(cond) if uncond is None else uncond
+        t = self.schedule.timesteps_tensor(t, x_t.shape[0], x_t.device)
+        x0_c, x0_u = self(torch.cat([x_t, x_t]), torch.cat([t, t]), _cat_cond(cond, uncond)).chunk(2)
+        s = append_dims(torch.as_tensor(scale, dtype=x0_c.dtype, device=x0_c.device).expand(x_t.shape[0]), x_t.ndim)
+        return x0_u + s * (x0_c - x0_u)

@@ -1,0 +1,59 @@
+"""The student: a denoiser evaluated at fixed timesteps on noise.
+
+One step: x = D(prior(z), t_init, c). Few steps (DMD2's multi-step students): predict x0 at t_0,
+re-noise it to t_1 with fresh noise, predict again, ... Training grades one call at a random
+step k after running the first k steps without gradient (backward simulation).
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .denoiser import Cond, Denoiser
+
+
+class Generator(nn.Module):
+    """A one- or few-step generator; forward(x_t, t, cond) is one denoiser call."""
+
+    def __init__(self, denoiser: Denoiser, timesteps: Sequence[float] | None = None):
+        super().__init__()
+        self.denoiser = denoiser
+        sched = denoiser.schedule
+        self.timesteps = [sched.t_max] if not timesteps else list(timesteps)
+
+    @property
+    def schedule(self):
+        return self.denoiser.schedule
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    def forward(self, x_t: torch.Tensor, t, cond: Cond = None) -> torch.Tensor:
+        return self.denoiser(x_t, t, cond)
+
+    def sample(self, z: torch.Tensor, cond: Cond = None, num_steps: int | None = None,
+               noise: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """Run all (or the first num_steps) steps from noise z; `noise(x)` draws the re-noising noise."""
+        return simulate(self, self.schedule, self.timesteps, z, cond, (num_steps or self.num_steps) - 1, noise)
+
+
+def simulate(net: Callable, schedule, timesteps: Sequence, z: torch.Tensor, cond: Cond, k: int,
+             noise: Callable[[torch.Tensor], torch.Tensor] | None = None, grad_last: bool = True) -> torch.Tensor:
+    """Backward simulation: k no-grad steps from noise z, then the call at timesteps[k] (graded if grad_last).
+
+    `net` is the generator module (or its distributed wrapper); noise(x) gives fresh noise like x.
+    """
+    if not 0 <= k < len(timesteps):
+        raise ValueError(f"step index {k} is outside the generator's {len(timesteps)} timesteps")
+    noise = noise or torch.randn_like
+    x_t = schedule.prior(z, timesteps[0])
+    with torch.no_grad():
+        for i in range(k):
+            x0 = net(x_t, timesteps[i], cond)
+            t_next = schedule.timesteps_tensor(timesteps[i + 1], z.shape[0], z.device)
+            x_t = schedule.add_noise(x0, noise(x0), t_next)
+    with torch.set_grad_enabled(grad_last and torch.is_grad_enabled()):
+        return net(x_t, timesteps[k], cond)

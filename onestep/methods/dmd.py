@@ -1,0 +1,167 @@
+"""DMD (Yin et al. 2023) and DMD2 (Yin et al. 2024): distribution matching distillation.
+
+Generator: L_DM = 0.5 * mean((x - sg(x - grad))^2), grad = (x0_fake - x0_real) / mean_chw|x - x0_real|,
+plus optionally the DMD1 regression loss on teacher ODE pairs and DMD2's non-saturating GAN loss.
+Fake score: denoising score matching on sg(G(z)) (+ the GAN critic loss on its bottleneck).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..sampling import sample_teacher
+from ..schedule import append_dims
+
+NATIVE_LOSS_SPACE = {"vp": "epsilon", "edm": "edm", "flow": "flow"}
+
+
+def dm_gradient(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor, norm: torch.Tensor | None = None,
+                eps: float = 1e-5) -> torch.Tensor:
+    """DMD's direction (x0_fake - x0_real) / norm; norm defaults to mean_chw|x - x0_real| (per sample)."""
+    if norm is None:
+        norm = (x - x0_real).abs().mean(dim=tuple(range(1, x.ndim)))
+    grad = (x0_fake - x0_real) / append_dims(norm.clamp_min(eps), x.ndim)
+    return torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def dm_surrogate(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """0.5 * mean((x - sg(x - grad))^2): its gradient w.r.t. x is grad / numel."""
+    return 0.5 * F.mse_loss(x.float(), (x - grad).detach().float())
+
+
+def weighted_dsm(schedule, t: torch.Tensor, x0_pred: torch.Tensor, x0: torch.Tensor, space: str) -> torch.Tensor:
+    """Per-sample denoising loss: the x0-MSE weighted so it equals the MSE in `space` (eps, v, x0, flow, edm)."""
+    err = (x0_pred - x0.float()).square().mean(dim=tuple(range(1, x0.ndim)))
+    return schedule.loss_weight(t, space).to(err) * err
+
+
+@dataclass
+class DMD:
+    """DMD: DM gradient + fake-score DSM, 1:1 updates, optional regression loss on teacher ODE pairs."""
+
+    update_ratio: int = 1             # fake-score steps per generator step (TTUR)
+    real_guidance_scale: float = 1.0  # CFG scale of the teacher ("real score") branch; 1 = conditional only
+    t_min: float = 0.02               # DM timesteps ~ U[t_min, t_max] as fractions of the schedule's range
+    t_max: float = 0.98
+    norm_eps: float = 1e-5            # clamp of the mean-absolute normaliser
+    fake_loss_space: str = "auto"     # DSM space of the fake score; auto: eps (VP), edm (EDM), flow (flow)
+    regression_weight: float = 0.0    # DMD1 lambda_reg on (z, teacher ODE(z)) pairs; 0 = off
+    regression_pairs: int = 512       # how many pairs to precompute with the teacher's ODE sampler
+    regression_steps: int = 50        # teacher sampler steps (DDIM, deterministic) per pair
+    regression_batch: int = 16        # pairs per generator step
+    gan_generator_weight: float = 0.0  # DMD2 lambda_gen for the non-saturating generator GAN loss; 0 = no GAN
+    gan_critic_weight: float = 0.0    # DMD2 lambda_cls for the discriminator loss in the critic turn
+    fake_first: bool = False          # order within an iteration: critic before generator
+
+    def __post_init__(self):
+        if self.update_ratio < 1:
+            raise ValueError(f"update_ratio must be >= 1, got {self.update_ratio}")
+        self._pairs = None
+
+    @property
+    def uses_gan(self) -> bool:
+        return self.gan_generator_weight > 0 or self.gan_critic_weight > 0
+
+    @property
+    def needs_real_images(self) -> bool:
+        return self.uses_gan
+
+    def is_generator_step(self, step: int) -> bool:
+        return step % self.update_ratio == 0
+
+    def loss_space(self, schedule) -> str:
+        return NATIVE_LOSS_SPACE[schedule.kind] if self.fake_loss_space == "auto" else self.fake_loss_space
+
+    # ---- optional precomputation ---------------------------------------------------------------
+    def prepare(self, triad, cond_sampler, sample_shape, device, seed: int = 0) -> None:
+        """DMD1: draw regression pairs (z, y = teacher ODE(z)) with a fixed seed (identical on every process)."""
+        if self.regression_weight <= 0:
+            return
+        g = torch.Generator().manual_seed(seed)
+        z = torch.randn(self.regression_pairs, *sample_shape, generator=g)
+        c = cond_sampler(self.regression_pairs, generator=g)
+        ys = []
+        for i in range(0, len(z), 256):
+            ci = None if c is None else c[i:i + 256].to(device)
+            ys.append(sample_teacher(triad.teacher, z[i:i + 256].to(device), ci, self.regression_steps,
+                                     self.real_guidance_scale).cpu())
+        self._pairs = (z, c, torch.cat(ys))
+
+    # ---- generator turn --------------------------------------------------------------------------
+    def generator_loss(self, triad, batch: dict) -> tuple[torch.Tensor, dict]:
+        z, c = batch["z"], batch.get("cond")
+        n, sched = z.shape[0], triad.teacher.schedule
+        reg = self._pairs is not None and self.regression_weight > 0
+        if reg:  # one generator call for both the DM and the regression samples
+            idx = torch.randint(0, len(self._pairs[0]), (self.regression_batch,))
+            z_ref, c_ref, y_ref = (None if v is None else v[idx].to(z.device) for v in self._pairs)
+            z = torch.cat([z, z_ref])
+            c = None if c is None else torch.cat([c, c_ref])
+        x_all = triad.generate(z, c)
+        x, cond = x_all[:n], None if c is None else c[:n]
+
+        with torch.no_grad():
+            t = sched.sample_t(n, self.t_min, self.t_max, device=x.device)
+            x_t = sched.add_noise(x, torch.randn_like(x), t)
+            x0_real = triad.teacher.guided(x_t, t, cond, self.real_guidance_scale)
+            x0_fake = triad.fake_score(x_t, t, cond)
+            grad = dm_gradient(x.detach(), x0_real, x0_fake, eps=self.norm_eps)
+        loss_dm = dm_surrogate(x, grad)
+        loss, logs = loss_dm, {"loss_dm": loss_dm.item(), "dm_grad_norm": grad.flatten(1).norm(dim=1).mean().item()}
+
+        if reg:
+            loss_reg = F.mse_loss(x_all[n:], y_ref.float())
+            loss = loss + self.regression_weight * loss_reg
+            logs["loss_reg"] = loss_reg.item()
+        if self.gan_generator_weight > 0:
+            t_g = sched.sample_t(n, 0.0, 1.0, device=x.device)
+            x_tg = sched.add_noise(x, torch.randn_like(x), t_g)
+            with triad.frozen("fake_score", "gan_head"):
+                _, feats = triad.gan_features_net(x_tg, t_g, cond, features=True)
+                loss_gan = F.softplus(-triad.gan_head(feats)).mean()
+            loss = loss + self.gan_generator_weight * loss_gan
+            logs["loss_gan_g"] = loss_gan.item()
+        return loss, logs
+
+    # ---- critic turn -----------------------------------------------------------------------------
+    def fake_score_loss(self, triad, batch: dict) -> tuple[torch.Tensor, dict]:
+        z, c = batch["z"], batch.get("cond")
+        sched, n = triad.teacher.schedule, batch["z"].shape[0]
+        with torch.no_grad():
+            x = triad.generate(z, c)
+        t = sched.sample_t(n, 0.0, 1.0, device=x.device)
+        x_t = sched.add_noise(x, torch.randn_like(x), t)
+        if not self.uses_gan:
+            loss = weighted_dsm(sched, t, triad.fake_score(x_t, t, c), x, self.loss_space(sched)).mean()
+            return loss, {"loss_fake": loss.item()}
+
+        # GAN: noise generated and real images at t ~ U[0, T) and classify the bottleneck features.
+        real, c_real = batch["real"][:n], batch.get("real_cond")
+        t_g = sched.sample_t(2 * n, 0.0, 1.0, device=x.device)
+        gan_in = sched.add_noise(torch.cat([x, real.float()]), torch.randn(2 * n, *x.shape[1:], device=x.device), t_g)
+        gan_c = None if c is None else torch.cat([c, c_real[:n]])
+        if triad.gan_feature_source == "fake_score":  # one batched forward of the fake score
+            cc = None if c is None else torch.cat([c, gan_c])
+            x0_all, feats = triad.fake_score(torch.cat([x_t, gan_in]), torch.cat([t, t_g]), cc, features=True)
+            x0_pred, feats = x0_all[:n], feats[n:]
+        else:
+            x0_pred = triad.fake_score(x_t, t, c)
+            with torch.no_grad():
+                _, feats = triad.teacher(gan_in, t_g, gan_c, features=True)
+        loss_fake = weighted_dsm(sched, t, x0_pred, x, self.loss_space(sched)).mean()
+        logits = triad.gan_head(feats)
+        loss_cls = F.softplus(logits[:n]).mean() + F.softplus(-logits[n:]).mean()
+        loss = loss_fake + self.gan_critic_weight * loss_cls
+        return loss, {"loss_fake": loss_fake.item(), "loss_gan_d": loss_cls.item(),
+                      "d_real": torch.sigmoid(logits[n:]).mean().item(), "d_fake": torch.sigmoid(logits[:n]).mean().item()}
+
+
+@dataclass
+class DMD2(DMD):
+    """DMD2: TTUR (5 fake-score steps per generator step), no regression loss, GAN on the fake score."""
+
+    update_ratio: int = 5
+    gan_generator_weight: float = 3e-3
+    gan_critic_weight: float = 1e-2

@@ -1,0 +1,145 @@
+"""The triad: generator (trained), fake score (trained), teacher (frozen), and an optional GAN head.
+
+Built from a teacher denoiser. The fake score is a full copy of the teacher or a peft LoRA adapter
+on the teacher's own weights (then the teacher is the same module with adapters disabled: one copy
+of the weights in memory). Trained networks keep float32 master weights; the frozen teacher may be
+stored in the compute dtype. The generator's EMA is stepped by the trainer on generator steps only.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .denoiser import Denoiser
+from .gan import GANHead
+from .generator import Generator, simulate
+
+FAKE_SCORE_KINDS = ("copy", "lora")
+GAN_FEATURE_SOURCES = ("fake_score", "teacher")
+DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "proj_in", "proj_out")
+
+
+class Triad:
+    """Holds the three networks; the trainer may swap in distributed wrappers of the trained ones."""
+
+    def __init__(self, generator: Generator, fake_score: Denoiser, teacher: Denoiser,
+                 gan_head: GANHead | None = None, gan_feature_source: str = "fake_score", ema_decay: float | None = None):
+        if gan_feature_source not in GAN_FEATURE_SOURCES:
+            raise ValueError(f"gan_feature_source must be one of {GAN_FEATURE_SOURCES}, got {gan_feature_source!r}")
+        self.generator, self.fake_score, self.teacher, self.gan_head = generator, fake_score, teacher, gan_head
+        self.gan_feature_source = gan_feature_source
+        self._raw = {"generator": generator, "fake_score": fake_score, "teacher": teacher, "gan_head": gan_head}
+        self.ema = None
+        if ema_decay:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(generator.parameters(), decay=ema_decay, foreach=True)
+        trained = {id(p) for p in fake_score.parameters() if p.requires_grad}
+        for p in teacher.parameters():  # a LoRA fake score shares the teacher's module: keep its adapters
+            if id(p) not in trained:
+                p.requires_grad_(False)
+
+    # ---- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_teacher(cls, teacher: Denoiser, *, fake_score: str = "copy", lora_rank: int = 16,
+                     lora_targets: Sequence[str] = DEFAULT_LORA_TARGETS, generator_timesteps: Sequence | None = None,
+                     gan_head: bool = False, gan_feature_source: str = "fake_score", sample_shape: Sequence[int] = (),
+                     example_cond=None, ema_decay: float | None = None, frozen_dtype: torch.dtype | None = None,
+                     gan_hidden: int | None = None) -> "Triad":
+        """Generator and fake score initialised from the teacher's weights (DMD, SiD, VSD all start so)."""
+        if fake_score not in FAKE_SCORE_KINDS:
+            raise ValueError(f"fake_score must be one of {FAKE_SCORE_KINDS}, got {fake_score!r}")
+        sched, null, pt = teacher.schedule, teacher.null_cond, teacher.prediction_type
+        base = teacher.backbone.requires_grad_(False).eval()
+        trained_copy = lambda: copy.deepcopy(base).float().requires_grad_(True).train()  # noqa: E731
+        generator = Generator(Denoiser(trained_copy(), sched, null_cond=null, prediction_type=pt), generator_timesteps)
+        if fake_score == "copy":
+            fake = Denoiser(trained_copy(), sched, null_cond=null, prediction_type=pt)
+            if frozen_dtype is not None:
+                base.to(frozen_dtype)
+            teacher_view = Denoiser(base, sched, null_cond=null, prediction_type=pt)
+        else:
+            from peft import LoraConfig, inject_adapter_in_model
+
+            if frozen_dtype is not None:
+                base.to(frozen_dtype)
+            present = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()} | {n for n, _ in base.named_modules()}
+            targets = [t for t in lora_targets if t in present or any(n.endswith("." + t) for n in present)]
+            if not targets:
+                raise ValueError(f"none of the LoRA target modules {list(lora_targets)} exist in the teacher")
+            cfg = LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=targets, init_lora_weights=True)
+            inject_adapter_in_model(cfg, base, adapter_name="fake_score")
+            for name, p in base.named_parameters():
+                if "lora_" in name:
+                    p.data = p.data.float()
+                    p.requires_grad_(True)
+            fake = Denoiser(base, sched, null_cond=null, adapters=True, prediction_type=pt)
+            teacher_view = Denoiser(base, sched, null_cond=null, adapters=False, prediction_type=pt)
+        head = None
+        if gan_head:
+            source = fake if gan_feature_source == "fake_score" else teacher_view
+            head = GANHead.for_denoiser(source, sample_shape, example_cond, hidden=gan_hidden)
+        return cls(generator, fake, teacher_view, head, gan_feature_source, ema_decay)
+
+    # ---- parameters and modes -------------------------------------------------------------------
+    def raw(self, name: str) -> nn.Module:
+        """The unwrapped module behind a role ("generator", "fake_score", "teacher", "gan_head")."""
+        return self._raw[name]
+
+    def generator_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self._raw["generator"].parameters() if p.requires_grad]
+
+    def critic_parameters(self) -> list[nn.Parameter]:
+        """What the critic turn trains: the fake score's trainable weights (all, or LoRA) and the GAN head."""
+        params = [p for p in self._raw["fake_score"].parameters() if p.requires_grad]
+        if self._raw["gan_head"] is not None:
+            params += list(self._raw["gan_head"].parameters())
+        return params
+
+    @property
+    def gan_features_net(self) -> Denoiser:
+        return self.fake_score if self.gan_feature_source == "fake_score" else self.teacher
+
+    @contextlib.contextmanager
+    def frozen(self, *names: str):
+        """Use these roles unwrapped with their weights frozen: gradients reach inputs, not parameters."""
+        saved = {n: getattr(self, n) for n in names}
+        flags = {}
+        for n in names:
+            module = self._raw[n]
+            if module is None:
+                continue
+            flags[n] = [(p, p.requires_grad) for p in module.parameters()]
+            module.requires_grad_(False)
+            setattr(self, n, module)
+        try:
+            yield self
+        finally:
+            for n in names:
+                for p, flag in flags.get(n, []):
+                    p.requires_grad_(flag)
+                setattr(self, n, saved[n])
+
+    def generate(self, z: torch.Tensor, cond=None, k: int | None = None) -> torch.Tensor:
+        """Generator samples for a loss: one step, or backward simulation to a random step k of a few-step student."""
+        gen = self._raw["generator"]
+        if k is None:
+            k = int(torch.randint(0, gen.num_steps, ()).item()) if gen.num_steps > 1 else 0
+        return simulate(self.generator, gen.schedule, gen.timesteps, z, cond, k)
+
+    # ---- EMA -----------------------------------------------------------------------------------
+    def ema_step(self) -> None:
+        """Update the generator EMA (call after each generator optimizer step, never on critic steps)."""
+        if self.ema is not None:
+            self.ema.step(self._raw["generator"].parameters())
+
+    def export_generator(self, use_ema: bool = True) -> Generator:
+        """A float32 copy of the generator, with EMA weights where an EMA is kept and use_ema is set."""
+        gen = copy.deepcopy(self._raw["generator"]).float().eval().requires_grad_(False)
+        if use_ema and self.ema is not None:
+            self.ema.copy_to(gen.parameters())
+        return gen

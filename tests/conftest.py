@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny real diffusers teachers built from configs and saved as model folders."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+torch.set_num_threads(2)
+
+
+def tiny_unet(num_class_embeds: int | None = 11, channels: int = 1, size: int = 8, seed: int = 0) -> UNet2DModel:
+    torch.manual_seed(seed)
+    return UNet2DModel(sample_size=size, in_channels=channels, out_channels=channels, block_out_channels=(8, 16),
+                       layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4, attention_head_dim=8,
+                       num_class_embeds=num_class_embeds)
+
+
+def save_teacher(path: str, conditional: bool = True, prediction_type: str = "epsilon") -> str:
+    unet = tiny_unet(11 if conditional else None)
+    unet.save_pretrained(os.path.join(path, "unet"))
+    DDPMScheduler(num_train_timesteps=1000, prediction_type=prediction_type, clip_sample=False).save_pretrained(
+        os.path.join(path, "scheduler"))
+    if conditional:
+        with open(os.path.join(path, "onestep.json"), "w") as f:
+            json.dump({"num_classes": 10, "null_class": 10}, f)
+    return path
+
+
+@pytest.fixture(scope="session")
+def cond_teacher(tmp_path_factory) -> str:
+    return save_teacher(str(tmp_path_factory.mktemp("cond-teacher")), conditional=True)
+
+
+@pytest.fixture(scope="session")
+def uncond_teacher(tmp_path_factory) -> str:
+    return save_teacher(str(tmp_path_factory.mktemp("uncond-teacher")), conditional=False)
+
+
+def run_distill(args: list[str], env_extra: dict | None = None, launcher: list[str] | None = None, timeout: int = 600):
+    """Run `accelerate launch train/distill.py ARGS` as a user would; returns the CompletedProcess."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *(launcher or ["--num_processes", "1"]),
+           os.path.join(ROOT, "train", "distill.py"), *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)

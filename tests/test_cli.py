@@ -1,0 +1,137 @@
+"""The main job as users run it: `accelerate launch train/distill.py ...` end to end, and bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, run_distill
+from safetensors.torch import load_file
+
+SMOKE = ["--preset", "smoke"]
+
+
+def student_from_checkpoint(run_dir: str, step: int):
+    """Rebuild the trained generator from the run's last accelerate checkpoint."""
+    from onestep.loading import load_teacher
+
+    teacher = load_teacher(os.path.join(run_dir, "pipeline"))  # same architecture and schedule
+    state = load_file(os.path.join(run_dir, "checkpoints", f"step_{step:07d}", "model.safetensors"))
+    backbone = teacher.denoiser.backbone
+    backbone.load_state_dict({k.removeprefix("denoiser.backbone."): v for k, v in state.items()})
+    from onestep.generator import Generator
+
+    return Generator(teacher.denoiser)
+
+
+@pytest.mark.slow
+def test_smoke_run_exports_a_pipeline_that_reproduces_the_generator(cond_teacher, tmp_path):
+    r = run_distill([*SMOKE, "--teacher", cond_teacher, "--output_dir", str(tmp_path), "--name", "run"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "run"
+    for p in ("config.yaml", "metrics.json", "fid_curve.png", "pipeline/model_index.json", "pipeline/README.md",
+              "samples/step_0000004.png", "checkpoints/step_0000004/onestep_manifest.json"):
+        assert (run / p).exists(), p
+    assert any((run / "logs").rglob("events.out.tfevents*"))
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["method"] == "dmd2" and m["steps"] == 4 and m["student"]["nfe"] == 1
+    assert m["teacher"]["fid"] > 0 and m["student"]["fid"] > 0 and 0 <= m["student"]["class_accuracy"] <= 1
+    assert m["replica_weight_spread"] == 0.0
+
+    from onestep.pipeline import OneStepPipeline
+
+    pipe = OneStepPipeline.from_pretrained(str(run / "pipeline"))
+    gen = student_from_checkpoint(str(run), 4)
+    z, labels = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(3)), torch.tensor([0, 1, 2, 3, 9])
+    out = pipe(class_labels=labels, latents=z, output_type="pt").images
+    with torch.no_grad():
+        ref = (gen.sample(z, labels).clamp(-1, 1) + 1) / 2
+    assert torch.allclose(out, ref, atol=1e-6)
+    with pytest.raises(ValueError, match="class labels"):
+        pipe(class_labels=[10])
+
+    code = ("import sys; from onestep.pipeline import OneStepPipeline; import torch; "
+            f"p = OneStepPipeline.from_pretrained({str(run / 'pipeline')!r}); "
+            "im = p(class_labels=[0, 7], generator=torch.Generator().manual_seed(0)).images; "
+            "assert len(im) == 2 and im[0].size == (8, 8); print('ok')")
+    fresh = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(tmp_path))
+    assert fresh.returncode == 0 and "ok" in fresh.stdout, fresh.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_unconditional_student_runs_in_stock_ddim_pipeline(uncond_teacher, tmp_path):
+    r = run_distill([*SMOKE, "--teacher", uncond_teacher, "--method", "dmd", "--output_dir", str(tmp_path),
+                     "--name", "u", "--classifier", ""])
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "u"
+    assert json.loads((run / "pipeline-ddim" / "model_index.json").read_text())["_class_name"] == "DDIMPipeline"
+    code = ("import torch, numpy as np; from diffusers import DDIMPipeline; "
+            f"p = DDIMPipeline.from_pretrained({str(run / 'pipeline-ddim')!r}); "
+            "x = p(batch_size=3, num_inference_steps=1, generator=torch.Generator().manual_seed(0), output_type='np').images; "
+            f"np.save({str(tmp_path / 'ddim.npy')!r}, x)")
+    fresh = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(tmp_path))
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    import numpy as np
+
+    from onestep.pipeline import OneStepPipeline
+
+    ours = OneStepPipeline.from_pretrained(str(run / "pipeline"))(
+        batch_size=3, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert np.abs(np.load(tmp_path / "ddim.npy") - ours).max() < 1e-3
+
+
+BAD_INPUTS = [
+    (["--teacher", "/no/such/teacher"], "teacher path"),
+    (["--method", "nope"], "unknown method"),
+    (["--steps", "1.5"], "steps: expected an integer"),
+    (["--classes", "3,12"], "classes: label 12 is out of range"),
+    (["--config", "{yaml}"], "unknown config key 'not_a_key'"),
+    (["--fake_score", "full"], "fake_score"),
+    (["--attention", "xformers"], "xformers"),
+    (["--real_guidance_scale", "abc"], "real_guidance_scale: expected a number"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_INPUTS, ids=[a[0][0] for a in BAD_INPUTS])
+def test_bad_input_gives_one_line_error(args, message, cond_teacher, tmp_path):
+    yaml_file = tmp_path / "bad.yaml"
+    yaml_file.write_text("steps: 3\nnot_a_key: 1\n")
+    args = [a.replace("{yaml}", str(yaml_file)) for a in args]
+    if "--teacher" not in args:
+        args += ["--teacher", cond_teacher]
+    cmd = [sys.executable, os.path.join(ROOT, "train", "distill.py"), *SMOKE, "--output_dir", str(tmp_path), *args]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr[-2000:]
+    assert not (tmp_path / "smoke-dmd2" / "config.yaml").exists()
+
+
+def test_bad_input_under_accelerate_launch(tmp_path):
+    r = run_distill(["--steps", "x", "--output_dir", str(tmp_path)])
+    assert r.returncode != 0 and "error: steps: expected an integer, got 'x'" in r.stderr
+
+
+def test_hub_teacher_offline_says_what_to_place_where(tmp_path):
+    cmd = [sys.executable, os.path.join(ROOT, "train", "distill.py"), *SMOKE, "--teacher", "google/ddpm-cifar10-32",
+           "--output_dir", str(tmp_path), "--classifier", "", "--method", "dmd"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and "huggingface-cli download google/ddpm-cifar10-32" in r.stderr
+
+
+def test_existing_run_folder_is_not_overwritten(cond_teacher, tmp_path):
+    run = tmp_path / "kept"
+    run.mkdir()
+    (run / "config.yaml").write_text("precious: true\n")
+    cmd = [sys.executable, os.path.join(ROOT, "train", "distill.py"), *SMOKE, "--teacher", cond_teacher,
+           "--output_dir", str(tmp_path), "--name", "kept"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "--overwrite" in r.stderr
+    assert (run / "config.yaml").read_text() == "precious: true\n"
+
+
+def test_help_lists_keys_presets_and_methods():
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train", "distill.py"), "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "--steps" in r.stdout and "digits-dmd" in r.stdout and "dmd2:" in r.stdout

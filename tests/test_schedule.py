@@ -1,0 +1,77 @@
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from onestep.schedule import PREDICTION_TYPES, Schedule
+
+
+def schedules():
+    vp = Schedule.from_scheduler_config(dict(DDPMScheduler(num_train_timesteps=1000).config))
+    edm = Schedule("edm", prediction_type="edm")
+    flow = Schedule.from_scheduler_config(dict(FlowMatchEulerDiscreteScheduler().config))
+    return {"vp": (vp, torch.randint(0, 1000, (16,))), "edm": (edm, torch.rand(16) * 80 + 0.002),
+            "flow": (flow, torch.rand(16) * 0.98 + 0.01)}
+
+
+@pytest.mark.parametrize("kind", ["vp", "edm", "flow"])
+@pytest.mark.parametrize("pred", PREDICTION_TYPES)
+def test_conversions_round_trip(kind, pred):
+    sched, t = schedules()[kind]
+    x0 = torch.randn(16, 3, 4, 4, dtype=torch.float64)
+    eps = torch.randn_like(x0)
+    x_t = sched.add_noise(x0, eps, t).double()
+    p = sched.from_x0(x0, x_t, t, pred)
+    assert torch.allclose(sched.to_x0(p, x_t, t, pred), x0, atol=1e-6)
+    if pred == "epsilon":  # the eps prediction of the true x0 is the true noise
+        assert torch.allclose(p, eps, atol=1e-5)
+
+
+def test_vp_matches_diffusers_add_noise():
+    ddpm = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear")
+    sched = Schedule.from_scheduler_config(dict(ddpm.config))
+    x0, eps, t = torch.randn(8, 1, 4, 4), torch.randn(8, 1, 4, 4), torch.randint(0, 1000, (8,))
+    assert torch.allclose(sched.add_noise(x0, eps, t), ddpm.add_noise(x0, eps, t), atol=1e-5)
+    for cls in (DDIMScheduler, EulerDiscreteScheduler):
+        assert Schedule.from_scheduler_config(dict(cls.from_config(ddpm.config).config)).kind == "vp"
+
+
+@pytest.mark.parametrize("space", ["epsilon", "v_prediction", "flow", "edm"])
+def test_loss_weight_equals_mse_in_space(space):
+    kind = {"epsilon": "vp", "v_prediction": "vp", "flow": "flow", "edm": "edm"}[space]
+    sched, t = schedules()[kind]
+    x0 = torch.randn(16, 2, 3, 3, dtype=torch.float64)
+    x_t = sched.add_noise(x0, torch.randn_like(x0), t).double()
+    x0_hat = x0 + 0.1 * torch.randn_like(x0)
+    direct = (sched.from_x0(x0_hat, x_t, t, space) - sched.from_x0(x0, x_t, t, space)).square().mean((1, 2, 3))
+    weighted = sched.loss_weight(t, space).double() * (x0_hat - x0).square().mean((1, 2, 3))
+    assert torch.allclose(direct, weighted, rtol=1e-4)
+
+
+@settings(max_examples=40, deadline=None)
+@given(t=st.integers(0, 999), pred=st.sampled_from(["epsilon", "v_prediction", "sample"]), scale=st.floats(0.1, 10))
+def test_vp_round_trip_property(t, pred, scale):
+    sched = Schedule.from_scheduler_config(dict(DDPMScheduler().config))
+    tt = torch.tensor([t])
+    x0 = scale * torch.randn(1, 1, 2, 2, dtype=torch.float64)
+    x_t = sched.add_noise(x0, torch.randn_like(x0), tt).double()
+    assert torch.allclose(sched.to_x0(sched.from_x0(x0, x_t, tt, pred), x_t, tt, pred), x0, atol=1e-6 * scale)
+
+
+def test_sample_t_ranges():
+    vp = schedules()["vp"][0]
+    t = vp.sample_t(4000, 0.02, 0.98)
+    assert t.min() >= 20 and t.max() <= 980 and t.dtype == torch.long
+    edm = Schedule("edm", prediction_type="edm")
+    s = edm.sample_t(1000, 0.0, 1.0)
+    assert s.min() >= 0.002 and s.max() <= 80.0
+    with pytest.raises(ValueError):
+        vp.sample_t(2, 0.9, 0.1)
+
+
+def test_unknown_scheduler_and_prediction_refused():
+    with pytest.raises(ValueError, match="prediction_type"):
+        Schedule("vp", prediction_type="foo", alphas_cumprod=torch.ones(3))
+    with pytest.raises(ValueError, match="scheduler"):
+        Schedule.from_scheduler_config({"_class_name": "NoSuchScheduler"})

@@ -1,0 +1,170 @@
+"""Behaviour of the triad and DMD/DMD2: which networks gradients reach, what never changes."""
+import copy
+
+import pytest
+import torch
+from conftest import tiny_unet
+from diffusers import DDPMScheduler
+
+from onestep.denoiser import Denoiser
+from onestep.methods import build_method
+from onestep.methods.dmd import dm_gradient, dm_surrogate
+from onestep.schedule import Schedule
+from onestep.triad import Triad
+
+
+def make_triad(fake_score="copy", gan=False, timesteps=None, source="fake_score", ema=None):
+    sched = Schedule.from_scheduler_config(dict(DDPMScheduler().config))
+    teacher = Denoiser(tiny_unet(), sched, null_cond=10)
+    return Triad.from_teacher(teacher, fake_score=fake_score, lora_rank=4, gan_head=gan, sample_shape=(1, 8, 8),
+                              example_cond=torch.tensor([0]), generator_timesteps=timesteps, gan_feature_source=source,
+                              ema_decay=ema)
+
+
+def batch(n=4):
+    torch.manual_seed(1)
+    return {"z": torch.randn(n, 1, 8, 8), "cond": torch.randint(0, 10, (n,)),
+            "real": torch.rand(n, 1, 8, 8) * 2 - 1, "real_cond": torch.randint(0, 10, (n,))}
+
+
+def grads_of(module):
+    return [p.grad for p in module.parameters() if p.grad is not None and p.grad.abs().sum() > 0]
+
+
+def snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_dm_gradient_points_from_fake_to_teacher():
+    x = torch.zeros(2, 1, 2, 2, requires_grad=True)
+    x0_real, x0_fake = torch.ones(2, 1, 2, 2), -torch.ones(2, 1, 2, 2)
+    grad = dm_gradient(x.detach(), x0_real, x0_fake)
+    assert torch.allclose(grad, torch.full_like(grad, -2.0))  # (fake - real) / mean|x - real| = -2 / 1
+    dm_surrogate(x, grad).backward()
+    # descent (x - lr * x.grad) moves x toward the teacher's x0 (+1), away from the fake's (-1)
+    assert (x.grad < 0).all()
+    assert torch.allclose(x.grad, grad / x.numel())
+
+
+def test_dm_gradient_replaces_non_finite():
+    g = dm_gradient(torch.zeros(1, 1, 1, 2), torch.tensor([[[[0.0, float("nan")]]]]), torch.ones(1, 1, 1, 2))
+    assert torch.isfinite(g).all()
+
+
+@pytest.mark.parametrize("fake_score,gan,source", [("copy", False, "fake_score"), ("copy", True, "fake_score"),
+                                                    ("lora", True, "fake_score"), ("copy", True, "teacher")])
+def test_gradients_reach_only_what_each_loss_trains(fake_score, gan, source):
+    triad = make_triad(fake_score, gan, source=source)
+    method = build_method("dmd2" if gan else "dmd", real_guidance_scale=2.0)
+    teacher_before = snapshot(triad.teacher.backbone)
+    loss, logs = method.generator_loss(triad, batch())
+    loss.backward()
+    assert grads_of(triad.raw("generator")), "generator got no gradient"
+    assert not grads_of(triad.raw("fake_score")) and not grads_of(triad.teacher)
+    if gan:
+        assert not grads_of(triad.gan_head) and "loss_gan_g" in logs
+    triad.raw("generator").zero_grad(set_to_none=True)
+
+    loss, logs = method.fake_score_loss(triad, batch())
+    loss.backward()
+    assert not grads_of(triad.raw("generator"))
+    assert grads_of(triad.raw("fake_score"))
+    assert all(p.grad is not None for p in triad.critic_parameters())  # (LoRA A is zero at B = 0, yet reached)
+    if gan:
+        assert grads_of(triad.gan_head) and "loss_gan_d" in logs
+    teacher_params = [p for n, p in triad.teacher.backbone.named_parameters() if "lora_" not in n]
+    assert all(p.grad is None for p in teacher_params), "a teacher weight received a gradient"
+    assert all(torch.equal(teacher_before[k], v) for k, v in snapshot(triad.teacher.backbone).items())
+
+
+def test_teacher_never_changes_over_training_steps():
+    triad = make_triad("lora", gan=True)
+    method = build_method("dmd2")
+    base = {k: v for k, v in snapshot(triad.teacher.backbone).items() if "lora_" not in k}
+    opt_g = torch.optim.AdamW(triad.generator_parameters(), lr=1e-2)
+    opt_f = torch.optim.AdamW(triad.critic_parameters(), lr=1e-2)
+    x = torch.randn(2, 1, 8, 8)
+    c = torch.tensor([1, 2])
+    out_before = triad.teacher(x, torch.tensor([500, 500]), c)
+    for step in range(3):
+        for fn, opt in ((method.generator_loss, opt_g), (method.fake_score_loss, opt_f)):
+            opt.zero_grad()
+            fn(triad, batch())[0].backward()
+            opt.step()
+    after = snapshot(triad.teacher.backbone)
+    assert all(torch.equal(base[k], after[k]) for k in base)
+    assert torch.equal(out_before, triad.teacher(x, torch.tensor([500, 500]), c))  # adapters off: same teacher
+    # ... while the LoRA fake score did move away from the teacher
+    assert not torch.allclose(triad.fake_score(x, torch.tensor([500, 500]), c), out_before)
+
+
+def test_lora_fake_score_shares_teacher_weights():
+    triad = make_triad("lora")
+    assert triad.raw("fake_score").backbone is triad.teacher.backbone  # one copy of the weights
+    trainable = [n for n, p in triad.raw("fake_score").backbone.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    x, t, c = torch.randn(2, 1, 8, 8), torch.tensor([100, 900]), torch.tensor([3, 4])
+    assert torch.allclose(triad.fake_score(x, t, c), triad.teacher(x, t, c))  # LoRA starts at zero
+
+
+def test_guidance_is_one_batched_forward_and_matches_two_calls():
+    triad = make_triad()
+    x, t, c = torch.randn(3, 1, 8, 8), torch.tensor([10, 500, 990]), torch.tensor([1, 2, 3])
+    calls = []
+    h = triad.teacher.backbone.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    g = triad.teacher.guided(x, t, c, 3.0)
+    h.remove()
+    assert calls == [6]
+    x0_c, x0_u = triad.teacher(x, t, c), triad.teacher(x, t, torch.full_like(c, 10))
+    tol = dict(rtol=1e-4, atol=1e-4 * g.abs().max().item())  # x0 from eps at t=990 amplifies float noise
+    assert torch.allclose(g, x0_u + 3.0 * (x0_c - x0_u), **tol)
+    per_sample = triad.teacher.guided(x, t, c, torch.tensor([1.0, 3.0, 3.0]))
+    assert torch.allclose(per_sample[0], x0_c[0], **tol) and torch.allclose(per_sample[1:], g[1:], **tol)
+
+
+def test_ema_follows_generator_steps_only():
+    triad = make_triad(ema=0.5)
+    gen = triad.raw("generator")
+    ema_before = [p.clone() for p in triad.ema.shadow_params]
+    with torch.no_grad():
+        for p in gen.parameters():
+            p.add_(1.0)
+    assert all(torch.equal(a, b) for a, b in zip(ema_before, triad.ema.shadow_params))  # no step, no change
+    triad.ema_step()
+    assert not all(torch.equal(a, b) for a, b in zip(ema_before, triad.ema.shadow_params))
+    exported = triad.export_generator(use_ema=True)
+    assert all(torch.equal(a, b) for a, b in zip(exported.parameters(), triad.ema.shadow_params))
+
+
+def test_few_step_generator_backward_simulation():
+    triad = make_triad(timesteps=[999, 749, 499, 249])
+    gen = triad.raw("generator")
+    calls = []
+    h = gen.denoiser.backbone.register_forward_hook(lambda m, i, o: calls.append(int(i[1][0])))
+    x = triad.generate(torch.randn(2, 1, 8, 8), torch.tensor([0, 1]), k=2)
+    h.remove()
+    assert calls == [999, 749, 499] and x.requires_grad
+    x.sum().backward()  # only the last call is graded; it still reaches the weights
+    assert grads_of(gen)
+
+
+def test_regression_pairs_come_from_the_teacher_ode():
+    triad = make_triad()
+    method = build_method("dmd", regression_weight=0.25, regression_pairs=8, regression_steps=3, regression_batch=4)
+    from onestep.data import ConditionSampler
+
+    method.prepare(triad, ConditionSampler(10), (1, 8, 8), "cpu", seed=0)
+    z, c, y = method._pairs
+    from onestep.sampling import sample_teacher
+
+    ref = sample_teacher(triad.teacher, z[:2], c[:2], 3)
+    assert torch.allclose(y[:2], ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    loss, logs = method.generator_loss(triad, batch())
+    assert "loss_reg" in logs and torch.isfinite(loss)
+
+
+def test_unknown_method_and_option_refused():
+    with pytest.raises(ValueError, match="unknown method"):
+        build_method("nope")
+    with pytest.raises(ValueError, match="no option"):
+        build_method("dmd", not_an_option=1)

@@ -1,0 +1,264 @@
+"""onestep: distil a multi-step diffusion teacher into a one-step generator, export it, report FID.
+
+    accelerate launch train/distill.py                       # DMD2 on the shipped digits teacher
+    accelerate launch train/distill.py --preset digits-dmd   # DMD with the regression loss
+    accelerate launch train/distill.py --config run.yaml --steps 500 --teacher path/or/hub-id
+
+Options are `--key value` for any field of onestep.config.Config or any option of the chosen method
+(`--help` lists them). Writes runs/<name>/: config.yaml, checkpoints/, logs/ (tensorboard),
+samples/, metrics.json, fid_curve.png, pipeline/ (diffusers export).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import torch
+import yaml
+
+
+def main(argv: list[str]) -> None:
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from tqdm import tqdm
+
+    from onestep.attention import set_attention
+    from onestep.config import ConfigError, load_config, method_kwargs
+    from onestep.data import ConditionSampler, load_digits
+    from onestep.fid import DigitsClassifier, evaluate_samples, image_moments
+    from onestep.loading import load_teacher
+    from onestep.methods import build_method
+    from onestep.pipeline import export_pipeline, model_card
+    from onestep.runs import plot_curve, prepare_run_dir, resolve_resume, save_checkpoint, save_grid
+    from onestep.sampling import sample_teacher
+    from onestep.triad import Triad
+
+    # 1. Configuration ------------------------------------------------------------------------------
+    cfg = load_config(argv)
+    method = build_method(cfg.method, **method_kwargs(cfg))
+    name = cfg.name or f"{cfg.preset}-{cfg.method}"
+    run_dir = os.path.join(cfg.output_dir, name)
+
+    # 2. Accelerator and run folder -------------------------------------------------------------------
+    accelerator = Accelerator(log_with="tensorboard", project_config=ProjectConfiguration(
+        project_dir=run_dir, logging_dir=os.path.join(run_dir, "logs")))
+    device, main_proc = accelerator.device, accelerator.is_main_process
+    if main_proc:
+        prepare_run_dir(run_dir, overwrite=cfg.overwrite, resume=bool(cfg.resume))
+    accelerator.wait_for_everyone()
+    resume_from = resolve_resume(run_dir, cfg.resume)
+    if cfg.resume and resume_from is None:
+        print(f"resume: no complete checkpoint in {run_dir}/checkpoints; starting from step 0", file=sys.stderr)
+    set_seed(cfg.seed)
+
+    # 3. Teacher, conditions and data -----------------------------------------------------------------
+    mp = accelerator.mixed_precision
+    frozen_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp)
+    teacher = load_teacher(cfg.teacher, device=device)
+    shape = teacher.sample_shape
+    if teacher.num_classes:
+        classes = cfg.classes or list(range(teacher.num_classes))
+        bad = [c for c in classes if not 0 <= c < teacher.num_classes]
+        if bad:
+            raise ConfigError(f"classes: label {bad[0]} is out of range 0..{teacher.num_classes - 1} for this teacher")
+    elif cfg.classes:
+        raise ConfigError("classes: this teacher is unconditional; remove --classes")
+    else:
+        classes = []
+    if getattr(method, "real_guidance_scale", 1.0) != 1.0 and teacher.null_class is None:
+        raise ConfigError("real_guidance_scale: this teacher has no null condition for guidance; use 1.0")
+    cond_sampler = ConditionSampler(len(classes) or None)
+    class_ids = torch.tensor(classes, device=device) if classes else None
+
+    def draw_cond(n: int):
+        return None if class_ids is None else class_ids[cond_sampler(n).to(device)]
+
+    loader = None
+    if method.needs_real_images:
+        if cfg.dataset != "digits" or shape != (1, 8, 8):
+            raise ConfigError(f"dataset: method {cfg.method!r} needs real images and only the digits set (1x8x8) is "
+                              f"available; this teacher makes {shape}. Turn the GAN off (--gan_generator_weight 0 "
+                              "--gan_critic_weight 0) or use the digits teacher")
+        x_real, y_real = load_digits("train")
+        keep = torch.isin(y_real, torch.tensor(classes)) if classes else torch.ones_like(y_real, dtype=torch.bool)
+        data = torch.utils.data.TensorDataset(x_real[keep], y_real[keep])
+        loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, shuffle=True, drop_last=True)
+
+    # 4. Triad, optimisers, accelerate -----------------------------------------------------------------
+    example = None if class_ids is None else class_ids[:1]
+    triad = Triad.from_teacher(
+        teacher.denoiser, fake_score=cfg.fake_score, lora_rank=cfg.lora_rank, generator_timesteps=cfg.generator_timesteps,
+        gan_head=getattr(method, "uses_gan", False), gan_feature_source=cfg.gan_feature_source, sample_shape=shape,
+        example_cond=example, ema_decay=cfg.ema_decay or None, frozen_dtype=frozen_dtype, gan_hidden=cfg.gan_hidden or None)
+    backbones = [triad.raw("generator").denoiser.backbone, triad.raw("fake_score").backbone, teacher.backbone]
+    set_attention(backbones, cfg.attention)
+    if cfg.gradient_checkpointing:
+        for b in backbones[:2]:
+            b.enable_gradient_checkpointing()
+    adam = dict(betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    opt_g = torch.optim.AdamW(triad.generator_parameters(), lr=cfg.lr_generator, **adam)
+    opt_f = torch.optim.AdamW(triad.critic_parameters(), lr=cfg.lr_fake, **adam)
+    triad.generator, triad.fake_score, opt_g, opt_f = accelerator.prepare(triad.generator, triad.fake_score, opt_g, opt_f)
+    if triad.gan_head is not None:
+        triad.gan_head = accelerator.prepare(triad.gan_head)
+    if loader is not None:
+        loader = accelerator.prepare(loader)
+    if triad.ema is not None:
+        accelerator.register_for_checkpointing(triad.ema)
+    method.prepare(triad, cond_sampler, shape, device, seed=cfg.seed) if hasattr(method, "prepare") else None
+
+    def real_batches():
+        while True:
+            yield from loader
+
+    real_iter = real_batches() if loader is not None else None
+
+    # 5. Resume -------------------------------------------------------------------------------------
+    start = 0
+    if resume_from:
+        accelerator.load_state(resume_from)
+        with open(os.path.join(resume_from, "onestep_manifest.json")) as f:
+            start = json.load(f)["step"]
+    set_seed(cfg.seed + 1000 * start, device_specific=True)  # fresh, per-process noise from here on
+    if main_proc:
+        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+            yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
+    accelerator.init_trackers("onestep", config={k: str(v) if isinstance(v, (list, dict)) else v
+                                                  for k, v in dataclasses.asdict(cfg).items()})
+
+    # Evaluation helpers (main process; digits-FID needs the shipped feature net and an 8x8 teacher).
+    classifier = reference = None
+    if cfg.classifier and shape == (1, 8, 8):
+        classifier = DigitsClassifier.from_pretrained(cfg.classifier).to(device).eval()
+        reference = image_moments([load_digits("all")[0].to(device)], classifier.features)
+    eval_labels = len(classes) or None
+
+    def label_map(y):
+        return None if y is None else class_ids[y]
+
+    def evaluate(sample_fn) -> dict:
+        return evaluate_samples(lambda z, y: sample_fn(z, label_map(y)), classifier, reference, cfg.eval_samples,
+                                shape, eval_labels, device=device)
+
+    def save_samples(step: int) -> None:
+        gen = triad.raw("generator")
+        n = 10 * max(1, min(len(classes), 10)) if classes else 64
+        g = torch.Generator().manual_seed(1234)
+        z = torch.randn(n, *shape, generator=g).to(device)
+        y = None if class_ids is None else class_ids[torch.arange(n, device=device) % len(classes)]
+        with torch.no_grad():
+            x = gen.sample(z, y)
+        save_grid(x, os.path.join(run_dir, "samples", f"step_{step:07d}.png"), nrow=max(1, len(classes[:10])) if classes else 8)
+
+    # 6. Training loop -------------------------------------------------------------------------------
+    t_start, curve = time.time(), []
+    trained = {"generator": triad.generator_parameters(), "fake": triad.critic_parameters()}
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=name, disable=not accelerator.is_local_main_process)
+    for step in bar:
+        batch = {"z": torch.randn(cfg.batch_size, *shape, device=device), "cond": draw_cond(cfg.batch_size)}
+        if real_iter is not None:
+            batch["real"], batch["real_cond"] = next(real_iter)
+        turns = ["fake", "generator"] if getattr(method, "fake_first", False) else ["generator", "fake"]
+        logs = {}
+        for turn in turns:
+            if turn == "generator" and not method.is_generator_step(step):
+                continue
+            loss_fn, opt = (method.generator_loss, opt_g) if turn == "generator" else (method.fake_score_loss, opt_f)
+            with accelerator.autocast():
+                loss, turn_logs = loss_fn(triad, batch)
+            opt.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            if cfg.grad_clip:
+                turn_logs[f"grad_norm_{turn}"] = accelerator.clip_grad_norm_(trained[turn], cfg.grad_clip).item()
+            opt.step()
+            if turn == "generator":
+                triad.ema_step()
+            logs.update(turn_logs)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            accelerator.log(logs, step=done)
+            bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k.startswith("loss")})
+        if main_proc and cfg.sample_every and done % cfg.sample_every == 0:
+            save_samples(done)
+        if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
+            if main_proc and classifier is not None:
+                with torch.no_grad():
+                    r = evaluate(triad.raw("generator").sample)
+                curve.append({"step": done, "seconds": time.time() - t_start, "fid": r["fid"]})
+                accelerator.log({"fid": r["fid"], **({"class_accuracy": r["class_accuracy"]} if eval_labels else {})}, step=done)
+            accelerator.wait_for_everyone()
+        if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
+            save_checkpoint(accelerator, run_dir, done, cfg.checkpoints_total_limit, {"config": dataclasses.asdict(cfg)})
+    train_seconds = time.time() - t_start
+    save_checkpoint(accelerator, run_dir, cfg.steps, cfg.checkpoints_total_limit, {"config": dataclasses.asdict(cfg)})
+
+    # 7. Final evaluation, export, metrics ------------------------------------------------------------
+    flat = torch.cat([p.detach().double().flatten() for p in triad.generator_parameters()])
+    sums = accelerator.gather(torch.stack([flat.sum(), flat.abs().sum()])[None].to(device))  # (processes, 2)
+    spread = (sums.max(0).values - sums.min(0).values).max().item()  # 0 when every replica holds the same weights
+    if main_proc:
+        save_samples(cfg.steps)
+        student = triad.export_generator(use_ema=True)
+        metrics = {"method": cfg.method, "steps": cfg.steps, "teacher_path": cfg.teacher, "num_classes": teacher.num_classes,
+                   "teacher": {"fid": None, "nfe": None}, "student": {"fid": None, "nfe": student.num_steps},
+                   "feature_extractor": None, "num_samples": cfg.eval_samples, "train_seconds": round(train_seconds, 1),
+                   "processes": accelerator.num_processes, "replica_weight_spread": spread}
+        if classifier is not None:
+            with torch.no_grad():
+                metrics["student"].update(evaluate(student.sample))
+                runs = {}
+                for n_steps in cfg.teacher_eval_steps:
+                    r = evaluate(lambda z, y, n=n_steps: sample_teacher(triad.teacher, z, y, n))
+                    runs[n_steps] = {**r, "nfe": n_steps}
+                best = min(runs.values(), key=lambda r: r["fid"])
+                metrics["teacher"] = {**best, "by_steps": {str(k): v["fid"] for k, v in runs.items()}}
+            metrics["feature_extractor"] = f"digits-classifier ({cfg.classifier}), penultimate {classifier.config.feature_dim}-d"
+            curve.append({"step": cfg.steps, "seconds": train_seconds, "fid": metrics["student"]["fid"]})
+            metrics["curve"] = curve
+            plot_curve(curve, os.path.join(run_dir, "fid_curve.png"))
+            accelerator.log({"fid": metrics["student"]["fid"]}, step=cfg.steps)
+        if cfg.export:
+            written = export_pipeline(student, teacher.scheduler_config, os.path.join(run_dir, "pipeline"),
+                                      num_classes=teacher.num_classes, null_class=teacher.null_class)
+            metrics["export"] = written
+        metrics["wall_seconds"] = round(time.time() - t_start, 1)
+        if cfg.export:
+            for d in written:
+                with open(os.path.join(d, "README.md"), "w") as f:
+                    f.write(model_card(metrics, run_dir, len(written) > 1))
+        with open(os.path.join(run_dir, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=2)
+        s, t = metrics["student"], metrics["teacher"]
+        print(f"done: student FID {s['fid'] if s['fid'] is None else round(s['fid'], 3)} (1 step), teacher FID "
+              f"{t['fid'] if t['fid'] is None else round(t['fid'], 3)} ({t['nfe']} steps); run folder {run_dir}")
+    accelerator.end_training()
+
+
+def usage() -> str:
+    from onestep.config import PRESETS, Config
+    from onestep.methods import METHODS, method_options
+
+    lines = [__doc__.strip(), "", "Config keys (default):"]
+    lines += [f"  --{f.name} ({f.default if f.default is not dataclasses.MISSING else f.default_factory()})"
+              for f in dataclasses.fields(Config)]
+    lines += ["", f"Presets (--preset): {', '.join(PRESETS)}", "", "Methods (--method) and their options:"]
+    for m in METHODS:
+        lines.append(f"  {m}: " + ", ".join(f"{k}={v.default}" for k, v in method_options(m).items()))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    if "-h" in args or "--help" in args:
+        print(usage())
+        sys.exit(0)
+    try:
+        main(args)
+    except ValueError as e:  # ConfigError, TeacherError, RunError: one line, non-zero exit
+        if type(e).__name__ not in ("ConfigError", "TeacherError", "RunError"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
