@@ -69,9 +69,12 @@ class Denoiser(nn.Module):
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond = None, *, features: bool = False):
         """x0 estimate (B, C, H, W) float32; with features=True also the mid-block output."""
-        if self._tuners:
+        if self._tuners:  # peft's toggle also flips requires_grad of the adapters: keep what the caller set
+            flags = [(p, p.requires_grad) for layer in self._tuners for p in layer.parameters()]
             for layer in self._tuners:
                 layer.enable_adapters(self.adapters)
+            for p, flag in flags:
+                p.requires_grad_(flag)
         t = self.schedule.timesteps_tensor(t, x_t.shape[0], x_t.device)
         inp, timestep = self.schedule.model_input(x_t.float(), t)
         with self._capture(features) as store:

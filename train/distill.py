@@ -46,6 +46,8 @@ def main(argv: list[str]) -> None:
     accelerator = Accelerator(log_with="tensorboard", project_config=ProjectConfiguration(
         project_dir=run_dir, logging_dir=os.path.join(run_dir, "logs")))
     device, main_proc = accelerator.device, accelerator.is_main_process
+    if device.type == "cpu":
+        torch.set_num_threads(cfg.cpu_threads or max(1, len(os.sched_getaffinity(0)) // accelerator.num_processes))
     if main_proc:
         prepare_run_dir(run_dir, overwrite=cfg.overwrite, resume=bool(cfg.resume))
     accelerator.wait_for_everyone()
@@ -188,6 +190,7 @@ def main(argv: list[str]) -> None:
                 with torch.no_grad():
                     r = evaluate(triad.raw("generator").sample)
                 curve.append({"step": done, "seconds": time.time() - t_start, "fid": r["fid"]})
+                tqdm.write(f"step {done}: digits-FID {r['fid']:.3f}" + (f", class accuracy {r['class_accuracy']:.3f}" if eval_labels else ""))
                 accelerator.log({"fid": r["fid"], **({"class_accuracy": r["class_accuracy"]} if eval_labels else {})}, step=done)
             accelerator.wait_for_everyone()
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
