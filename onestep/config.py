@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from .errors import OnestepError
 
-class ConfigError(ValueError):
+
+class ConfigError(OnestepError):
     """A bad configuration value; the message names the key, the value and what is allowed."""
 
 
@@ -210,6 +212,12 @@ def validate(cfg: Config) -> None:
     """Check ranges and choices; raise ConfigError with the key, the value and what is allowed."""
     from .methods import build_method
 
+    from .attention import resolve_attention
+
+    try:
+        resolve_attention(cfg.attention)
+    except ValueError as e:
+        raise ConfigError(f"attention: {e}") from None
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             raise ConfigError(f"{key}: {getattr(cfg, key)!r} is not one of {', '.join(allowed)}")

@@ -11,13 +11,14 @@ from dataclasses import dataclass, field
 import torch
 
 from .denoiser import Denoiser
+from .errors import OnestepError
 from .schedule import Schedule
 
 BACKBONE_SUBFOLDERS = ("unet", "transformer")
 SUPPORTED_BACKBONES = ("UNet2DModel", "UNet2DConditionModel")
 
 
-class TeacherError(ValueError):
+class TeacherError(OnestepError):
     """A teacher that cannot be loaded or used, with a message that says how to fix it."""
 
 

@@ -8,10 +8,12 @@ import shutil
 
 import torch
 
+from .errors import OnestepError
+
 CHECKPOINT_PREFIX = "step_"
 
 
-class RunError(ValueError):
+class RunError(OnestepError):
     """A run folder that cannot be used as asked."""
 
 

@@ -258,10 +258,10 @@ if __name__ == "__main__":
     if "-h" in args or "--help" in args:
         print(usage())
         sys.exit(0)
+    from onestep.errors import OnestepError
+
     try:
         main(args)
-    except ValueError as e:  # ConfigError, TeacherError, RunError: one line, non-zero exit
-        if type(e).__name__ not in ("ConfigError", "TeacherError", "RunError"):
-            raise
+    except OnestepError as e:  # bad input: one line, non-zero exit, nothing overwritten
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
