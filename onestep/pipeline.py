@@ -4,7 +4,6 @@ also export as a stock `DDIMPipeline` folder (trailing spacing: one step at t=99
 from __future__ import annotations
 
 import json
-import os
 
 import torch
 from diffusers import DDIMScheduler, DiffusionPipeline, ImagePipelineOutput
@@ -88,7 +87,7 @@ class OneStepPipeline(DiffusionPipeline):
 
 
 def export_pipeline(generator: Generator, scheduler_config: dict, out_dir: str, *, num_classes: int | None = None,
-                    null_class: int | None = None, card: str = "") -> list[str]:
+                    null_class: int | None = None) -> list[str]:
     """Save the student as OneStepPipeline (out_dir) and, for unconditional VP one-step students, as a stock
     DDIMPipeline (out_dir + "-ddim"). Returns the folders written."""
     import diffusers
@@ -107,10 +106,6 @@ def export_pipeline(generator: Generator, scheduler_config: dict, out_dir: str, 
                                          clip_sample=True, clip_sample_range=1.0)
         diffusers.DDIMPipeline(unet=unet, scheduler=ddim).save_pretrained(out_dir + "-ddim", safe_serialization=True)
         written.append(out_dir + "-ddim")
-    if card:
-        for d in written:
-            with open(os.path.join(d, "README.md"), "w") as f:
-                f.write(card)
     return written
 
 

@@ -67,8 +67,8 @@ class Triad:
 
             if frozen_dtype is not None:
                 base.to(frozen_dtype)
-            present = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()} | {n for n, _ in base.named_modules()}
-            targets = [t for t in lora_targets if t in present or any(n.endswith("." + t) for n in present)]
+            names = [n for n, _ in base.named_modules()]
+            targets = [t for t in lora_targets if any(n == t or n.endswith("." + t) for n in names)]
             if not targets:
                 raise ValueError(f"none of the LoRA target modules {list(lora_targets)} exist in the teacher")
             cfg = LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=targets, init_lora_weights=True)

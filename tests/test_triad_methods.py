@@ -1,5 +1,4 @@
 """Behaviour of the triad and DMD/DMD2: which networks gradients reach, what never changes."""
-import copy
 
 import pytest
 import torch

@@ -110,7 +110,8 @@ def main(argv: list[str]) -> None:
         loader = accelerator.prepare(loader)
     if triad.ema is not None:
         accelerator.register_for_checkpointing(triad.ema)
-    method.prepare(triad, cond_sampler, shape, device, seed=cfg.seed) if hasattr(method, "prepare") else None
+    if hasattr(method, "prepare"):  # e.g. DMD's regression pairs
+        method.prepare(triad, cond_sampler, shape, device, seed=cfg.seed)
 
     def real_batches():
         while True:
