@@ -135,3 +135,18 @@ def test_existing_run_folder_is_not_overwritten(cond_teacher, tmp_path):
 def test_help_lists_keys_presets_and_methods():
     r = subprocess.run([sys.executable, os.path.join(ROOT, "train", "distill.py"), "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--steps" in r.stdout and "digits-dmd" in r.stdout and "dmd2:" in r.stdout
+
+
+@pytest.mark.slow
+def test_resume_latest_continues_from_the_newest_checkpoint(cond_teacher, tmp_path):
+    base = [sys.executable, os.path.join(ROOT, "train", "distill.py"), *SMOKE, "--teacher", cond_teacher,
+            "--output_dir", str(tmp_path), "--name", "r", "--ema_decay", "0.9", "--eval_samples", "20"]
+    first = subprocess.run(base, cwd=ROOT, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = load_file(str(tmp_path / "r" / "checkpoints" / "step_0000004" / "model.safetensors"))
+    second = subprocess.run([*base, "--resume", "latest", "--steps", "6"], cwd=ROOT, capture_output=True, text=True)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "4/6" in second.stderr  # the progress bar starts at the checkpoint's step
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text())["steps"] == 6
+    after = load_file(str(tmp_path / "r" / "checkpoints" / "step_0000006" / "model.safetensors"))
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # training went on from there
