@@ -210,9 +210,8 @@ def load_config(argv: list[str]) -> Config:
 
 def validate(cfg: Config) -> None:
     """Check ranges and choices; raise ConfigError with the key, the value and what is allowed."""
-    from .methods import build_method
-
     from .attention import resolve_attention
+    from .methods import build_method
 
     try:
         resolve_attention(cfg.attention)

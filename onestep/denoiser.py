@@ -48,6 +48,7 @@ class Denoiser(nn.Module):
         self.backbone, self.schedule, self.null_cond, self.adapters = backbone, schedule, null_cond, adapters
         self.prediction_type = prediction_type
         self._tuners = tuner_layers(backbone) if adapters is not None else []
+        self._adapter_params = [p for layer in self._tuners for p in layer.parameters()]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -69,12 +70,13 @@ class Denoiser(nn.Module):
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond = None, *, features: bool = False):
         """x0 estimate (B, C, H, W) float32; with features=True also the mid-block output."""
-        if self._tuners:  # peft's toggle also flips requires_grad of the adapters: keep what the caller set
-            flags = [(p, p.requires_grad) for layer in self._tuners for p in layer.parameters()]
+        if self._tuners and getattr(self.backbone, "_onestep_adapters", None) is not self.adapters:
+            flags = [p.requires_grad for p in self._adapter_params]  # peft's toggle also flips requires_grad
             for layer in self._tuners:
                 layer.enable_adapters(self.adapters)
-            for p, flag in flags:
+            for p, flag in zip(self._adapter_params, flags):
                 p.requires_grad_(flag)
+            self.backbone._onestep_adapters = self.adapters  # shared by the views of one backbone: toggle on change only
         t = self.schedule.timesteps_tensor(t, x_t.shape[0], x_t.device)
         inp, timestep = self.schedule.model_input(x_t.float(), t)
         with self._capture(features) as store:
