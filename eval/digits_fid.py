@@ -3,24 +3,45 @@
     python eval/digits_fid.py --teacher assets/digits-teacher --steps 1,2,4,10,25,50,100
     python eval/digits_fid.py --pipeline runs/digits-dmd2/pipeline
 
-Features: the shipped digits classifier's penultimate layer; reference: all 1797 digits.
-Prints a Markdown table and writes it as JSON with --json.
+Features: the shipped digits classifier's penultimate layer; reference: all 1797 digits; sample i: noise
+seed + i, class i % 10. With --cleanfid the samples go through clean-fid's own generator path instead
+(`get_model_features` with the digits network as `custom_feat_extractor`, clean-fid's seeded noise,
+uint8 images); the two paths give the same FID on the same samples (tests/test_fid.py). Prints a Markdown table and writes it as JSON with --json. The short form of
+eval/benchmark.py (which adds KID, precision / recall, coverage entropy, timings and a plot).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-import time
 
 import torch
 
 
+def cleanfid_row(m, a, reference) -> dict:
+    """FID and class accuracy of a benchmark model through clean-fid's get_model_features."""
+    import numpy as np
+
+    from onestep.fid import DigitsClassifier, cleanfid_sample_features, frechet_distance
+
+    net = DigitsClassifier.from_pretrained(a.classifier).eval()
+    src = m.source
+    feats = cleanfid_sample_features(src.sample, net.features, a.num_samples, src.sample_shape, src.num_classes,
+                                     seed=a.seed)
+    row = {"model": m.model, "path": m.path, "steps": m.steps, "nfe": m.nfe, "num_samples": a.num_samples,
+           "fid": frechet_distance((feats.mean(0), np.cov(feats, rowvar=False)), reference.moments),
+           "feature_path": "clean-fid get_model_features"}
+    if src.num_classes:
+        pred = net.head(torch.from_numpy(feats).float()).argmax(1)
+        row["class_accuracy"] = (pred == torch.arange(a.num_samples) % src.num_classes).float().mean().item()
+    return row
+
+
 def main() -> None:
-    from onestep.data import load_digits
-    from onestep.fid import DigitsClassifier, evaluate_samples, image_moments
-    from onestep.loading import TeacherError, load_teacher
-    from onestep.sampling import sample_teacher
+    from onestep.benchmark import evaluate_model, load_reference, parse_steps, pipeline_model, teacher_models
+    from onestep.errors import OnestepError
+    from onestep.features import digits_extractor
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
@@ -30,33 +51,26 @@ def main() -> None:
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale of the teacher")
     p.add_argument("--num_samples", type=int, default=2000)
     p.add_argument("--classifier", default="assets/digits-classifier")
+    p.add_argument("--seed", type=int, default=0, help="sample i uses noise seed SEED + i")
+    p.add_argument("--cleanfid", action="store_true", help="run the samples through clean-fid's generator path")
     p.add_argument("--json", help="write the results here")
     a = p.parse_args()
 
-    net = DigitsClassifier.from_pretrained(a.classifier).eval()
-    ref = image_moments([load_digits("all")[0]], net.features)
-    rows = []
     try:
+        if not os.path.isfile(os.path.join(a.classifier, "config.json")):
+            raise FileNotFoundError(f"digits classifier {a.classifier!r} does not exist")
+        extractor = digits_extractor(a.classifier)
+        reference = load_reference("digits:all", extractor, keep=0)
         if a.teacher:
-            teacher = load_teacher(a.teacher)
-            for n in [int(s) for s in a.steps.split(",")]:
-                t0 = time.time()
-                r = evaluate_samples(lambda z, y: sample_teacher(teacher.denoiser, z, y, n, a.guidance), net, ref,
-                                     a.num_samples, teacher.sample_shape, teacher.num_classes)
-                rows.append({"model": "teacher", "nfe": n * (1 if a.guidance == 1 else 2), "steps": n, **r,
-                             "seconds": round(time.time() - t0, 2)})
+            models = teacher_models(a.teacher, parse_steps(a.steps), a.num_samples, a.guidance, a.seed)
         else:
-            from onestep.pipeline import OneStepPipeline
-
-            pipe = OneStepPipeline.from_pretrained(a.pipeline)
-            gen = pipe.student()
-            t0 = time.time()
-            r = evaluate_samples(lambda z, y: gen.sample(z, y), net, ref, a.num_samples, (1, 8, 8), pipe.config.num_classes)
-            rows.append({"model": "student", "nfe": gen.num_steps, "steps": gen.num_steps, **r,
-                         "seconds": round(time.time() - t0, 2)})
-    except (TeacherError, OSError, ValueError) as e:
+            if not os.path.isdir(a.pipeline):
+                raise FileNotFoundError(f"pipeline folder {a.pipeline!r} does not exist")
+            models = [pipeline_model(a.pipeline, a.num_samples, a.seed)]
+    except (OnestepError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    rows = [cleanfid_row(m, a, reference) if a.cleanfid else evaluate_model(m, extractor, reference) for m in models]
     print("| model | sampler steps | NFE | digits-FID | class accuracy |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['steps']} | {r['nfe']} | {r['fid']:.3f} | {r.get('class_accuracy', float('nan')):.3f} |")

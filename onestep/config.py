@@ -32,13 +32,16 @@ class Config:
     # ---- teacher and data ----
     teacher: str = "assets/digits-teacher"  # local diffusers folder or hub id
     dataset: str = "digits"              # real images for methods that need them: "digits" or "none"
+    prompts: str = ""                    # text-to-image teachers: a text file, one prompt per line ("": a built-in list)
     classes: list = field(default_factory=list)  # class labels to distil (empty: all the teacher's classes)
     # ---- method ----
     method: str = "dmd2"                 # a key of onestep.methods.METHODS
     method_args: dict = field(default_factory=dict)  # options of the method (also accepted as top-level keys)
     # ---- networks ----
-    fake_score: str = "copy"             # "copy" (full copy of the teacher) or "lora" (adapter on its weights)
+    fake_score: str = "auto"             # "copy" (full copy of the teacher), "lora" (adapter on its weights) or
+                                         # "auto" (the method's choice: lora for vsd, copy for dmd / dmd2)
     lora_rank: int = 16                  # rank of the LoRA fake score
+    lora_targets: list = field(default_factory=list)  # modules the LoRA adapts, e.g. [to_q, to_v] (empty: onestep's default)
     generator_timesteps: list = field(default_factory=list)  # few-step student, e.g. [999, 749, 499, 249]; empty: one step
     gan_feature_source: str = "fake_score"  # bottleneck features for the GAN head: "fake_score" or "teacher"
     gan_hidden: int = 0                  # GAN head width (0: the feature width)
@@ -53,6 +56,8 @@ class Config:
     adam_beta2: float = 0.999
     weight_decay: float = 0.01
     grad_clip: float = 10.0              # max grad norm (0: off)
+    lr_scheduler: str = "constant"       # diffusers get_scheduler name: constant, cosine, linear, constant_with_warmup, ...
+    lr_warmup_steps: int = 0             # warm-up in iterations (both optimisers)
     ema_decay: float = 0.0               # generator EMA decay (0: off); exported weights are the EMA where kept
     # ---- logging, evaluation, checkpoints ----
     log_every: int = 20                  # tensorboard scalars every N iterations
@@ -71,7 +76,11 @@ PRESETS: dict[str, dict] = {
     # The embedded default: DMD2 on the shipped digits teacher, under 10 minutes on 2 CPU cores. The student
     # runs at t=300: at t=999 this eps-teacher's alpha is 0.0064, so x0 = (z - sigma eps) / alpha amplifies
     # every weight update 156x and DMD diverges (measured; README "Results").
-    "digits": {"generator_timesteps": [300], "ema_decay": 0.99, "method_args": {"update_ratio": 3}},
+    # DMD2's GAN weights are scaled for 64x64x3 images: on 8x8 digits the DM term's per-pixel gradient is
+    # ~190x larger relative to the GAN's, so the GAN weights are raised and its noise kept low (t < 0.2 T).
+    "digits": {"generator_timesteps": [300], "ema_decay": 0.99, "lr_generator": 2e-4,
+               "method_args": {"update_ratio": 3, "gan_generator_weight": 0.1, "gan_critic_weight": 1.0,
+                               "gan_t_max": 0.2}},
     # DMD (2023): the regression loss on teacher ODE pairs, no GAN.
     "digits-dmd": {"method": "dmd", "generator_timesteps": [300], "method_args": {"regression_weight": 0.25}},
     # A few iterations at tiny sizes: the smoke test of the whole pipeline.
@@ -81,12 +90,23 @@ PRESETS: dict[str, dict] = {
     "cifar10": {"teacher": "google/ddpm-cifar10-32", "dataset": "none", "steps": 20000, "batch_size": 64,
                 "lr_generator": 2e-6, "lr_fake": 2e-6, "classifier": "", "ema_decay": 0.999,
                 "method_args": {"gan_generator_weight": 0.0, "gan_critic_weight": 0.0}},
+    # Stable Diffusion 1.5 (hub id or local pipeline folder; --prompts FILE). VSD / SwiftBrush: LoRA fake score
+    # (rank 64 on to_q, to_v), lr 1e-6 / 1e-3, 1:1, CFG 4.5 (METHODS.md section 2); batch and steps are choices.
+    "sd15-vsd": {"teacher": "stable-diffusion-v1-5/stable-diffusion-v1-5", "method": "vsd", "dataset": "none",
+                 "classifier": "", "fake_score": "lora", "lora_rank": 64, "lora_targets": ["to_q", "to_v"],
+                 "lr_generator": 1e-6, "lr_fake": 1e-3, "weight_decay": 0.0, "batch_size": 8, "steps": 20000,
+                 "method_args": {"real_guidance_scale": 4.5}},
+    # DMD2 on SD1.5: TTUR 10, real CFG 1.75, lr 1e-5; the GAN is off until real latents can be loaded.
+    "sd15-dmd2": {"teacher": "stable-diffusion-v1-5/stable-diffusion-v1-5", "method": "dmd2", "dataset": "none",
+                  "classifier": "", "lr_generator": 1e-5, "lr_fake": 1e-5, "batch_size": 8, "steps": 20000,
+                  "method_args": {"update_ratio": 10, "real_guidance_scale": 1.75, "gan_generator_weight": 0.0,
+                                  "gan_critic_weight": 0.0}},
 }
 
-CHOICES = {"fake_score": ("copy", "lora"), "attention": ("sdpa", "xformers", "auto"),
+CHOICES = {"fake_score": ("auto", "copy", "lora"), "attention": ("sdpa", "xformers", "auto"),
            "gan_feature_source": ("fake_score", "teacher"), "dataset": ("digits", "none")}
 POSITIVE = ("steps", "batch_size", "lr_generator", "lr_fake", "eval_samples", "lora_rank")
-NON_NEGATIVE = ("cpu_threads", "log_every", "sample_every", "eval_every", "checkpoint_every", "checkpoints_total_limit",
+NON_NEGATIVE = ("lr_warmup_steps", "cpu_threads", "log_every", "sample_every", "eval_every", "checkpoint_every", "checkpoints_total_limit",
                 "grad_clip", "weight_decay", "gan_hidden")
 
 
@@ -205,6 +225,10 @@ def load_config(argv: list[str]) -> Config:
     apply(overrides, cfg, "the command line")
     config = Config(**cfg)
     validate(config)
+    if config.fake_score == "auto":  # resolved here, so config.yaml records what ran
+        from .methods import METHODS
+
+        config.fake_score = getattr(METHODS[config.method], "preferred_fake_score", "copy")
     return config
 
 
@@ -226,6 +250,9 @@ def validate(cfg: Config) -> None:
     for key in NON_NEGATIVE:
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{key}: must be >= 0, got {getattr(cfg, key)!r}")
+    schedulers = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+    if cfg.lr_scheduler not in schedulers:
+        raise ConfigError(f"lr_scheduler: {cfg.lr_scheduler!r} is not one of {', '.join(schedulers)}")
     if not 0.0 <= cfg.ema_decay < 1.0:
         raise ConfigError(f"ema_decay: must be in [0, 1), got {cfg.ema_decay!r}")
     if not (0.0 <= cfg.adam_beta1 < 1.0 and 0.0 <= cfg.adam_beta2 < 1.0):
@@ -234,6 +261,8 @@ def validate(cfg: Config) -> None:
         for v in getattr(cfg, key):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or (key != "generator_timesteps" and not isinstance(v, int)):
                 raise ConfigError(f"{key}: expected numbers, got {v!r}")
+    if not all(isinstance(v, str) and v for v in cfg.lora_targets):
+        raise ConfigError(f"lora_targets: expected module names like to_q,to_v, got {cfg.lora_targets!r}")
     if any(s < 1 for s in cfg.teacher_eval_steps):
         raise ConfigError(f"teacher_eval_steps: sampler step counts must be >= 1, got {cfg.teacher_eval_steps}")
     if cfg.name and ("/" in cfg.name or cfg.name.startswith(".")):

@@ -110,6 +110,19 @@ class Denoiser(nn.Module):
             return torch.full_like(cond, int(self.null_cond))
         return self.null_cond.to(cond).expand_as(cond)
 
+    def drop_cond(self, cond: Cond, p: float) -> Cond:
+        """Each sample's condition replaced by the null condition with probability p (unchanged without a null)."""
+        if cond is None or p <= 0 or self.null_cond is None:
+            return cond
+        null = self.null_like(cond)
+        first = next(iter(cond.values())) if isinstance(cond, dict) else cond
+        keep = torch.rand(first.shape[0], device=first.device) >= p
+
+        def mix(c, n):
+            return torch.where(keep.reshape(-1, *[1] * (c.ndim - 1)), c, n) if torch.is_tensor(c) else c
+
+        return {k: mix(v, null[k]) for k, v in cond.items()} if isinstance(cond, dict) else mix(cond, null)
+
     def guided(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, scale, uncond: Cond = None) -> torch.Tensor:
         """Classifier-free guidance x0_u + s (x0_c - x0_u), cond and uncond in one batched forward.
 

@@ -1,7 +1,8 @@
 """FID basics: streaming float64 feature moments, the shipped digits feature network, digits-FID.
 
 FID itself is clean-fid's `frechet_distance` on the moments; the digits network's penultimate
-features play Inception's role for 8x8 digits.
+features play Inception's role for 8x8 digits. Extractors, sources, reference statistics and the
+other metrics live in `features`, `streaming`, `reference` and `metrics`.
 """
 from __future__ import annotations
 
@@ -42,22 +43,39 @@ def quantize(x: torch.Tensor) -> torch.Tensor:
 
 
 class FeatureStats:
-    """Running float64 sums for the mean and covariance of feature vectors."""
+    """Running float64 mean and scatter matrix of feature vectors, kept on the features' device.
+
+    Batches (and other FeatureStats) merge by Chan et al.'s pairwise update, so no raw sums of squares
+    cancel, and the result does not depend on how the samples were split into batches or processes.
+    """
 
     def __init__(self, dim: int):
-        self.n, self.s1, self.s2 = 0, np.zeros(dim), np.zeros((dim, dim))
+        self.dim, self.n = dim, 0
+        self.mean = self.m2 = None  # (D,), (D, D) float64, created on the first batch's device
 
     def update(self, feats: torch.Tensor) -> None:
-        f = feats.detach().double().cpu().numpy()
-        self.n += len(f)
-        self.s1 += f.sum(0)
-        self.s2 += f.T @ f
+        """Add a (B, D) batch."""
+        f = feats.detach().double()
+        if len(f):
+            mean = f.mean(0)
+            d = f - mean
+            self.merge(len(f), mean, d.T @ d)
+
+    def merge(self, n: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
+        """Add the moments of n other samples (their mean and scatter matrix sum (x - mean)(x - mean)^T)."""
+        if n == 0:
+            return
+        if self.n == 0:
+            self.n, self.mean, self.m2 = n, mean.double().clone(), m2.double().clone()
+            return
+        delta, total = mean.to(self.mean) - self.mean, self.n + n
+        self.m2 += m2.to(self.m2) + torch.outer(delta, delta) * (self.n * n / total)
+        self.mean += delta * (n / total)
+        self.n = total
 
     def moments(self) -> tuple[np.ndarray, np.ndarray]:
         """(mean, unbiased covariance), as numpy's np.cov(rowvar=False) would give."""
-        mu = self.s1 / self.n
-        cov = (self.s2 - self.n * np.outer(mu, mu)) / (self.n - 1)
-        return mu, cov
+        return self.mean.cpu().numpy(), (self.m2 / (self.n - 1)).cpu().numpy()
 
 
 def frechet_distance(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> float:
@@ -78,22 +96,57 @@ def image_moments(images: Iterable[torch.Tensor], extractor: Callable[[torch.Ten
     return stats.moments()
 
 
+class CleanFIDFeatures(nn.Module):
+    """Turns `features(x in [-1, 1])` into clean-fid's `custom_feat_extractor`: (B, C, H, W) floats in [0, 255]."""
+
+    def __init__(self, features: Callable[[torch.Tensor], torch.Tensor]):
+        super().__init__()
+        self.features = features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x.float() / 127.5 - 1)
+
+
 @torch.no_grad()
+def cleanfid_sample_features(sample: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
+                             features: Callable[[torch.Tensor], torch.Tensor], num_samples: int, sample_shape,
+                             num_classes: int | None, batch_size: int = 250, seed: int = 0, device="cpu") -> np.ndarray:
+    """Features of `sample(z, labels)` through clean-fid's generator path (`get_model_features`).
+
+    clean-fid draws z ~ N(0, I) of size prod(sample_shape) from torch's global generator (seeded with `seed`
+    here, restored afterwards), takes the generator's images as uint8 values in [0, 255], and runs them
+    through the `custom_feat_extractor`; images keep their native size (no resize). Sample i gets label
+    i % num_classes. Returns the (num_samples, dim) float features.
+    """
+    from cleanfid.fid import get_model_features
+
+    shape, drawn = tuple(sample_shape), [0]
+
+    def gen(z: torch.Tensor) -> torch.Tensor:
+        idx = torch.arange(drawn[0], drawn[0] + len(z), device=z.device)
+        drawn[0] += len(z)
+        labels = idx % num_classes if num_classes else None
+        return ((sample(z.view(len(z), *shape), labels).float().clamp(-1, 1) + 1) * 127.5).round()
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return get_model_features(gen, CleanFIDFeatures(features), mode="clean", z_dim=int(np.prod(shape)),
+                                  num_gen=num_samples, batch_size=batch_size, device=torch.device(device),
+                                  verbose=False, custom_fn_resize=lambda img: img)
+
+
 def evaluate_samples(sample: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor], classifier: DigitsClassifier,
                      reference: tuple[np.ndarray, np.ndarray], num_samples: int, sample_shape, num_classes: int | None,
                      batch_size: int = 250, seed: int = 0, device="cpu") -> dict:
-    """Digits-FID and class accuracy of `sample(z, labels)`; sample i uses noise from seed + i and label i % K."""
-    stats, correct = FeatureStats(classifier.config.feature_dim), 0
-    for start in range(0, num_samples, batch_size):
-        idx = range(start, min(start + batch_size, num_samples))
-        z = torch.stack([torch.randn(*sample_shape, generator=torch.Generator().manual_seed(seed + i)) for i in idx])
-        labels = torch.tensor([i % num_classes for i in idx]) if num_classes else None
-        x = quantize(sample(z.to(device), None if labels is None else labels.to(device)))
-        f = classifier.features(x)
-        stats.update(f)
-        if labels is not None:
-            correct += (classifier.head(f).argmax(1).cpu() == labels).sum().item()
-    out = {"fid": frechet_distance(stats.moments(), reference), "num_samples": num_samples}
+    """Digits-FID, class accuracy and coverage entropy of `sample(z, labels)`; sample i: noise seed + i, label i % K."""
+    from .features import digits_extractor
+    from .metrics import class_metrics
+    from .streaming import GeneratorSource, stream_features
+
+    src = GeneratorSource(sample, num_samples, sample_shape, num_classes, seed, device)
+    r = stream_features(src, digits_extractor(classifier, device), batch_size)
+    out = {"fid": frechet_distance(r.stats.moments(), reference), "num_samples": num_samples}
     if num_classes:
-        out["class_accuracy"] = correct / num_samples
+        m = class_metrics(r.predictions, r.labels, classifier.config.num_classes)
+        out.update(class_accuracy=m["class_accuracy"], coverage_entropy=m["coverage_entropy"])
     return out

@@ -1,5 +1,8 @@
 """Export speaks diffusers: `OneStepPipeline` runs a distilled student, and unconditional VP students
 also export as a stock `DDIMPipeline` folder (trailing spacing: one step at t=999 equals x0 from eps).
+Text-to-image (Stable Diffusion) students export as a stock `StableDiffusionPipeline` with an `LCMScheduler`
+whose one step runs at the student's t_init: LCM's last step returns its x0 estimate, which for an
+eps-model is exactly the student's output (up to LCM's boundary scalings, c_skip < 3e-8 for t >= 300).
 """
 from __future__ import annotations
 
@@ -86,11 +89,54 @@ class OneStepPipeline(DiffusionPipeline):
         return ImagePipelineOutput(images=image)
 
 
+def lcm_original_steps(t: int, num_train_timesteps: int) -> int | None:
+    """The LCMScheduler `original_inference_steps` whose default one-step schedule is [t] (None if none is)."""
+    found = [o for o in range(1, num_train_timesteps + 1) if o * (num_train_timesteps // o) - 1 == t]
+    return None if not found else (50 if 50 in found else found[-1])
+
+
+def stock_call_kwargs(generator: Generator) -> dict:
+    """Keyword arguments of the stock pipeline call that runs an exported text-to-image student (no CFG: distilled in)."""
+    sch, ts = generator.schedule, [int(t) for t in generator.timesteps]
+    if len(ts) == 1 and lcm_original_steps(ts[0], sch.num_train_timesteps) is not None:
+        return {"num_inference_steps": 1, "guidance_scale": 1.0}
+    return {"timesteps": ts, "guidance_scale": 1.0}
+
+
+def stock_call(generator: Generator) -> str:
+    """The exact call, as text for the model card: pipe("a photo of a cat", ...)."""
+    return 'pipe("a photo of a cat", ' + ", ".join(f"{k}={v!r}" for k, v in stock_call_kwargs(generator).items()) + ")"
+
+
+def export_text_pipeline(generator: Generator, scheduler_config: dict, teacher_dir: str, out_dir: str) -> str:
+    """Save an SD student as a stock StableDiffusionPipeline: the teacher's VAE, text encoder and tokenizer, the
+    student UNet, and an LCMScheduler whose one-step schedule is the student's t_init (where one can be)."""
+    from diffusers import LCMScheduler, StableDiffusionPipeline
+
+    sch = generator.schedule
+    if sch.kind != "vp" or sch.prediction_type not in ("epsilon", "v_prediction", "sample"):
+        raise ValueError(f"a stock Stable Diffusion export needs a VP teacher, got {sch}")
+    if any(not float(t).is_integer() for t in generator.timesteps):
+        raise ValueError(f"student timesteps must be integers for a stock export, got {generator.timesteps}")
+    original = lcm_original_steps(int(generator.timesteps[0]), sch.num_train_timesteps) or 50
+    lcm = LCMScheduler.from_config(scheduler_config, original_inference_steps=original, clip_sample=False,
+                                   thresholding=False, timestep_spacing="leading", steps_offset=1)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        teacher_dir, unet=generator.denoiser.backbone, scheduler=lcm, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False, use_safetensors=True)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
 def export_pipeline(generator: Generator, scheduler_config: dict, out_dir: str, *, num_classes: int | None = None,
-                    null_class: int | None = None) -> list[str]:
+                    null_class: int | None = None, text_teacher_dir: str | None = None) -> list[str]:
     """Save the student as OneStepPipeline (out_dir) and, for unconditional VP one-step students, as a stock
-    DDIMPipeline (out_dir + "-ddim"). Returns the folders written."""
+    DDIMPipeline (out_dir + "-ddim"); text-to-image students (text_teacher_dir: the SD teacher's folder) as a
+    stock StableDiffusionPipeline (out_dir). Returns the folders written."""
     import diffusers
+
+    if text_teacher_dir is not None:
+        return [export_text_pipeline(generator, scheduler_config, text_teacher_dir, out_dir)]
 
     sched = getattr(diffusers, scheduler_config.get("_class_name", "DDPMScheduler")).from_config(scheduler_config)
     unet = generator.denoiser.backbone
@@ -118,19 +164,26 @@ def model_card(metrics: dict, run_dir_name: str, has_ddim: bool) -> str:
         "---", "library_name: diffusers", "tags: [onestep, distillation, one-step]", "---", "",
         f"# One-step student distilled with onestep ({metrics.get('method')})", "",
         f"Teacher: `{metrics.get('teacher_path')}`; {metrics.get('steps')} training iterations.", "",
-        "```python", "from onestep.pipeline import OneStepPipeline",
-        f"pipe = OneStepPipeline.from_pretrained(\"{run_dir_name}/pipeline\")", f"images = {call}", "```", "",
     ]
+    if metrics.get("pipeline_call"):  # a stock text-to-image pipeline: no onestep import
+        lines += ["Stock diffusers, no onestep import, one network evaluation (guidance is distilled in: keep "
+                  "`guidance_scale` at 1):", "", "```python", "from diffusers import DiffusionPipeline",
+                  f"pipe = DiffusionPipeline.from_pretrained(\"{run_dir_name}/pipeline\")",
+                  f"image = {metrics['pipeline_call']}.images[0]", "```", ""]
+    else:
+        lines += ["```python", "from onestep.pipeline import OneStepPipeline",
+                  f"pipe = OneStepPipeline.from_pretrained(\"{run_dir_name}/pipeline\")", f"images = {call}", "```", ""]
     if has_ddim:
         lines += ["Stock diffusers, no onestep import, one step:", "", "```python",
                   "from diffusers import DDIMPipeline",
                   f"pipe = DDIMPipeline.from_pretrained(\"{run_dir_name}/pipeline-ddim\")",
                   "images = pipe(batch_size=4, num_inference_steps=1).images", "```", ""]
-    lines += ["| model | NFE | FID | class accuracy |", "|---|---|---|---|",
-              f"| teacher | {teacher.get('nfe')} | {_fmt(teacher.get('fid'))} | {_fmt(teacher.get('class_accuracy'))} |",
-              f"| student | 1 | {_fmt(student.get('fid'))} | {_fmt(student.get('class_accuracy'))} |", "",
-              f"FID features: {metrics.get('feature_extractor')}, {metrics.get('num_samples')} samples.", "",
-              "```json", json.dumps({k: v for k, v in metrics.items() if k != "curve"}, indent=1), "```", ""]
+    if metrics.get("feature_extractor"):  # FID was measured
+        lines += ["| model | NFE | FID | class accuracy |", "|---|---|---|---|",
+                  f"| teacher | {teacher.get('nfe')} | {_fmt(teacher.get('fid'))} | {_fmt(teacher.get('class_accuracy'))} |",
+                  f"| student | 1 | {_fmt(student.get('fid'))} | {_fmt(student.get('class_accuracy'))} |", "",
+                  f"FID features: {metrics.get('feature_extractor')}, {metrics.get('num_samples')} samples.", ""]
+    lines += ["```json", json.dumps({k: v for k, v in metrics.items() if k != "curve"}, indent=1), "```", ""]
     return "\n".join(lines)
 
 

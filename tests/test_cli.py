@@ -58,6 +58,14 @@ def test_smoke_run_exports_a_pipeline_that_reproduces_the_generator(cond_teacher
     fresh = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(tmp_path))
     assert fresh.returncode == 0 and "ok" in fresh.stdout, fresh.stderr[-2000:]
 
+    # digits-FID of the export through clean-fid's generator path (eval/digits_fid.py)
+    ev = subprocess.run([sys.executable, os.path.join(ROOT, "eval", "digits_fid.py"), "--pipeline", str(run / "pipeline"),
+                         "--num_samples", "100", "--json", str(tmp_path / "fid.json")], capture_output=True, text=True,
+                        cwd=ROOT)
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    row = json.loads((tmp_path / "fid.json").read_text())[0]
+    assert row["nfe"] == 1 and row["fid"] > 0 and 0 <= row["class_accuracy"] <= 1 and "| student | 1 | 1 |" in ev.stdout
+
 
 @pytest.mark.slow
 def test_unconditional_student_runs_in_stock_ddim_pipeline(uncond_teacher, tmp_path):
@@ -90,6 +98,8 @@ BAD_INPUTS = [
     (["--fake_score", "full"], "fake_score"),
     (["--attention", "xformers"], "xformers"),
     (["--real_guidance_scale", "abc"], "real_guidance_scale: expected a number"),
+    (["--gan_t_max", "0"], "gan_t_max must be in (0, 1]"),
+    (["--lr_scheduler", "step"], "lr_scheduler: 'step' is not one of"),
 ]
 
 

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from onestep.data import load_digits
-from onestep.fid import DigitsClassifier, FeatureStats, evaluate_samples, frechet_distance, image_moments, quantize
+from onestep.fid import (DigitsClassifier, FeatureStats, cleanfid_sample_features, evaluate_samples, frechet_distance,
+                         image_moments, quantize)
 
 CLASSIFIER = "assets/digits-classifier"
 
@@ -21,6 +22,20 @@ def test_streaming_moments_equal_two_pass_numpy():
     mu, cov = stats.moments()
     x = f.double().numpy()
     assert np.allclose(mu, x.mean(0)) and np.allclose(cov, np.cov(x, rowvar=False))
+
+
+def test_moments_survive_a_large_offset_and_merge_in_any_split():
+    f = torch.randn(900, 8, dtype=torch.float64) * 0.01 + 1e4  # raw sums of squares would cancel here
+    x = f.numpy()
+    whole, parts = FeatureStats(8), FeatureStats(8)
+    whole.update(f)
+    for chunk in f.split([1, 300, 599]):
+        part = FeatureStats(8)
+        part.update(chunk)
+        parts.merge(part.n, part.mean, part.m2)
+    for stats in (whole, parts):
+        mu, cov = stats.moments()
+        assert np.allclose(mu, x.mean(0), rtol=1e-12) and np.allclose(cov, np.cov(x, rowvar=False), rtol=1e-8, atol=1e-14)
 
 
 def test_self_fid_is_zero_and_halves_are_close(net):
@@ -50,9 +65,31 @@ def test_evaluation_does_not_depend_on_batch_size(net):
     a = evaluate_samples(sample, net, ref, 300, (1, 8, 8), 10, batch_size=64)
     b = evaluate_samples(sample, net, ref, 300, (1, 8, 8), 10, batch_size=300)
     assert a["fid"] == pytest.approx(b["fid"], rel=1e-9) and a["class_accuracy"] == b["class_accuracy"]
+    assert a["coverage_entropy"] == b["coverage_entropy"] and 0 < a["coverage_entropy"] <= 1
 
 
 def test_quantize_matches_png_levels():
     x = torch.tensor([-1.0, -0.5, 0.0, 0.999, 1.5])
     q = quantize(x)
     assert torch.allclose((q + 1) * 127.5, ((q + 1) * 127.5).round()) and q.max() == 1.0
+
+
+def test_cleanfid_generator_path_matches_streaming_moments(net):
+    """clean-fid's get_model_features with the digits extractor == streaming moments of the same samples."""
+    ref = image_moments([load_digits("all")[0]], net.features)
+    seen = []
+
+    def sample(z, labels):  # deterministic in (z, label): a label-dependent shift
+        seen.append(labels.clone())
+        return torch.tanh(z + 0.1 * labels.view(-1, 1, 1, 1).float())
+
+    feats = cleanfid_sample_features(sample, net.features, 300, (1, 8, 8), 10, batch_size=64, seed=3)
+    assert feats.shape == (300, net.config.feature_dim)
+    assert torch.equal(torch.cat(seen)[:300], torch.arange(300) % 10)
+    fid_cleanfid = frechet_distance((feats.mean(0), np.cov(feats, rowvar=False)), ref)
+
+    g = torch.Generator().manual_seed(3)  # clean-fid's draws: randn(batch, 64) from the seeded global generator
+    z = torch.cat([torch.randn(64, 64, generator=g) for _ in range(5)])[:300].view(300, 1, 8, 8)
+    stats = FeatureStats(net.config.feature_dim)
+    stats.update(net.features(quantize(torch.tanh(z + 0.1 * (torch.arange(300) % 10).view(-1, 1, 1, 1).float()))))
+    assert fid_cleanfid == pytest.approx(frechet_distance(stats.moments(), ref), rel=1e-4)

@@ -31,10 +31,11 @@ def main(argv: list[str]) -> None:
     from onestep.fid import DigitsClassifier, evaluate_samples, image_moments
     from onestep.loading import load_teacher
     from onestep.methods import build_method
-    from onestep.pipeline import export_pipeline, model_card
+    from onestep.pipeline import export_pipeline, model_card, stock_call
+    from onestep.prompts import read_prompts
     from onestep.runs import plot_curve, prepare_run_dir, resolve_resume, save_checkpoint, save_grid
     from onestep.sampling import sample_teacher
-    from onestep.triad import Triad
+    from onestep.triad import DEFAULT_LORA_TARGETS, Triad
 
     # 1. Configuration ------------------------------------------------------------------------------
     cfg = load_config(argv)
@@ -59,7 +60,8 @@ def main(argv: list[str]) -> None:
     # 3. Teacher, conditions and data -----------------------------------------------------------------
     mp = accelerator.mixed_precision
     frozen_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp)
-    teacher = load_teacher(cfg.teacher, device=device)
+    prompts = read_prompts(cfg.prompts) if cfg.prompts else None  # text teachers: embedded once, cached
+    teacher = load_teacher(cfg.teacher, device=device, prompts=prompts, frozen_dtype=frozen_dtype)
     shape = teacher.sample_shape
     if teacher.num_classes:
         classes = cfg.classes or list(range(teacher.num_classes))
@@ -67,16 +69,19 @@ def main(argv: list[str]) -> None:
         if bad:
             raise ConfigError(f"classes: label {bad[0]} is out of range 0..{teacher.num_classes - 1} for this teacher")
     elif cfg.classes:
-        raise ConfigError("classes: this teacher is unconditional; remove --classes")
+        raise ConfigError("classes: this teacher has no class labels; remove --classes")
     else:
         classes = []
-    if getattr(method, "real_guidance_scale", 1.0) != 1.0 and teacher.null_class is None:
+    if (getattr(method, "uses_guidance", getattr(method, "real_guidance_scale", 1.0) != 1.0)
+            and teacher.denoiser.null_cond is None):
         raise ConfigError("real_guidance_scale: this teacher has no null condition for guidance; use 1.0")
-    cond_sampler = ConditionSampler(len(classes) or None)
     class_ids = torch.tensor(classes, device=device) if classes else None
+    # a condition is a class label, or (text teachers) a row of the cached prompt-embedding table (N, L, D)
+    cond_table = teacher.prompt_embeds if teacher.text_conditional else class_ids
+    cond_sampler = ConditionSampler(None if cond_table is None else len(cond_table))
 
-    def draw_cond(n: int):
-        return None if class_ids is None else class_ids[cond_sampler(n).to(device)]
+    def draw_cond(n: int, generator: torch.Generator | None = None):
+        return None if cond_table is None else cond_table[cond_sampler(n, generator).to(cond_table.device)].to(device)
 
     loader = None
     if method.needs_real_images:
@@ -90,9 +95,10 @@ def main(argv: list[str]) -> None:
         loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, shuffle=True, drop_last=True)
 
     # 4. Triad, optimisers, accelerate -----------------------------------------------------------------
-    example = None if class_ids is None else class_ids[:1]
+    example = None if cond_table is None else cond_table[:1].to(device)
     triad = Triad.from_teacher(
         teacher.denoiser, fake_score=cfg.fake_score, lora_rank=cfg.lora_rank, generator_timesteps=cfg.generator_timesteps,
+        lora_targets=cfg.lora_targets or DEFAULT_LORA_TARGETS,
         gan_head=getattr(method, "uses_gan", False), gan_feature_source=cfg.gan_feature_source, sample_shape=shape,
         example_cond=example, ema_decay=cfg.ema_decay or None, frozen_dtype=frozen_dtype, gan_hidden=cfg.gan_hidden or None)
     backbones = [triad.raw("generator").denoiser.backbone, triad.raw("fake_score").backbone, teacher.backbone]
@@ -103,7 +109,17 @@ def main(argv: list[str]) -> None:
     adam = dict(betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     opt_g = torch.optim.AdamW(triad.generator_parameters(), lr=cfg.lr_generator, **adam)
     opt_f = torch.optim.AdamW(triad.critic_parameters(), lr=cfg.lr_fake, **adam)
-    triad.generator, triad.fake_score, opt_g, opt_f = accelerator.prepare(triad.generator, triad.fake_score, opt_g, opt_f)
+    from diffusers.optimization import get_scheduler
+
+    def lr_schedule(opt, turn):  # counted in that optimiser's own steps; accelerate steps it once per process
+        n_steps = sum(turn != "generator" or method.is_generator_step(s) for s in range(cfg.steps))
+        warmup = sum(turn != "generator" or method.is_generator_step(s) for s in range(cfg.lr_warmup_steps))
+        return get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=warmup * accelerator.num_processes,
+                             num_training_steps=n_steps * accelerator.num_processes)
+
+    sched_g, sched_f = lr_schedule(opt_g, "generator"), lr_schedule(opt_f, "fake")
+    triad.generator, triad.fake_score, opt_g, opt_f, sched_g, sched_f = accelerator.prepare(
+        triad.generator, triad.fake_score, opt_g, opt_f, sched_g, sched_f)
     if triad.gan_head is not None:
         triad.gan_head = accelerator.prepare(triad.gan_head)
     if loader is not None:
@@ -111,7 +127,7 @@ def main(argv: list[str]) -> None:
     if triad.ema is not None:
         accelerator.register_for_checkpointing(triad.ema)
     if hasattr(method, "prepare"):  # e.g. DMD's regression pairs
-        method.prepare(triad, cond_sampler, shape, device, seed=cfg.seed)
+        method.prepare(triad, draw_cond, shape, device, seed=cfg.seed)
 
     def real_batches():
         while True:
@@ -148,13 +164,15 @@ def main(argv: list[str]) -> None:
 
     def save_samples(step: int) -> None:
         gen = triad.raw("generator")
-        n = 10 * max(1, min(len(classes), 10)) if classes else 64
+        cols = min(len(cond_table), 10 if classes else 8) if cond_table is not None else 8  # one column per class / prompt
+        n = (10 if classes else 2) * cols if cond_table is not None else 64
         g = torch.Generator().manual_seed(1234)
         z = torch.randn(n, *shape, generator=g).to(device)
-        y = None if class_ids is None else class_ids[torch.arange(n, device=device) % len(classes)]
+        y = None if cond_table is None else cond_table[torch.arange(n) % cols].to(device)
         with torch.no_grad():
-            x = gen.sample(z, y)
-        save_grid(x, os.path.join(run_dir, "samples", f"step_{step:07d}.png"), nrow=max(1, len(classes[:10])) if classes else 8)
+            x = teacher.to_images(gen.sample(z, y))  # latent teachers: decoded by the VAE
+        save_grid(x, os.path.join(run_dir, "samples", f"step_{step:07d}.png"), nrow=cols,
+                  scale=4 if x.shape[-1] <= 64 else 1)
 
     # 6. Training loop -------------------------------------------------------------------------------
     t_start, curve = time.time(), []
@@ -169,7 +187,8 @@ def main(argv: list[str]) -> None:
         for turn in turns:
             if turn == "generator" and not method.is_generator_step(step):
                 continue
-            loss_fn, opt = (method.generator_loss, opt_g) if turn == "generator" else (method.fake_score_loss, opt_f)
+            loss_fn, opt, lr_sched = ((method.generator_loss, opt_g, sched_g) if turn == "generator"
+                                      else (method.fake_score_loss, opt_f, sched_f))
             with accelerator.autocast():
                 loss, turn_logs = loss_fn(triad, batch)
             opt.zero_grad(set_to_none=True)
@@ -177,6 +196,7 @@ def main(argv: list[str]) -> None:
             if cfg.grad_clip:
                 turn_logs[f"grad_norm_{turn}"] = accelerator.clip_grad_norm_(trained[turn], cfg.grad_clip).item()
             opt.step()
+            lr_sched.step()
             if turn == "generator":
                 triad.ema_step()
             logs.update(turn_logs)
@@ -188,8 +208,8 @@ def main(argv: list[str]) -> None:
             save_samples(done)
         if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
             if main_proc and classifier is not None:
-                with torch.no_grad():
-                    r = evaluate(triad.raw("generator").sample)
+                with torch.no_grad():  # the weights an export would hold (EMA where kept)
+                    r = evaluate(triad.export_generator(use_ema=True).sample)
                 curve.append({"step": done, "seconds": time.time() - t_start, "fid": r["fid"]})
                 tqdm.write(f"step {done}: digits-FID {r['fid']:.3f}" + (f", class accuracy {r['class_accuracy']:.3f}" if eval_labels else ""))
                 accelerator.log({"fid": r["fid"], **({"class_accuracy": r["class_accuracy"]} if eval_labels else {})}, step=done)
@@ -209,7 +229,9 @@ def main(argv: list[str]) -> None:
         metrics = {"method": cfg.method, "steps": cfg.steps, "teacher_path": cfg.teacher, "num_classes": teacher.num_classes,
                    "teacher": {"fid": None, "nfe": None}, "student": {"fid": None, "nfe": student.num_steps},
                    "feature_extractor": None, "num_samples": cfg.eval_samples, "train_seconds": round(train_seconds, 1),
-                   "processes": accelerator.num_processes, "replica_weight_spread": spread}
+                   "processes": accelerator.num_processes, "replica_weight_spread": spread,
+                   "text_to_image": teacher.text_conditional, "prompts": len(teacher.prompts or []) or None,
+                   "pipeline_call": stock_call(student) if teacher.text_conditional else None}
         if classifier is not None:
             with torch.no_grad():
                 metrics["student"].update(evaluate(student.sample))
@@ -226,7 +248,8 @@ def main(argv: list[str]) -> None:
             accelerator.log({"fid": metrics["student"]["fid"]}, step=cfg.steps)
         if cfg.export:
             written = export_pipeline(student, teacher.scheduler_config, os.path.join(run_dir, "pipeline"),
-                                      num_classes=teacher.num_classes, null_class=teacher.null_class)
+                                      num_classes=teacher.num_classes, null_class=teacher.null_class,
+                                      text_teacher_dir=teacher.path if teacher.text_conditional else None)
             metrics["export"] = written
         metrics["wall_seconds"] = round(time.time() - t_start, 1)
         if cfg.export:

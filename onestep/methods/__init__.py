@@ -4,8 +4,9 @@ from __future__ import annotations
 import dataclasses
 
 from .dmd import DMD, DMD2
+from .vsd import VSD
 
-METHODS: dict[str, type] = {"dmd": DMD, "dmd2": DMD2}
+METHODS: dict[str, type] = {"dmd": DMD, "dmd2": DMD2, "vsd": VSD}
 
 
 def method_options(name: str) -> dict[str, dataclasses.Field]:

@@ -53,11 +53,14 @@ class DMD:
     regression_batch: int = 16        # pairs per generator step
     gan_generator_weight: float = 0.0  # DMD2 lambda_gen for the non-saturating generator GAN loss; 0 = no GAN
     gan_critic_weight: float = 0.0    # DMD2 lambda_cls for the discriminator loss in the critic turn
+    gan_t_max: float = 1.0            # GAN inputs are noised at t ~ U[0, gan_t_max) (fraction of the schedule's range)
     fake_first: bool = False          # order within an iteration: critic before generator
 
     def __post_init__(self):
         if self.update_ratio < 1:
             raise ValueError(f"update_ratio must be >= 1, got {self.update_ratio}")
+        if not 0 < self.gan_t_max <= 1:
+            raise ValueError(f"gan_t_max must be in (0, 1], got {self.gan_t_max}")
         self._pairs = None
 
     @property
@@ -116,7 +119,7 @@ class DMD:
             loss = loss + self.regression_weight * loss_reg
             logs["loss_reg"] = loss_reg.item()
         if self.gan_generator_weight > 0:
-            t_g = sched.sample_t(n, 0.0, 1.0, device=x.device)
+            t_g = sched.sample_t(n, 0.0, self.gan_t_max, device=x.device)
             x_tg = sched.add_noise(x, torch.randn_like(x), t_g)
             with triad.frozen("fake_score", "gan_head"):
                 _, feats = triad.gan_features_net(x_tg, t_g, cond, features=True)
@@ -139,7 +142,7 @@ class DMD:
 
         # GAN: noise generated and real images at t ~ U[0, T) and classify the bottleneck features.
         real, c_real = batch["real"][:n], batch.get("real_cond")
-        t_g = sched.sample_t(2 * n, 0.0, 1.0, device=x.device)
+        t_g = sched.sample_t(2 * n, 0.0, self.gan_t_max, device=x.device)
         gan_in = sched.add_noise(torch.cat([x, real.float()]), torch.randn(2 * n, *x.shape[1:], device=x.device), t_g)
         gan_c = None if c is None else torch.cat([c, c_real[:n]])
         if triad.gan_feature_source == "fake_score":  # one batched forward of the fake score

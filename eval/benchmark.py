@@ -1,0 +1,135 @@
+"""Benchmark teachers (at several sampler step counts) and exported one-step students with FID and friends.
+
+    python eval/benchmark.py --teacher assets/digits-teacher --steps 1,2,4,10,25,50,100 \\
+        --pipeline runs/digits-dmd2/pipeline --out runs/benchmark
+    python eval/benchmark.py --pipeline runs/a/pipeline --pipeline runs/b/pipeline --out runs/ab
+    python eval/benchmark.py --pipeline P --features inception --mode clean \\
+        --inception-weights ~/inception-2015-12-05.pt --reference cleanfid:cifar10:32:train
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 eval/benchmark.py ...  # 2 processes
+
+Every model draws the same samples: sample i from noise seed + i, class i % K, quantised to 8 bits as a
+PNG would store it, and streamed through the feature extractor into float64 moments (no files). Columns:
+FID; KID, precision and recall (k = 3 nearest-neighbour manifolds) on the first --keep samples; class
+accuracy and class-coverage entropy (1.0 = all classes equally often) with the digits classifier;
+sampling seconds per image. Writes OUT/benchmark.md, OUT/benchmark.json, OUT/benchmark.png (FID vs NFE
+and vs seconds per image) and OUT/reference.npz (reuse it with --reference OUT/reference.npz; loading
+it with another extractor or mode is refused). With no models it only computes the reference:
+
+    python eval/benchmark.py --reference path/to/real/images --features inception --out runs/ref
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit status 2
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("models (none: only compute OUT/reference.npz)")
+    g.add_argument("--teacher", action="append", default=[], help="teacher folder or hub id (repeatable)")
+    g.add_argument("--steps", default="1,2,4,10,25,50,100", help="teacher DDIM step counts (default %(default)s)")
+    g.add_argument("--guidance", type=float, default=1.0, help="teacher classifier-free guidance scale (2 NFE/step if not 1)")
+    g.add_argument("--pipeline", action="append", default=[], help="exported OneStepPipeline folder (repeatable)")
+    f = p.add_argument_group("features and reference")
+    f.add_argument("--features", choices=["digits", "inception"], default="digits",
+                   help="digits: the shipped digits network (+ class metrics); inception: clean-fid's Inception-v3")
+    f.add_argument("--mode", choices=["clean", "legacy_tensorflow", "legacy_pytorch"], default="clean",
+                   help="clean-fid mode of the Inception features (resizing and weights)")
+    f.add_argument("--inception-weights", default=None, metavar="FILE",
+                   help="local Inception weights (inception-2015-12-05.pt; legacy_pytorch: "
+                        "pt_inception-2015-12-05-6726825d.pth); default $ONESTEP_INCEPTION_WEIGHTS, else clean-fid's")
+    f.add_argument("--classifier", default="assets/digits-classifier", help="digits network folder")
+    f.add_argument("--reference", default="digits",
+                   help="digits[:all|train|test], an image folder, a statistics .npz (from an earlier --out), or "
+                        "cleanfid:NAME:RES[:SPLIT] (clean-fid's stats; Inception only). Default %(default)s (1797 digits)")
+    e = p.add_argument_group("evaluation")
+    e.add_argument("--num-samples", type=int, default=2000, help="samples per model (default %(default)s)")
+    e.add_argument("--batch-size", type=int, default=250, help="affects speed only (default %(default)s)")
+    e.add_argument("--seed", type=int, default=0, help="sample i uses noise seed SEED + i")
+    e.add_argument("--keep", type=int, default=10_000,
+                   help="features kept for KID and precision / recall (0: FID only); default %(default)s")
+    e.add_argument("--out", default="runs/benchmark", help="output folder (default %(default)s)")
+    a = p.parse_args(argv)
+    if a.num_samples < 2 or a.batch_size < 1 or a.keep < 0:
+        p.error("--num-samples must be >= 2, --batch-size >= 1 and --keep >= 0")
+    return a
+
+
+def build(a, device):
+    """(extractor, models) from the arguments; raises OnestepError for bad input."""
+    from onestep.benchmark import parse_steps, pipeline_model, teacher_models
+    from onestep.features import digits_extractor, inception_extractor
+
+    steps = parse_steps(a.steps)
+    for path in a.pipeline:
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"pipeline folder {path!r} does not exist")
+    if a.features == "digits":
+        if not os.path.isfile(os.path.join(a.classifier, "config.json")):
+            raise FileNotFoundError(f"digits classifier {a.classifier!r} does not exist")
+        extractor = digits_extractor(a.classifier, device)
+    else:
+        extractor = inception_extractor(a.mode, a.inception_weights, device)
+    models = [m for t in a.teacher for m in teacher_models(t, steps, a.num_samples, a.guidance, a.seed, device)]
+    models += [pipeline_model(p, a.num_samples, a.seed, device) for p in a.pipeline]
+    return extractor, models
+
+
+def main(argv=None) -> None:
+    a = parse_args(argv)
+    from accelerate import Accelerator
+
+    from onestep.benchmark import evaluate_model, load_reference
+    from onestep.errors import OnestepError
+
+    acc = Accelerator()
+    try:
+        extractor, models = build(a, acc.device)
+        reference = load_reference(a.reference, extractor, a.batch_size, a.keep, acc)
+    except (OnestepError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    rows = []
+    for m in models:
+        rows.append(evaluate_model(m, extractor, reference, a.batch_size, min(a.keep, a.num_samples), accelerator=acc))
+        if acc.is_main_process:
+            print(f"{m.model} {m.path} steps {m.steps}: FID {rows[-1]['fid']:.3f}", file=sys.stderr)
+    if acc.is_main_process:
+        write(a, rows, reference)
+
+
+def write(a, rows: list[dict], reference) -> None:
+    """Print the table; write benchmark.md / .json / .png and the reference statistics under --out."""
+    from onestep.benchmark import markdown_table, plot_benchmark
+
+    os.makedirs(a.out, exist_ok=True)
+    if not a.reference.endswith(".npz") and not a.reference.startswith("cleanfid:"):
+        reference.save(os.path.join(a.out, "reference.npz"))
+        print(f"wrote {a.out}/reference.npz ({reference.meta['count']} images)", file=sys.stderr)
+    if not rows:
+        return
+    table = markdown_table(rows)
+    print(table)
+    with open(os.path.join(a.out, "benchmark.md"), "w") as f:
+        f.write(table + "\n")
+    info = {"reference": reference.meta, "features": a.features, "mode": a.mode if a.features == "inception" else None,
+            "num_samples": a.num_samples, "seed": a.seed, "rows": rows}
+    with open(os.path.join(a.out, "benchmark.json"), "w") as f:
+        json.dump(info, f, indent=2)
+    plot_benchmark(rows, os.path.join(a.out, "benchmark.png"))
+    print(f"wrote {a.out}/benchmark.md, benchmark.json, benchmark.png", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    import torch
+
+    torch.set_grad_enabled(False)
+    main()

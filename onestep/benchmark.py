@@ -1,0 +1,162 @@
+"""The benchmark behind eval/benchmark.py: teachers at several step counts and exported students, each
+streamed through one feature extractor against one reference -> rows, a Markdown table, JSON and a plot.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .errors import OnestepError
+from .features import Extractor
+from .fid import frechet_distance
+from .metrics import class_metrics, kid, precision_recall
+from .reference import Reference, cleanfid_reference, compute_reference, digits_reference
+from .streaming import FolderSource, GeneratorSource, pipeline_source, stream_features
+
+
+class BenchmarkError(OnestepError):
+    """Bad benchmark input (step list, reference spec)."""
+
+
+@dataclass
+class Model:
+    """One benchmark row to produce: a generator source and how many network evaluations a sample costs."""
+
+    model: str      # "teacher" or "student"
+    path: str
+    steps: int
+    nfe: int
+    source: GeneratorSource
+
+
+def parse_steps(text: str) -> list[int]:
+    """'1,2,4' -> [1, 2, 4]; anything else -> BenchmarkError."""
+    try:
+        steps = [int(s) for s in text.split(",")]
+    except ValueError:
+        steps = []
+    if not steps or min(steps) < 1:
+        raise BenchmarkError(f"--steps must be a comma-separated list of positive integers like 1,2,4, got {text!r}")
+    return steps
+
+
+def teacher_models(path: str, steps: list[int], num_samples: int, guidance: float = 1.0, seed: int = 0,
+                   device="cpu") -> list[Model]:
+    """A teacher (onestep.loading.load_teacher) sampled with DDIM at each step count."""
+    from .loading import TeacherError, load_teacher
+    from .sampling import sample_teacher
+
+    t = load_teacher(path, device=device)
+    if guidance != 1.0 and t.null_class is None:
+        raise TeacherError(f"--guidance {guidance}: teacher {path!r} has no null class for classifier-free guidance")
+    models = []
+    for n in steps:
+        def sample(z, y, n=n):
+            return sample_teacher(t.denoiser, z, y, n, guidance)
+        src = GeneratorSource(sample, num_samples, t.sample_shape, t.num_classes, seed, device)
+        models.append(Model("teacher", path, n, n * (1 if guidance == 1.0 else 2), src))
+    return models
+
+
+def pipeline_model(path: str, num_samples: int, seed: int = 0, device="cpu") -> Model:
+    """An exported OneStepPipeline folder: its student with all of its steps."""
+    src = pipeline_source(path, num_samples, seed, device)
+    return Model("student", path, src.steps, src.steps, src)
+
+
+def load_reference(spec: str, extractor: Extractor, batch_size: int = 250, keep: int = 10_000,
+                   accelerator=None) -> Reference:
+    """digits[:all|train|test], a statistics .npz, an image folder, or cleanfid:NAME:RES[:SPLIT]."""
+    if spec == "digits" or spec.startswith("digits:"):
+        split = spec.partition(":")[2] or "all"
+        if split not in ("all", "train", "test"):
+            raise BenchmarkError(f"--reference {spec!r}: the digits split is all, train or test")
+        return digits_reference(extractor, split, batch_size=batch_size, keep=keep, accelerator=accelerator)
+    if spec.startswith("cleanfid:"):
+        parts = spec.split(":")[1:]
+        if len(parts) not in (2, 3):
+            raise BenchmarkError(f"--reference {spec!r}: expected cleanfid:NAME:RES[:SPLIT], e.g. cleanfid:cifar10:32:train")
+        ref = cleanfid_reference(parts[0], parts[1], extractor.mode, parts[2] if len(parts) == 3 else "train")
+        ref.check(extractor, spec)
+        return ref
+    if spec.endswith(".npz"):
+        return Reference.load(spec, extractor)
+    source = FolderSource(spec, extractor.channels)
+    return compute_reference(source, extractor, f"folder:{os.path.abspath(spec)}", batch_size, keep, accelerator)
+
+
+def evaluate_model(m: Model, extractor: Extractor, reference: Reference, batch_size: int = 250, keep: int = 0,
+                   k: int = 3, accelerator=None) -> dict:
+    """One row: FID, and with `keep` > 0 KID and precision / recall on the first `keep` samples; class metrics
+    when the extractor classifies; sampling seconds per image (after a warm-up call)."""
+    m.source(torch.arange(min(2, len(m.source))))  # warm-up: lazy initialisation is not sampling time
+    t0 = time.perf_counter()
+    r = stream_features(m.source, extractor, batch_size, keep, accelerator)
+    n = r.stats.n
+    row = {"model": m.model, "path": m.path, "steps": m.steps, "nfe": m.nfe, "num_samples": n,
+           "fid": frechet_distance(r.stats.moments(), reference.moments)}
+    if keep and reference.features is not None:
+        row["kid"] = kid(reference.features, r.features)
+        row["precision"], row["recall"] = precision_recall(reference.features, r.features, k)
+    if r.predictions is not None:
+        row.update(class_metrics(r.predictions, r.labels, extractor.num_classes))
+    row["seconds_per_image"] = r.sample_seconds / n
+    row["seconds"] = round(time.perf_counter() - t0, 2)
+    return row
+
+
+def model_label(path: str) -> str:
+    """A short name for a model folder: its name, or its run's name for run/pipeline."""
+    parts = os.path.normpath(path).split(os.sep)
+    return parts[-2] if parts[-1].startswith("pipeline") and len(parts) > 1 else parts[-1]
+
+
+COLUMNS = [("model", "model"), ("steps", "steps"), ("nfe", "NFE"), ("fid", "FID"), ("kid", "KID"),
+           ("precision", "precision"), ("recall", "recall"), ("class_accuracy", "class accuracy"),
+           ("coverage_entropy", "coverage entropy"), ("seconds_per_image", "s / image")]
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The rows as a Markdown table (— where a metric does not apply)."""
+    def cell(row, key):
+        v = row.get(key)
+        if v is None:
+            return "—"
+        if key == "model":
+            return f"{v} ({model_label(row['path'])})"
+        if key == "kid":
+            return f"{v:.5f}"
+        if key == "seconds_per_image":
+            return f"{v:.2e}"
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(h for _, h in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for row in rows:
+        lines.append("| " + " | ".join(cell(row, k) for k, _ in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def plot_benchmark(rows: list[dict], path: str) -> None:
+    """FID against NFE and against sampling seconds per image, one line per model folder (log x)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for key, label in (("nfe", "network evaluations (NFE)"), ("seconds_per_image", "sampling seconds per image")):
+        ax = axes[0 if key == "nfe" else 1]
+        for name in dict.fromkeys((r["model"], r["path"]) for r in rows):
+            pts = sorted((r[key], r["fid"]) for r in rows if (r["model"], r["path"]) == name)
+            ax.plot(*np.array(pts).T, marker="o" if name[0] == "teacher" else "*", markersize=6 if name[0] == "teacher"
+                    else 14, label=f"{name[0]} ({model_label(name[1])})")
+        ax.set(xscale="log", yscale="log", xlabel=label, ylabel="FID")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,161 @@
+"""Pluggable feature extractors for FID: clean-fid's Inception (its three modes), the digits network, any callable.
+
+Every extractor takes images as floats holding 8-bit values, (B, C, H, W) in [0, 255] (what a saved PNG
+holds, and clean-fid's own convention), resizes them the way its mode says, and returns (B, D) features.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .errors import OnestepError
+
+INCEPTION_MODES = ("clean", "legacy_tensorflow", "legacy_pytorch")
+INCEPTION_ENV = "ONESTEP_INCEPTION_WEIGHTS"
+# clean / legacy_tensorflow: clean-fid's TorchScript Inception; legacy_pytorch: pytorch-fid's state dict.
+TS_NAME = "inception-2015-12-05.pt"
+PT_NAME = "pt_inception-2015-12-05-6726825d.pth"
+
+
+class FeatureError(OnestepError):
+    """A feature extractor that cannot be built (unknown mode, missing weights)."""
+
+
+@dataclass
+class Extractor:
+    """A named feature network: `fn` maps (B, channels, H, W) floats in [0, 255] (already resized) to (B, D)."""
+
+    name: str
+    mode: str
+    channels: int
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    resize: Callable[[np.ndarray], np.ndarray] | None = None  # clean-fid's per-image (H, W, C) resizer
+    head: Callable[[torch.Tensor], torch.Tensor] | None = None  # features -> class logits, if it classifies
+    num_classes: int | None = None                               # the head's classes
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def meta(self) -> dict:
+        """What a reference file must match."""
+        return {"extractor": self.name, "mode": self.mode}
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = match_channels(x.float(), self.channels)
+        if self.resize is not None:
+            x = torch.stack(list(_pool().map(self._resize_one, x.cpu().numpy())))
+        return self.fn(x.to(self.device)).float()
+
+    def _resize_one(self, im: np.ndarray) -> torch.Tensor:
+        """clean-fid's per-image path: (C, H, W) -> (H, W, C) numpy -> its resizer -> (C, H', W') float."""
+        return torch.from_numpy(np.ascontiguousarray(self.resize(im.transpose(1, 2, 0)).transpose(2, 0, 1))).float()
+
+
+@lru_cache(maxsize=1)
+def _pool() -> ThreadPoolExecutor:
+    """Threads for per-image resizing (PIL releases the GIL while it resizes)."""
+    return ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
+
+
+def match_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """Grey -> RGB by repetition (PIL's convert('RGB')), RGB -> grey by PIL's ITU-R 601 luma."""
+    if x.shape[1] == channels:
+        return x
+    if x.shape[1] == 1 and channels == 3:
+        return x.expand(-1, 3, -1, -1)
+    if x.shape[1] == 3 and channels == 1:
+        w = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        return (x * w).sum(1, keepdim=True).round()
+    raise FeatureError(f"images have {x.shape[1]} channels; this extractor takes {channels}")
+
+
+def digits_extractor(classifier, device="cpu") -> Extractor:
+    """The shipped digits network's penultimate features (1x8x8 digits, no resize); its head classifies."""
+    from .fid import DigitsClassifier
+
+    net = DigitsClassifier.from_pretrained(classifier) if isinstance(classifier, str) else classifier
+    net = net.to(device).eval()
+    return Extractor("digits", "native", 1, lambda x: net.features(x / 127.5 - 1), head=net.head,
+                     num_classes=net.config.num_classes, device=torch.device(device))
+
+
+def callable_extractor(fn: Callable[[torch.Tensor], torch.Tensor], name: str, channels: int = 3,
+                       device="cpu") -> Extractor:
+    """Any callable on (B, C, H, W) floats in [0, 255]; `name` goes into reference metadata."""
+    return Extractor(name, "native", channels, fn, device=torch.device(device))
+
+
+def inception_extractor(mode: str = "clean", weights: str | None = None, device="cpu") -> Extractor:
+    """clean-fid's Inception-v3 pool features (2048-d) in one of its modes, with its own resizer.
+
+    weights: a local copy of the weights file (else $ONESTEP_INCEPTION_WEIGHTS, else clean-fid's usual
+    place, downloading there when online). Offline and absent -> FeatureError naming the file and place.
+    """
+    from cleanfid.resize import build_resizer
+
+    if mode not in INCEPTION_MODES:
+        raise FeatureError(f"inception mode must be one of {', '.join(INCEPTION_MODES)}, got {mode!r}")
+    dev = torch.device(device)
+    model = _build_inception(mode, weights or os.environ.get(INCEPTION_ENV) or None, dev)
+    resize = None if mode == "legacy_tensorflow" else build_resizer(mode)
+    return Extractor("inception_v3", mode, 3, model, resize=resize, device=dev)
+
+
+def default_weights_path(mode: str) -> str:
+    """Where clean-fid looks for (and downloads) the weights of `mode`."""
+    if mode == "legacy_pytorch":
+        return os.path.join(torch.hub.get_dir(), "checkpoints", PT_NAME)
+    return os.path.join("./" if platform.system() == "Windows" else "/tmp", TS_NAME)
+
+
+def weights_url(mode: str) -> str:
+    from cleanfid.downloads_helper import inception_url
+    from cleanfid.inception_pytorch import FID_WEIGHTS_URL
+
+    return FID_WEIGHTS_URL if mode == "legacy_pytorch" else inception_url
+
+
+def missing_weights_message(mode: str, path: str | None) -> str:
+    """One line: which file, from where, to put where."""
+    fix = (f"download {weights_url(mode)} (on a machine with network) and put it at {default_weights_path(mode)}, "
+           f"or pass --inception-weights FILE (or set {INCEPTION_ENV}=FILE)")
+    if path:
+        return f"Inception weights for mode {mode!r}: {path} does not exist; {fix}"
+    return f"Inception weights for mode {mode!r} are not at {default_weights_path(mode)} and cannot be downloaded; {fix}"
+
+
+def _build_inception(mode: str, path: str | None, device: torch.device):
+    """clean-fid's network for `mode`: from `path` if given, else from where clean-fid keeps (or downloads) it."""
+    from cleanfid.features import build_feature_extractor
+
+    if path is None:
+        if not os.path.isfile(default_weights_path(mode)) and os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise FeatureError(missing_weights_message(mode, None))
+        try:
+            return build_feature_extractor(mode, device, use_dataparallel=False)
+        except OSError as e:  # URLError (offline), HTTP errors, ...
+            raise FeatureError(missing_weights_message(mode, None) + f" [{type(e).__name__}]") from None
+    if not os.path.isfile(path):
+        raise FeatureError(missing_weights_message(mode, path))
+    with tempfile.TemporaryDirectory() as tmp:  # a private folder where the file has the name clean-fid expects
+        if mode == "legacy_pytorch":
+            os.makedirs(os.path.join(tmp, "checkpoints"))
+            os.symlink(os.path.abspath(path), os.path.join(tmp, "checkpoints", PT_NAME))
+            old = torch.hub.get_dir()
+            torch.hub.set_dir(tmp)
+            try:
+                return build_feature_extractor(mode, device, use_dataparallel=False)
+            finally:
+                torch.hub.set_dir(old)
+        from cleanfid.inception_torchscript import InceptionV3W
+
+        os.symlink(os.path.abspath(path), os.path.join(tmp, TS_NAME))
+        return InceptionV3W(tmp, download=False, resize_inside=mode == "legacy_tensorflow").to(device).eval()

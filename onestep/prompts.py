@@ -1,0 +1,53 @@
+"""Prompts for text-to-image teachers: read a prompt file, encode prompts once into a cached embedding table.
+
+The encoding is the one diffusers' StableDiffusionPipeline uses (max-length padding, the text encoder's last
+hidden state), so a student trained on these embeddings gets the same conditions from the stock pipeline.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .errors import OnestepError
+
+# Used when no --prompts file is given: a few generic prompts, enough for smoke tests and a first look.
+DEFAULT_PROMPTS = (
+    "a photo of a cat",
+    "a photo of a dog",
+    "a red car parked on a street",
+    "a bowl of fruit on a wooden table",
+    "a mountain lake at sunrise",
+    "a portrait of an old man, studio lighting",
+    "a watercolor painting of a lighthouse",
+    "a city skyline at night",
+)
+
+
+class PromptError(OnestepError):
+    """A prompt file that cannot be used."""
+
+
+def read_prompts(path: str) -> list[str]:
+    """One prompt per non-empty line of a UTF-8 text file (surrounding whitespace stripped)."""
+    if not os.path.isfile(path):
+        raise PromptError(f"prompts: file {path!r} does not exist; pass a text file with one prompt per line")
+    with open(path, encoding="utf-8") as f:
+        prompts = [line.strip() for line in f if line.strip()]
+    if not prompts:
+        raise PromptError(f"prompts: file {path!r} holds no prompts; write one prompt per line")
+    return prompts
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer, text_encoder, prompts: list[str], batch_size: int = 64) -> torch.Tensor:
+    """(N, L, D) float32 embeddings on the CPU, as StableDiffusionPipeline.encode_prompt computes them."""
+    device = next(text_encoder.parameters()).device
+    use_mask = getattr(text_encoder.config, "use_attention_mask", False)
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        tokens = tokenizer(list(prompts[i:i + batch_size]), padding="max_length", max_length=tokenizer.model_max_length,
+                           truncation=True, return_tensors="pt")
+        mask = tokens.attention_mask.to(device) if use_mask else None
+        out.append(text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0].float().cpu())
+    return torch.cat(out)

@@ -1,0 +1,104 @@
+"""Reference statistics: computed from a folder / tensor / the digits data and cached as .npz with metadata
+(extractor, mode, image size, count), or clean-fid's named statistics (e.g. cifar10) when present locally.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import OnestepError
+from .features import Extractor
+from .streaming import TensorSource, stream_features
+
+
+class ReferenceError(OnestepError):
+    """Reference statistics that are missing or were made with another extractor."""
+
+
+@dataclass
+class Reference:
+    """Feature moments of the real data; `features` (some or all rows) for KID and precision / recall."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    meta: dict = field(default_factory=dict)
+    features: np.ndarray | None = None
+
+    @property
+    def moments(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.mu, self.sigma
+
+    def save(self, path: str) -> None:
+        """Write an .npz (mu, sigma, meta as JSON, features if kept); atomic rename."""
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        arrays = {"mu": self.mu, "sigma": self.sigma, "meta": np.array(json.dumps(self.meta))}
+        if self.features is not None:
+            arrays["features"] = self.features
+        tmp = path + ".tmp.npz"
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str, extractor: Extractor | None = None) -> "Reference":
+        """Read a file written by `save`; refuse it if it was made with another extractor or mode."""
+        if not os.path.isfile(path):
+            raise ReferenceError(f"reference statistics {path!r} do not exist")
+        with np.load(path) as z:
+            if "meta" not in z:
+                raise ReferenceError(f"{path} has no onestep metadata (extractor, mode); recompute it")
+            ref = cls(z["mu"], z["sigma"], json.loads(str(z["meta"])), z["features"] if "features" in z else None)
+        if extractor is not None:
+            ref.check(extractor, path)
+        return ref
+
+    def check(self, extractor: Extractor, where: str = "reference") -> None:
+        """Refuse statistics made with another extractor or mode."""
+        want, got = extractor.meta, {k: self.meta.get(k) for k in extractor.meta}
+        if want != got:
+            raise ReferenceError(f"{where} was computed with extractor {got['extractor']!r} mode {got['mode']!r}, "
+                                 f"not {want['extractor']!r} mode {want['mode']!r}; recompute it or pick that extractor")
+
+
+def compute_reference(source, extractor: Extractor, description: str, batch_size: int = 250, keep: int = 10_000,
+                      accelerator=None) -> Reference:
+    """Moments (and the first `keep` features) of a source's images under `extractor`."""
+    r = stream_features(source, extractor, batch_size, keep, accelerator)
+    mu, sigma = r.stats.moments()
+    meta = {**extractor.meta, "image_size": list(r.image_shape), "count": r.stats.n, "source": description}
+    return Reference(mu, sigma, meta, r.features)
+
+
+def digits_reference(extractor: Extractor, split: str = "all", **kw) -> Reference:
+    """Reference statistics of scikit-learn's digits (`onestep.data.load_digits(split)`)."""
+    from .data import load_digits
+
+    x, y = load_digits(split)
+    return compute_reference(TensorSource(x, y), extractor, f"digits:{split}", **kw)
+
+
+def cleanfid_stats_path(name: str, res: int | str, mode: str, split: str, kid: bool = False) -> str:
+    """Where clean-fid keeps its named statistics (its package `stats/` folder), by its naming rule."""
+    import cleanfid
+
+    fname = f"{name}_{mode}_{split}_{res}{'_kid' if kid else ''}.npz".lower()
+    return os.path.join(os.path.dirname(cleanfid.__file__), "stats", fname)
+
+
+def cleanfid_reference(name: str, res: int | str, mode: str = "clean", split: str = "train") -> Reference:
+    """clean-fid's named Inception statistics (e.g. cifar10, 32, clean, train), read only when present."""
+    from cleanfid.features import get_reference_statistics
+
+    path = cleanfid_stats_path(name, res, mode, split)
+    if not os.path.isfile(path):
+        url = "https://www.cs.cmu.edu/~clean-fid/stats/" + os.path.basename(path)
+        raise ReferenceError(f"clean-fid statistics {name!r} (res {res}, mode {mode}, split {split}) are not here; "
+                             f"download {url} and put it at {path}")
+    mu, sigma = get_reference_statistics(name, res, mode=mode, split=split)
+    kid_path = cleanfid_stats_path(name, res, mode, split, kid=True)
+    feats = np.load(kid_path)["feats"] if os.path.isfile(kid_path) else None
+    meta = {"extractor": "inception_v3", "mode": mode, "image_size": None, "count": None,
+            "source": f"cleanfid:{name}:{res}:{split}"}
+    return Reference(mu, sigma, meta, feats)

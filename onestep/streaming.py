@@ -1,0 +1,188 @@
+"""Streaming feature statistics: images from a source, batch by batch, into float64 moments (no PNG round-trip).
+
+A source maps sample indices to images in [-1, 1]: a generator callable (sample i: noise from seed + i,
+label i % K), an exported OneStepPipeline folder, a folder of images or an image tensor. Images are
+quantised to 8 bits as saving them would. Indices are split across processes (rank r takes r, r + P, ...)
+and the results gathered with accelerate, so nothing depends on the batch size or the process count.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .errors import OnestepError
+from .features import Extractor
+from .fid import FeatureStats
+
+Sample = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+class SourceError(OnestepError):
+    """An image source that cannot be read (missing folder, no images)."""
+
+
+@dataclass
+class GeneratorSource:
+    """`sample(z, labels)` -> images in [-1, 1]; sample i draws z from seed + i and has label i % num_classes."""
+
+    sample: Sample
+    num_samples: int
+    sample_shape: Sequence[int]
+    num_classes: int | None = None
+    seed: int = 0
+    device: str | torch.device = "cpu"
+    steps: int = 1  # the generator's own steps per sample (network evaluations), for reports
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def labels(self, idx: torch.Tensor) -> torch.Tensor | None:
+        return idx % self.num_classes if self.num_classes else None
+
+    def __call__(self, idx: torch.Tensor) -> torch.Tensor:
+        z = torch.stack([torch.randn(*self.sample_shape, generator=torch.Generator().manual_seed(self.seed + int(i)))
+                         for i in idx]).to(self.device)
+        y = self.labels(idx)
+        return self.sample(z, None if y is None else y.to(self.device))
+
+
+@dataclass
+class TensorSource:
+    """An image tensor (N, C, H, W) in [-1, 1] (e.g. `onestep.data.load_digits`), with optional labels."""
+
+    images: torch.Tensor
+    targets: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def labels(self, idx: torch.Tensor) -> torch.Tensor | None:
+        return None if self.targets is None else self.targets[idx]
+
+    def __call__(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.images[idx]
+
+
+class FolderSource:
+    """Image files under a folder (recursive, clean-fid's extensions and sorted order), read as grey or RGB."""
+
+    def __init__(self, path: str, channels: int = 3):
+        from cleanfid.utils import EXTENSIONS
+
+        if not os.path.isdir(path):
+            raise SourceError(f"image folder {path!r} does not exist")
+        self.files = sorted(f for ext in EXTENSIONS for f in glob.glob(os.path.join(path, f"**/*.{ext}"), recursive=True))
+        if not self.files:
+            raise SourceError(f"no images ({', '.join(sorted(EXTENSIONS))}) under {path!r}")
+        self.channels = channels
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def labels(self, idx: torch.Tensor) -> None:
+        return None
+
+    def __call__(self, idx: torch.Tensor) -> torch.Tensor:
+        from PIL import Image
+
+        mode = "L" if self.channels == 1 else "RGB"
+        arrays = [np.asarray(Image.open(self.files[int(i)]).convert(mode)) for i in idx]
+        x = torch.from_numpy(np.stack(arrays)).float().reshape(len(idx), *arrays[0].shape[:2], -1)
+        return x.permute(0, 3, 1, 2) / 127.5 - 1
+
+
+def pipeline_source(path: str, num_samples: int, seed: int = 0, device="cpu") -> GeneratorSource:
+    """An exported OneStepPipeline folder as a generator source (all of the student's steps)."""
+    from .pipeline import OneStepPipeline
+
+    if not os.path.isfile(os.path.join(path, "model_index.json")):
+        raise SourceError(f"pipeline {path!r} is not an exported OneStepPipeline folder (no model_index.json)")
+    from diffusers.utils import logging as dlog
+
+    shown = dlog.is_progress_bar_enabled()
+    dlog.disable_progress_bar()
+    try:
+        pipe = OneStepPipeline.from_pretrained(path).to(device)
+    finally:
+        if shown:
+            dlog.enable_progress_bar()
+    gen = pipe.student().eval()
+    cfg = pipe.unet.config
+    size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
+    return GeneratorSource(gen.sample, num_samples, (cfg.in_channels, size, size), pipe.config.num_classes, seed, device,
+                           gen.num_steps)
+
+
+def to_uint8_levels(x: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] -> the 8-bit values a PNG would store, as floats in [0, 255]."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round()
+
+
+@dataclass
+class StreamResult:
+    """Gathered over all processes; `features` holds the first `keep` samples' features in index order."""
+
+    stats: FeatureStats
+    features: np.ndarray | None
+    predictions: np.ndarray | None  # predicted class of every sample (extractors with a head)
+    labels: np.ndarray | None       # the source's label of every sample, if any
+    sample_seconds: float           # time inside the source (sampling), summed over processes
+    image_shape: tuple              # (C, H, W) of the source's images
+
+
+@torch.no_grad()
+def stream_features(source, extractor: Extractor, batch_size: int = 250, keep: int = 0,
+                    accelerator=None) -> StreamResult:
+    """Run `source` through `extractor` batch by batch into float64 moments; gather across processes."""
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    mine = torch.arange(rank, len(source), world)
+    stats, kept, preds, seconds = None, [], [], 0.0
+    for idx in mine.split(batch_size):
+        t0 = time.perf_counter()
+        x = source(idx)
+        seconds += time.perf_counter() - t0
+        f = extractor(to_uint8_levels(x))
+        stats, shape = stats or FeatureStats(f.shape[1]), tuple(x.shape[1:])
+        stats.update(f)
+        kept.append(f[(idx < keep).to(f.device)].cpu())
+        if extractor.head is not None:
+            preds.append(extractor.head(f).argmax(1).cpu())
+    if stats is None:  # more processes than samples
+        raise SourceError(f"no samples for process {rank}: {len(source)} samples across {world} processes")
+    feats, pred = torch.cat(kept), (torch.cat(preds) if preds else None)
+    if accelerator is not None and world > 1:
+        stats, feats, pred, seconds = _gather(accelerator, stats, mine, keep, feats, pred, seconds)
+    labels = source.labels(torch.arange(len(source)))
+    return StreamResult(stats, feats.double().numpy() if keep else None, None if pred is None else pred.numpy(),
+                        None if labels is None else labels.numpy(), seconds, shape)
+
+
+def _gather(accelerator, stats: FeatureStats, mine: torch.Tensor, keep: int, feats, pred, seconds):
+    """Merge the moments of all processes (in rank order); gather kept features and predictions in index order."""
+    dev, d = accelerator.device, stats.dim
+    flat = torch.cat([torch.tensor([float(stats.n)], dtype=torch.float64), stats.mean.cpu(), stats.m2.cpu().ravel()])
+    every = accelerator.gather(flat.to(dev)[None]).cpu()  # (processes, 1 + D + D^2)
+    stats = FeatureStats(d)
+    for row in every:
+        stats.merge(int(row[0]), row[1:1 + d], row[1 + d:].view(d, d))
+    seconds = accelerator.reduce(torch.tensor([seconds], dtype=torch.float64, device=dev), "sum").item()
+    pred = None if pred is None else _gather_ordered(accelerator, mine, pred)
+    feats = _gather_ordered(accelerator, mine[mine < keep], feats)
+    return stats, feats, pred, seconds
+
+
+def _gather_ordered(accelerator, idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Gather per-process rows (with their sample indices) into one tensor in sample-index order."""
+    from accelerate.utils import pad_across_processes
+
+    dev = accelerator.device
+    order = accelerator.gather(pad_across_processes(idx.to(dev), pad_index=-1)).cpu()
+    rows = accelerator.gather(pad_across_processes(values.to(dev), pad_index=0)).cpu()
+    valid = order >= 0
+    return rows[valid][torch.argsort(order[valid])]

@@ -1,0 +1,141 @@
+"""KID, precision / recall, class metrics, reference files and Inception weights handling (no network)."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from onestep.features import FeatureError, callable_extractor, digits_extractor, inception_extractor
+from onestep.metrics import class_metrics, kid, precision_recall
+from onestep.reference import Reference, ReferenceError, cleanfid_reference, digits_reference
+
+CLASSIFIER = "assets/digits-classifier"
+
+
+def blobs(n, seed, shift=0.0, dim=16):
+    return np.random.default_rng(seed).normal(size=(n, dim)) + shift
+
+
+def test_identical_sets_have_full_precision_recall_and_zero_kid():
+    a = blobs(400, 0)
+    far = blobs(400, 1, shift=50.0)
+    assert precision_recall(a, a) == (1.0, 1.0)
+    assert abs(kid(a, a, num_subsets=10)) < 1e-3 * kid(a, far, num_subsets=10)
+    assert precision_recall(a, far) == (0.0, 0.0)
+
+
+def test_precision_and_recall_separate_quality_from_coverage():
+    real = blobs(1000, 0, dim=2)
+    half = real[real[:, 0] < 0]  # realistic samples that cover only half of the data
+    precision, recall = precision_recall(real, half, k=3, chunk=64)
+    assert precision > 0.95 and recall < 0.7
+
+
+def test_coverage_entropy_drops_for_a_collapsed_generator():
+    labels = np.arange(1000) % 10
+    uniform = class_metrics(labels.copy(), labels, 10)
+    collapsed = class_metrics(np.where(labels < 5, labels, 0), labels, 10)  # half the classes come out as 0
+    assert uniform["coverage_entropy"] == pytest.approx(1.0) and uniform["class_accuracy"] == 1.0
+    assert collapsed["coverage_entropy"] < uniform["coverage_entropy"]
+    assert collapsed["per_class_accuracy"][0] == 1.0 and collapsed["per_class_accuracy"][7] == 0.0
+
+
+def test_reference_file_round_trips_and_refuses_another_extractor(tmp_path):
+    ex = digits_extractor(CLASSIFIER)
+    ref = digits_reference(ex, "test", keep=100)
+    path = str(tmp_path / "ref.npz")
+    ref.save(path)
+    back = Reference.load(path, ex)
+    assert np.array_equal(back.mu, ref.mu) and back.features.shape == (100, 64)
+    assert back.meta["count"] == 360 and back.meta["image_size"] == [1, 8, 8] and back.meta["mode"] == "native"
+    other = callable_extractor(lambda x: x.flatten(1), "pixels", channels=1)
+    with pytest.raises(ReferenceError, match="extractor 'digits'"):
+        Reference.load(path, other)
+    np.savez(tmp_path / "bare.npz", mu=ref.mu, sigma=ref.sigma)
+    with pytest.raises(ReferenceError, match="no onestep metadata"):
+        Reference.load(str(tmp_path / "bare.npz"), ex)
+
+
+def test_missing_clean_fid_statistics_say_where_to_put_them():
+    with pytest.raises(ReferenceError, match=r"download https://www\.cs\.cmu\.edu/~clean-fid/stats/nonexistent_set_clean_"
+                                             r"train_32\.npz and put it at .*stats/nonexistent_set"):
+        cleanfid_reference("nonexistent_set", 32, "clean", "train")
+
+
+def test_missing_inception_weights_give_one_clear_line(tmp_path, monkeypatch):
+    missing = str(tmp_path / "nowhere" / "inception-2015-12-05.pt")
+    with pytest.raises(FeatureError) as e:
+        inception_extractor("clean", missing)
+    msg = str(e.value)
+    assert "\n" not in msg and missing in msg and "/tmp/inception-2015-12-05.pt" in msg
+    assert "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt" in msg
+    monkeypatch.setenv("ONESTEP_INCEPTION_WEIGHTS", missing)
+    with pytest.raises(FeatureError, match="--inception-weights"):
+        inception_extractor("legacy_tensorflow")
+    # legacy_pytorch reads pytorch-fid's state dict from torch's hub folder; offline and absent -> refused
+    monkeypatch.delenv("ONESTEP_INCEPTION_WEIGHTS")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    old = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    try:
+        with pytest.raises(FeatureError, match=r"pt_inception-2015-12-05-6726825d\.pth.*put it at .*hub/checkpoints"):
+            inception_extractor("legacy_pytorch")
+    finally:
+        torch.hub.set_dir(old)
+    with pytest.raises(FeatureError, match="mode must be one of"):
+        inception_extractor("fast")
+
+
+class _Layers(nn.Module):  # a stand-in with the TorchScript Inception's interface (pool, then a 1x1 conv)
+    def __init__(self):
+        super().__init__()
+        self.pool, self.conv = nn.AdaptiveAvgPool2d(4), nn.Conv2d(3, 128, 4)
+
+    def forward(self, x):
+        return self.conv(self.pool(x)).repeat(1, 16, 1, 1)
+
+
+class _Base(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = _Layers()
+
+    def forward(self, x, return_features: bool = False):
+        x = nn.functional.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        return self.layers((x - 128) / 128)
+
+
+def test_given_weights_file_runs_through_clean_fids_network_and_resizer(tmp_path):
+    """A weights file under any name is used; features equal clean-fid's own folder path (PIL bicubic resize)."""
+    from PIL import Image
+    from cleanfid.fid import get_folder_features
+
+    torch.manual_seed(0)
+    weights = str(tmp_path / "my-inception.pt")
+    torch.jit.script(_Base()).save(weights)
+    ex = inception_extractor("clean", weights)
+    imgs = torch.randint(0, 256, (6, 3, 12, 12), dtype=torch.uint8)
+    (tmp_path / "png").mkdir()
+    for i, im in enumerate(imgs.permute(0, 2, 3, 1).numpy()):
+        Image.fromarray(im).save(tmp_path / "png" / f"{i}.png")
+    theirs = get_folder_features(str(tmp_path / "png"), ex.fn, num_workers=0, batch_size=4, device=torch.device("cpu"),
+                                 mode="clean", verbose=False)
+    ours = ex(imgs.float()).numpy()
+    assert ours.shape == (6, 2048) and np.allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert ex.meta == {"extractor": "inception_v3", "mode": "clean"}
+
+
+def test_legacy_pytorch_weights_file_is_found_through_a_private_hub_folder(tmp_path, monkeypatch):
+    """pytorch-fid's state dict (here: random weights of its architecture) under any name; torch's hub dir is kept."""
+    import cleanfid.inception_pytorch as cip
+
+    state = {}
+    with monkeypatch.context() as m:  # build the architecture without its download, keep its random weights
+        m.setattr(cip, "load_state_dict_from_url", lambda *a, **k: None)
+        m.setattr(nn.Module, "load_state_dict", lambda self, sd, *a, **k: state.update(self.state_dict()))
+        cip.fid_inception_v3()
+    torch.save(state, tmp_path / "fid-weights.pth")
+    hub = torch.hub.get_dir()
+    ex = inception_extractor("legacy_pytorch", str(tmp_path / "fid-weights.pth"))
+    assert torch.hub.get_dir() == hub
+    f = ex(torch.randint(0, 256, (2, 3, 16, 16)).float())
+    assert f.shape == (2, 2048) and torch.isfinite(f).all()

@@ -1,0 +1,318 @@
+"""Stable Diffusion teachers and VSD: a tiny SD pipeline built from configs, loaded through --teacher like a user's.
+
+Loading (latent space, cached prompt embeddings, the empty prompt as null condition), SDXL refusal, the VSD
+method's gradients and guidance, the LoRA fake score, and VSD / DMD2 runs end to end whose stock diffusers
+export reproduces the student with no onestep import.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, run_distill
+from safetensors.torch import load_file
+
+from onestep.loading import TeacherError, load_teacher
+from onestep.methods import build_method
+from onestep.methods.vsd import vsd_gradient
+from onestep.triad import Triad
+
+PROMPTS = ["a photo of a cat", "a red car", "two dogs on a beach"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny networks: one thread is faster, and immune to a busy machine (idle OpenMP threads wait per op)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def save_tiny_sd(path: str) -> str:
+    """A Stable Diffusion pipeline folder with tiny random components: latents 4x8x8, images 3x16x16."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+                                layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16,
+                                norm_num_groups=4, attention_head_dim=4)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16), latent_channels=4, norm_num_groups=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        sample_size=16)
+    text_encoder = CLIPTextModel(CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=16,
+                                                intermediate_size=32, num_attention_heads=2, num_hidden_layers=2,
+                                                vocab_size=514, max_position_embeddings=16))
+    chars = ByteLevel.alphabet()  # a byte-level vocabulary without merges: every prompt tokenizes, offline
+    vocab = ["<|startoftext|>", "<|endoftext|>"] + sorted(chars) + sorted(c + "</w>" for c in chars)
+    tokenizer = CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=[], model_max_length=16)
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
+                              steps_offset=1, set_alpha_to_one=False)  # SD1.5's scheduler config
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sd_teacher(tmp_path_factory) -> str:
+    return save_tiny_sd(str(tmp_path_factory.mktemp("tiny-sd")))
+
+
+@pytest.fixture
+def teacher(sd_teacher):  # fresh per test: a triad injects its LoRA into the teacher's module
+    return load_teacher(sd_teacher, prompts=PROMPTS)
+
+
+def make_triad(teacher, trained=True):
+    """A LoRA triad; `trained` moves LoRA B off zero, as critic steps do (else fake = teacher and VSD's g = 0)."""
+    torch.manual_seed(0)
+    triad = Triad.from_teacher(teacher.denoiser, fake_score="lora", lora_rank=4, sample_shape=teacher.sample_shape)
+    if trained:
+        for n, p in triad.teacher.backbone.named_parameters():
+            if "lora_B" in n:
+                p.data.normal_(0, 0.1)
+    return triad
+
+
+def sd_batch(teacher, n=3):
+    torch.manual_seed(1)
+    return {"z": torch.randn(n, *teacher.sample_shape), "cond": teacher.prompt_embeds[torch.arange(n) % len(PROMPTS)]}
+
+
+def test_sd_teacher_works_in_latent_space_with_cached_prompt_embeddings(sd_teacher, teacher):
+    from diffusers import StableDiffusionPipeline
+
+    assert teacher.sample_shape == (4, 8, 8) and teacher.text_conditional and teacher.prompts == PROMPTS
+    assert teacher.info["image_size"] == 16
+    pipe = StableDiffusionPipeline.from_pretrained(sd_teacher)
+    ref, ref_null = pipe.encode_prompt(PROMPTS, "cpu", 1, True, [""] * len(PROMPTS))
+    assert torch.allclose(teacher.prompt_embeds, ref, atol=1e-6)  # the stock pipeline's conditions
+    assert torch.allclose(teacher.denoiser.null_cond.expand_as(ref), ref_null, atol=1e-6)  # null = empty prompt
+    x = torch.randn(2, *teacher.sample_shape)
+    images = teacher.to_images(x)
+    assert images.shape == (2, 3, 16, 16)
+    expected = pipe.vae.decode(x / pipe.vae.config.scaling_factor).sample
+    assert torch.allclose(images, expected, atol=1e-5)
+    # the teacher denoiser is SD's UNet, guided with the null embedding in one batched forward
+    t = torch.tensor([500, 900])
+    x0 = teacher.denoiser.guided(x, t, teacher.prompt_embeds[:2], 3.0)
+    assert x0.shape == x.shape and torch.isfinite(x0).all()
+
+
+def test_frozen_parts_in_the_compute_dtype_and_default_prompts(sd_teacher):
+    t = load_teacher(sd_teacher, frozen_dtype=torch.bfloat16)
+    assert t.vae.dtype == torch.bfloat16 and not any(p.requires_grad for p in t.vae.parameters())
+    assert len(t.prompts) > 1 and t.prompt_embeds.dtype == torch.float32 and t.prompt_embeds.shape[0] == len(t.prompts)
+    triad = Triad.from_teacher(t.denoiser, fake_score="lora", lora_rank=4, frozen_dtype=torch.bfloat16)
+    assert triad.teacher.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in triad.generator_parameters() + triad.critic_parameters())
+
+
+def test_sdxl_and_incomplete_pipelines_are_refused_with_one_line(sd_teacher, tmp_path):
+    xl = tmp_path / "xl"
+    shutil.copytree(sd_teacher, xl)
+    index = json.loads((xl / "model_index.json").read_text())
+    index.update({"_class_name": "StableDiffusionXLPipeline", "text_encoder_2": ["transformers", "CLIPTextModel"]})
+    (xl / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(TeacherError, match="SDXL .* not support"):
+        load_teacher(str(xl))
+    shutil.rmtree(xl / "text_encoder")
+    index.pop("text_encoder_2")
+    index["_class_name"] = "StableDiffusionPipeline"
+    (xl / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(TeacherError, match="lacks text_encoder/"):
+        load_teacher(str(xl))
+
+
+def test_vsd_gradient_is_sigma_squared_eps_difference(teacher):
+    sched = teacher.denoiser.schedule
+    x, x_t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t = torch.tensor([100, 800])
+    x0_real, x0_fake = torch.randn_like(x), torch.randn_like(x)
+    eps = [sched.from_x0(v, x_t, t, "epsilon") for v in (x0_real, x0_fake)]
+    _, s = sched.alpha_sigma(t)
+    expected = s.reshape(-1, 1, 1, 1) ** 2 * (eps[0] - eps[1])  # sigma^2 (eps_T - eps_F)
+    assert torch.allclose(vsd_gradient(sched, t, x0_real, x0_fake), expected, atol=1e-4)
+
+
+def test_vsd_gradients_reach_only_generator_then_only_lora(teacher):
+    triad = make_triad(teacher)
+    method = build_method("vsd", real_guidance_scale=3.0)
+    base = {n: p.detach().clone() for n, p in triad.teacher.backbone.named_parameters() if "lora_" not in n}
+    loss, logs = method.generator_loss(triad, sd_batch(teacher))
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in triad.generator_parameters())
+    assert all(p.grad is None for p in triad.teacher.backbone.parameters())  # LoRA and base weights alike
+    assert torch.isfinite(loss) and "loss_vsd" in logs
+    triad.raw("generator").zero_grad(set_to_none=True)
+
+    loss, logs = method.fake_score_loss(triad, sd_batch(teacher))
+    loss.backward()
+    assert all(p.grad is None for p in triad.raw("generator").parameters())
+    with_grad = [n for n, p in triad.teacher.backbone.named_parameters() if p.grad is not None]
+    assert with_grad and all("lora_" in n for n in with_grad)
+    assert len(with_grad) == len(triad.critic_parameters())
+    assert all(torch.equal(base[n], p) for n, p in triad.teacher.backbone.named_parameters() if n in base)
+
+
+def test_lora_fake_score_adds_only_adapters_and_never_changes_the_teacher(teacher):
+    n_base = sum(p.numel() for p in teacher.backbone.parameters())
+    triad = make_triad(teacher, trained=False)
+    backbone = triad.teacher.backbone
+    assert triad.raw("fake_score").backbone is backbone  # one copy of the base weights
+    base = {n: p.detach().clone() for n, p in backbone.named_parameters() if "lora_" not in n}
+    lora = sum(p.numel() for n, p in backbone.named_parameters() if "lora_" in n)
+    assert lora > 0 and sum(p.numel() for p in backbone.parameters()) == n_base + lora
+    method = build_method("vsd", random_guidance=True)
+    opt_g = torch.optim.AdamW(triad.generator_parameters(), lr=1e-2)
+    opt_f = torch.optim.AdamW(triad.critic_parameters(), lr=1e-2)
+    x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([300, 700]), teacher.prompt_embeds[:2]
+    out_before = triad.teacher(x, t, c)
+    for _ in range(2):
+        for fn, opt in ((method.generator_loss, opt_g), (method.fake_score_loss, opt_f)):
+            opt.zero_grad()
+            fn(triad, sd_batch(teacher))[0].backward()
+            opt.step()
+    assert all(torch.equal(base[n], p) for n, p in backbone.named_parameters() if n in base)
+    assert torch.equal(triad.teacher(x, t, c), out_before)  # adapters off: the same teacher
+    assert not torch.allclose(triad.fake_score(x, t, c), out_before)  # while the LoRA fake score moved
+
+
+def test_pgsb_draws_one_kappa_per_sample_shared_by_both_branches(teacher, monkeypatch):
+    from onestep.denoiser import Denoiser
+
+    triad, scales = make_triad(teacher), []
+    original = Denoiser.guided
+
+    def spy(self, x_t, t, cond, scale, uncond=None):
+        scales.append((self.adapters, scale))
+        return original(self, x_t, t, cond, scale, uncond)
+
+    monkeypatch.setattr(Denoiser, "guided", spy)
+    method = build_method("vsd", random_guidance=True, kappa_min=1.5, kappa_max=2.5)
+    method.generator_loss(triad, sd_batch(teacher, 4))
+    (who_t, k_t), (who_f, k_f) = scales
+    assert (who_t, who_f) == (False, True)  # teacher (adapters off), then the LoRA fake score
+    assert k_t is k_f and k_t.shape == (4,) and ((k_t >= 1.5) & (k_t <= 2.5)).all() and k_t.unique().numel() == 4
+
+
+def test_fake_score_condition_dropout_uses_the_empty_prompt(teacher):
+    triad = make_triad(teacher)
+    seen = []
+    hook = triad.teacher.backbone.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs["encoder_hidden_states"]), with_kwargs=True)
+    build_method("vsd", cond_dropout=1.0).fake_score_loss(triad, sd_batch(teacher))
+    build_method("vsd", cond_dropout=0.0).fake_score_loss(triad, sd_batch(teacher))
+    hook.remove()
+    null, cond = teacher.denoiser.null_cond, sd_batch(teacher)["cond"]
+    assert torch.equal(seen[0], null.expand_as(cond)) and torch.equal(seen[1], cond)
+
+
+@pytest.mark.parametrize("timesteps", [[700], [300], [999, 499]])
+def test_stock_export_runs_the_student_at_its_timesteps(teacher, timesteps, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from onestep.generator import Generator
+    from onestep.pipeline import export_text_pipeline, stock_call_kwargs
+
+    student = Generator(teacher.denoiser, timesteps)
+    export_text_pipeline(student, teacher.scheduler_config, teacher.path, str(tmp_path / "p"))
+    pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "p"))
+    kwargs = stock_call_kwargs(student)
+    assert ("num_inference_steps" in kwargs) == (timesteps == [700])  # LCM's one-step schedule can start at 700
+    z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    out = pipe(PROMPTS[:2], latents=z, output_type="latent", generator=torch.Generator().manual_seed(1), **kwargs).images
+    g = torch.Generator().manual_seed(1)  # the same re-noising draws as the scheduler's
+    with torch.no_grad():
+        ref = student.sample(z, teacher.prompt_embeds[:2], noise=lambda x: torch.randn(x.shape, generator=g))
+    assert torch.allclose(out, ref, atol=1e-4)
+
+
+def stock_output(folder: str, out: str, z: torch.Tensor, prompts: list[str], call: str) -> dict:
+    """Run the export with stock diffusers in a fresh process (no onestep import); latents and images as numpy."""
+    torch.save(z, out + ".z.pt")
+    code = (
+        "import sys, torch, numpy as np; from diffusers import DiffusionPipeline\n"
+        f"pipe = DiffusionPipeline.from_pretrained({folder!r})\n"
+        f"z = torch.load({out + '.z.pt'!r})\n"
+        f"kw = dict({call})\n"
+        f"lat = pipe({prompts!r}, latents=z, output_type='latent', **kw).images\n"
+        f"img = pipe({prompts!r}, latents=z, output_type='pt', **kw).images\n"
+        "assert 'onestep' not in sys.modules\n"
+        f"np.savez({out!r}, latents=lat.numpy(), images=img.numpy(), name=type(pipe).__name__)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.path.dirname(out),
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    import numpy as np
+
+    return dict(np.load(out + ".npz"))
+
+
+def student_from_checkpoint(run_dir, teacher_dir, step):
+    """The trained generator rebuilt from the run's accelerate checkpoint (same code path as training)."""
+    from onestep.generator import Generator
+
+    t = load_teacher(teacher_dir, prompts=PROMPTS)
+    state = load_file(os.path.join(run_dir, "checkpoints", f"step_{step:07d}", "model.safetensors"))
+    t.backbone.load_state_dict({k.removeprefix("denoiser.backbone."): v for k, v in state.items()})
+    return t, Generator(t.denoiser)
+
+
+def distill_sd(preset: str, sd_teacher: str, tmp_path, *extra: str):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n\n")
+    r = run_distill(["--preset", preset, "--teacher", sd_teacher, "--prompts", str(prompts), "--steps", "2",
+                     "--batch_size", "2", "--output_dir", str(tmp_path), "--name", "run", "--lora_rank", "4",
+                     "--sample_every", "0", "--checkpoint_every", "0", "--log_every", "1", "--cpu_threads", "1", *extra])
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "run"
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["text_to_image"] and m["prompts"] == 3 and m["student"]["fid"] is None  # no digits-FID for SD
+    assert (run / "samples" / "step_0000002.png").exists()
+    card = (run / "pipeline" / "README.md").read_text()
+    assert "DiffusionPipeline.from_pretrained" in card and m["pipeline_call"] in card
+    assert json.loads((run / "pipeline" / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == "LCMScheduler"
+    return run, m
+
+
+def test_sd_vsd_run_end_to_end_exports_a_stock_pipeline_that_reproduces_the_student(sd_teacher, tmp_path):
+    run, m = distill_sd("sd15-vsd", sd_teacher, tmp_path, "--random_guidance", "true")
+    assert "fake_score: lora" in (run / "config.yaml").read_text()  # VSD's default fake score
+    teacher, student = student_from_checkpoint(str(run), sd_teacher, 2)
+    z = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        latents = student.sample(z, teacher.prompt_embeds)
+        images = ((teacher.to_images(latents) + 1) / 2).clamp(0, 1)
+    call = m["pipeline_call"].split(",", 1)[1].rsplit(")", 1)[0]  # the card's keyword arguments
+    out = stock_output(str(run / "pipeline"), str(tmp_path / "stock"), z, PROMPTS, call)
+    assert str(out["name"]) == "StableDiffusionPipeline"
+    assert torch.allclose(torch.from_numpy(out["latents"]), latents, atol=1e-4)
+    assert torch.allclose(torch.from_numpy(out["images"]), images, atol=1e-4)
+
+
+def test_sd_dmd2_run_end_to_end_with_the_gan_off(sd_teacher, tmp_path):
+    run, _ = distill_sd("sd15-dmd2", sd_teacher, tmp_path, "--update_ratio", "2")
+    assert "fake_score: copy" in (run / "config.yaml").read_text()
+    teacher, student = student_from_checkpoint(str(run), sd_teacher, 2)
+    assert not torch.equal(student.denoiser.backbone.conv_in.weight, teacher_weights(sd_teacher)["conv_in.weight"])
+
+
+def teacher_weights(folder):
+    return load_file(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors"))
+
+
+def test_sd_dmd2_with_gan_and_no_real_images_gives_one_line_error(sd_teacher, tmp_path):
+    cmd = [sys.executable, os.path.join(ROOT, "train", "distill.py"), "--preset", "sd15-dmd2", "--teacher", sd_teacher,
+           "--gan_generator_weight", "1e-3", "--output_dir", str(tmp_path)]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "needs real images" in lines[0], r.stderr[-2000:]
