@@ -100,6 +100,7 @@ BAD_INPUTS = [
     (["--real_guidance_scale", "abc"], "real_guidance_scale: expected a number"),
     (["--gan_t_max", "0"], "gan_t_max must be in (0, 1]"),
     (["--lr_scheduler", "step"], "lr_scheduler: 'step' is not one of"),
+    (["--fake_score", "lora", "--lora_targets", "no_such_module"], "none of the LoRA target modules"),
 ]
 
 

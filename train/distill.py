@@ -96,11 +96,15 @@ def main(argv: list[str]) -> None:
 
     # 4. Triad, optimisers, accelerate -----------------------------------------------------------------
     example = None if cond_table is None else cond_table[:1].to(device)
-    triad = Triad.from_teacher(
-        teacher.denoiser, fake_score=cfg.fake_score, lora_rank=cfg.lora_rank, generator_timesteps=cfg.generator_timesteps,
-        lora_targets=cfg.lora_targets or DEFAULT_LORA_TARGETS,
-        gan_head=getattr(method, "uses_gan", False), gan_feature_source=cfg.gan_feature_source, sample_shape=shape,
-        example_cond=example, ema_decay=cfg.ema_decay or None, frozen_dtype=frozen_dtype, gan_hidden=cfg.gan_hidden or None)
+    try:  # options this teacher cannot serve (LoRA targets it lacks, a GAN head without a mid-block) -> one line
+        triad = Triad.from_teacher(
+            teacher.denoiser, fake_score=cfg.fake_score, lora_rank=cfg.lora_rank,
+            generator_timesteps=cfg.generator_timesteps, lora_targets=cfg.lora_targets or DEFAULT_LORA_TARGETS,
+            gan_head=getattr(method, "uses_gan", False), gan_feature_source=cfg.gan_feature_source, sample_shape=shape,
+            example_cond=example, ema_decay=cfg.ema_decay or None, frozen_dtype=frozen_dtype,
+            gan_hidden=cfg.gan_hidden or None)
+    except ValueError as e:
+        raise ConfigError(f"{e} (teacher {cfg.teacher!r})") from None
     backbones = [triad.raw("generator").denoiser.backbone, triad.raw("fake_score").backbone, teacher.backbone]
     set_attention(backbones, cfg.attention)
     if cfg.gradient_checkpointing:
