@@ -78,7 +78,7 @@ PRESETS: dict[str, dict] = {
     # every weight update 156x and DMD diverges (measured; README "Results").
     # DMD2's GAN weights are scaled for 64x64x3 images: on 8x8 digits the DM term's per-pixel gradient is
     # ~190x larger relative to the GAN's, so the GAN weights are raised and its noise kept low (t < 0.2 T).
-    "digits": {"generator_timesteps": [300], "ema_decay": 0.99, "lr_generator": 2e-4,
+    "digits": {"generator_timesteps": [300], "ema_decay": 0.99, "lr_generator": 2e-4, "lr_fake": 4e-4,
                "method_args": {"update_ratio": 3, "gan_generator_weight": 0.1, "gan_critic_weight": 1.0,
                                "gan_t_max": 0.2}},
     # DMD (2023): the regression loss on teacher ODE pairs, no GAN.
