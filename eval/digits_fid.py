@@ -19,13 +19,12 @@ import sys
 import torch
 
 
-def cleanfid_row(m, a, reference) -> dict:
+def cleanfid_row(m, a, reference, net) -> dict:
     """FID and class accuracy of a benchmark model through clean-fid's get_model_features."""
     import numpy as np
 
-    from onestep.fid import DigitsClassifier, cleanfid_sample_features, frechet_distance
+    from onestep.fid import cleanfid_sample_features, frechet_distance
 
-    net = DigitsClassifier.from_pretrained(a.classifier).eval()
     src = m.source
     feats = cleanfid_sample_features(src.sample, net.features, a.num_samples, src.sample_shape, src.num_classes,
                                      seed=a.seed)
@@ -70,7 +69,13 @@ def main() -> None:
     except (OnestepError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    rows = [cleanfid_row(m, a, reference) if a.cleanfid else evaluate_model(m, extractor, reference) for m in models]
+    if a.cleanfid:
+        from onestep.fid import DigitsClassifier
+
+        net = DigitsClassifier.from_pretrained(a.classifier).eval()
+        rows = [cleanfid_row(m, a, reference, net) for m in models]
+    else:
+        rows = [evaluate_model(m, extractor, reference) for m in models]
     print("| model | sampler steps | NFE | digits-FID | class accuracy |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['steps']} | {r['nfe']} | {r['fid']:.3f} | {r.get('class_accuracy', float('nan')):.3f} |")
