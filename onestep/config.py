@@ -7,6 +7,7 @@ Any `--key value` names a field below or an option of the chosen method (see `on
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from dataclasses import dataclass, field
 
@@ -31,8 +32,12 @@ class Config:
                                          # accelerate launch alone would pin 1)
     # ---- teacher and data ----
     teacher: str = "assets/digits-teacher"  # local diffusers folder or hub id
-    dataset: str = "digits"              # real images for methods that need them: "digits" or "none"
-    prompts: str = ""                    # text-to-image teachers: a text file, one prompt per line ("": a built-in list)
+    dataset: str = "digits"              # real images for methods that need them: "digits", "none" or a folder of
+                                         # images (+ captions: metadata.jsonl or NAME.txt; onestep.data.read_image_folder)
+    prompts: str = ""                    # text-to-image teachers: a text file, one prompt per line ("": the dataset
+                                         # folder's captions, else a built-in list)
+    negative_prompt: str = ""            # text-to-image teachers: the unconditional branch of the teacher's CFG ("": the
+                                         # empty prompt)
     classes: list = field(default_factory=list)  # class labels to distil (empty: all the teacher's classes)
     # ---- method ----
     method: str = "dmd2"                 # a key of onestep.methods.METHODS
@@ -45,6 +50,8 @@ class Config:
     generator_timesteps: list = field(default_factory=list)  # few-step student, e.g. [999, 749, 499, 249]; empty: one step
     gan_feature_source: str = "fake_score"  # bottleneck features for the GAN head: "fake_score" or "teacher"
     gan_hidden: int = 0                  # GAN head width (0: the feature width)
+    gan_layers: list = field(default_factory=list)  # backbone modules the GAN head reads, e.g. [down_blocks.0.resnets.0, mid_block]
+                                         # (empty: the mid-block, as DMD2)
     attention: str = "sdpa"              # "sdpa", "xformers" or "auto"
     gradient_checkpointing: bool = False  # trade compute for memory in the trained networks
     # ---- optimisation ----
@@ -78,9 +85,14 @@ PRESETS: dict[str, dict] = {
     # every weight update 156x and DMD diverges (measured; README "Results").
     # DMD2's GAN weights are scaled for 64x64x3 images: on 8x8 digits the DM term's per-pixel gradient is
     # ~190x larger relative to the GAN's, so the GAN weights are raised and its noise kept low (t < 0.2 T).
+    # DM timesteps reach down to t = 1 (t_min 0.001; DMD's 0.02: digits-FID 0.78 vs 0.69 at 600 iterations).
     "digits": {"generator_timesteps": [300], "ema_decay": 0.99, "lr_generator": 2e-4, "lr_fake": 4e-4,
-               "method_args": {"update_ratio": 3, "gan_generator_weight": 0.1, "gan_critic_weight": 1.0,
-                               "gan_t_max": 0.2}},
+               "method_args": {"update_ratio": 3, "t_min": 0.001, "gan_generator_weight": 0.1,
+                               "gan_critic_weight": 1.0, "gan_t_max": 0.2}},
+    # SiD (METHODS.md section 3): 1:1 updates, fake score first, Adam betas (0, 0.999), alpha 1.2, generator-loss
+    # t <= 0.8 T. The student runs at t=300 like the digits preset (an eps-teacher at t=999 amplifies updates 156x).
+    "digits-sid": {"method": "sid", "generator_timesteps": [300], "adam_beta1": 0.0, "ema_decay": 0.99,
+                   "lr_generator": 2e-4, "lr_fake": 4e-4},
     # DMD (2023): the regression loss on teacher ODE pairs, no GAN.
     "digits-dmd": {"method": "dmd", "generator_timesteps": [300], "method_args": {"regression_weight": 0.25}},
     # A few iterations at tiny sizes: the smoke test of the whole pipeline.
@@ -96,15 +108,28 @@ PRESETS: dict[str, dict] = {
                  "classifier": "", "fake_score": "lora", "lora_rank": 64, "lora_targets": ["to_q", "to_v"],
                  "lr_generator": 1e-6, "lr_fake": 1e-3, "weight_decay": 0.0, "batch_size": 8, "steps": 20000,
                  "method_args": {"real_guidance_scale": 4.5}},
-    # DMD2 on SD1.5: TTUR 10, real CFG 1.75, lr 1e-5; the GAN is off until real latents can be loaded.
+    # DMD2 on SD1.5: TTUR 10, real CFG 1.75, lr 1e-5; the GAN is off unless real images are given
+    # (--dataset FOLDER --gan_generator_weight 1e-3 --gan_critic_weight 1e-2, DMD2's SD1.5 weights).
     "sd15-dmd2": {"teacher": "stable-diffusion-v1-5/stable-diffusion-v1-5", "method": "dmd2", "dataset": "none",
                   "classifier": "", "lr_generator": 1e-5, "lr_fake": 1e-5, "batch_size": 8, "steps": 20000,
                   "method_args": {"update_ratio": 10, "real_guidance_scale": 1.75, "gan_generator_weight": 0.0,
                                   "gan_critic_weight": 0.0}},
+    # DMD2 on SDXL base (1024 px): its one-step student at t=399, TTUR 5, real CFG 8, lr 5e-7; GAN off unless real
+    # images are given (--dataset FOLDER --gan_generator_weight 5e-3 --gan_critic_weight 1e-2, DMD2's SDXL weights).
+    "sdxl-dmd2": {"teacher": "stabilityai/stable-diffusion-xl-base-1.0", "method": "dmd2", "dataset": "none",
+                  "classifier": "", "generator_timesteps": [399], "lr_generator": 5e-7, "lr_fake": 5e-7,
+                  "batch_size": 2, "steps": 20000,
+                  "method_args": {"update_ratio": 5, "real_guidance_scale": 8.0, "gan_generator_weight": 0.0,
+                                  "gan_critic_weight": 0.0}},
+    # VSD on SDXL base: sd15-vsd's SwiftBrush settings carried over unmeasured (a choice), batch 2 at 1024 px.
+    "sdxl-vsd": {"teacher": "stabilityai/stable-diffusion-xl-base-1.0", "method": "vsd", "dataset": "none",
+                 "classifier": "", "fake_score": "lora", "lora_rank": 64, "lora_targets": ["to_q", "to_v"],
+                 "lr_generator": 1e-6, "lr_fake": 1e-3, "weight_decay": 0.0, "batch_size": 2, "steps": 20000,
+                 "method_args": {"real_guidance_scale": 4.5}},
 }
 
 CHOICES = {"fake_score": ("auto", "copy", "lora"), "attention": ("sdpa", "xformers", "auto"),
-           "gan_feature_source": ("fake_score", "teacher"), "dataset": ("digits", "none")}
+           "gan_feature_source": ("fake_score", "teacher")}
 POSITIVE = ("steps", "batch_size", "lr_generator", "lr_fake", "eval_samples", "lora_rank")
 NON_NEGATIVE = ("lr_warmup_steps", "cpu_threads", "log_every", "sample_every", "eval_every", "checkpoint_every", "checkpoints_total_limit",
                 "grad_clip", "weight_decay", "gan_hidden")
@@ -221,8 +246,11 @@ def load_config(argv: list[str]) -> Config:
     cfg = dataclasses.asdict(Config())
     cfg["preset"] = preset
     apply(PRESETS[preset], cfg, f"preset {preset!r}")
+    preset_method, preset_args, cfg["method_args"] = cfg["method"], cfg["method_args"], {}
     apply(file_values, cfg, f"config file {config_file!r}")
     apply(overrides, cfg, "the command line")
+    if cfg["method"] == preset_method:  # a preset's method options belong to its method; another --method starts clean
+        cfg["method_args"] = {**preset_args, **cfg["method_args"]}
     config = Config(**cfg)
     validate(config)
     if config.fake_score == "auto":  # resolved here, so config.yaml records what ran
@@ -244,6 +272,8 @@ def validate(cfg: Config) -> None:
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             raise ConfigError(f"{key}: {getattr(cfg, key)!r} is not one of {', '.join(allowed)}")
+    if cfg.dataset not in ("digits", "none") and not os.path.isdir(cfg.dataset):
+        raise ConfigError(f"dataset: {cfg.dataset!r} is not 'digits', 'none' or an existing folder of images")
     for key in POSITIVE:
         if getattr(cfg, key) <= 0:
             raise ConfigError(f"{key}: must be > 0, got {getattr(cfg, key)!r}")
@@ -263,6 +293,8 @@ def validate(cfg: Config) -> None:
                 raise ConfigError(f"{key}: expected numbers, got {v!r}")
     if not all(isinstance(v, str) and v for v in cfg.lora_targets):
         raise ConfigError(f"lora_targets: expected module names like to_q,to_v, got {cfg.lora_targets!r}")
+    if not all(isinstance(v, str) and v for v in cfg.gan_layers):
+        raise ConfigError(f"gan_layers: expected backbone module names like down_blocks.0.resnets.0,mid_block, got {cfg.gan_layers!r}")
     if any(s < 1 for s in cfg.teacher_eval_steps):
         raise ConfigError(f"teacher_eval_steps: sampler step counts must be >= 1, got {cfg.teacher_eval_steps}")
     if cfg.name and ("/" in cfg.name or cfg.name.startswith(".")):

@@ -1,8 +1,17 @@
-"""Data the methods need: class labels, real images (the shipped digits set), prompts later."""
+"""Data the methods need: class labels and real images (the shipped digits set, or a folder of images with
+optional captions, encoded once into the teacher's sample space, e.g. VAE latents)."""
 from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from .errors import OnestepError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 DIGITS_CLASSES = 10
 DIGITS_SPLIT_SEED = 0  # the fixed held-out split: 20% of each class, never trained on
@@ -39,3 +48,116 @@ class ConditionSampler:
         if not self.num_classes:
             return None
         return torch.randint(0, self.num_classes, (n,), generator=generator)
+
+
+class DataError(OnestepError):
+    """A dataset folder that cannot be used, with a message that says how to fix it."""
+
+
+class RealImages(torch.utils.data.Dataset):
+    """Real samples (N, C, H, W) and their conditions as {"real", "real_cond"} items: one condition per sample, or
+    (uncaptioned images of a text teacher) a random row of `cond_table` each time a sample is drawn."""
+
+    def __init__(self, samples: torch.Tensor, conds: torch.Tensor | None = None, cond_table: torch.Tensor | None = None):
+        self.samples, self.conds, self.cond_table = samples, conds, cond_table
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict:
+        item = {"real": self.samples[i]}
+        if self.conds is not None:
+            item["real_cond"] = self.conds[i]
+        elif self.cond_table is not None:
+            item["real_cond"] = self.cond_table[int(torch.randint(len(self.cond_table), ()))]
+        return item
+
+
+@dataclass
+class ImageFolder:
+    """The images of a folder (sorted, subfolders included) and their captions (None: uncaptioned)."""
+
+    path: str
+    files: list[str]
+    captions: list[str] | None
+
+
+def read_image_folder(path: str) -> ImageFolder:
+    """List a folder's images and captions: `metadata.jsonl` lines {"file_name": "a.png", "text": "..."} (the
+    Hugging Face imagefolder layout), else `a.txt` beside `a.png`; every image or none must have a caption."""
+    if not os.path.isdir(path):
+        raise DataError(f"dataset: {path!r} is not a folder; pass a folder of images (png, jpg, webp, bmp)")
+    files = sorted(os.path.relpath(os.path.join(d, f), path) for d, _, names in os.walk(path) for f in names
+                   if f.lower().endswith(IMAGE_EXTENSIONS))
+    if not files:
+        raise DataError(f"dataset: folder {path!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    meta = os.path.join(path, "metadata.jsonl")
+    if os.path.isfile(meta):
+        texts = {}
+        with open(meta, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    texts[os.path.normpath(row["file_name"])] = str(row["text"])
+                except (ValueError, KeyError, TypeError):
+                    raise DataError(f"dataset: line {n} of {meta!r} is not a JSON object with \"file_name\" and "
+                                    "\"text\"") from None
+        missing = [f for f in files if os.path.normpath(f) not in texts]
+        if missing:
+            raise DataError(f"dataset: image {missing[0]!r} has no line in {meta!r}; add "
+                            f'{{"file_name": "{missing[0]}", "text": "..."}} or remove the image')
+        return ImageFolder(path, files, [texts[os.path.normpath(f)] for f in files])
+    txt = [os.path.join(path, os.path.splitext(f)[0] + ".txt") for f in files]
+    have = [os.path.isfile(t) for t in txt]
+    if not any(have):
+        return ImageFolder(path, files, None)
+    if not all(have):
+        first = files[have.index(False)]
+        raise DataError(f"dataset: image {first!r} has no caption file {os.path.splitext(first)[0] + '.txt'!r} "
+                        "while others have one; caption every image or none")
+    captions = []
+    for t in txt:
+        with open(t, encoding="utf-8") as f:
+            captions.append(f.read().strip())
+    return ImageFolder(path, files, captions)
+
+
+def load_images(paths: list[str], size: int, channels: int = 3) -> torch.Tensor:
+    """Images as (N, channels, size, size) float32 in [-1, 1]: resized (bicubic) and centre-cropped to a square."""
+    from PIL import Image, ImageOps
+
+    out = []
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                im = ImageOps.fit(im.convert("RGB" if channels == 3 else "L"), (size, size), Image.BICUBIC)
+        except OSError as e:
+            raise DataError(f"dataset: cannot read image {p!r} ({e}); remove or replace it") from None
+        x = torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).reshape(size, size, channels)
+        out.append(x.permute(2, 0, 1) / 127.5 - 1.0)
+    return torch.stack(out)
+
+
+def folder_dataset(folder: ImageFolder, teacher, chunk: int = 16) -> RealImages:
+    """A folder's images encoded once into the teacher's sample space (VAE latents for latent teachers), with
+    their captions' cached embeddings (teacher.caption_embeds) as conditions; uncaptioned images of a text teacher
+    draw a random training prompt each time (so the condition never tells real from generated)."""
+    if teacher.num_classes:
+        raise DataError("dataset: a folder of images has no class labels for this class-conditional teacher; use "
+                        "--dataset digits or a text-to-image / unconditional teacher")
+    channels, size = teacher.sample_shape[0], teacher.sample_shape[-1]
+    if teacher.vae is not None:
+        channels, size = 3, teacher.info["image_size"]
+    elif channels not in (1, 3):
+        raise DataError(f"dataset: this teacher makes {channels}-channel samples; a folder of images serves 1- or "
+                        "3-channel teachers")
+    samples = torch.cat([teacher.encode_images(load_images([os.path.join(folder.path, f) for f in folder.files[i:i + chunk]],
+                                                           size, channels)).cpu()
+                         for i in range(0, len(folder.files), chunk)])
+    if not teacher.text_conditional:
+        return RealImages(samples)
+    if folder.captions is not None:
+        return RealImages(samples, conds=teacher.caption_embeds)
+    return RealImages(samples, cond_table=teacher.prompt_embeds)

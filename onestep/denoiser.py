@@ -14,6 +14,36 @@ from torch import nn
 from .schedule import Schedule, append_dims
 
 Cond = torch.Tensor | dict | None
+TEXT_TIME_IDS = 6  # SDXL's micro-conditioning: original size (2), crop top-left (2), target size (2)
+
+
+def pack_text_time(embeds: torch.Tensor, pooled: torch.Tensor, time_ids: torch.Tensor) -> torch.Tensor:
+    """SDXL conditions as one tensor (B, L + r, D), so they batch, index and mix like SD's (B, L, D) embeddings.
+
+    Rows 0..L-1 hold the prompt embeddings; the last r rows hold [pooled (P), time ids (6), zero padding] flattened.
+    """
+    b, _, d = embeds.shape
+    extra = torch.cat([pooled.to(embeds), time_ids.to(embeds).expand(b, -1)], dim=1)  # (B, P + 6)
+    rows = -(-extra.shape[1] // d)
+    extra = torch.nn.functional.pad(extra, (0, rows * d - extra.shape[1])).reshape(b, rows, d)
+    return torch.cat([embeds, extra], dim=1)
+
+
+def unpack_text_time(cond: torch.Tensor, pooled_dim: int) -> dict:
+    """The UNet keyword arguments (encoder_hidden_states, added_cond_kwargs) of a pack_text_time tensor."""
+    b, n, d = cond.shape
+    rows = -(-(pooled_dim + TEXT_TIME_IDS) // d)
+    extra = cond[:, n - rows:].reshape(b, rows * d)
+    return {"encoder_hidden_states": cond[:, :n - rows],
+            "added_cond_kwargs": {"text_embeds": extra[:, :pooled_dim],
+                                  "time_ids": extra[:, pooled_dim:pooled_dim + TEXT_TIME_IDS]}}
+
+
+def text_time_pooled_dim(config) -> int | None:
+    """The pooled text embedding width of an SDXL-style UNet ("text_time" added conditioning), else None."""
+    if config.get("addition_embed_type") != "text_time":
+        return None
+    return config["projection_class_embeddings_input_dim"] - TEXT_TIME_IDS * config["addition_time_embed_dim"]
 
 
 def _cat_cond(a: Cond, b: Cond) -> Cond:
@@ -22,6 +52,15 @@ def _cat_cond(a: Cond, b: Cond) -> Cond:
     if isinstance(a, dict):
         return {k: _cat_cond(a[k], b[k]) for k in a}
     return torch.cat([a, b])
+
+
+def _expand(value, cond: Cond) -> Cond:
+    """One condition (a class index, a (1, ...) embedding or a dict of them) repeated like a batch `cond`."""
+    if isinstance(cond, dict):
+        return {k: value[k].expand_as(v) if torch.is_tensor(v) else v for k, v in cond.items()}
+    if cond.dtype in (torch.long, torch.int32, torch.int64):
+        return torch.full_like(cond, int(value))
+    return value.to(cond).expand_as(cond)
 
 
 def tuner_layers(module: nn.Module) -> list[nn.Module]:
@@ -34,9 +73,12 @@ def tuner_layers(module: nn.Module) -> list[nn.Module]:
 class Denoiser(nn.Module):
     """Wraps a diffusers backbone and its schedule as x0 = D(x_t, t, cond) in float32.
 
-    cond: class labels (LongTensor) for UNet2DModel, text embeddings (B, L, D) or a dict of
-    backbone kwargs (encoder_hidden_states, added_cond_kwargs) for text models, None if unconditional.
-    null_cond: the condition that means "no condition" for guidance (a class index or an embedding).
+    cond: class labels (LongTensor) for UNet2DModel, text embeddings (B, L, D) (SDXL: pack_text_time's
+    (B, L + r, D), unpacked here for UNets with "text_time" added conditioning) or a dict of backbone kwargs
+    (encoder_hidden_states, added_cond_kwargs) for text models, None if unconditional.
+    null_cond: the condition that means "no condition" (a class index or an embedding): guidance's unconditional
+    branch and what condition dropout substitutes.
+    guidance_uncond: set (an attribute) to use another unconditional branch in `guided`, e.g. a negative prompt.
     adapters: None leaves peft adapters alone; True / False enables / disables them on every call
     (the LoRA fake score and the teacher share one backbone this way).
     prediction_type: what the backbone predicts, if not the schedule's (e.g. "sample" for an x0 network).
@@ -47,6 +89,9 @@ class Denoiser(nn.Module):
         super().__init__()
         self.backbone, self.schedule, self.null_cond, self.adapters = backbone, schedule, null_cond, adapters
         self.prediction_type = prediction_type
+        self.feature_layers: tuple[str, ...] = ("mid_block",)  # modules whose outputs features=True returns
+        self.guidance_uncond = None
+        self._pooled_dim = text_time_pooled_dim(getattr(backbone, "config", {}))
         self._tuners = tuner_layers(backbone) if adapters is not None else []
         self._adapter_params = [p for layer in self._tuners for p in layer.parameters()]
 
@@ -66,10 +111,12 @@ class Denoiser(nn.Module):
             return dict(cond)
         if cond.dtype in (torch.long, torch.int32, torch.int64):
             return {"class_labels": cond}
+        if self._pooled_dim is not None:
+            return unpack_text_time(cond.to(self.dtype), self._pooled_dim)
         return {"encoder_hidden_states": cond.to(self.dtype)}
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond = None, *, features: bool = False):
-        """x0 estimate (B, C, H, W) float32; with features=True also the mid-block output."""
+        """x0 estimate (B, C, H, W) float32; with features=True also a list of the outputs of `feature_layers`."""
         if self._tuners and getattr(self.backbone, "_onestep_adapters", None) is not self.adapters:
             flags = [p.requires_grad for p in self._adapter_params]  # peft's toggle also flips requires_grad
             for layer in self._tuners:
@@ -82,7 +129,7 @@ class Denoiser(nn.Module):
         with self._capture(features) as store:
             pred = self.backbone(inp.to(self.dtype), timestep, **self._backbone_kwargs(cond), return_dict=False)[0]
         x0 = self.schedule.to_x0(pred.float(), x_t.float(), t, self.prediction_type)
-        return (x0, store["features"].float()) if features else x0
+        return (x0, [store[n].float() for n in self.feature_layers]) if features else x0
 
     @contextlib.contextmanager
     def _capture(self, on: bool):
@@ -90,25 +137,26 @@ class Denoiser(nn.Module):
         if not on:
             yield store
             return
-        mid = getattr(self.backbone, "mid_block", None)
-        if mid is None:
-            raise ValueError(f"{type(self.backbone).__name__} has no mid_block to take GAN features from")
-        handle = mid.register_forward_hook(lambda m, i, o: store.__setitem__("features", o[0] if isinstance(o, tuple) else o))
+        modules = dict(self.backbone.named_modules())
+        handles = []
+        for name in self.feature_layers:
+            if name not in modules:
+                where = "no mid_block" if name == "mid_block" else f"no module {name!r}"
+                raise ValueError(f"{type(self.backbone).__name__} has {where} to take GAN features from")
+            hook = lambda m, i, o, name=name: store.__setitem__(name, o[0] if isinstance(o, tuple) else o)  # noqa: E731
+            handles.append(modules[name].register_forward_hook(hook))
         try:
             yield store
         finally:
-            handle.remove()
+            for h in handles:
+                h.remove()
 
     def null_like(self, cond: Cond) -> Cond:
         """The unconditional counterpart of a batch of conditions."""
         if self.null_cond is None:
             raise ValueError("classifier-free guidance needs a null condition, and this teacher has none "
                              "(a class-conditional teacher needs a null class; set guidance scale 1)")
-        if isinstance(cond, dict):
-            return {k: self.null_cond[k].expand_as(v) if torch.is_tensor(v) else v for k, v in cond.items()}
-        if cond.dtype in (torch.long, torch.int32, torch.int64):
-            return torch.full_like(cond, int(self.null_cond))
-        return self.null_cond.to(cond).expand_as(cond)
+        return _expand(self.null_cond, cond)
 
     def drop_cond(self, cond: Cond, p: float) -> Cond:
         """Each sample's condition replaced by the null condition with probability p (unchanged without a null)."""
@@ -130,7 +178,8 @@ class Denoiser(nn.Module):
         """
         if not torch.is_tensor(scale) and scale == 1.0:
             return self(x_t, t, cond)
-        uncond = self.null_like(cond) if uncond is None else uncond
+        if uncond is None:
+            uncond = self.null_like(cond) if self.guidance_uncond is None else _expand(self.guidance_uncond, cond)
         t = self.schedule.timesteps_tensor(t, x_t.shape[0], x_t.device)
         x0_c, x0_u = self(torch.cat([x_t, x_t]), torch.cat([t, t]), _cat_cond(cond, uncond)).chunk(2)
         s = append_dims(torch.as_tensor(scale, dtype=x0_c.dtype, device=x0_c.device).expand(x_t.shape[0]), x_t.ndim)

@@ -1,9 +1,10 @@
 """Load a teacher from a local folder or a hub id: a diffusers pipeline folder, a folder with unet/ and
 scheduler/ subfolders, or a bare model folder. Weights load from safetensors only; no remote code runs.
 
-Stable Diffusion (1.x / 2.x) pipeline folders are text-to-image teachers in the VAE's latent space: the
-text encoder runs once to cache the prompts' embeddings (conditions are embedding tensors (B, L, D), the
-null condition is the empty prompt's embedding), and the VAE decodes samples to images.
+Stable Diffusion (1.x / 2.x) and SDXL pipeline folders are text-to-image teachers in the VAE's latent space:
+the text encoder(s) run once to cache the prompts' embeddings (conditions are embedding tensors (B, L, D); SDXL's
+pooled embedding and size conditioning ride along as extra rows, denoiser.pack_text_time), the null condition is
+the empty prompt's embedding (SDXL: zeros), and the VAE decodes samples to images and encodes real images.
 """
 from __future__ import annotations
 
@@ -39,10 +40,13 @@ class Teacher:
     null_class: int | None = None       # the label that means "unconditional" (for guidance)
     info: dict = field(default_factory=dict)
     prompts: list[str] | None = None    # text teachers: the prompts to distil on ...
-    prompt_embeds: torch.Tensor | None = None  # ... and their cached embeddings (N, L, D), float32 on the CPU
+    prompt_embeds: torch.Tensor | None = None  # ... and their cached embeddings (N, L, D) (SDXL: (N, L + r, D),
+                                               # denoiser.pack_text_time), float32 on the CPU
     vae: torch.nn.Module | None = None  # latent teachers: the frozen VAE (decodes samples to images)
     latent_scale: float = 1.0           # latents the UNet sees = (VAE latents - latent_shift) * latent_scale
     latent_shift: float = 0.0
+    negative_cond: torch.Tensor | None = None   # text teachers: the negative prompt's embedding (1, ...) for guidance
+    caption_embeds: torch.Tensor | None = None  # text teachers: embeddings of a dataset's captions (N_images, ...)
 
     @property
     def backbone(self):
@@ -59,6 +63,17 @@ class Teacher:
             return x
         out = [self.vae.decode((z / self.latent_scale + self.latent_shift).to(self.vae.dtype)).sample.float()
                for z in x.split(batch_size)]
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+        """Images in [-1, 1] (B, 3, H, W) as the teacher's samples (float32): VAE latents (the latent
+        distribution's mode, scaled as the UNet sees them) for latent teachers, else unchanged."""
+        if self.vae is None:
+            return images.float()
+        device = next(self.vae.parameters()).device
+        out = [(self.vae.encode(x.to(device, self.vae.dtype)).latent_dist.mode().float() - self.latent_shift)
+               * self.latent_scale for x in images.split(batch_size)]
         return torch.cat(out)
 
 
@@ -102,11 +117,13 @@ def _read_json(path: str) -> dict:
 
 
 def load_teacher(spec: str, dtype: torch.dtype = torch.float32, device="cpu", *, prompts: list[str] | None = None,
-                 frozen_dtype: torch.dtype | None = None) -> Teacher:
+                 frozen_dtype: torch.dtype | None = None, captions: list[str] | None = None,
+                 negative_prompt: str = "") -> Teacher:
     """Load a teacher as a Denoiser; raise TeacherError with a fix for anything unusable.
 
-    Text-to-image teachers encode `prompts` (default: onestep.prompts.DEFAULT_PROMPTS) once; their VAE and
-    text encoder are stored in `frozen_dtype` (default: `dtype`).
+    Text-to-image teachers encode `prompts` (default: `captions`, else onestep.prompts.DEFAULT_PROMPTS), a
+    dataset's `captions` and the `negative_prompt` once; their VAE and text encoders are stored in `frozen_dtype`
+    (default: `dtype`). Other teachers ignore `captions`.
     """
     import diffusers
 
@@ -125,6 +142,8 @@ def load_teacher(spec: str, dtype: torch.dtype = torch.float32, device="cpu", *,
         _check_text_pipeline(root, cfg)
     elif prompts is not None:
         raise TeacherError(f"prompts: teacher {spec!r} is not a text-to-image model; remove --prompts")
+    elif negative_prompt:
+        raise TeacherError(f"negative_prompt: teacher {spec!r} is not a text-to-image model; remove --negative_prompt")
     if not any(f.endswith(".safetensors") for f in os.listdir(model_dir)):
         raise TeacherError(f"no .safetensors weights in {model_dir}; onestep loads only safetensors (convert a .bin "
                            "with diffusers' save_pretrained(safe_serialization=True))")
@@ -153,60 +172,81 @@ def load_teacher(spec: str, dtype: torch.dtype = torch.float32, device="cpu", *,
     size = size if isinstance(size, int) else size[0]
     shape = (cfg.get("in_channels", 3), size, size)
     if text:
-        return _load_text_teacher(root, backbone, schedule, sched_cfg, prompts, frozen_dtype or dtype, device)
+        return _load_text_teacher(root, backbone, schedule, sched_cfg, prompts, frozen_dtype or dtype, device,
+                                  captions, negative_prompt)
     null_cond = null_class
     denoiser = Denoiser(backbone, schedule, null_cond=null_cond)
     return Teacher(denoiser, sched_cfg, root, shape, num_classes, null_class, {"backbone": name, **extra})
 
 
+def _is_sdxl(index: dict, unet_cfg: dict) -> bool:
+    return "XL" in index.get("_class_name", "") or "text_encoder_2" in index or bool(unet_cfg.get("addition_embed_type"))
+
+
 def _check_text_pipeline(root: str, unet_cfg: dict) -> None:
-    """A UNet2DConditionModel teacher must come as a Stable Diffusion 1.x/2.x pipeline folder (SDXL: not yet)."""
+    """A UNet2DConditionModel teacher must come as a whole Stable Diffusion 1.x / 2.x or SDXL pipeline folder."""
     index_path = os.path.join(root, "model_index.json")
     index = _read_json(index_path) if os.path.isfile(index_path) else {}
-    if "XL" in index.get("_class_name", "") or "text_encoder_2" in index or unet_cfg.get("addition_embed_type"):
-        raise TeacherError(f"teacher {root!r} is an SDXL pipeline (added text/time conditioning), which onestep does "
-                           "not support yet; use a Stable Diffusion 1.x or 2.x pipeline folder")
-    missing = [k for k in ("vae", "text_encoder", "tokenizer") if not os.path.isdir(os.path.join(root, k))]
+    added = unet_cfg.get("addition_embed_type")
+    if added not in (None, "text_time"):
+        raise TeacherError(f"the UNet of {root!r} takes added conditioning {added!r}, which onestep does not support; "
+                           "use a Stable Diffusion 1.x / 2.x or SDXL pipeline folder")
+    xl = _is_sdxl(index, unet_cfg)
+    parts = ("vae", "text_encoder", "tokenizer") + (("text_encoder_2", "tokenizer_2") if xl else ())
+    missing = [k for k in parts if not os.path.isdir(os.path.join(root, k))]
     if missing:
-        raise TeacherError(f"a UNet2DConditionModel teacher needs a Stable Diffusion pipeline folder with unet/, vae/, "
-                           f"text_encoder/, tokenizer/ and scheduler/; {root!r} lacks {', '.join(m + '/' for m in missing)}")
-    for k in ("vae", "text_encoder"):
-        if not any(f.endswith(".safetensors") for f in os.listdir(os.path.join(root, k))):
+        kind = ("an SDXL teacher needs a StableDiffusionXLPipeline folder (not a refiner) with unet/, vae/, "
+                "text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/ and scheduler/" if xl else
+                "a UNet2DConditionModel teacher needs a Stable Diffusion pipeline folder with unet/, vae/, "
+                "text_encoder/, tokenizer/ and scheduler/")
+        raise TeacherError(f"{kind}; {root!r} lacks {', '.join(m + '/' for m in missing)}")
+    for k in parts:
+        if k.startswith(("vae", "text_encoder")) and not any(
+                f.endswith(".safetensors") for f in os.listdir(os.path.join(root, k))):
             raise TeacherError(f"no .safetensors weights in {os.path.join(root, k)}; onestep loads only safetensors "
                                "(re-save the pipeline with save_pretrained(safe_serialization=True))")
 
 
-def _load_text_teacher(root, unet, schedule, sched_cfg, prompts, frozen_dtype, device) -> Teacher:
-    """The SD teacher: UNet in VAE latent space, prompt embeddings cached once, the empty prompt as null condition."""
-    import diffusers
+def _load_text_part(root: str, index: dict, name: str, default: str, device, dtype):
+    """A tokenizer or text encoder of a pipeline folder, by the class model_index.json names (transformers only)."""
     import transformers
 
-    from .prompts import DEFAULT_PROMPTS, encode_prompts
-
-    index_path = os.path.join(root, "model_index.json")
-    index = _read_json(index_path) if os.path.isfile(index_path) else {}
-    te_name = (index.get("text_encoder") or [None, "CLIPTextModel"])[1]
-    tok_name = (index.get("tokenizer") or [None, "CLIPTokenizer"])[1]
-    if "TextModel" not in te_name or not tok_name.endswith(("Tokenizer", "TokenizerFast")):
-        raise TeacherError(f"text encoder {te_name!r} / tokenizer {tok_name!r} of {root!r} are not supported; "
-                           "onestep reads CLIP text encoders (Stable Diffusion 1.x/2.x)")
-    tokenizer = getattr(transformers, tok_name.removesuffix("Fast"), None) or getattr(transformers, tok_name)
-    tokenizer = tokenizer.from_pretrained(os.path.join(root, "tokenizer"))
+    cls_name = (index.get(name) or [None, default])[1]
+    ok = cls_name.endswith(("Tokenizer", "TokenizerFast")) if name.startswith("tokenizer") else "TextModel" in cls_name
+    if not ok or not (hasattr(transformers, cls_name) or hasattr(transformers, cls_name.removesuffix("Fast"))):
+        raise TeacherError(f"{name} class {cls_name!r} of {root!r} is not supported; onestep reads CLIP text encoders "
+                           "and tokenizers (Stable Diffusion 1.x / 2.x, SDXL)")
+    if name.startswith("tokenizer"):
+        cls = getattr(transformers, cls_name.removesuffix("Fast"), None) or getattr(transformers, cls_name)
+        return cls.from_pretrained(os.path.join(root, name))
     bars = transformers.utils.logging.is_progress_bar_enabled()
     transformers.utils.logging.disable_progress_bar()  # keep stderr to errors (a bad input is one line)
     try:
-        text_encoder = getattr(transformers, te_name).from_pretrained(os.path.join(root, "text_encoder"),
-                                                                      use_safetensors=True)
+        model = getattr(transformers, cls_name).from_pretrained(os.path.join(root, name), use_safetensors=True)
     finally:
         if bars:
             transformers.utils.logging.enable_progress_bar()
-    text_encoder = text_encoder.to(device, frozen_dtype).eval().requires_grad_(False)
-    prompts = list(prompts or DEFAULT_PROMPTS)
-    embeds = encode_prompts(tokenizer, text_encoder, prompts)          # (N, L, D)
-    null = encode_prompts(tokenizer, text_encoder, [""]).to(device)   # (1, L, D): the empty prompt
-    del text_encoder  # run once: the export reloads it from the teacher folder
+    return model.to(device, dtype).eval().requires_grad_(False)
 
-    vae = diffusers.AutoencoderKL.from_pretrained(os.path.join(root, "vae"), use_safetensors=True, torch_dtype=frozen_dtype)
+
+def _load_text_teacher(root, unet, schedule, sched_cfg, prompts, frozen_dtype, device, captions=None,
+                       negative_prompt: str = "") -> Teacher:
+    """The SD / SDXL teacher: UNet in VAE latent space, prompt embeddings cached once, the empty prompt (SDXL: zeros,
+    as its pipeline's force_zeros_for_empty_prompt) as null condition, a negative prompt for guidance if given."""
+    import diffusers
+
+    from .denoiser import pack_text_time, text_time_pooled_dim, unpack_text_time
+    from .prompts import DEFAULT_PROMPTS, encode_prompts, encode_prompts_xl
+
+    index_path = os.path.join(root, "model_index.json")
+    index = _read_json(index_path) if os.path.isfile(index_path) else {}
+    xl = _is_sdxl(index, dict(unet.config))
+    vae_cfg = _read_json(os.path.join(root, "vae", "config.json"))
+    if frozen_dtype == torch.float16 and vae_cfg.get("force_upcast", True):  # overflows in fp16 (the SDXL VAE)
+        vae_dtype = torch.float32
+    else:
+        vae_dtype = frozen_dtype
+    vae = diffusers.AutoencoderKL.from_pretrained(os.path.join(root, "vae"), use_safetensors=True, torch_dtype=vae_dtype)
     vae = vae.to(device).eval().requires_grad_(False)
     if vae.config.latent_channels != unet.config.in_channels:
         raise TeacherError(f"the UNet of {root!r} takes {unet.config.in_channels} channels but the VAE makes "
@@ -214,8 +254,39 @@ def _load_text_teacher(root, unet, schedule, sched_cfg, prompts, frozen_dtype, d
     size = unet.config.sample_size if isinstance(unet.config.sample_size, int) else unet.config.sample_size[0]
     shape = (unet.config.in_channels, size, size)  # the latent; images are 2^(len(VAE blocks)-1) times larger
     image_size = size * 2 ** (len(vae.config.block_out_channels) - 1)
-    denoiser = Denoiser(unet, schedule, null_cond=null)
-    return Teacher(denoiser, sched_cfg, root, shape, info={"backbone": "UNet2DConditionModel", "text": True,
+
+    names = ("", "_2") if xl else ("",)
+    tokenizers = [_load_text_part(root, index, "tokenizer" + n, "CLIPTokenizer", device, frozen_dtype) for n in names]
+    encoders = [_load_text_part(root, index, "text_encoder" + n, "CLIPTextModel", device, frozen_dtype) for n in names]
+    if xl:
+        pooled_dim = text_time_pooled_dim(dict(unet.config))
+        proj = getattr(encoders[1].config, "projection_dim", None)
+        if unet.config.addition_embed_type != "text_time" or pooled_dim != proj or not hasattr(encoders[1], "text_projection"):
+            raise TeacherError(f"the SDXL UNet of {root!r} expects pooled text embeddings of width {pooled_dim}, but "
+                               f"text_encoder_2 ({type(encoders[1]).__name__}) projects to {proj}; pass an unmodified "
+                               "SDXL base pipeline (text_encoder_2: CLIPTextModelWithProjection)")
+        time_ids = torch.tensor([[image_size, image_size, 0, 0, image_size, image_size]], dtype=torch.float32)
+
+        def encode(texts):  # (N, L + r, D): denoiser.pack_text_time
+            return encode_prompts_xl(tokenizers, encoders, texts, time_ids)
+    else:
+        def encode(texts):  # (N, L, D)
+            return encode_prompts(tokenizers[0], encoders[0], texts)
+
+    prompts = list(prompts or captions or DEFAULT_PROMPTS)
+    embeds = encode(prompts)
+    caption_embeds = None if captions is None else embeds if list(captions) == prompts else encode(list(captions))
+    null = encode([""])                                                   # (1, ...): the empty prompt
+    if xl and index.get("force_zeros_for_empty_prompt", True):           # SDXL's unconditional input: zeros
+        parts = unpack_text_time(null, pooled_dim)
+        null = pack_text_time(torch.zeros_like(parts["encoder_hidden_states"]),
+                              torch.zeros_like(parts["added_cond_kwargs"]["text_embeds"]), time_ids)
+    negative = encode([negative_prompt]).to(device) if negative_prompt else None
+    # the text encoders are freed on return (run once): the export reloads them from the teacher folder
+
+    denoiser = Denoiser(unet, schedule, null_cond=null.to(device))
+    return Teacher(denoiser, sched_cfg, root, shape, info={"backbone": "UNet2DConditionModel", "text": True, "sdxl": xl,
                                                             "image_size": image_size},
                    prompts=prompts, prompt_embeds=embeds, vae=vae, latent_scale=float(vae.config.scaling_factor),
-                   latent_shift=float(vae.config.get("shift_factor") or 0.0))
+                   latent_shift=float(vae.config.get("shift_factor") or 0.0), negative_cond=negative,
+                   caption_embeds=caption_embeds)

@@ -1,8 +1,9 @@
 """Export speaks diffusers: `OneStepPipeline` runs a distilled student, and unconditional VP students
 also export as a stock `DDIMPipeline` folder (trailing spacing: one step at t=999 equals x0 from eps).
-Text-to-image (Stable Diffusion) students export as a stock `StableDiffusionPipeline` with an `LCMScheduler`
-whose one step runs at the student's t_init: LCM's last step returns its x0 estimate, which for an
+Text-to-image students export as a stock `StableDiffusionPipeline` (SDXL: `StableDiffusionXLPipeline`) with an
+`LCMScheduler` whose one step runs at the student's t_init: LCM's last step returns its x0 estimate, which for an
 eps-model is exactly the student's output (up to LCM's boundary scalings, c_skip < 3e-8 for t >= 300).
+`onestep.nasa` adds negative-prompt steering (NASA) to such a stock pipeline at inference.
 """
 from __future__ import annotations
 
@@ -109,9 +110,10 @@ def stock_call(generator: Generator) -> str:
 
 
 def export_text_pipeline(generator: Generator, scheduler_config: dict, teacher_dir: str, out_dir: str) -> str:
-    """Save an SD student as a stock StableDiffusionPipeline: the teacher's VAE, text encoder and tokenizer, the
-    student UNet, and an LCMScheduler whose one-step schedule is the student's t_init (where one can be)."""
-    from diffusers import LCMScheduler, StableDiffusionPipeline
+    """Save an SD / SDXL student as a stock StableDiffusionPipeline / StableDiffusionXLPipeline: the teacher's VAE,
+    text encoder(s) and tokenizer(s), the student UNet, and an LCMScheduler whose one-step schedule is the
+    student's t_init (where one can be)."""
+    from diffusers import LCMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     sch = generator.schedule
     if sch.kind != "vp" or sch.prediction_type not in ("epsilon", "v_prediction", "sample"):
@@ -121,9 +123,14 @@ def export_text_pipeline(generator: Generator, scheduler_config: dict, teacher_d
     original = lcm_original_steps(int(generator.timesteps[0]), sch.num_train_timesteps) or 50
     lcm = LCMScheduler.from_config(scheduler_config, original_inference_steps=original, clip_sample=False,
                                    thresholding=False, timestep_spacing="leading", steps_offset=1)
-    pipe = StableDiffusionPipeline.from_pretrained(
-        teacher_dir, unet=generator.denoiser.backbone, scheduler=lcm, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False, use_safetensors=True)
+    unet = generator.denoiser.backbone
+    if unet.config.get("addition_embed_type") == "text_time":  # SDXL (no watermarker: the student's own pixels)
+        pipe = StableDiffusionXLPipeline.from_pretrained(teacher_dir, unet=unet, scheduler=lcm, use_safetensors=True,
+                                                         add_watermarker=False)
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            teacher_dir, unet=unet, scheduler=lcm, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False, use_safetensors=True)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
 
@@ -131,8 +138,8 @@ def export_text_pipeline(generator: Generator, scheduler_config: dict, teacher_d
 def export_pipeline(generator: Generator, scheduler_config: dict, out_dir: str, *, num_classes: int | None = None,
                     null_class: int | None = None, text_teacher_dir: str | None = None) -> list[str]:
     """Save the student as OneStepPipeline (out_dir) and, for unconditional VP one-step students, as a stock
-    DDIMPipeline (out_dir + "-ddim"); text-to-image students (text_teacher_dir: the SD teacher's folder) as a
-    stock StableDiffusionPipeline (out_dir). Returns the folders written."""
+    DDIMPipeline (out_dir + "-ddim"); text-to-image students (text_teacher_dir: the SD / SDXL teacher's folder) as
+    a stock StableDiffusionPipeline / StableDiffusionXLPipeline (out_dir). Returns the folders written."""
     import diffusers
 
     if text_teacher_dir is not None:
@@ -169,7 +176,10 @@ def model_card(metrics: dict, run_dir_name: str, has_ddim: bool) -> str:
         lines += ["Stock diffusers, no onestep import, one network evaluation (guidance is distilled in: keep "
                   "`guidance_scale` at 1):", "", "```python", "from diffusers import DiffusionPipeline",
                   f"pipe = DiffusionPipeline.from_pretrained(\"{run_dir_name}/pipeline\")",
-                  f"image = {metrics['pipeline_call']}.images[0]", "```", ""]
+                  f"image = {metrics['pipeline_call']}.images[0]", "```", "",
+                  "Negative prompts at inference (NASA, training-free; needs onestep): "
+                  "`NASA(pipe)(\"a photo of a cat\", negative_prompt=\"blurry\", strength=0.04, ...)` with "
+                  "`from onestep.nasa import NASA` and the call's other arguments as above.", ""]
     else:
         lines += ["```python", "from onestep.pipeline import OneStepPipeline",
                   f"pipe = OneStepPipeline.from_pretrained(\"{run_dir_name}/pipeline\")", f"images = {call}", "```", ""]
@@ -183,6 +193,16 @@ def model_card(metrics: dict, run_dir_name: str, has_ddim: bool) -> str:
                   f"| teacher | {teacher.get('nfe')} | {_fmt(teacher.get('fid'))} | {_fmt(teacher.get('class_accuracy'))} |",
                   f"| student | 1 | {_fmt(student.get('fid'))} | {_fmt(student.get('class_accuracy'))} |", "",
                   f"FID features: {metrics.get('feature_extractor')}, {metrics.get('num_samples')} samples.", ""]
+    forgot = metrics.get("forgetting")
+    if forgot:  # a forgetting method (SFD): what was forgotten, and how well
+        override = forgot.get("override") or f"{forgot.get('override_mode')} override"
+        lines += [f"**Forgotten conditions:** {forgot['forget']} (override: {override}); asked for them, the student "
+                  "draws from the override instead.", ""]
+        if "unlearning_accuracy" in forgot:
+            lines += ["| unlearning accuracy | forget-class probability | remaining-class FID | remaining-class accuracy |",
+                      "|---|---|---|---|", f"| {_fmt(forgot['unlearning_accuracy'])} | "
+                      f"{_fmt(forgot['forget_class_probability'])} | {_fmt(forgot['remaining_fid'])} | "
+                      f"{_fmt(forgot['remaining_class_accuracy'])} |", ""]
     lines += ["```json", json.dumps({k: v for k, v in metrics.items() if k != "curve"}, indent=1), "```", ""]
     return "\n".join(lines)
 

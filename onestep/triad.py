@@ -49,7 +49,7 @@ class Triad:
                      lora_targets: Sequence[str] = DEFAULT_LORA_TARGETS, generator_timesteps: Sequence | None = None,
                      gan_head: bool = False, gan_feature_source: str = "fake_score", sample_shape: Sequence[int] = (),
                      example_cond=None, ema_decay: float | None = None, frozen_dtype: torch.dtype | None = None,
-                     gan_hidden: int | None = None) -> "Triad":
+                     gan_hidden: int | None = None, gan_layers: Sequence[str] = ("mid_block",)) -> "Triad":
         """Generator and fake score initialised from the teacher's weights (DMD, SiD, VSD all start so)."""
         if fake_score not in FAKE_SCORE_KINDS:
             raise ValueError(f"fake_score must be one of {FAKE_SCORE_KINDS}, got {fake_score!r}")
@@ -82,6 +82,7 @@ class Triad:
         head = None
         if gan_head:
             source = fake if gan_feature_source == "fake_score" else teacher_view
+            source.feature_layers = tuple(gan_layers)
             head = GANHead.for_denoiser(source, sample_shape, example_cond, hidden=gan_hidden)
         return cls(generator, fake, teacher_view, head, gan_feature_source, ema_decay)
 

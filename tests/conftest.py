@@ -14,6 +14,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny networks: one thread is faster, and immune to a busy machine (idle OpenMP threads wait per op).
+    Use per module: pytestmark = pytest.mark.usefixtures("one_thread")."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_unet(num_class_embeds: int | None = 11, channels: int = 1, size: int = 8, seed: int = 0) -> UNet2DModel:
     torch.manual_seed(seed)
     return UNet2DModel(sample_size=size, in_channels=channels, out_channels=channels, block_out_channels=(8, 16),

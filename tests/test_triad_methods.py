@@ -168,3 +168,42 @@ def test_unknown_method_and_option_refused():
         build_method("nope")
     with pytest.raises(ValueError, match="no option"):
         build_method("dmd", not_an_option=1)
+
+
+def test_gan_head_learns_to_separate_features():
+    """A head over a 2x2 bottleneck and an 8x8 map learns a mean shift in the bottleneck features."""
+    from onestep.gan import GANHead
+
+    torch.manual_seed(0)
+    shapes = [(64, 2), (32, 8)]
+    head = GANHead(shapes)
+    opt = torch.optim.Adam(head.parameters(), lr=1e-3)
+    shift = torch.zeros(1, 64, 1, 1)
+    shift[:, :4] = 1.0  # Bayes-optimal accuracy 0.98
+
+    def feats(n, real):
+        out = [torch.randn(n, c, s, s) for c, s in shapes]
+        out[0] = out[0] + (shift if real else 0)
+        return out
+
+    for _ in range(150):
+        logits_real, logits_fake = head(feats(32, True)), head(feats(32, False))
+        loss = torch.nn.functional.softplus(-logits_real).mean() + torch.nn.functional.softplus(logits_fake).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        acc = ((head(feats(500, True)) > 0).float().mean() + (head(feats(500, False)) < 0).float().mean()) / 2
+    assert acc > 0.9, f"discriminator accuracy {acc:.2f}"
+
+
+def test_gan_layers_select_backbone_modules():
+    triad = make_triad(gan=True)
+    assert len(triad.gan_head.branches) == 1
+    fake = triad.raw("fake_score")
+    fake.feature_layers = ("down_blocks.0.resnets.0", "mid_block")
+    _, feats = fake(torch.randn(2, 1, 8, 8), torch.tensor([500, 500]), torch.tensor([1, 2]), features=True)
+    assert [f.shape[-1] for f in feats] == [8, 4]  # the tiny UNet: 8x8 first block, 4x4 bottleneck
+    fake.feature_layers = ("no_such_block",)
+    with pytest.raises(ValueError, match="no module 'no_such_block'"):
+        fake(torch.randn(2, 1, 8, 8), torch.tensor([500, 500]), torch.tensor([1, 2]), features=True)

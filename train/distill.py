@@ -27,7 +27,7 @@ def main(argv: list[str]) -> None:
 
     from onestep.attention import set_attention
     from onestep.config import ConfigError, load_config, method_kwargs
-    from onestep.data import ConditionSampler, load_digits
+    from onestep.data import ConditionSampler, RealImages, folder_dataset, load_digits, read_image_folder
     from onestep.fid import DigitsClassifier, evaluate_samples, image_moments
     from onestep.loading import load_teacher
     from onestep.methods import build_method
@@ -61,7 +61,9 @@ def main(argv: list[str]) -> None:
     mp = accelerator.mixed_precision
     frozen_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp)
     prompts = read_prompts(cfg.prompts) if cfg.prompts else None  # text teachers: embedded once, cached
-    teacher = load_teacher(cfg.teacher, device=device, prompts=prompts, frozen_dtype=frozen_dtype)
+    folder = read_image_folder(cfg.dataset) if cfg.dataset not in ("digits", "none") else None  # + captions
+    teacher = load_teacher(cfg.teacher, device=device, prompts=prompts, frozen_dtype=frozen_dtype,
+                           captions=folder and folder.captions, negative_prompt=cfg.negative_prompt)
     shape = teacher.sample_shape
     if teacher.num_classes:
         classes = cfg.classes or list(range(teacher.num_classes))
@@ -85,13 +87,19 @@ def main(argv: list[str]) -> None:
 
     loader = None
     if method.needs_real_images:
-        if cfg.dataset != "digits" or shape != (1, 8, 8):
-            raise ConfigError(f"dataset: method {cfg.method!r} needs real images and only the digits set (1x8x8) is "
-                              f"available; this teacher makes {shape}. Turn the GAN off (--gan_generator_weight 0 "
-                              "--gan_critic_weight 0) or use the digits teacher")
-        x_real, y_real = load_digits("train")
-        keep = torch.isin(y_real, torch.tensor(classes)) if classes else torch.ones_like(y_real, dtype=torch.bool)
-        data = torch.utils.data.TensorDataset(x_real[keep], y_real[keep])
+        if folder is not None:  # encoded once into the teacher's sample space (VAE latents), with caption embeddings
+            data = folder_dataset(folder, teacher)
+        elif cfg.dataset != "digits" or shape != (1, 8, 8):
+            raise ConfigError(f"dataset: method {cfg.method!r} needs real images; this teacher makes {shape}: pass "
+                              "--dataset FOLDER (images, optional captions) or turn the GAN off "
+                              "(--gan_generator_weight 0 --gan_critic_weight 0)")
+        else:
+            x_real, y_real = load_digits("train")
+            keep = torch.isin(y_real, torch.tensor(classes)) if classes else torch.ones_like(y_real, dtype=torch.bool)
+            data = RealImages(x_real[keep], y_real[keep])
+        if len(data) < cfg.batch_size * accelerator.num_processes:
+            raise ConfigError(f"dataset: {len(data)} real images, fewer than one batch ({cfg.batch_size} per process "
+                              f"x {accelerator.num_processes}); add images or lower --batch_size")
         loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, shuffle=True, drop_last=True)
 
     # 4. Triad, optimisers, accelerate -----------------------------------------------------------------
@@ -102,9 +110,10 @@ def main(argv: list[str]) -> None:
             generator_timesteps=cfg.generator_timesteps, lora_targets=cfg.lora_targets or DEFAULT_LORA_TARGETS,
             gan_head=getattr(method, "uses_gan", False), gan_feature_source=cfg.gan_feature_source, sample_shape=shape,
             example_cond=example, ema_decay=cfg.ema_decay or None, frozen_dtype=frozen_dtype,
-            gan_hidden=cfg.gan_hidden or None)
+            gan_hidden=cfg.gan_hidden or None, gan_layers=cfg.gan_layers or ("mid_block",))
     except ValueError as e:
         raise ConfigError(f"{e} (teacher {cfg.teacher!r})") from None
+    triad.teacher.guidance_uncond = teacher.negative_cond  # --negative_prompt: the real score's CFG branch only
     backbones = [triad.raw("generator").denoiser.backbone, triad.raw("fake_score").backbone, teacher.backbone]
     set_attention(backbones, cfg.attention)
     if cfg.gradient_checkpointing:
@@ -130,8 +139,14 @@ def main(argv: list[str]) -> None:
         loader = accelerator.prepare(loader)
     if triad.ema is not None:
         accelerator.register_for_checkpointing(triad.ema)
+    classifier = reference = None  # the digits feature / classifier net (FID, and e.g. SFD's pseudo-labels)
+    if cfg.classifier and shape == (1, 8, 8):
+        classifier = DigitsClassifier.from_pretrained(cfg.classifier).to(device).eval()
+        reference = image_moments([load_digits("all")[0].to(device)], classifier.features)
     if hasattr(method, "prepare"):  # e.g. DMD's regression pairs
         method.prepare(triad, draw_cond, shape, device, seed=cfg.seed)
+    if hasattr(method, "setup"):  # e.g. SFD: which rows of the condition table it forgets (labels or prompts)
+        method.setup(cond_table, teacher.prompts if teacher.text_conditional else classes, classifier)
 
     def real_batches():
         while True:
@@ -153,10 +168,6 @@ def main(argv: list[str]) -> None:
                                                   for k, v in dataclasses.asdict(cfg).items()})
 
     # Evaluation helpers (main process; digits-FID needs the shipped feature net and an 8x8 teacher).
-    classifier = reference = None
-    if cfg.classifier and shape == (1, 8, 8):
-        classifier = DigitsClassifier.from_pretrained(cfg.classifier).to(device).eval()
-        reference = image_moments([load_digits("all")[0].to(device)], classifier.features)
     eval_labels = len(classes) or None
 
     def label_map(y):
@@ -183,9 +194,9 @@ def main(argv: list[str]) -> None:
     trained = {"generator": triad.generator_parameters(), "fake": triad.critic_parameters()}
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=name, disable=not accelerator.is_local_main_process)
     for step in bar:
-        batch = {"z": torch.randn(cfg.batch_size, *shape, device=device), "cond": draw_cond(cfg.batch_size)}
+        batch = {"z": torch.randn(cfg.batch_size, *shape, device=device), "cond": draw_cond(cfg.batch_size), "step": step}
         if real_iter is not None:
-            batch["real"], batch["real_cond"] = next(real_iter)
+            batch.update(next(real_iter))  # "real" (+ "real_cond")
         turns = ["fake", "generator"] if getattr(method, "fake_first", False) else ["generator", "fake"]
         logs = {}
         for turn in turns:
@@ -250,6 +261,9 @@ def main(argv: list[str]) -> None:
             metrics["curve"] = curve
             plot_curve(curve, os.path.join(run_dir, "fid_curve.png"))
             accelerator.log({"fid": metrics["student"]["fid"]}, step=cfg.steps)
+        if hasattr(method, "extra_metrics"):  # method-specific figures, e.g. SFD's unlearning accuracy
+            with torch.no_grad():
+                metrics.update(method.extra_metrics(student.sample, classifier, cfg.eval_samples, shape, device))
         if cfg.export:
             written = export_pipeline(student, teacher.scheduler_config, os.path.join(run_dir, "pipeline"),
                                       num_classes=teacher.num_classes, null_class=teacher.null_class,
@@ -277,7 +291,8 @@ def usage() -> str:
               for f in dataclasses.fields(Config)]
     lines += ["", f"Presets (--preset): {', '.join(PRESETS)}", "", "Methods (--method) and their options:"]
     for m in METHODS:
-        lines.append(f"  {m}: " + ", ".join(f"{k}={v.default}" for k, v in method_options(m).items()))
+        lines.append(f"  {m}: " + ", ".join(f"{k}={v.default if v.default is not dataclasses.MISSING else v.default_factory()}"
+                                          for k, v in method_options(m).items()))
     return "\n".join(lines)
 
 

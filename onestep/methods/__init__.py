@@ -4,9 +4,11 @@ from __future__ import annotations
 import dataclasses
 
 from .dmd import DMD, DMD2
+from .sfd import SFD
+from .sid import SiD
 from .vsd import VSD
 
-METHODS: dict[str, type] = {"dmd": DMD, "dmd2": DMD2, "vsd": VSD}
+METHODS: dict[str, type] = {"dmd": DMD, "dmd2": DMD2, "vsd": VSD, "sid": SiD, "sfd": SFD}
 
 
 def method_options(name: str) -> dict[str, dataclasses.Field]:

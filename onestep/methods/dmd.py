@@ -104,6 +104,7 @@ class DMD:
             c = None if c is None else torch.cat([c, c_ref])
         x_all = triad.generate(z, c)
         x, cond = x_all[:n], None if c is None else c[:n]
+        batch["generated"] = x.detach()  # the critic turn of this iteration trains on it (as DMD2's code does)
 
         with torch.no_grad():
             t = sched.sample_t(n, self.t_min, self.t_max, device=x.device)
@@ -132,8 +133,10 @@ class DMD:
     def fake_score_loss(self, triad, batch: dict) -> tuple[torch.Tensor, dict]:
         z, c = batch["z"], batch.get("cond")
         sched, n = triad.teacher.schedule, batch["z"].shape[0]
-        with torch.no_grad():
-            x = triad.generate(z, c)
+        x = batch.get("generated")  # the generator turn's output, when this iteration had one
+        if x is None:
+            with torch.no_grad():
+                x = triad.generate(z, c)
         t = sched.sample_t(n, 0.0, 1.0, device=x.device)
         x_t = sched.add_noise(x, torch.randn_like(x), t)
         if not self.uses_gan:
@@ -148,7 +151,7 @@ class DMD:
         if triad.gan_feature_source == "fake_score":  # one batched forward of the fake score
             cc = None if c is None else torch.cat([c, gan_c])
             x0_all, feats = triad.fake_score(torch.cat([x_t, gan_in]), torch.cat([t, t_g]), cc, features=True)
-            x0_pred, feats = x0_all[:n], feats[n:]
+            x0_pred, feats = x0_all[:n], [f[n:] for f in feats]
         else:
             x0_pred = triad.fake_score(x_t, t, c)
             with torch.no_grad():

@@ -1,0 +1,77 @@
+"""Forgetting figures (Score Forgetting Distillation's metrics) of an exported digits student or of the teacher.
+
+    python eval/forgetting.py --pipeline runs/digits-sid/pipeline --forget 3
+    python eval/forgetting.py --teacher assets/digits-teacher --steps 100 --forget 3
+
+Unlearning accuracy (1 - classifier accuracy on samples of the forget classes), the mean classifier probability
+of the forget class, and digits-FID of the remaining classes against the real digits of those classes. The same
+function fills metrics.json["forgetting"] of an SFD run, so a plain student can be compared with it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+
+def main() -> None:
+    from onestep.forgetting import forgetting_metrics
+    from onestep.errors import OnestepError
+    from onestep.fid import DigitsClassifier
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--pipeline", help="an exported OneStepPipeline folder (class-conditional digits)")
+    src.add_argument("--teacher", help="a class-conditional digits teacher folder")
+    p.add_argument("--steps", type=int, default=100, help="teacher sampler steps (DDIM, trailing)")
+    p.add_argument("--forget", required=True, help="forgotten classes, e.g. 3 or 3,5")
+    p.add_argument("--num_samples", type=int, default=2000, help="samples of the forget classes and of the rest")
+    p.add_argument("--classifier", default="assets/digits-classifier")
+    p.add_argument("--json", help="write the figures here")
+    a = p.parse_args()
+
+    try:
+        try:
+            forget = [int(v) for v in a.forget.split(",") if v.strip()]
+        except ValueError:
+            raise OnestepError(f"--forget: expected class labels like 3 or 3,5, got {a.forget!r}") from None
+        for path, what in ((a.classifier, "digits classifier"), (a.pipeline or a.teacher, "model folder")):
+            if not os.path.isdir(path):
+                raise OnestepError(f"{what} {path!r} does not exist")
+        if a.pipeline:
+            from onestep.pipeline import OneStepPipeline
+
+            pipe = OneStepPipeline.from_pretrained(a.pipeline)
+            num_classes, sample = pipe.config.num_classes, pipe.student().eval().sample
+        else:
+            from onestep.loading import load_teacher
+            from onestep.sampling import sample_teacher
+
+            teacher = load_teacher(a.teacher)
+            num_classes = teacher.num_classes
+            sample = lambda z, y: sample_teacher(teacher.denoiser, z, y, a.steps)  # noqa: E731
+        if not num_classes or any(not 0 <= f < num_classes for f in forget):
+            raise OnestepError(f"--forget: {forget} must be class labels of this class-conditional model "
+                               f"(0..{(num_classes or 1) - 1})")
+    except (OnestepError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    classifier = DigitsClassifier.from_pretrained(a.classifier).eval()
+    remaining = [c for c in range(num_classes) if c not in forget]
+    with torch.no_grad():
+        r = forgetting_metrics(sample, classifier, forget, remaining, a.num_samples, (1, 8, 8))
+    r["model"] = a.pipeline or f"{a.teacher} ({a.steps} steps)"
+    print("| model | forget | unlearning accuracy | forget-class probability | remaining-class FID | remaining-class accuracy |")
+    print("|---|---|---|---|---|---|")
+    print(f"| {r['model']} | {forget} | {r['unlearning_accuracy']:.4f} | {r['forget_class_probability']:.4f} | "
+          f"{r['remaining_fid']:.4f} | {r['remaining_class_accuracy']:.4f} |")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(r, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""SiD: Score identity Distillation (Zhou et al. 2024), ../shared/METHODS.md section 3.
+
+Generator, per sample, with y_t = alpha_t x + sigma_t eps, f_T = T(y_t), f_F = F(y_t):
+    L_G = sum_pix (f_T - f_F) * ((f_T - x) - alpha (f_T - f_F)) / w,   w = sg(mean_chw |x - f_T|) >= 1e-5.
+Gradients reach x directly and through T and F with respect to their input (both frozen, not under no_grad).
+Fake score: denoising loss on sg(G(z)) (EDM: ln sigma ~ N(-1.2, 1.2^2), EDM's lambda weighting). 1:1, fake first.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..errors import OnestepError
+from .dmd import NATIVE_LOSS_SPACE, weighted_dsm
+
+FAKE_T_CHOICES = ("auto", "lognormal", "generator", "full")
+
+
+def sid_loss(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor, alpha: float,
+             eps: float = 1e-5) -> torch.Tensor:
+    """SiD's per-sample generator loss (B,): sum_pix (f_T - f_F)((f_T - x) - alpha (f_T - f_F)) / sg(mean|x - f_T|)."""
+    dims = tuple(range(1, x.ndim))
+    w = (x - x0_real).abs().mean(dim=dims).clamp_min(eps).detach()
+    diff = x0_real - x0_fake
+    loss = (diff * ((x0_real - x) - alpha * diff)).sum(dim=dims) / w
+    return torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss))  # SiD drops non-finite samples
+
+
+@dataclass
+class SiD:
+    """SiD: the alpha-weighted score-identity loss through both score networks; 1:1 updates, fake score first."""
+
+    update_ratio: int = 1             # fake-score steps per generator step (SiD: 1)
+    alpha: float = 1.2                # SiD's alpha (1.2; 1.0 for AFHQ)
+    t_min: float = 0.0                # generator-loss timesteps ~ U[t_min, t_max], fractions of the schedule's range
+    t_max: float = 0.8                # (EDM: along the rho grid); SiD: t <= 800/1000, sigma <= ~24
+    weight_eps: float = 1e-5          # clamp of w = mean_chw|x - f_T|
+    fake_t: str = "auto"              # fake-loss timesteps: "lognormal" (EDM only: ln sigma ~ N(p_mean, p_std^2)),
+                                      # "generator" (U[t_min, t_max]), "full" (U over the whole range);
+                                      # auto: lognormal for EDM teachers, generator otherwise (SFD's DDPM release)
+    p_mean: float = -1.2              # EDM's log-normal sigma distribution of the fake loss
+    p_std: float = 1.2
+    fake_loss_space: str = "auto"     # DSM space of the fake score; auto: eps (VP), edm (EDM), flow (flow)
+    fake_first: bool = True           # SiD: the fake score's step comes first in each iteration
+
+    def __post_init__(self):
+        if self.update_ratio < 1:
+            raise ValueError(f"update_ratio must be >= 1, got {self.update_ratio}")
+        if not 0 <= self.t_min <= self.t_max <= 1:
+            raise ValueError(f"t_min, t_max must satisfy 0 <= t_min <= t_max <= 1, got {self.t_min}, {self.t_max}")
+        if self.fake_t not in FAKE_T_CHOICES:
+            raise ValueError(f"fake_t must be one of {', '.join(FAKE_T_CHOICES)}, got {self.fake_t!r}")
+        if self.p_std <= 0 or self.weight_eps <= 0:
+            raise ValueError(f"p_std and weight_eps must be > 0, got {self.p_std}, {self.weight_eps}")
+
+    @property
+    def needs_real_images(self) -> bool:
+        return False
+
+    def is_generator_step(self, step: int) -> bool:
+        return step % self.update_ratio == 0
+
+    def loss_space(self, schedule) -> str:
+        return NATIVE_LOSS_SPACE[schedule.kind] if self.fake_loss_space == "auto" else self.fake_loss_space
+
+    def prepare(self, triad, cond_sampler, sample_shape, device, seed: int = 0) -> None:
+        """Check the options against the teacher's schedule (one-line error before training)."""
+        kind = triad.teacher.schedule.kind
+        if self.fake_t == "lognormal" and kind != "edm":
+            raise OnestepError(f"fake_t: 'lognormal' needs an EDM teacher, this one is {kind}; use generator or full")
+
+    # ---- timesteps -----------------------------------------------------------------------------
+    def generator_t(self, schedule, n: int, device) -> torch.Tensor:
+        return schedule.sample_t(n, self.t_min, self.t_max, device=device)
+
+    def fake_timesteps(self, schedule, n: int, device) -> torch.Tensor:
+        mode = self.fake_t if self.fake_t != "auto" else ("lognormal" if schedule.kind == "edm" else "generator")
+        if mode == "lognormal":
+            return schedule.sample_t_lognormal(n, self.p_mean, self.p_std, device=device)
+        return schedule.sample_t(n, *((self.t_min, self.t_max) if mode == "generator" else (0.0, 1.0)), device=device)
+
+    # ---- per-sample terms (SFD weights them by class) --------------------------------------------
+    def generator_terms(self, triad, x: torch.Tensor, cond, t: torch.Tensor,
+                        teacher_cond: Callable | None = None) -> tuple[torch.Tensor, dict]:
+        """Per-sample SiD loss (B,) of generated x at timesteps t; the fake score sees `cond`, the teacher
+        `teacher_cond(x0_fake)` (default: `cond`). Gradients reach x through both frozen score networks."""
+        sched = triad.teacher.schedule
+        x_t = sched.add_noise(x, torch.randn_like(x), t)
+        with triad.frozen("fake_score"):  # unwrapped, weights frozen: gradients reach x_t, not the parameters
+            x0_fake = triad.fake_score(x_t, t, cond)
+            c_real = cond if teacher_cond is None else teacher_cond(x0_fake.detach())
+            x0_real = triad.teacher(x_t, t, c_real)
+        loss = sid_loss(x, x0_real, x0_fake, self.alpha, self.weight_eps)
+        return loss, {"score_gap": (x0_real - x0_fake).detach().flatten(1).norm(dim=1).mean().item()}
+
+    def fake_terms(self, triad, x: torch.Tensor, cond, t: torch.Tensor) -> torch.Tensor:
+        """Per-sample denoising loss (B,) of the fake score on sg(x) at timesteps t."""
+        sched = triad.teacher.schedule
+        x_t = sched.add_noise(x, torch.randn_like(x), t)
+        return weighted_dsm(sched, t, triad.fake_score(x_t, t, cond), x, self.loss_space(sched))
+
+    # ---- generator turn --------------------------------------------------------------------------
+    def generator_loss(self, triad, batch: dict) -> tuple[torch.Tensor, dict]:
+        z, c = batch["z"], batch.get("cond")
+        x = triad.generate(z, c)
+        loss, logs = self.generator_terms(triad, x, c, self.generator_t(triad.teacher.schedule, len(z), x.device))
+        loss = loss.mean()
+        return loss, {"loss_sid": loss.item(), **logs}
+
+    # ---- critic turn -----------------------------------------------------------------------------
+    def fake_score_loss(self, triad, batch: dict) -> tuple[torch.Tensor, dict]:
+        z, c = batch["z"], batch.get("cond")
+        with torch.no_grad():
+            x = triad.generate(z, c)
+        loss = self.fake_terms(triad, x, c, self.fake_timesteps(triad.teacher.schedule, len(z), x.device)).mean()
+        return loss, {"loss_fake": loss.item()}
