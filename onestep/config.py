@@ -63,6 +63,7 @@ class Config:
     adam_beta2: float = 0.999
     weight_decay: float = 0.01
     grad_clip: float = 10.0              # max grad norm (0: off)
+    max_nonfinite_steps: int = 20        # a non-finite loss or gradient skips that update; this many in a row stop the run
     lr_scheduler: str = "constant"       # diffusers get_scheduler name: constant, cosine, linear, constant_with_warmup, ...
     lr_warmup_steps: int = 0             # warm-up in iterations (both optimisers)
     ema_decay: float = 0.0               # generator EMA decay (0: off); exported weights are the EMA where kept
@@ -130,7 +131,7 @@ PRESETS: dict[str, dict] = {
 
 CHOICES = {"fake_score": ("auto", "copy", "lora"), "attention": ("sdpa", "xformers", "auto"),
            "gan_feature_source": ("fake_score", "teacher")}
-POSITIVE = ("steps", "batch_size", "lr_generator", "lr_fake", "eval_samples", "lora_rank")
+POSITIVE = ("steps", "batch_size", "lr_generator", "lr_fake", "eval_samples", "lora_rank", "max_nonfinite_steps")
 NON_NEGATIVE = ("lr_warmup_steps", "cpu_threads", "log_every", "sample_every", "eval_every", "checkpoint_every", "checkpoints_total_limit",
                 "grad_clip", "weight_decay", "gan_hidden")
 

@@ -161,3 +161,26 @@ def test_resume_latest_continues_from_the_newest_checkpoint(cond_teacher, tmp_pa
     assert json.loads((tmp_path / "r" / "metrics.json").read_text())["steps"] == 6
     after = load_file(str(tmp_path / "r" / "checkpoints" / "step_0000006" / "model.safetensors"))
     assert any(not torch.equal(before[k], after[k]) for k in before)  # training went on from there
+
+
+def test_non_finite_updates_are_skipped_then_stop_the_run(cond_teacher, tmp_path):
+    """A teacher whose output is NaN makes every update non-finite: each is skipped (nothing written), and after
+    max_nonfinite_steps in a row the run stops with one line naming the step and the loss terms."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    bad = tmp_path / "nan-teacher"
+    shutil.copytree(cond_teacher, bad)
+    weights = next((bad / "unet").glob("*.safetensors"))
+    state = load_file(str(weights))
+    state["conv_out.bias"] = torch.full_like(state["conv_out.bias"], float("nan"))
+    save_file(state, str(weights))
+    out = tmp_path / "runs"
+    r = run_distill(["--preset", "smoke", "--teacher", str(bad), "--output_dir", str(out), "--steps", "6",
+                     "--max_nonfinite_steps", "3", "--checkpoint_every", "0"])
+    assert r.returncode != 0, r.stderr[-2000:]  # 2 from the trainer; accelerate launch reports 1
+    err = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "was not finite" in err[0] and "step 2" in err[0] and "loss_" in err[0], r.stderr[-2000:]
+    assert not (out / "smoke-dmd2" / "checkpoints").exists() or not any((out / "smoke-dmd2" / "checkpoints").iterdir())
+    assert not (out / "smoke-dmd2" / "metrics.json").exists()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -28,6 +29,7 @@ def main(argv: list[str]) -> None:
     from onestep.attention import set_attention
     from onestep.config import ConfigError, load_config, method_kwargs
     from onestep.data import ConditionSampler, RealImages, folder_dataset, load_digits, read_image_folder
+    from onestep.errors import NonFiniteError
     from onestep.fid import DigitsClassifier, evaluate_samples, image_moments
     from onestep.loading import load_teacher
     from onestep.methods import build_method
@@ -191,6 +193,7 @@ def main(argv: list[str]) -> None:
 
     # 6. Training loop -------------------------------------------------------------------------------
     t_start, curve = time.time(), []
+    skipped = streak = 0  # non-finite updates skipped: in all, and in a row
     trained = {"generator": triad.generator_parameters(), "fake": triad.critic_parameters()}
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=name, disable=not accelerator.is_local_main_process)
     for step in bar:
@@ -208,13 +211,28 @@ def main(argv: list[str]) -> None:
                 loss, turn_logs = loss_fn(triad, batch)
             opt.zero_grad(set_to_none=True)
             accelerator.backward(loss)
-            if cfg.grad_clip:
-                turn_logs[f"grad_norm_{turn}"] = accelerator.clip_grad_norm_(trained[turn], cfg.grad_clip).item()
+            norm = accelerator.clip_grad_norm_(trained[turn], cfg.grad_clip or float("inf"))
+            turn_logs[f"grad_norm_{turn}"] = float(norm)
+            finite = torch.isfinite(loss.detach().float()) & torch.isfinite(torch.as_tensor(norm, device=device))
+            if accelerator.num_processes > 1:  # every process skips together
+                finite = accelerator.gather(finite.float()[None]).min() > 0
+            if not finite:  # skip: nothing updated (weights, optimiser, schedule, EMA), counted and logged
+                opt.zero_grad(set_to_none=True)
+                skipped, streak = skipped + 1, streak + 1
+                if streak >= cfg.max_nonfinite_steps:
+                    terms = [k for k, v in turn_logs.items() if not math.isfinite(v)] or ["its gradient"]
+                    raise NonFiniteError(
+                        f"step {step + 1}: the {turn} loss ({', '.join(terms)}) was not finite; {streak} updates in a row "
+                        f"were skipped, so the run stopped. The newest checkpoint in {run_dir}/checkpoints is the last "
+                        "good state: lower the learning rates or check the teacher, then --resume latest")
+                continue
+            streak = 0
             opt.step()
             lr_sched.step()
             if turn == "generator":
                 triad.ema_step()
             logs.update(turn_logs)
+        logs["skipped_updates"] = skipped
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
             accelerator.log(logs, step=done)
