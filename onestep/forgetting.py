@@ -19,15 +19,16 @@ def forget_class_figures(sample: Sample, classifier, forget: Sequence[int], num_
     """Classifier accuracy and mean probability of the true (forgotten) class on samples of the forget classes
     (sample i has label forget[i % len(forget)]); unlearning accuracy = 1 - that accuracy."""
     from .fid import quantize
+    from .streaming import GeneratorSource
 
     labels = torch.as_tensor(list(forget), dtype=torch.long)
+    src = GeneratorSource(lambda z, i: sample(z, labels.to(z.device)[i]), num_samples, sample_shape, len(labels),
+                          seed, device)  # the same per-sample seeds as every other onestep evaluation
     hits, probs = [], []
     for start in range(0, num_samples, batch_size):
         idx = torch.arange(start, min(start + batch_size, num_samples))
-        z = torch.stack([torch.randn(*sample_shape, generator=torch.Generator().manual_seed(seed + int(i)))
-                         for i in idx]).to(device)
-        y = labels[idx % len(labels)].to(device)
-        p = classifier(quantize(sample(z, y))).float().softmax(-1)
+        y = labels[src.labels(idx)].to(device)
+        p = classifier(quantize(src(idx))).float().softmax(-1)
         hits.append(p.argmax(-1) == y)
         probs.append(p.gather(1, y[:, None])[:, 0])
     acc = torch.cat(hits).double().mean().item()
