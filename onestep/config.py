@@ -7,6 +7,7 @@ Any `--key value` names a field below or an option of the chosen method (see `on
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -54,6 +55,21 @@ class Config:
                                          # (empty: the mid-block, as DMD2)
     attention: str = "sdpa"              # "sdpa", "xformers" or "auto"
     gradient_checkpointing: bool = False  # trade compute for memory in the trained networks
+    mixed_precision: str = "auto"        # "no", "fp16", "bf16" or "auto" (accelerate launch's --mixed_precision when it
+                                         # is not "no", else bf16 on a CUDA device that has it, else fp32)
+    tf32: bool = True                    # CUDA: TF32 matmuls and convolutions for what runs in float32
+    compile: str = ""                    # torch.compile the networks: "" (off), "default", "reduce-overhead" or
+                                         # "max-autotune"; the first iteration's time (compilation) is printed
+    # ---- multi-student distillation (MSD; onestep/multistudent.py) ----
+    students: int = 1                    # K one-step students, each owning a part of the conditions (1: one student)
+    router: str = "auto"                 # condition -> student: "balanced" or "confusion" (class labels; confusion groups
+                                         # the classes the teacher's samples are confused between), "kmeans" (prompt
+                                         # embeddings); "auto": balanced for class labels, kmeans for prompts
+    student_channels: list = field(default_factory=list)  # smaller students: the teacher's architecture with these
+                                         # block_out_channels, e.g. [32, 32, 32] (empty: the teacher's size and weights)
+    tsm_steps: int = 1000                # smaller students: Teacher Score Matching iterations before distillation
+    tsm_lr: float = 1e-3                 # TSM learning rate (AdamW)
+    tsm_pool: int = 1024                 # TSM's clean inputs: this many teacher samples (25-step DDIM) per student
     # ---- optimisation ----
     steps: int = 1200                    # training iterations (each has a critic step; every update_ratio-th a generator step)
     batch_size: int = 64                 # per process
@@ -67,6 +83,20 @@ class Config:
     lr_scheduler: str = "constant"       # diffusers get_scheduler name: constant, cosine, linear, constant_with_warmup, ...
     lr_warmup_steps: int = 0             # warm-up in iterations (both optimisers)
     ema_decay: float = 0.0               # generator EMA decay (0: off); exported weights are the EMA where kept
+    # ---- DisBack: degradation recording + distribution backtracking around the method (onestep/disback.py) ----
+    backtrack: bool = False              # record the degradation path, start the fake score at its end, walk the DM
+                                         # target back node by node to the teacher
+    backtrack_nodes: int = 4             # N recorded nodes S'_1..S'_N; the fake score starts from S'_N, the target at S'_{N-1}
+    backtrack_interval: int = 100        # iterations on each target node ("plateau": at most)
+    backtrack_switch: str = "fixed"      # "fixed" (every backtrack_interval iterations) or "plateau" (also earlier, when
+                                         # the smoothed DM-gradient norm stops falling)
+    backtrack_patience: int = 30         # plateau: iterations without a new low of the smoothed norm before a switch
+    backtrack_tolerance: float = 0.01    # plateau: relative fall of the smoothed norm that counts as a new low
+    record_interval: int = 100           # recording: fake-score updates between nodes
+    record_lr: float = 0.0               # recording: learning rate (0: lr_fake)
+    record_cond_dropout: float = 0.1     # recording: condition dropped to null with this probability
+    record_dir: str = ""                 # recording folder ("": <output_dir>/disback/<hash of teacher, generator, settings>;
+                                         # reused when it matches, extended when it has fewer nodes)
     # ---- logging, evaluation, checkpoints ----
     log_every: int = 20                  # tensorboard scalars every N iterations
     sample_every: int = 500              # sample grid every N iterations (0: only at the end)
@@ -90,12 +120,16 @@ PRESETS: dict[str, dict] = {
     "digits": {"generator_timesteps": [300], "ema_decay": 0.99, "lr_generator": 2e-4, "lr_fake": 4e-4,
                "method_args": {"update_ratio": 3, "t_min": 0.001, "gan_generator_weight": 0.1,
                                "gan_critic_weight": 1.0, "gan_t_max": 0.2}},
-    # SiD (METHODS.md section 3): 1:1 updates, fake score first, Adam betas (0, 0.999), alpha 1.2, generator-loss
+    # SiD (Zhou et al. 2024): 1:1 updates, fake score first, Adam betas (0, 0.999), alpha 1.2, generator-loss
     # t <= 0.8 T. The student runs at t=300 like the digits preset (an eps-teacher at t=999 amplifies updates 156x).
     "digits-sid": {"method": "sid", "generator_timesteps": [300], "adam_beta1": 0.0, "ema_decay": 0.99,
                    "lr_generator": 2e-4, "lr_fake": 4e-4},
     # DMD (2023): the regression loss on teacher ODE pairs, no GAN.
     "digits-dmd": {"method": "dmd", "generator_timesteps": [300], "method_args": {"regression_weight": 0.25}},
+    # GNDM: the digits preset's DMD2 settings, 16 conditions x 4 samples per batch.
+    "digits-gndm": {"method": "gndm", "generator_timesteps": [300], "ema_decay": 0.99, "lr_generator": 2e-4,
+                    "lr_fake": 4e-4, "method_args": {"update_ratio": 3, "t_min": 0.001, "gan_generator_weight": 0.1,
+                                                     "gan_critic_weight": 1.0, "gan_t_max": 0.2, "group_size": 4}},
     # A few iterations at tiny sizes: the smoke test of the whole pipeline.
     "smoke": {"steps": 4, "batch_size": 8, "eval_samples": 100, "teacher_eval_steps": [4], "sample_every": 0,
               "checkpoint_every": 2, "log_every": 1},
@@ -104,7 +138,7 @@ PRESETS: dict[str, dict] = {
                 "lr_generator": 2e-6, "lr_fake": 2e-6, "classifier": "", "ema_decay": 0.999,
                 "method_args": {"gan_generator_weight": 0.0, "gan_critic_weight": 0.0}},
     # Stable Diffusion 1.5 (hub id or local pipeline folder; --prompts FILE). VSD / SwiftBrush: LoRA fake score
-    # (rank 64 on to_q, to_v), lr 1e-6 / 1e-3, 1:1, CFG 4.5 (METHODS.md section 2); batch and steps are choices.
+    # (rank 64 on to_q, to_v), lr 1e-6 / 1e-3, 1:1, CFG 4.5; batch and steps are choices.
     "sd15-vsd": {"teacher": "stable-diffusion-v1-5/stable-diffusion-v1-5", "method": "vsd", "dataset": "none",
                  "classifier": "", "fake_score": "lora", "lora_rank": 64, "lora_targets": ["to_q", "to_v"],
                  "lr_generator": 1e-6, "lr_fake": 1e-3, "weight_decay": 0.0, "batch_size": 8, "steps": 20000,
@@ -130,10 +164,14 @@ PRESETS: dict[str, dict] = {
 }
 
 CHOICES = {"fake_score": ("auto", "copy", "lora"), "attention": ("sdpa", "xformers", "auto"),
-           "gan_feature_source": ("fake_score", "teacher")}
-POSITIVE = ("steps", "batch_size", "lr_generator", "lr_fake", "eval_samples", "lora_rank", "max_nonfinite_steps")
+           "mixed_precision": ("auto", "no", "fp16", "bf16"), "compile": ("", "default", "reduce-overhead", "max-autotune"),
+           "gan_feature_source": ("fake_score", "teacher"),
+           "router": ("auto", "balanced", "confusion", "kmeans"), "backtrack_switch": ("fixed", "plateau")}
+POSITIVE = ("steps", "batch_size", "lr_generator", "lr_fake", "eval_samples", "lora_rank", "max_nonfinite_steps",
+            "backtrack_nodes", "backtrack_interval", "backtrack_patience", "record_interval",
+            "students", "tsm_lr", "tsm_pool")
 NON_NEGATIVE = ("lr_warmup_steps", "cpu_threads", "log_every", "sample_every", "eval_every", "checkpoint_every", "checkpoints_total_limit",
-                "grad_clip", "weight_decay", "gan_hidden")
+                "grad_clip", "weight_decay", "gan_hidden", "backtrack_tolerance", "record_lr", "tsm_steps")
 
 
 def _convert(key: str, value, typ):
@@ -171,7 +209,7 @@ def _convert(key: str, value, typ):
             return value
         if origin is str:
             return "" if value is None else str(value)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, yaml.YAMLError):
         pass
     kind = {bool: "true or false", int: "an integer", float: "a number", list: "a list (a,b,c)",
             dict: "a mapping", str: "a string"}.get(origin, str(typ))
@@ -288,7 +326,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"ema_decay: must be in [0, 1), got {cfg.ema_decay!r}")
     if not (0.0 <= cfg.adam_beta1 < 1.0 and 0.0 <= cfg.adam_beta2 < 1.0):
         raise ConfigError(f"adam_beta1/adam_beta2: must be in [0, 1), got {cfg.adam_beta1}, {cfg.adam_beta2}")
-    for key in ("classes", "generator_timesteps", "teacher_eval_steps"):
+    for key in ("classes", "generator_timesteps", "teacher_eval_steps", "student_channels"):
         for v in getattr(cfg, key):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or (key != "generator_timesteps" and not isinstance(v, int)):
                 raise ConfigError(f"{key}: expected numbers, got {v!r}")
@@ -296,14 +334,52 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"lora_targets: expected module names like to_q,to_v, got {cfg.lora_targets!r}")
     if not all(isinstance(v, str) and v for v in cfg.gan_layers):
         raise ConfigError(f"gan_layers: expected backbone module names like down_blocks.0.resnets.0,mid_block, got {cfg.gan_layers!r}")
+    if any(c < 1 for c in cfg.student_channels):
+        raise ConfigError(f"student_channels: channel counts must be >= 1, got {cfg.student_channels}")
     if any(s < 1 for s in cfg.teacher_eval_steps):
         raise ConfigError(f"teacher_eval_steps: sampler step counts must be >= 1, got {cfg.teacher_eval_steps}")
+    if cfg.backtrack and not 0.0 <= cfg.record_cond_dropout <= 1.0:
+        raise ConfigError(f"record_cond_dropout: must be in [0, 1], got {cfg.record_cond_dropout!r}")
+    if cfg.backtrack and (cfg.backtrack_nodes - 1) * cfg.backtrack_interval >= cfg.steps:
+        raise ConfigError(f"backtrack_interval: {cfg.backtrack_nodes - 1} target nodes x {cfg.backtrack_interval} iterations "
+                          f"do not end on the teacher within --steps {cfg.steps}; lower backtrack_interval or backtrack_nodes")
+    if cfg.backtrack and cfg.gan_feature_source == "teacher":
+        raise ConfigError("gan_feature_source: 'teacher' would give the GAN head the moving backtracking target's features "
+                          "under --backtrack; use fake_score")
     if cfg.name and ("/" in cfg.name or cfg.name.startswith(".")):
         raise ConfigError(f"name: {cfg.name!r} must be a plain folder name (no '/', not starting with '.')")
     try:
-        build_method(cfg.method, **method_kwargs(cfg))
+        method = build_method(cfg.method, **method_kwargs(cfg))
     except (ValueError, TypeError) as e:
         raise ConfigError(f"method: {e}") from None
+    _check_numbers(cfg, method)
+
+
+def _check_numbers(cfg: Config, method) -> None:
+    """Finite numbers everywhere (method options too) and the ranges the checks above leave open: method options
+    named *t_min / *t_max are fractions of the schedule's range in [0, 1] (min <= max); *_weight / *_coef are >= 0."""
+    fields = dataclasses.fields(method) if dataclasses.is_dataclass(method) else ()
+    options = {f.name: getattr(method, f.name) for f in fields}
+    for key, value in {**dataclasses.asdict(cfg), **options}.items():
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, float) and not math.isfinite(v):
+                what = "finite numbers" if isinstance(value, list) else "a finite number"
+                raise ConfigError(f"{key}: must be {what}, got {value!r}")
+    if cfg.steps > 10**9:
+        raise ConfigError(f"steps: must be at most 1e9 iterations, got {cfg.steps!r}")
+    if cfg.log_every < 1:
+        raise ConfigError(f"log_every: must be > 0, got {cfg.log_every!r}")
+    if not 0 <= cfg.seed < 2**32:
+        raise ConfigError(f"seed: must be in 0..{2**32 - 1}, got {cfg.seed!r}")
+    if any(t < 0 for t in cfg.generator_timesteps):
+        raise ConfigError(f"generator_timesteps: must be >= 0, got {cfg.generator_timesteps}")
+    for key, v in options.items():
+        if isinstance(v, float) and key.endswith(("t_min", "t_max")) and not 0.0 <= v <= 1.0:
+            raise ConfigError(f"{key}: a fraction of the teacher's time range, must be in [0, 1], got {v!r}")
+        if isinstance(v, float) and key.endswith(("_weight", "_coef")) and v < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {v!r}")
+        if key.endswith("t_min") and isinstance(options.get(key[:-3] + "max"), float) and v > options[key[:-3] + "max"]:
+            raise ConfigError(f"{key}: must be <= {key[:-3]}max ({options[key[:-3] + 'max']!r}), got {v!r}")
 
 
 def _method_value(method: str, key: str, value):

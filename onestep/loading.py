@@ -43,8 +43,8 @@ class Teacher:
     prompt_embeds: torch.Tensor | None = None  # ... and their cached embeddings (N, L, D) (SDXL: (N, L + r, D),
                                                # denoiser.pack_text_time), float32 on the CPU
     vae: torch.nn.Module | None = None  # latent teachers: the frozen VAE (decodes samples to images)
-    latent_scale: float = 1.0           # latents the UNet sees = (VAE latents - latent_shift) * latent_scale
-    latent_shift: float = 0.0
+    latent_scale: float | torch.Tensor = 1.0  # latents the UNet sees = (VAE latents - latent_shift) * latent_scale;
+    latent_shift: float | torch.Tensor = 0.0  # per channel (1, C, 1, 1) for VAEs with latents_mean / latents_std
     negative_cond: torch.Tensor | None = None   # text teachers: the negative prompt's embedding (1, ...) for guidance
     caption_embeds: torch.Tensor | None = None  # text teachers: embeddings of a dataset's captions (N_images, ...)
 
@@ -61,8 +61,8 @@ class Teacher:
         """Samples as images in [-1, 1] (B, 3, H, W) float32: VAE-decoded for latent teachers, else unchanged."""
         if self.vae is None:
             return x
-        out = [self.vae.decode((z / self.latent_scale + self.latent_shift).to(self.vae.dtype)).sample.float()
-               for z in x.split(batch_size)]
+        scale, shift = _on(self.latent_scale, x), _on(self.latent_shift, x)
+        out = [self.vae.decode((z / scale + shift).to(self.vae.dtype)).sample.float() for z in x.split(batch_size)]
         return torch.cat(out)
 
     @torch.no_grad()
@@ -72,9 +72,25 @@ class Teacher:
         if self.vae is None:
             return images.float()
         device = next(self.vae.parameters()).device
-        out = [(self.vae.encode(x.to(device, self.vae.dtype)).latent_dist.mode().float() - self.latent_shift)
-               * self.latent_scale for x in images.split(batch_size)]
+        scale, shift = (_on(v, torch.empty(0, device=device)) for v in (self.latent_scale, self.latent_shift))
+        out = [(self.vae.encode(x.to(device, self.vae.dtype)).latent_dist.mode().float() - shift) * scale
+               for x in images.split(batch_size)]
         return torch.cat(out)
+
+
+def _on(value, like: torch.Tensor):
+    """A float, or a per-channel tensor moved to `like`'s device as float32."""
+    return value.to(like.device, torch.float32) if torch.is_tensor(value) else value
+
+
+def latent_normalisation(vae_config) -> tuple:
+    """(scale, shift) with UNet latents = (VAE latents - shift) * scale, as the diffusers pipelines decode them:
+    per channel (latents_mean / latents_std, e.g. Playground v2.5's SDXL VAE), else scaling_factor / shift_factor."""
+    mean, std = vae_config.get("latents_mean"), vae_config.get("latents_std")
+    if mean is not None and std is not None:
+        mean, std = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in (mean, std))
+        return float(vae_config["scaling_factor"]) / std, mean
+    return float(vae_config["scaling_factor"]), float(vae_config.get("shift_factor") or 0.0)
 
 
 def resolve_teacher_path(spec: str) -> str:
@@ -285,8 +301,8 @@ def _load_text_teacher(root, unet, schedule, sched_cfg, prompts, frozen_dtype, d
     # the text encoders are freed on return (run once): the export reloads them from the teacher folder
 
     denoiser = Denoiser(unet, schedule, null_cond=null.to(device))
+    scale, shift = latent_normalisation(vae.config)
     return Teacher(denoiser, sched_cfg, root, shape, info={"backbone": "UNet2DConditionModel", "text": True, "sdxl": xl,
                                                             "image_size": image_size},
-                   prompts=prompts, prompt_embeds=embeds, vae=vae, latent_scale=float(vae.config.scaling_factor),
-                   latent_shift=float(vae.config.get("shift_factor") or 0.0), negative_cond=negative,
+                   prompts=prompts, prompt_embeds=embeds, vae=vae, latent_scale=scale, latent_shift=shift, negative_cond=negative,
                    caption_embeds=caption_embeds)

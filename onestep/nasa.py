@@ -1,5 +1,5 @@
 """NASA, SNOOPI's negative-away steering attention: negative prompts for one-step students, at inference, with no
-training (../shared/METHODS.md section 2). In every cross-attention layer
+training (Nguyen et al. 2024). In every cross-attention layer
 
     Z = softmax(Q K+^T / sqrt d) V+  -  alpha * softmax(Q K-^T / sqrt d) V-
 

@@ -1,20 +1,49 @@
-"""Run-folder plumbing for the trainer: the folder itself, atomic checkpoints, sample grids, curves."""
+"""Run-folder plumbing for the trainer: the folder itself, crash-safe checkpoints, sample grids, curves.
+
+A checkpoint is accelerate's `save_state` (models as safetensors; optimiser, scheduler and RNG states as
+tensor-only torch files) plus `onestep_data.safetensors` (the real-image loader's position) and
+`onestep_manifest.json` (step, config hash, sha256 of every file), written to `step_N.tmp` and renamed into place.
+"""
 from __future__ import annotations
 
+import dataclasses
 import glob
+import hashlib
 import json
 import os
+import re
 import shutil
+import sys
 
 import torch
 
 from .errors import OnestepError
 
 CHECKPOINT_PREFIX = "step_"
+MANIFEST = "onestep_manifest.json"
+DATA_STATE = "onestep_data.safetensors"
+MANIFEST_FORMAT = 1
+_STEP_DIR = re.compile(r"^step_(\d+)(\.old|\.tmp)?$")  # .tmp: being written; .old: being replaced
+# accelerate's own file names; its .bin / .pkl / .pt files hold optimiser, scheduler, RNG and custom states
+_STATE_FILE = re.compile(r"^(model(_\d+)?\.safetensors|(optimizer|scheduler|sampler|dl_state_dict)(_\d+)?\.bin|"
+                         r"random_states_\d+\.pkl|custom_checkpoint_\d+\.pkl|scaler\.pt)$")
+_PICKLE_EXTENSIONS = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+# config keys that do not change the trajectory: left out of the config hash
+HASH_IGNORED = ("name", "output_dir", "overwrite", "resume", "cpu_threads", "steps", "log_every", "sample_every",
+                "eval_every", "eval_samples", "teacher_eval_steps", "classifier", "checkpoint_every",
+                "checkpoints_total_limit", "export", "preset", "max_nonfinite_steps", "record_dir")
+# keys that define what a checkpoint's state means: resuming with other values is refused (others: a warning)
+RESUME_FIXED = ("method", "dataset", "classes", "prompts", "batch_size", "generator_timesteps", "fake_score",
+                "lora_rank", "lora_targets", "gan_feature_source", "gan_hidden", "gan_layers", "students",
+                "student_channels", "backtrack")
 
 
 class RunError(OnestepError):
     """A run folder that cannot be used as asked."""
+
+
+class CheckpointError(RunError):
+    """A checkpoint that is incomplete, corrupt, pickle-based or does not fit this run."""
 
 
 def prepare_run_dir(path: str, *, overwrite: bool, resume: bool) -> None:
@@ -26,46 +55,266 @@ def prepare_run_dir(path: str, *, overwrite: bool, resume: bool) -> None:
     if used and overwrite and not resume:
         for sub in ("checkpoints", "logs", "samples", "pipeline", "pipeline-ddim"):
             shutil.rmtree(os.path.join(path, sub), ignore_errors=True)
-    os.makedirs(os.path.join(path, "checkpoints"), exist_ok=True)
-    os.makedirs(os.path.join(path, "samples"), exist_ok=True)
+    try:
+        os.makedirs(os.path.join(path, "checkpoints"), exist_ok=True)
+        os.makedirs(os.path.join(path, "samples"), exist_ok=True)
+    except OSError as e:
+        raise RunError(f"output_dir: cannot create the run folder {path} ({e.strerror}); pass a writable "
+                       "--output_dir") from None
+
+
+# ---- manifest ---------------------------------------------------------------------------------------
+def run_config(cfg) -> dict:
+    """The configuration a manifest records: every key, the method's options with their declared types."""
+    from .config import method_kwargs
+
+    return {**dataclasses.asdict(cfg), "method_args": method_kwargs(cfg)}
+
+
+def _hashed(config: dict) -> dict:
+    """The keys that shape the trajectory, method options as top-level keys (as on the command line)."""
+    out = {k: v for k, v in config.items() if k not in HASH_IGNORED and k != "method_args"}
+    return {**out, **config.get("method_args", {})}
+
+
+def config_hash(config: dict) -> str:
+    """sha256 of the configuration values that shape the trajectory (HASH_IGNORED left out)."""
+    return hashlib.sha256(json.dumps(_hashed(config), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def file_sha256(path: str, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _step_of(folder: str) -> int | None:
+    m = _STEP_DIR.match(os.path.basename(os.path.normpath(folder)))
+    return int(m.group(1)) if m else None
 
 
 def checkpoints(run_dir: str) -> list[str]:
-    """Complete checkpoints (those with a manifest), oldest first."""
-    found = glob.glob(os.path.join(run_dir, "checkpoints", CHECKPOINT_PREFIX + "*"))
-    done = [d for d in found if os.path.isfile(os.path.join(d, "onestep_manifest.json"))]
-    return sorted(done, key=lambda d: int(os.path.basename(d)[len(CHECKPOINT_PREFIX):]))
+    """Checkpoint folders (step_N) with a manifest, not yet verified, oldest first."""
+    found = [d for d in glob.glob(os.path.join(run_dir, "checkpoints", CHECKPOINT_PREFIX + "*"))
+             if re.fullmatch(r"step_\d+", os.path.basename(d)) and os.path.isfile(os.path.join(d, MANIFEST))]
+    return sorted(found, key=_step_of)
+
+
+def verify_checkpoint(folder: str) -> dict:
+    """The manifest of a complete, intact, pickle-free checkpoint; else CheckpointError saying what is wrong."""
+    from accelerate.utils import load
+
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"resume: {folder!r} is not a checkpoint folder; pass latest or a run's "
+                              "checkpoints/step_N folder")
+    names = sorted(os.listdir(folder))
+    pickled = [n for n in names if n.endswith(_PICKLE_EXTENSIONS) and not _STATE_FILE.match(n)]
+    if pickled:
+        raise CheckpointError(f"checkpoint {folder} holds pickle-based weights ({pickled[0]}); onestep loads weights "
+                              "only from safetensors: re-save them with safe_serialization=True")
+    try:
+        with open(os.path.join(folder, MANIFEST)) as f:
+            manifest = json.load(f)
+        files, step = manifest["files"], int(manifest["step"])
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {folder} is incomplete (no {MANIFEST})") from None
+    except (ValueError, KeyError, TypeError):
+        raise CheckpointError(f"checkpoint {folder} is corrupt (unreadable {MANIFEST})") from None
+    extra = [n for n in names if n != MANIFEST and n not in files]
+    if extra:
+        raise CheckpointError(f"checkpoint {folder} holds {extra[0]}, which its manifest does not list")
+    for name, want in files.items():
+        path = os.path.join(folder, name)
+        if os.path.basename(name) != name or not os.path.isfile(path):
+            raise CheckpointError(f"checkpoint {folder} is corrupt ({name} is missing)")
+        if os.path.getsize(path) != want["bytes"] or file_sha256(path) != want["sha256"]:
+            raise CheckpointError(f"checkpoint {folder} is corrupt ({name} does not match its sha256)")
+    for name in names:  # accelerate unpickles custom states without weights_only: check them as plain tensors first
+        if name.startswith("custom_checkpoint_"):
+            try:
+                load(os.path.join(folder, name), map_location="cpu", weights_only=True)
+            except Exception as e:
+                raise CheckpointError(f"checkpoint {folder}: {name} is not plain tensors and numbers "
+                                      f"({type(e).__name__}); refusing to unpickle it") from None
+    return {**manifest, "step": step}
 
 
 def resolve_resume(run_dir: str, resume: str) -> str | None:
-    """'latest' -> newest complete checkpoint of the run (None if there is none); else the given folder."""
+    """'latest' -> the newest checkpoint that verifies (None if none; each newer one skipped, incomplete or corrupt,
+    gets a warning line on stderr); else the given folder, which must verify."""
     if not resume:
         return None
-    if resume == "latest":
-        found = checkpoints(run_dir)
-        return found[-1] if found else None
-    if not os.path.isfile(os.path.join(resume, "onestep_manifest.json")):
-        raise RunError(f"resume: {resume!r} is not a complete onestep checkpoint (no onestep_manifest.json)")
-    return resume
+    if resume != "latest":
+        verify_checkpoint(resume)
+        return resume
+    found = [d for d in glob.glob(os.path.join(run_dir, "checkpoints", CHECKPOINT_PREFIX + "*"))
+             if _step_of(d) is not None and os.path.isdir(d)]
+    rank = {".tmp": 0, ".old": 1}  # at one step: the renamed folder, then one being replaced, then an unfinished write
+    for folder in sorted(found, key=lambda d: (_step_of(d), rank.get(d[-4:], 2)), reverse=True):
+        if folder.endswith(".tmp"):
+            _warn(f"resume: skipping {os.path.basename(folder)}: an interrupted checkpoint write")
+            continue
+        try:
+            verify_checkpoint(folder)
+            return folder
+        except CheckpointError as e:
+            _warn(f"resume: skipping {os.path.basename(folder)}: {e}")
+    return None
 
 
-def save_checkpoint(accelerator, run_dir: str, step: int, keep: int, extra: dict) -> str:
-    """accelerate save_state into a temporary folder, then rename into place; keep the newest `keep`."""
+def _warn(message: str) -> None:
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(f"warning: {message}", file=sys.stderr)
+
+
+# ---- save and load ----------------------------------------------------------------------------------
+def save_checkpoint(accelerator, run_dir: str, step: int, keep: int, config: dict, data=None) -> str:
+    """accelerate save_state (+ the data position) into step_N.tmp with a manifest written last, then renamed into
+    place; then keep the newest `keep` checkpoints up to this step (0: all)."""
     final = os.path.join(run_dir, "checkpoints", f"{CHECKPOINT_PREFIX}{step:07d}")
     tmp = final + ".tmp"
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _tidy(run_dir)
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp, safe_serialization=True)
     if accelerator.is_main_process:
-        with open(os.path.join(tmp, "onestep_manifest.json"), "w") as f:
-            json.dump({"step": step, **extra}, f)
-        shutil.rmtree(final, ignore_errors=True)
+        if data is not None and data.state_dict():
+            from safetensors.torch import save_file
+
+            save_file(data.state_dict(), os.path.join(tmp, DATA_STATE))
+        files = {n: {"bytes": os.path.getsize(os.path.join(tmp, n)), "sha256": file_sha256(os.path.join(tmp, n))}
+                 for n in sorted(os.listdir(tmp))}
+        manifest = {"format": MANIFEST_FORMAT, "step": step, "processes": accelerator.num_processes,
+                    "config_hash": config_hash(config), "config": config, "files": files}
+        with open(os.path.join(tmp, MANIFEST + ".part"), "w") as f:
+            json.dump(manifest, f, indent=1, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(os.path.join(tmp, MANIFEST + ".part"), os.path.join(tmp, MANIFEST))
+        if os.path.isdir(final):  # same step again (a resumed run): the old one stays until the new one is in place
+            shutil.rmtree(final + ".old", ignore_errors=True)
+            os.replace(final, final + ".old")
         os.replace(tmp, final)
-        for old in checkpoints(run_dir)[:-keep] if keep else []:
+        shutil.rmtree(final + ".old", ignore_errors=True)
+        verify_checkpoint(final)  # what is on disk matches the manifest before anything older goes
+        older = [d for d in checkpoints(run_dir) if _step_of(d) < step]  # later ones belong to an abandoned run
+        for old in older[:max(0, len(older) - keep + 1)] if keep else []:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _tidy(run_dir: str) -> None:
+    """Finish what a crash interrupted: drop unfinished writes (step_N.tmp); a replaced checkpoint (step_N.old) goes
+    if its replacement is in place, else it is put back."""
+    for d in glob.glob(os.path.join(run_dir, "checkpoints", CHECKPOINT_PREFIX + "*")):
+        if d.endswith(".tmp"):
+            shutil.rmtree(d, ignore_errors=True)
+        elif d.endswith(".old") and os.path.isdir(d[:-4]):
+            shutil.rmtree(d, ignore_errors=True)
+        elif d.endswith(".old"):
+            os.replace(d, d[:-4])
+
+
+def load_checkpoint(accelerator, folder: str, config: dict, data=None) -> int:
+    """Restore a verified checkpoint into this run (models, EMA, optimisers, schedulers, RNG states, registered
+    objects, the data position); return its step. Refuses a checkpoint of another run shape, warns on other changes."""
+    with open(os.path.join(folder, MANIFEST)) as f:
+        manifest = json.load(f)
+    saved, now = _hashed(manifest.get("config", {})), _hashed(config)
+    differs = manifest.get("config_hash") != config_hash(config)
+    changed = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)] if differs else []
+    fixed = [k for k in changed if k in RESUME_FIXED]
+    show = ", ".join(f"{k} ({saved.get(k)!r} there, {now.get(k)!r} now)" for k in (fixed or changed)) or "values"
+    if fixed:
+        raise CheckpointError(f"resume: checkpoint {folder} was written with other {show}; these define what it "
+                              "holds: resume with its values or start a new run (--name NEW)")
+    try:
+        accelerator.load_state(folder, load_kwargs={"weights_only": True})
+    except Exception as e:  # another architecture, another set of networks or optimisers
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"resume: checkpoint {folder} does not fit this run's networks ({type(e).__name__}: "
+                              f"{first})") from None
+    if data is not None and os.path.isfile(os.path.join(folder, DATA_STATE)):
+        from safetensors.torch import load_file
+
+        data.load_state_dict(load_file(os.path.join(folder, DATA_STATE)))
+    if differs:
+        _warn(f"resume: the configuration differs from checkpoint {os.path.basename(folder)}'s in {show}; "
+              "continuing with the new values")
+    step, saved_by = int(manifest["step"]), manifest.get("processes", accelerator.num_processes)
+    if saved_by != accelerator.num_processes:  # per-process RNG states do not map onto this run's processes
+        from accelerate.utils import set_seed
+
+        set_seed(int(config.get("seed", 0)) + step, device_specific=True)
+        _warn(f"resume: checkpoint {os.path.basename(folder)} was written by {saved_by} processes, this run has "
+              f"{accelerator.num_processes}: the noise streams restart from seed + {step}, so the trajectory differs")
+    return step
+
+
+class RealBatches:
+    """Endless batches of a (prepared) DataLoader with a checkpointable position: the RNG states its current epoch
+    drew its order from, and the number of that epoch's batches taken. Taking batches draws nothing extra, so a
+    fresh run sees the loader's own order; a resumed one replays the epoch's order and continues where it was."""
+
+    def __init__(self, loader):
+        batches = loader.batch_sampler  # DDP: accelerate's BatchSamplerShard around the loader's BatchSampler
+        while batches is not None and not hasattr(batches, "sampler"):
+            batches = getattr(batches, "batch_sampler", None)
+        self.loader = loader
+        self.sampler_generator = getattr(getattr(batches, "sampler", None), "generator", None)  # DDP: synchronised
+        self.epoch_rng = self.epoch_generator = None
+        self.offset, self._restored = 0, False
+        self._batches = self._iterate()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._batches)
+
+    def _iterate(self):
+        it = self._replay() if self._restored else None
+        while True:
+            if it is None:
+                self.epoch_rng = torch.get_rng_state()
+                self.epoch_generator = None if self.sampler_generator is None else self.sampler_generator.get_state()
+                self.offset, it = 0, iter(self.loader)
+            for batch in it:
+                self.offset += 1
+                yield batch
+            it = None
+
+    def _replay(self):
+        """The saved epoch's iterator, advanced past the batches already taken (the live RNG state is kept)."""
+        live = torch.get_rng_state()
+        torch.set_rng_state(self.epoch_rng)
+        if self.epoch_generator is not None and self.sampler_generator is not None:
+            self.sampler_generator.set_state(self.epoch_generator)
+        it = iter(self.loader)
+        for _ in range(self.offset):
+            next(it, None)
+        torch.set_rng_state(live)
+        return it
+
+    def state_dict(self) -> dict:
+        if self.epoch_rng is None:
+            return {}
+        out = {"epoch_rng": self.epoch_rng, "offset": torch.tensor(self.offset)}
+        if self.epoch_generator is not None:
+            out["epoch_generator"] = self.epoch_generator
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        """Set the position before the first batch is taken."""
+        if "epoch_rng" in state and int(state["offset"]) > 0:
+            self.epoch_rng, self.epoch_generator = state["epoch_rng"], state.get("epoch_generator")
+            self.offset, self._restored = int(state["offset"]), True
 
 
 def save_grid(images: torch.Tensor, path: str, nrow: int, scale: int = 4) -> None:

@@ -175,3 +175,22 @@ def test_fp16_keeps_a_force_upcast_vae_in_float32(sdxl_teacher):
     teacher = load_teacher(sdxl_teacher, prompts=PROMPTS, frozen_dtype=torch.float16)
     assert teacher.vae.dtype == torch.float32 and teacher.backbone.dtype == torch.float32  # the UNet: load dtype
     assert load_teacher(sdxl_teacher, prompts=PROMPTS, frozen_dtype=torch.bfloat16).vae.dtype == torch.bfloat16
+
+
+def test_per_channel_latent_statistics_of_the_vae_config_are_used(tmp_path):
+    """A VAE config with latents_mean / latents_std (e.g. Playground v2.5's SDXL VAE): decode and encode follow the
+    diffusers SDXL pipeline's formula, latents * std / scaling_factor + mean, per channel."""
+    folder = save_tiny_sdxl(str(tmp_path / "xl"))
+    cfg_file = tmp_path / "xl" / "vae" / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg.update(latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[0.5, 2.0, 1.0, 1.5])
+    cfg_file.write_text(json.dumps(cfg))
+    teacher = load_teacher(folder, prompts=PROMPTS)
+    mean, std = (torch.tensor(cfg[k]).view(1, 4, 1, 1) for k in ("latents_mean", "latents_std"))
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        expected = teacher.vae.decode(x * std / cfg["scaling_factor"] + mean).sample
+        assert torch.allclose(teacher.to_images(x), expected, atol=1e-5)
+        images = torch.rand(2, 3, 16, 16) * 2 - 1
+        latents = teacher.vae.encode(images).latent_dist.mode()
+        assert torch.allclose(teacher.encode_images(images), (latents - mean) * cfg["scaling_factor"] / std, atol=1e-5)

@@ -3,6 +3,7 @@
     accelerate launch train/distill.py                       # DMD2 on the shipped digits teacher
     accelerate launch train/distill.py --preset digits-dmd   # DMD with the regression loss
     accelerate launch train/distill.py --config run.yaml --steps 500 --teacher path/or/hub-id
+    accelerate launch train/distill.py --students 5          # multi-student: 5 students, one per 2 digit classes
 
 Options are `--key value` for any field of onestep.config.Config or any option of the chosen method
 (`--help` lists them). Writes runs/<name>/: config.yaml, checkpoints/, logs/ (tensorboard),
@@ -22,12 +23,29 @@ import yaml
 
 
 def main(argv: list[str]) -> None:
+    from accelerate import PartialState
+
+    from onestep.config import load_config
+
+    cfg = load_config(argv)
+    if cfg.students > 1 or cfg.student_channels:  # multi-student distillation: K runs of train(), one export
+        from onestep.multistudent import train_students
+
+        train_students(cfg, train)
+    else:
+        train(cfg)
+    PartialState().destroy_process_group()
+
+
+def train(cfg, backbone: torch.nn.Module | None = None):
+    """Distil, evaluate and export one student as `cfg` says; returns it (a Generator, EMA weights where kept).
+    backbone: the generator / fake-score architecture (e.g. a smaller TSM-trained UNet; default: the teacher's)."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
     from tqdm import tqdm
 
     from onestep.attention import set_attention
-    from onestep.config import ConfigError, load_config, method_kwargs
+    from onestep.config import ConfigError, method_kwargs
     from onestep.data import ConditionSampler, RealImages, folder_dataset, load_digits, read_image_folder
     from onestep.errors import NonFiniteError
     from onestep.fid import DigitsClassifier, evaluate_samples, image_moments
@@ -35,20 +53,35 @@ def main(argv: list[str]) -> None:
     from onestep.methods import build_method
     from onestep.pipeline import export_pipeline, model_card, stock_call
     from onestep.prompts import read_prompts
-    from onestep.runs import plot_curve, prepare_run_dir, resolve_resume, save_checkpoint, save_grid
+    from onestep.runs import (RealBatches, load_checkpoint, plot_curve, prepare_run_dir, resolve_resume, run_config,
+                              save_checkpoint, save_grid)
     from onestep.sampling import sample_teacher
     from onestep.triad import DEFAULT_LORA_TARGETS, Triad
 
     # 1. Configuration ------------------------------------------------------------------------------
-    cfg = load_config(argv)
     method = build_method(cfg.method, **method_kwargs(cfg))
+    if cfg.backtrack:  # DisBack around the method: recording in prepare(), the DM target walks back in on_step()
+        from onestep.disback import DisBack
+
+        method = DisBack.from_config(method, cfg)
     name = cfg.name or f"{cfg.preset}-{cfg.method}"
     run_dir = os.path.join(cfg.output_dir, name)
 
     # 2. Accelerator and run folder -------------------------------------------------------------------
-    accelerator = Accelerator(log_with="tensorboard", project_config=ProjectConfiguration(
+    mp = cfg.mixed_precision
+    if mp == "auto":  # the launcher's choice, else bf16 autocast on a GPU that has it
+        mp = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+        gpu = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true")
+        mp = mp if mp != "no" else ("bf16" if gpu and torch.cuda.is_bf16_supported() else "no")
+    accelerator = Accelerator(mixed_precision=mp, log_with="tensorboard", project_config=ProjectConfiguration(
         project_dir=run_dir, logging_dir=os.path.join(run_dir, "logs")))
     device, main_proc = accelerator.device, accelerator.is_main_process
+    if accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
+        raise ConfigError(f"accelerate config: {accelerator.distributed_type.value} is not supported by this trainer (the EMA "
+                          "and the export need full weights); use DDP (train/accelerate/ddp.yaml), and to save memory "
+                          "--fake_score lora, --gradient_checkpointing, --mixed_precision bf16")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
     if device.type == "cpu":
         torch.set_num_threads(cfg.cpu_threads or max(1, len(os.sched_getaffinity(0)) // accelerator.num_processes))
     if main_proc:
@@ -67,6 +100,9 @@ def main(argv: list[str]) -> None:
     teacher = load_teacher(cfg.teacher, device=device, prompts=prompts, frozen_dtype=frozen_dtype,
                            captions=folder and folder.captions, negative_prompt=cfg.negative_prompt)
     shape = teacher.sample_shape
+    t_top = teacher.denoiser.schedule.t_max
+    if any(t > t_top for t in cfg.generator_timesteps):
+        raise ConfigError(f"generator_timesteps: {cfg.generator_timesteps} exceed this teacher's largest time {t_top}")
     if teacher.num_classes:
         classes = cfg.classes or list(range(teacher.num_classes))
         bad = [c for c in classes if not 0 <= c < teacher.num_classes]
@@ -112,7 +148,7 @@ def main(argv: list[str]) -> None:
             generator_timesteps=cfg.generator_timesteps, lora_targets=cfg.lora_targets or DEFAULT_LORA_TARGETS,
             gan_head=getattr(method, "uses_gan", False), gan_feature_source=cfg.gan_feature_source, sample_shape=shape,
             example_cond=example, ema_decay=cfg.ema_decay or None, frozen_dtype=frozen_dtype,
-            gan_hidden=cfg.gan_hidden or None, gan_layers=cfg.gan_layers or ("mid_block",))
+            gan_hidden=cfg.gan_hidden or None, gan_layers=cfg.gan_layers or ("mid_block",), student_backbone=backbone)
     except ValueError as e:
         raise ConfigError(f"{e} (teacher {cfg.teacher!r})") from None
     triad.teacher.guidance_uncond = teacher.negative_cond  # --negative_prompt: the real score's CFG branch only
@@ -121,7 +157,8 @@ def main(argv: list[str]) -> None:
     if cfg.gradient_checkpointing:
         for b in backbones[:2]:
             b.enable_gradient_checkpointing()
-    adam = dict(betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    adam = dict(betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay,
+                fused=device.type in ("cuda", "cpu"))  # one kernel per step (CPU: 5x faster than the loop)
     opt_g = torch.optim.AdamW(triad.generator_parameters(), lr=cfg.lr_generator, **adam)
     opt_f = torch.optim.AdamW(triad.critic_parameters(), lr=cfg.lr_fake, **adam)
     from diffusers.optimization import get_scheduler
@@ -137,10 +174,14 @@ def main(argv: list[str]) -> None:
         triad.generator, triad.fake_score, opt_g, opt_f, sched_g, sched_f)
     if triad.gan_head is not None:
         triad.gan_head = accelerator.prepare(triad.gan_head)
+    for b in {id(b): b for b in backbones}.values() if cfg.compile else ():  # in place: state-dict keys unchanged
+        b.compile(mode=None if cfg.compile == "default" else cfg.compile)
     if loader is not None:
         loader = accelerator.prepare(loader)
     if triad.ema is not None:
         accelerator.register_for_checkpointing(triad.ema)
+    if hasattr(method, "state_dict") and hasattr(method, "load_state_dict"):  # a method or wrapper with its own state
+        accelerator.register_for_checkpointing(method)
     classifier = reference = None  # the digits feature / classifier net (FID, and e.g. SFD's pseudo-labels)
     if cfg.classifier and shape == (1, 8, 8):
         classifier = DigitsClassifier.from_pretrained(cfg.classifier).to(device).eval()
@@ -150,19 +191,13 @@ def main(argv: list[str]) -> None:
     if hasattr(method, "setup"):  # e.g. SFD: which rows of the condition table it forgets (labels or prompts)
         method.setup(cond_table, teacher.prompts if teacher.text_conditional else classes, classifier)
 
-    def real_batches():
-        while True:
-            yield from loader
-
-    real_iter = real_batches() if loader is not None else None
-
     # 5. Resume -------------------------------------------------------------------------------------
+    real_iter = RealBatches(loader) if loader is not None else None  # endless; its position is checkpointed
     start = 0
-    if resume_from:
-        accelerator.load_state(resume_from)
-        with open(os.path.join(resume_from, "onestep_manifest.json")) as f:
-            start = json.load(f)["step"]
-    set_seed(cfg.seed + 1000 * start, device_specific=True)  # fresh, per-process noise from here on
+    if resume_from:  # models, EMA, optimisers, schedulers, per-process RNG states, data position, method state
+        start = load_checkpoint(accelerator, resume_from, run_config(cfg), real_iter)
+    else:  # fresh, per-process noise; a resumed run continues the RNG streams it saved
+        set_seed(cfg.seed, device_specific=True)
     if main_proc:
         with open(os.path.join(run_dir, "config.yaml"), "w") as f:
             yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
@@ -233,7 +268,11 @@ def main(argv: list[str]) -> None:
                 triad.ema_step()
             logs.update(turn_logs)
         logs["skipped_updates"] = skipped
+        if hasattr(method, "on_step"):  # e.g. DisBack's target schedule
+            method.on_step(triad, step, logs)
         done = step + 1
+        if cfg.compile and step == start and main_proc:
+            tqdm.write(f"torch.compile: the first iteration (with compilation) took {time.time() - t_start:.1f} s")
         if done % cfg.log_every == 0 or done == cfg.steps:
             accelerator.log(logs, step=done)
             bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k.startswith("loss")})
@@ -248,17 +287,17 @@ def main(argv: list[str]) -> None:
                 accelerator.log({"fid": r["fid"], **({"class_accuracy": r["class_accuracy"]} if eval_labels else {})}, step=done)
             accelerator.wait_for_everyone()
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
-            save_checkpoint(accelerator, run_dir, done, cfg.checkpoints_total_limit, {"config": dataclasses.asdict(cfg)})
+            save_checkpoint(accelerator, run_dir, done, cfg.checkpoints_total_limit, run_config(cfg), real_iter)
     train_seconds = time.time() - t_start
-    save_checkpoint(accelerator, run_dir, cfg.steps, cfg.checkpoints_total_limit, {"config": dataclasses.asdict(cfg)})
+    save_checkpoint(accelerator, run_dir, cfg.steps, cfg.checkpoints_total_limit, run_config(cfg), real_iter)
 
     # 7. Final evaluation, export, metrics ------------------------------------------------------------
     flat = torch.cat([p.detach().double().flatten() for p in triad.generator_parameters()])
     sums = accelerator.gather(torch.stack([flat.sum(), flat.abs().sum()])[None].to(device))  # (processes, 2)
     spread = (sums.max(0).values - sums.min(0).values).max().item()  # 0 when every replica holds the same weights
+    student = triad.export_generator(use_ema=True)
     if main_proc:
         save_samples(cfg.steps)
-        student = triad.export_generator(use_ema=True)
         metrics = {"method": cfg.method, "steps": cfg.steps, "teacher_path": cfg.teacher, "num_classes": teacher.num_classes,
                    "teacher": {"fid": None, "nfe": None}, "student": {"fid": None, "nfe": student.num_steps},
                    "feature_extractor": None, "num_samples": cfg.eval_samples, "train_seconds": round(train_seconds, 1),
@@ -297,7 +336,9 @@ def main(argv: list[str]) -> None:
         s, t = metrics["student"], metrics["teacher"]
         print(f"done: student FID {s['fid'] if s['fid'] is None else round(s['fid'], 3)} (1 step), teacher FID "
               f"{t['fid'] if t['fid'] is None else round(t['fid'], 3)} ({t['nfe']} steps); run folder {run_dir}")
-    accelerator.end_training()
+    for tracker in accelerator.trackers:  # end_training() less the process group, which main() ends
+        tracker.finish()
+    return student
 
 
 def usage() -> str:

@@ -4,11 +4,12 @@ from __future__ import annotations
 import dataclasses
 
 from .dmd import DMD, DMD2
+from .gndm import GNDM
 from .sfd import SFD
 from .sid import SiD
 from .vsd import VSD
 
-METHODS: dict[str, type] = {"dmd": DMD, "dmd2": DMD2, "vsd": VSD, "sid": SiD, "sfd": SFD}
+METHODS: dict[str, type] = {"dmd": DMD, "dmd2": DMD2, "vsd": VSD, "sid": SiD, "sfd": SFD, "gndm": GNDM}
 
 
 def method_options(name: str) -> dict[str, dataclasses.Field]:

@@ -120,14 +120,19 @@ class DMD:
             loss = loss + self.regression_weight * loss_reg
             logs["loss_reg"] = loss_reg.item()
         if self.gan_generator_weight > 0:
-            t_g = sched.sample_t(n, 0.0, self.gan_t_max, device=x.device)
-            x_tg = sched.add_noise(x, torch.randn_like(x), t_g)
-            with triad.frozen("fake_score", "gan_head"):
-                _, feats = triad.gan_features_net(x_tg, t_g, cond, features=True)
-                loss_gan = F.softplus(-triad.gan_head(feats)).mean()
+            loss_gan = self.gan_generator_term(triad, x, cond)
             loss = loss + self.gan_generator_weight * loss_gan
             logs["loss_gan_g"] = loss_gan.item()
         return loss, logs
+
+    def gan_generator_term(self, triad, x: torch.Tensor, cond) -> torch.Tensor:
+        """DMD2's non-saturating generator loss: softplus(-D(x_t)) with x noised at t < gan_t_max, critic frozen."""
+        sched = triad.teacher.schedule
+        t_g = sched.sample_t(x.shape[0], 0.0, self.gan_t_max, device=x.device)
+        x_tg = sched.add_noise(x, torch.randn_like(x), t_g)
+        with triad.frozen("fake_score", "gan_head"):
+            _, feats = triad.gan_features_net(x_tg, t_g, cond, features=True)
+            return F.softplus(-triad.gan_head(feats)).mean()
 
     # ---- critic turn -----------------------------------------------------------------------------
     def fake_score_loss(self, triad, batch: dict) -> tuple[torch.Tensor, dict]:

@@ -1,4 +1,4 @@
-"""Score Forgetting Distillation (Chen, Zhang, Zhou 2025), ../shared/METHODS.md section 4: SiD plus a forget term.
+"""Score Forgetting Distillation (Chen, Zhang, Zhou 2025): SiD plus a forget term.
 
 Each batch splits by condition into remaining (c_r) and forget (c_f) samples; each term is a mean over its part:
     fake:      c_sr * DSM(F; G(z, c_r), c_r) + c_sf * DSM(F; G(z, c_f), c_f)

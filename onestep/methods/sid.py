@@ -1,4 +1,4 @@
-"""SiD: Score identity Distillation (Zhou et al. 2024), ../shared/METHODS.md section 3.
+"""SiD: Score identity Distillation (Zhou et al. 2024).
 
 Generator, per sample, with y_t = alpha_t x + sigma_t eps, f_T = T(y_t), f_F = F(y_t):
     L_G = sum_pix (f_T - f_F) * ((f_T - x) - alpha (f_T - f_F)) / w,   w = sg(mean_chw |x - f_T|) >= 1e-5.

@@ -1,4 +1,4 @@
-"""VSD / SwiftBrush (Nguyen & Tran 2024), with SNOOPI's PG-SB random guidance scale (../shared/METHODS.md §2).
+"""VSD / SwiftBrush (Nguyen & Tran 2024), with SNOOPI's PG-SB random guidance scale.
 
 Generator: t ~ U[2%, 98%], x_t = alpha_t x + sigma_t eps; both branches under CFG at the same scale kappa;
 g = sigma_t^2 (eps_T - eps_F) = alpha_t sigma_t (x0_fake - x0_real); L = 0.5 mean((x - sg(x - g))^2).

@@ -1,0 +1,178 @@
+"""DisBack convergence benchmark: digits-FID against generator updates, a base method with and without DisBack.
+
+    python eval/disback_benchmark.py --seeds 0,1,2 --steps 450 --eval_every 45 --out runs/disback-benchmark \\
+        --plot assets/disback-convergence.png
+
+Runs `train/distill.py --preset digits` (DMD2) for every seed, once as it is and once with `--backtrack` (same seeds,
+iterations, evaluation), at most `--jobs` runs at a time and never two DisBack runs at once (they share one
+recording: the first makes it, the others reuse it). Finished runs (a metrics.json) are not run again. Writes
+`benchmark.md` (the table), `benchmark.json` and the plot into --out. Options it does not know go to every run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARMS = ("base", "disback")
+
+
+def run_command(arm: str, seed: int, a, extra: list[str]) -> list[str]:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", os.path.join(ROOT, "train", "distill.py"),
+           "--preset", a.preset, "--steps", str(a.steps), "--eval_every", str(a.eval_every), "--eval_samples",
+           str(a.eval_samples), "--cpu_threads", str(a.cpu_threads), "--seed", str(seed), "--output_dir", a.out,
+           "--name", f"{arm}-s{seed}", "--overwrite", "--export", "false", "--sample_every", "0", "--checkpoint_every", "0",
+           "--teacher_eval_steps", "1", *extra]
+    if arm == "disback":
+        cmd += ["--backtrack", "--backtrack_nodes", str(a.nodes), "--backtrack_interval", str(a.interval),
+                "--backtrack_switch", a.switch, "--record_interval", str(a.record_interval)]
+    return cmd
+
+
+def run_all(a, extra: list[str]) -> None:
+    """Run the missing (arm, seed) runs, `jobs` at a time, at most one DisBack run at a time."""
+    todo = [(arm, s) for s in a.seeds for arm in ARMS if not os.path.isfile(os.path.join(a.out, f"{arm}-s{s}", "metrics.json"))]
+    running: list[tuple[str, subprocess.Popen]] = []
+    while todo or running:
+        busy = {arm for arm, _ in running}
+        ready = [job for job in todo if not (job[0] == "disback" and "disback" in busy)]
+        if ready and len(running) < a.jobs:
+            arm, seed = ready[0]
+            todo.remove((arm, seed))
+            log = open(os.path.join(a.out, f"{arm}-s{seed}.log"), "w")
+            env = {**os.environ, "OMP_NUM_THREADS": str(a.cpu_threads), "HF_HUB_OFFLINE": "1"}
+            print(f"start {arm} seed {seed}", flush=True)
+            running.append((arm, subprocess.Popen(run_command(arm, seed, a, extra), cwd=ROOT, env=env, stdout=log,
+                                                   stderr=subprocess.STDOUT)))
+            continue
+        time.sleep(2)
+        for job in [j for j in running if j[1].poll() is not None]:
+            running.remove(job)
+            if job[1].returncode:
+                raise SystemExit(f"error: a {job[0]} run failed (exit {job[1].returncode}); see the .log files in {a.out}")
+    use = resource.getrusage(resource.RUSAGE_CHILDREN)
+    with open(os.path.join(a.out, "cpu_seconds.json"), "w") as f:  # CPU time of the runs this call started
+        json.dump({"cpu_seconds": round(use.ru_utime + use.ru_stime, 1), "jobs": a.jobs}, f)
+
+
+def first_reaching(curve: list[dict], fid: float) -> int | None:
+    return next((p["step"] for p in curve if p["fid"] <= fid), None)
+
+
+def summarise(a) -> dict:
+    """Curves per arm and seed, mean curves, and the iterations each arm needs to reach the stated FIDs."""
+    runs = {arm: {} for arm in ARMS}
+    for arm in ARMS:
+        for s in a.seeds:
+            with open(os.path.join(a.out, f"{arm}-s{s}", "metrics.json")) as f:
+                runs[arm][s] = json.load(f)
+    steps = [p["step"] for p in runs["base"][a.seeds[0]]["curve"]]
+    mean = {arm: [sum(r["curve"][i]["fid"] for r in runs[arm].values()) / len(a.seeds) for i in range(len(steps))]
+            for arm in ARMS}
+    targets = [mean["base"][-1]] + [t for t in a.targets]
+    reach = {arm: {f"{t:.3f}": {s: first_reaching(r["curve"], t) for s, r in runs[arm].items()} for t in targets}
+             for arm in ARMS}
+    first = runs["disback"][a.seeds[-1]]["disback"]
+    return {"steps": steps, "update_ratio": a.update_ratio, "seeds": a.seeds, "mean": mean, "targets": targets,
+            "reach": reach, "curves": {arm: {s: [p["fid"] for p in r["curve"]] for s, r in runs[arm].items()} for arm in ARMS},
+            "train_seconds": {arm: [r["train_seconds"] for r in runs[arm].values()] for arm in ARMS},
+            "recording": {k: first.get(k) for k in ("recording_updates", "recording_seconds", "node_distances", "switches")}}
+
+
+def table(r: dict) -> str:
+    k = r["update_ratio"]
+    seeds = ", ".join(str(s) for s in r["seeds"])
+    lines = [f"digits-FID (mean over seeds {seeds}; min–max in brackets) after each evaluation:", "",
+             "| iterations | generator updates | DMD2 | DMD2 + DisBack |", "|---|---|---|---|"]
+    for i, step in enumerate(r["steps"]):
+        cells = []
+        for arm in ARMS:
+            vals = [c[i] for c in r["curves"][arm].values()]
+            cells.append(f"{r['mean'][arm][i]:.3f} ({min(vals):.3f}–{max(vals):.3f})")
+        lines.append(f"| {step} | {math.ceil(step / k)} | {cells[0]} | {cells[1]} |")
+    lines += ["", "Iterations to reach a digits-FID (first evaluation at or below it; per seed, '—' = not reached):", "",
+              "| FID | DMD2 | DMD2 + DisBack |", "|---|---|---|"]
+    for i, t in enumerate(r["targets"]):
+        key = f"{t:.3f}"
+        cells = [", ".join("—" if v is None else str(v) for v in r["reach"][arm][key].values()) for arm in ARMS]
+        label = f"{key} (DMD2's final mean)" if i == 0 else key
+        lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
+    rec = r["recording"]
+    lines += ["", f"DisBack's recording: {rec['recording_updates']} fake-score updates on G0's samples "
+              f"({rec['recording_seconds']} s, made once and reused by every seed); target switches (iteration, node): "
+              f"{rec['switches']}; node distances from the teacher: {[round(d, 3) for d in rec['node_distances']]}.",
+              f"Training seconds per run: DMD2 {r['train_seconds']['base']}, DisBack {r['train_seconds']['disback']}."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(r: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    x = [math.ceil(s / r["update_ratio"]) for s in r["steps"]]
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for arm, label, color in (("base", "DMD2", "tab:blue"), ("disback", "DMD2 + DisBack", "tab:orange")):
+        curves = list(r["curves"][arm].values())
+        ax.fill_between(x, [min(c[i] for c in curves) for i in range(len(x))],
+                        [max(c[i] for c in curves) for i in range(len(x))], color=color, alpha=0.2)
+        ax.plot(x, r["mean"][arm], marker="o", color=color, label=f"{label} (mean of {len(curves)} seeds; band: min–max)")
+    ax.axhline(r["targets"][0], color="grey", ls="--", lw=1, label=f"DMD2's final mean FID {r['targets'][0]:.3f}")
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.set_xlabel("generator updates")
+    ax.set_ylabel("digits-FID")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--steps", type=int, default=450, help="iterations per run")
+    p.add_argument("--eval_every", type=int, default=45)
+    p.add_argument("--eval_samples", type=int, default=1000)
+    p.add_argument("--preset", default="digits")
+    p.add_argument("--update_ratio", type=int, default=3, help="the preset's iterations per generator update")
+    p.add_argument("--nodes", type=int, default=4)
+    p.add_argument("--interval", type=int, default=15, help="--backtrack_interval")
+    p.add_argument("--switch", default="fixed")
+    p.add_argument("--record_interval", type=int, default=25)
+    p.add_argument("--targets", default="2,1.5", help="more FIDs to report the iterations for")
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--cpu_threads", type=int, default=1)
+    p.add_argument("--out", default="runs/disback-benchmark")
+    p.add_argument("--plot", default="", help="also write the plot here (e.g. assets/disback-convergence.png)")
+    p.add_argument("--report_only", action="store_true", help="summarise finished runs, start none")
+    a, extra = p.parse_known_args(argv)
+    a.seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
+    a.targets = [float(t) for t in a.targets.split(",") if t.strip()]
+    a.out = os.path.abspath(a.out)
+    os.makedirs(a.out, exist_ok=True)
+    if not a.report_only:
+        run_all(a, extra)
+    r = summarise(a)
+    with open(os.path.join(a.out, "benchmark.json"), "w") as f:
+        json.dump(r, f, indent=1)
+    md = table(r)
+    with open(os.path.join(a.out, "benchmark.md"), "w") as f:
+        f.write(md)
+    for path in [os.path.join(a.out, "benchmark.png")] + ([a.plot] if a.plot else []):
+        plot(r, path)
+    print(md)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,92 @@
+"""Time one distillation iteration: img/s, TFLOP/s, fraction of the card's bf16 peak, peak memory, and the step
+against the sum of its network passes timed alone -- every variant measured in the same run.
+
+    python eval/step_benchmark.py                                  # CPU: digits, fp32, step vs passes
+    python eval/step_benchmark.py --preset cifar --variants fp32,tf32,bf16,bf16-compile   # a GPU
+    python eval/step_benchmark.py --preset sd15 --variants bf16 --fake-score lora --gradient-checkpointing
+
+Prints a Markdown table and one JSON line per row; --out FILE also writes the rows as JSON.
+Figures are medians over --repeats iterations after --warmup (CUDA events on a GPU). The step is
+onestep.methods.DMD's generator and fake-score turns with the trainer's per-turn work (onestep/stepbench.py).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit status 2
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main(argv: list[str]) -> int:
+    p = Parser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="digits", help="digits, cifar or sd15 (comma-separated for several)")
+    p.add_argument("--variants", default="", help="comma-separated: fp32, tf32, bf16, bf16-compile, bf16-max-autotune "
+                                                  "(default: fp32 on the CPU; fp32,tf32,bf16,bf16-compile on a GPU)")
+    p.add_argument("--batch-size", type=int, default=0, help="per step (0: the preset's)")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--fake-score", choices=("copy", "lora"), default="copy")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--no-components", action="store_true", help="skip timing the passes alone")
+    p.add_argument("--peak-tflops", type=float, default=0.0, help="the card's dense bf16 peak, if not in the table")
+    p.add_argument("--device", default="", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    p.add_argument("--out", default="", help="also write the rows to this JSON file")
+    args = p.parse_args(argv)
+    if args.repeats < 1 or args.warmup < 1 or args.batch_size < 0:
+        p.error("--repeats and --warmup must be >= 1 and --batch-size >= 0")
+
+    import torch
+
+    from onestep.errors import OnestepError
+    from onestep.stepbench import PRESETS, VARIANTS, build_workload, markdown, measure
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible; use --device cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    presets = [s for s in args.preset.split(",") if s]
+    variants = [v for v in args.variants.split(",") if v] or (
+        ["fp32", "tf32", "bf16", "bf16-compile"] if device.type == "cuda" else ["fp32"])
+    for s in presets:
+        if s not in PRESETS:
+            p.error(f"--preset: unknown preset {s!r}; choose from {', '.join(PRESETS)}")
+    for v in variants:
+        if v not in VARIANTS:
+            p.error(f"--variants: unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
+        if v != "fp32" and device.type != "cuda":
+            p.error(f"--variants: {v!r} needs a CUDA device; on the CPU use fp32")
+    rows = []
+    try:
+        for s in presets:
+            work = build_workload(s, device, args.batch_size or None)
+            flops = None
+            for v in variants:
+                row = measure(work, v, device, warmup=args.warmup, repeats=args.repeats, fake_score=args.fake_score,
+                              gradient_checkpointing=args.gradient_checkpointing, peak=args.peak_tflops or None,
+                              flops=flops, components=not args.no_components)
+                if row["gflop_per_step"] is not None:
+                    flops = row["gflop_per_step"] * 1e9  # the same arithmetic for the compiled variants
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    except OnestepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(markdown(rows))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

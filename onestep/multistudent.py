@@ -1,0 +1,425 @@
+"""Multi-student distillation (MSD, Song et al. 2024): K one-step students, each owning a disjoint part of the
+condition space; a router sends every condition to exactly one student, so a sample still costs one forward.
+
+Routers: class labels split into balanced groups, either in label order ("balanced") or grouping the classes the
+teacher's samples are confused between, as the digits classifier sees them ("confusion"); prompts by k-means over
+their embeddings (mean over tokens, unit length), routed to the nearest centroid at inference ("kmeans").
+Smaller students (another `block_out_channels` of the teacher's architecture) first learn the teacher's denoiser by
+Teacher Score Matching, then distribution matching. `train_students` runs the K students one after another through
+the single-student loop, each on its own conditions, in <run>/student_k/, then evaluates and exports them together.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .errors import OnestepError
+
+ROUTER_FILE, CENTROID_FILE = "router.json", "router.safetensors"
+CONFUSION_PER_CLASS, CONFUSION_STEPS = 100, 10  # teacher samples per class (DDIM steps) that measure class confusion
+
+
+class RoutingError(OnestepError):
+    """A condition no student serves, or a router that cannot be built for this teacher."""
+
+
+@dataclass
+class Router:
+    """Condition -> student: class labels by lookup (groups[k]: student k's labels); prompt embeddings by the nearest
+    of K centroids (groups[k]: the rows of the training prompts student k owns)."""
+
+    kind: str                                 # "balanced" | "confusion" (class labels) or "kmeans" (prompts)
+    groups: list[list[int]]
+    centroids: torch.Tensor | None = None     # kmeans: (K, D) in the space of embedding_features
+
+    @property
+    def num_students(self) -> int:
+        return len(self.groups)
+
+    def route(self, cond) -> torch.Tensor:
+        """(B,) student index of each condition: class labels (B,) or prompt embeddings (B, L, D)."""
+        if self.centroids is not None:
+            f = embedding_features(cond)
+            return torch.cdist(f, self.centroids.to(f)).argmin(1)
+        labels = torch.as_tensor(cond).long().reshape(-1).cpu()
+        table = {c: k for k, g in enumerate(self.groups) for c in g}
+        missing = [int(c) for c in labels if int(c) not in table]
+        if missing:
+            raise RoutingError(f"class label {missing[0]} is served by no student (the students hold "
+                               f"{sorted(table)})")
+        return torch.tensor([table[int(c)] for c in labels], dtype=torch.long)
+
+    def save(self, folder: str) -> None:
+        """router.json (+ router.safetensors with the centroids)."""
+        from safetensors.torch import save_file
+
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, ROUTER_FILE), "w") as f:
+            json.dump({"kind": self.kind, "groups": self.groups}, f, indent=1)
+        if self.centroids is not None:
+            save_file({"centroids": self.centroids.float().cpu().contiguous()}, os.path.join(folder, CENTROID_FILE))
+
+    @classmethod
+    def load(cls, folder: str) -> "Router":
+        from safetensors.torch import load_file
+
+        with open(os.path.join(folder, ROUTER_FILE)) as f:
+            d = json.load(f)
+        path = os.path.join(folder, CENTROID_FILE)
+        return cls(d["kind"], [list(map(int, g)) for g in d["groups"]],
+                   load_file(path)["centroids"] if os.path.isfile(path) else None)
+
+
+def routed_sample(samplers: Sequence[Callable], router: Router, z: torch.Tensor, cond) -> torch.Tensor:
+    """Each sample through its own student (`samplers[k](z, cond)`); the outputs in input order."""
+    idx = router.route(cond).to(z.device)
+    out = None
+    for k in idx.unique().tolist():
+        m = (idx == k).nonzero().squeeze(1)
+        x = samplers[k](z[m], cond[m.to(cond.device)])
+        out = x.new_empty((len(z), *x.shape[1:])) if out is None else out
+        out[m] = x
+    return out
+
+
+# ---- partitions ------------------------------------------------------------------------------------
+def balanced_groups(items: Sequence[int], k: int) -> list[list[int]]:
+    """Items in order, split into k groups whose sizes differ by at most one."""
+    return [list(map(int, g)) for g in np.array_split(np.asarray(list(items)), k)]
+
+
+def affinity_groups(affinity: torch.Tensor, sizes: Sequence[int]) -> list[list[int]]:
+    """Indices 0..n-1 in groups of the given sizes, maximising the summed affinity within groups: greedy (seed with
+    the most affine remaining pair, add the index most affine to the group), then pairwise swaps while they gain."""
+    a = affinity.double().clone().fill_diagonal_(0)
+    left, groups = list(range(len(a))), []
+    for size in sizes:
+        pairs = [(a[i, j].item(), -i, -j) for i, j in itertools.combinations(left, 2)]
+        g = [left[0]] if size == 1 or not pairs else [-max(pairs)[1], -max(pairs)[2]]
+        while len(g) < size:
+            g.append(max((x for x in left if x not in g), key=lambda x: (a[g, x].sum().item(), -x)))
+        left = [x for x in left if x not in g]
+        groups.append(g)
+    def first_gain():  # a swap of i (in ga) and j (in gb) that raises the within-group total
+        for ga, gb in itertools.combinations(groups, 2):
+            for i, j in itertools.product(ga, gb):
+                ra, rb = [x for x in ga if x != i], [x for x in gb if x != j]
+                if (a[j, ra].sum() + a[i, rb].sum() - a[i, ra].sum() - a[j, rb].sum()).item() > 1e-12:
+                    return ga, gb, i, j
+        return None
+
+    while (swap := first_gain()) is not None:
+        ga, gb, i, j = swap
+        ga[ga.index(i)], gb[gb.index(j)] = j, i
+    return [sorted(g) for g in groups]
+
+
+@torch.no_grad()
+def class_affinity(teacher, classifier, classes: Sequence[int], shape, *, per_class: int = CONFUSION_PER_CLASS,
+                   steps: int = CONFUSION_STEPS, seed: int = 0, device="cpu") -> torch.Tensor:
+    """The teacher's soft class confusion as the classifier sees it: P[i, j] = mean probability of class j on the
+    teacher's samples of class i (DDIM, `steps`), restricted to `classes` and made symmetric; (C, C)."""
+    from .sampling import sample_teacher
+
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.tensor(list(classes)).repeat_interleave(per_class)
+    z = torch.randn(len(labels), *shape, generator=g)
+    probs = []
+    for zb, yb in zip(z.split(250), labels.split(250)):
+        x = sample_teacher(teacher, zb.to(device), yb.to(device), steps).clamp(-1, 1)
+        probs.append(classifier(x).softmax(-1)[:, list(classes)].double().cpu())
+    p = torch.cat(probs).reshape(len(classes), per_class, len(classes)).mean(1)
+    return (p + p.T) / 2
+
+
+def embedding_features(cond: torch.Tensor) -> torch.Tensor:
+    """Prompt embeddings (B, L, D) -> (B, D): the mean over tokens, scaled to unit length (k-means' space)."""
+    f = cond.float().reshape(len(cond), -1, cond.shape[-1]).mean(1)
+    return torch.nn.functional.normalize(f, dim=1)
+
+
+def kmeans(x: torch.Tensor, k: int, *, seed: int = 0, iters: int = 100) -> torch.Tensor:
+    """Lloyd's k-means with k-means++ seeding (seeded); an emptied cluster restarts at the point farthest from its
+    centroid. Returns the (k, D) centroids."""
+    g = torch.Generator().manual_seed(seed)
+    x = x.double()
+    c = x[torch.randint(len(x), (1,), generator=g)]
+    for _ in range(1, k):
+        d = torch.cdist(x, c).min(1).values ** 2
+        pick = torch.multinomial(d / d.sum(), 1, generator=g) if d.sum() > 0 else torch.tensor([0])
+        c = torch.cat([c, x[pick]])
+    for _ in range(iters):
+        assign = torch.cdist(x, c).argmin(1)
+        new = c.clone()
+        for j in range(k):
+            members = x[assign == j]
+            new[j] = members.mean(0) if len(members) else x[torch.cdist(x, c[j:j + 1])[:, 0].argmax()]
+        if torch.equal(new, c):
+            break
+        c = new
+    return c.float()
+
+
+def build_router(kind: str, num_students: int, *, classes: Sequence[int] = (), prompt_embeds: torch.Tensor | None = None,
+                 affinity: Callable[[], torch.Tensor] | None = None, seed: int = 0) -> Router:
+    """The router of `kind` ("auto": balanced for class labels, kmeans for prompts) over the classes or prompts."""
+    text = prompt_embeds is not None
+    kind = ("kmeans" if text else "balanced") if kind == "auto" else kind
+    if text != (kind == "kmeans"):
+        allowed = "kmeans (or auto)" if text else "balanced, confusion (or auto)"
+        raise RoutingError(f"router: {kind!r} does not route {'prompts' if text else 'class labels'}; use {allowed}")
+    n = len(prompt_embeds) if text else len(classes)
+    if n < num_students:
+        raise RoutingError(f"students: {num_students} students need at least {num_students} "
+                           f"{'prompts' if text else 'classes'} to split, got {n}")
+    if kind == "kmeans":
+        feats = embedding_features(prompt_embeds)
+        centroids = kmeans(feats, num_students, seed=seed)
+        assign = torch.cdist(feats, centroids).argmin(1)
+        groups = [torch.nonzero(assign == j).flatten().tolist() for j in range(num_students)]
+        if not all(groups):
+            raise RoutingError(f"students: the prompts have fewer than {num_students} distinct embeddings; "
+                               "use fewer students or more prompts")
+        return Router(kind, groups, centroids)
+    if kind == "balanced":
+        return Router(kind, balanced_groups(classes, num_students))
+    sizes = [len(g) for g in balanced_groups(classes, num_students)]
+    return Router(kind, [[int(classes[i]) for i in g] for g in affinity_groups(affinity(), sizes)])
+
+
+# ---- smaller students: Teacher Score Matching --------------------------------------------------------------
+def small_backbone(teacher_backbone, channels: Sequence[int], seed: int = 0):
+    """The teacher's architecture with other `block_out_channels`, freshly initialised (seeded), float32."""
+    cfg = dict(teacher_backbone.config)
+    if len(channels) != len(cfg["block_out_channels"]):
+        raise RoutingError(f"student_channels: {list(channels)} has {len(channels)} levels; the teacher's "
+                           f"block_out_channels {list(cfg['block_out_channels'])} has {len(cfg['block_out_channels'])}")
+    groups = cfg.get("norm_num_groups") or 32
+    if any(c % groups for c in channels):
+        raise RoutingError(f"student_channels: {list(channels)} must be multiples of the teacher's norm_num_groups "
+                           f"({groups})")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = type(teacher_backbone).from_config({**cfg, "block_out_channels": list(channels)})
+    return net.float().to(teacher_backbone.device)
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def teacher_score_matching(student, teacher, cond_rows: torch.Tensor | None, shape, *, steps: int, lr: float,
+                           batch_size: int, pool: int, sampler_steps: int = 25, seed: int = 0, device="cpu") -> dict:
+    """TSM: regress the student denoiser's x0 onto the teacher's x0 at the same noisy input, t ~ U over the whole
+    range, weighted as the teacher's native loss (eps-MSE for VP). Clean inputs: a pool of the teacher's own samples
+    (DDIM, `sampler_steps`) on `cond_rows` (drawn uniformly). Trains `student` (a Denoiser) in place."""
+    from .methods.dmd import NATIVE_LOSS_SPACE, weighted_dsm
+    from .sampling import sample_teacher
+
+    g = torch.Generator().manual_seed(seed)
+    rows = None if cond_rows is None else cond_rows[torch.randint(len(cond_rows), (pool,), generator=g)]
+    z = torch.randn(pool, *shape, generator=g)
+    x0 = torch.cat([sample_teacher(teacher, z[i:i + 256].to(device), None if rows is None else rows[i:i + 256].to(device),
+                                   sampler_steps) for i in range(0, pool, 256)])
+    sched, space = teacher.schedule, NATIVE_LOSS_SPACE[teacher.schedule.kind]
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    student.train()
+    losses = []
+    for _ in range(steps):
+        j = torch.randint(pool, (batch_size,), generator=g)
+        c = None if rows is None else rows[j].to(device)
+        t = sched.sample_t(batch_size, 0.0, 1.0, device=device, generator=g)
+        x_t = sched.add_noise(x0[j.to(device)], torch.randn(batch_size, *shape, generator=g).to(device), t)
+        with torch.no_grad():
+            target = teacher(x_t, t, c)
+        loss = weighted_dsm(sched, t, student(x_t, t, c), target, space).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 10.0)
+        opt.step()
+        losses.append(loss.item())
+    tenth = max(1, steps // 10)
+    return {"steps": steps, "lr": lr, "pool": pool, "loss_first": float(np.mean(losses[:tenth])) if losses else None,
+            "loss_last": float(np.mean(losses[-tenth:])) if losses else None}
+
+
+def student_config(cfg, router: Router, k: int, run_dir: str):
+    """The single-student run of student k: its own conditions, in <run>/student_k/, no FID or export of its own."""
+    restrict = {"prompts": os.path.join(run_dir, f"student_{k}", "prompts.txt")} if router.kind == "kmeans" else \
+        {"classes": router.groups[k]}
+    return dataclasses.replace(cfg, name=f"student_{k}", output_dir=run_dir, students=1, student_channels=[],
+                               classifier="", export=False, eval_every=0, **restrict)
+
+
+# ---- the multi-student run ---------------------------------------------------------------------------
+def train_students(cfg, train: Callable) -> dict | None:
+    """MSD in one command: route the conditions, train student k with `train(cfg_k, backbone)` (the single-student
+    loop, after TSM for smaller students) in <run>/student_k/, then evaluate, export and report them together.
+    Returns the metrics on the main process (None elsewhere)."""
+    import glob
+    import shutil
+    import time
+
+    import yaml
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    from .config import ConfigError
+    from .data import read_image_folder
+    from .denoiser import Denoiser
+    from .fid import DigitsClassifier
+    from .loading import load_teacher
+    from .pipeline_multi import export_multi_pipeline, model_card_multi
+    from .prompts import read_prompts
+    from .runs import prepare_run_dir, resolve_resume
+
+    if cfg.resume not in ("", "latest"):
+        raise ConfigError(f"resume: a multi-student run resumes with 'latest' (each student from its newest "
+                          f"checkpoint), got {cfg.resume!r}")
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as Accelerator() reads the launcher
+    device, main = state.device, state.is_main_process
+    if device.type == "cpu":
+        torch.set_num_threads(cfg.cpu_threads or max(1, len(os.sched_getaffinity(0)) // state.num_processes))
+    run_dir = os.path.join(cfg.output_dir, cfg.name or f"{cfg.preset}-{cfg.method}-k{cfg.students}")
+    if main:
+        prepare_run_dir(run_dir, overwrite=cfg.overwrite, resume=bool(cfg.resume))
+        if cfg.overwrite and not cfg.resume:  # students of the replaced run
+            for old in glob.glob(os.path.join(run_dir, "student_*")):
+                shutil.rmtree(old)
+    state.wait_for_everyone()
+    t_start = time.time()
+
+    # 1. Teacher, conditions, router
+    prompts = read_prompts(cfg.prompts) if cfg.prompts else None
+    folder = read_image_folder(cfg.dataset) if cfg.dataset not in ("digits", "none") else None
+    teacher = load_teacher(cfg.teacher, device=device, prompts=prompts, captions=folder and folder.captions)
+    shape, text = teacher.sample_shape, teacher.text_conditional
+    if not text and not teacher.num_classes:
+        raise ConfigError("students: an unconditional teacher has no conditions to route; use --students 1")
+    classes = [] if text else (cfg.classes or list(range(teacher.num_classes)))
+    bad = [c for c in classes if not 0 <= c < teacher.num_classes]
+    if bad:
+        raise ConfigError(f"classes: label {bad[0]} is out of range 0..{teacher.num_classes - 1} for this teacher")
+    classifier = None
+    if cfg.classifier and shape == (1, 8, 8):
+        classifier = DigitsClassifier.from_pretrained(cfg.classifier).to(device).eval()
+
+    def affinity() -> torch.Tensor:
+        if classifier is None or classifier.config.num_classes != teacher.num_classes:
+            raise RoutingError("router: 'confusion' measures the teacher's class confusion with the digits classifier "
+                               "(--classifier) on a teacher of the same classes; use --router balanced")
+        return class_affinity(teacher.denoiser, classifier, classes, shape, seed=cfg.seed, device=device)
+
+    router = build_router(cfg.router, cfg.students, classes=classes, prompt_embeds=teacher.prompt_embeds if text else None,
+                          affinity=affinity, seed=cfg.seed)
+    if main:
+        router.save(run_dir)
+        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+            yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
+        for k, g in enumerate(router.groups if text else []):  # each text student's own prompts
+            os.makedirs(os.path.join(run_dir, f"student_{k}"), exist_ok=True)
+            with open(os.path.join(run_dir, f"student_{k}", "prompts.txt"), "w", encoding="utf-8") as f:
+                f.write("".join(teacher.prompts[i] + "\n" for i in g))
+    state.wait_for_everyone()
+    router = router if main else Router.load(run_dir)  # every process: the main process's router
+
+    # 2. The students, one after another: TSM for smaller ones, then the single-student loop on their conditions
+    students, report = [], []
+    for k, g in enumerate(router.groups):
+        sub = student_config(cfg, router, k, run_dir)
+        entry = {"student": k, "conditions": [teacher.prompts[i] for i in g] if text else g}
+        backbone = None
+        if cfg.student_channels:
+            backbone = small_backbone(teacher.backbone, cfg.student_channels, seed=cfg.seed + k)
+            if cfg.tsm_steps and resolve_resume(os.path.join(run_dir, sub.name), cfg.resume) is None:
+                t0, den = time.time(), Denoiser(backbone, teacher.denoiser.schedule, null_cond=teacher.denoiser.null_cond,
+                                                prediction_type=teacher.denoiser.prediction_type)
+                rows = teacher.prompt_embeds[g] if text else torch.tensor(g)
+                entry["tsm"] = teacher_score_matching(den, teacher.denoiser, rows, shape, steps=cfg.tsm_steps,
+                                                      lr=cfg.tsm_lr, batch_size=cfg.batch_size, pool=cfg.tsm_pool,
+                                                      seed=cfg.seed + k, device=device)
+                entry["tsm"]["seconds"] = round(time.time() - t0, 1)
+        t0 = time.time()
+        students.append(train(sub, backbone))
+        entry.update(train_seconds=round(time.time() - t0, 1), parameters=count_parameters(students[-1]))
+        report.append(entry)
+    if not main:
+        state.wait_for_everyone()
+        return None
+
+    # 3. Together: digits-FID of the routed students, sample grid, export, metrics
+    gens = [s.eval() for s in students]
+
+    def sample(z, c):
+        return routed_sample([gen.sample for gen in gens], router, z, c)
+
+    metrics = {"method": cfg.method, "steps": cfg.steps, "students": router.num_students, "teacher_path": cfg.teacher,
+               "num_classes": teacher.num_classes, "router": {"kind": router.kind, "groups": [r["conditions"] for r in report]},
+               "teacher": {"fid": None, "nfe": None}, "student": {"fid": None, "nfe": gens[0].num_steps},
+               "parameters": {"teacher": count_parameters(teacher.backbone), "student": report[0]["parameters"]},
+               "feature_extractor": None, "num_samples": cfg.eval_samples, "per_student": report,
+               "train_seconds": round(sum(r["train_seconds"] + r.get("tsm", {}).get("seconds", 0) for r in report), 1),
+               "processes": state.num_processes, "text_to_image": text}
+    if classifier is not None:
+        student_scores, metrics["teacher"] = digits_scores(sample, teacher, classifier, classes, cfg, device)
+        metrics["student"].update(student_scores)
+        metrics["feature_extractor"] = f"digits-classifier ({cfg.classifier}), penultimate {classifier.config.feature_dim}-d"
+    save_students_grid(sample, teacher, classes, os.path.join(run_dir, "samples", "students.png"), device)
+    if cfg.export:
+        out = export_multi_pipeline(gens, router, teacher.scheduler_config, os.path.join(run_dir, "pipeline"),
+                                    num_classes=teacher.num_classes, null_class=teacher.null_class,
+                                    text_teacher_dir=teacher.path if text else None)
+        metrics["export"] = [out]
+    metrics["wall_seconds"] = round(time.time() - t_start, 1)
+    if cfg.export:
+        with open(os.path.join(out, "README.md"), "w") as f:
+            f.write(model_card_multi(metrics, run_dir))
+    with open(os.path.join(run_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    fid = metrics["student"]["fid"]
+    print(f"done: {router.num_students} students, routed FID {fid if fid is None else round(fid, 3)} (1 step each); "
+          f"run folder {run_dir}")
+    state.wait_for_everyone()
+    return metrics
+
+
+@torch.no_grad()
+def digits_scores(sample: Callable, teacher, classifier, classes: list[int], cfg, device) -> tuple[dict, dict]:
+    """Digits-FID and class metrics of `sample(z, labels)` and of the teacher at each of cfg.teacher_eval_steps (the
+    best kept), as the single-student run scores them (sample i: noise seed i, class classes[i mod C])."""
+    from .data import load_digits
+    from .fid import evaluate_samples, image_moments
+    from .sampling import sample_teacher
+
+    reference = image_moments([load_digits("all")[0].to(device)], classifier.features)
+    class_ids = torch.tensor(classes, device=device)
+
+    def evaluate(fn) -> dict:
+        return evaluate_samples(lambda z, y: fn(z, class_ids[y]), classifier, reference, cfg.eval_samples,
+                                teacher.sample_shape, len(classes), device=device)
+
+    runs = {n: {**evaluate(lambda z, y, n=n: sample_teacher(teacher.denoiser, z, y, n)), "nfe": n}
+            for n in cfg.teacher_eval_steps}
+    best = {**min(runs.values(), key=lambda r: r["fid"]), "by_steps": {str(n): r["fid"] for n, r in runs.items()}}
+    return evaluate(sample), best
+
+
+@torch.no_grad()
+def save_students_grid(sample: Callable, teacher, classes: list[int], path: str, device) -> None:
+    """A sample grid through the router: one column per class (text: per prompt, at most 10)."""
+    from .runs import save_grid
+
+    table = teacher.prompt_embeds if teacher.text_conditional else torch.tensor(classes)
+    cols = min(len(table), 10)
+    n = cols * (2 if teacher.text_conditional else 10)
+    z = torch.randn(n, *teacher.sample_shape, generator=torch.Generator().manual_seed(1234)).to(device)
+    x = teacher.to_images(sample(z, table[torch.arange(n) % cols].to(device)))
+    save_grid(x, path, nrow=cols, scale=4 if x.shape[-1] <= 64 else 1)

@@ -1,0 +1,298 @@
+"""Step benchmark: the cost of one distillation iteration, and of its network passes timed alone.
+
+One DMD iteration (no GAN, update ratio 1) = generator fwd+bwd, teacher fwd, fake-score fwd (the DM direction),
+fake-score fwd+bwd (its denoising loss) and two optimizer steps: eight forward-equivalents of one network size.
+It runs through the same method code as the trainer (onestep.methods.DMD on a Triad) with the trainer's per-turn
+work (autocast, zero_grad, backward, gradient clipping, finiteness check, optimizer step, EMA).
+
+Presets: "digits" (the shipped teacher), "cifar" (google/ddpm-cifar10-32's UNet2DModel config, random weights) and
+"sd15" (Stable Diffusion 1.5's UNet2DConditionModel config, random weights, 64x64 latents, 77x768 prompt
+embeddings). Variants: "fp32", "tf32", "bf16" (autocast, frozen teacher stored in bf16), "bf16-compile"
+(+ torch.compile of the three networks; its compile time is reported), "bf16-max-autotune".
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .denoiser import Denoiser
+from .errors import OnestepError
+from .schedule import Schedule
+
+# Dense bf16 tensor-core peaks in TFLOP/s (vendor data sheets, SXM parts), matched on the CUDA device name.
+BF16_PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "L4": 121.0, "A10": 125.0,
+                    "RTX 4090": 165.2, "RTX 3090": 71.0}
+VARIANTS = ("fp32", "tf32", "bf16", "bf16-compile", "bf16-max-autotune")
+PRESETS = ("digits", "cifar", "sd15")
+
+CIFAR_UNET = dict(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2, block_out_channels=(128, 256, 256, 256),
+                  down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), attention_head_dim=None,
+                  downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6, norm_num_groups=32)
+SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+                 cross_attention_dim=768, attention_head_dim=8)
+
+
+class StepBenchError(OnestepError):
+    """Bad step-benchmark input (preset, variant)."""
+
+
+@dataclass
+class Workload:
+    """A teacher denoiser, its sample shape, a condition batch maker and the batch size."""
+
+    name: str
+    teacher: Denoiser
+    shape: tuple
+    cond: object  # callable(n, device) -> condition batch or None
+    batch_size: int
+
+
+def build_workload(preset: str, device: torch.device, batch_size: int | None = None, seed: int = 0) -> Workload:
+    """The teacher of a preset on `device` (float32 weights; random ones for the cifar and sd15 configs)."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    gpu = device.type == "cuda"
+    if preset == "digits":
+        from .loading import load_teacher
+
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the shipped teacher of this checkout
+        t = load_teacher(os.path.join(root, "assets", "digits-teacher"), device=device)
+        k = t.num_classes
+        return Workload(preset, t.denoiser, t.sample_shape, lambda n, d: torch.arange(n, device=d) % k, batch_size or 64)
+    if preset == "cifar":
+        sched = Schedule.from_scheduler_config({"_class_name": "DDPMScheduler", "num_train_timesteps": 1000})
+        unet = diffusers.UNet2DModel(**CIFAR_UNET).to(device)
+        return Workload(preset, Denoiser(unet, sched), (3, 32, 32), lambda n, d: None, batch_size or (256 if gpu else 8))
+    if preset == "sd15":
+        sched = Schedule.from_scheduler_config({"_class_name": "DDPMScheduler", "beta_schedule": "scaled_linear",
+                                                "beta_start": 0.00085, "beta_end": 0.012})
+        unet = diffusers.UNet2DConditionModel(**SD15_UNET).to(device)
+        null = torch.zeros(1, 77, 768, device=device)
+        return Workload(preset, Denoiser(unet, sched, null_cond=null), (4, 64, 64),
+                        lambda n, d: torch.randn(n, 77, 768, device=d), batch_size or (8 if gpu else 1))
+    raise StepBenchError(f"preset: unknown step-benchmark preset {preset!r}; choose from {', '.join(PRESETS)}")
+
+
+class Timer:
+    """Wall time of a callable: CUDA events on a GPU, perf_counter on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn) -> float:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / 1000
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def _tf32(on: bool):
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = on
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+class StepRunner:
+    """A triad + DMD + two AdamW optimisers for one variant, with `step()` and the component passes."""
+
+    def __init__(self, work: Workload, variant: str, device: torch.device, fake_score: str = "copy",
+                 gradient_checkpointing: bool = False):
+        import copy
+
+        from .methods.dmd import DMD
+        from .triad import Triad
+
+        if variant not in VARIANTS:
+            raise StepBenchError(f"variant: unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+        if variant != "fp32" and device.type != "cuda":
+            raise StepBenchError(f"variant: {variant!r} needs a CUDA device; on the CPU use fp32")
+        self.variant, self.device, self.work = variant, device, work
+        self.bf16 = variant.startswith("bf16")
+        teacher = copy.deepcopy(work.teacher)  # every variant starts from the same weights
+        self.triad = Triad.from_teacher(teacher, fake_score=fake_score, sample_shape=work.shape, ema_decay=0.999,
+                                        frozen_dtype=torch.bfloat16 if self.bf16 else None)
+        self.method = DMD()
+        self.nets = [self.triad.raw("generator").denoiser.backbone, self.triad.raw("fake_score").backbone,
+                     self.triad.raw("teacher").backbone]
+        if gradient_checkpointing:
+            for b in self.nets[:2]:
+                b.enable_gradient_checkpointing()
+        fused = device.type in ("cuda", "cpu")  # as the trainer
+        self.opt_g = torch.optim.AdamW(self.triad.generator_parameters(), lr=1e-6, fused=fused)
+        self.opt_f = torch.optim.AdamW(self.triad.critic_parameters(), lr=1e-6, fused=fused)
+        self.compile_seconds = None
+        if "compile" in variant or "autotune" in variant:
+            mode = "max-autotune" if "autotune" in variant else None
+            for net in {id(n): n for n in self.nets}.values():
+                net.compile(mode=mode)
+        g = torch.Generator(device="cpu").manual_seed(0)
+        n = work.batch_size
+        self.z = torch.randn(n, *work.shape, generator=g).to(device)
+        self.cond = work.cond(n, device)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def tf32(self):
+        return _tf32(self.variant != "fp32")
+
+    def _update(self, loss_fn, opt, params, generator: bool):
+        batch = {"z": self.z, "cond": self.cond}
+        if not generator:
+            batch["generated"] = self._generated
+        with self.autocast():
+            loss, _ = loss_fn(self.triad, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(params, 10.0)
+        if bool(torch.isfinite(loss.detach()) & torch.isfinite(norm)):
+            opt.step()
+            if generator:
+                self.triad.ema_step()
+        if generator:
+            self._generated = batch["generated"]
+
+    def step(self) -> None:
+        """One iteration: generator turn, then the fake-score turn on the generator turn's samples."""
+        with self.tf32():
+            self._update(self.method.generator_loss, self.opt_g, self.triad.generator_parameters(), True)
+            self._update(self.method.fake_score_loss, self.opt_f, self.triad.critic_parameters(), False)
+
+    def passes(self) -> dict:
+        """The iteration's network passes as callables, each timed alone on the same batch."""
+        tr, sched, n = self.triad, self.work.teacher.schedule, self.work.batch_size
+        t = sched.sample_t(n, 0.02, 0.98, device=self.device)
+        with torch.no_grad():
+            x = tr.generate(self.z, self.cond).float()
+        x_t = sched.add_noise(x, torch.randn_like(x), t)
+
+        def gen_fwd_bwd():
+            with self.autocast():
+                out = tr.generate(self.z, self.cond)
+            out.float().square().mean().backward()
+
+        def teacher_fwd():
+            with torch.no_grad(), self.autocast():
+                tr.teacher(x_t, t, self.cond)
+
+        def fake_fwd():
+            with torch.no_grad(), self.autocast():
+                tr.fake_score(x_t, t, self.cond)
+
+        def fake_fwd_bwd():
+            with self.autocast():
+                out = tr.fake_score(x_t, t, self.cond)
+            (out - x).square().mean().backward()
+
+        def wrap(fn):
+            def run():
+                with self.tf32():
+                    fn()
+            return run
+
+        return {k: wrap(v) for k, v in {"generator fwd+bwd": gen_fwd_bwd, "teacher fwd": teacher_fwd,
+                                         "fake fwd": fake_fwd, "fake fwd+bwd": fake_fwd_bwd}.items()}
+
+    def zero_grads(self) -> None:
+        self.opt_g.zero_grad(set_to_none=True)
+        self.opt_f.zero_grad(set_to_none=True)
+
+
+def count_flops(runner: StepRunner) -> float:
+    """Floating-point operations of one iteration (torch's flop counter; matmuls and convolutions)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        runner.step()
+    return float(counter.get_total_flops())
+
+
+def peak_tflops(device: torch.device, override: float | None = None) -> tuple[str, float | None]:
+    if device.type != "cuda":
+        return "cpu", override
+    name = torch.cuda.get_device_name(device)
+    if override:
+        return name, override
+    for key, value in BF16_PEAK_TFLOPS.items():
+        if key in name:
+            return name, value
+    return name, None
+
+
+def measure(work: Workload, variant: str, device: torch.device, *, warmup: int = 3, repeats: int = 10,
+            fake_score: str = "copy", gradient_checkpointing: bool = False, peak: float | None = None,
+            flops: float | None = None, components: bool = False) -> dict:
+    """Median step time of a variant (and, with `components`, of each pass alone, interleaved with the steps)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    runner = StepRunner(work, variant, device, fake_score, gradient_checkpointing)
+    timer = Timer(device)
+    t0 = time.perf_counter()
+    runner.step()  # first step: compilation, allocator warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    first = time.perf_counter() - t0
+    for _ in range(warmup - 1):
+        runner.step()
+    passes = runner.passes() if components else {}
+    for fn in passes.values():
+        fn()
+    runner.zero_grads()
+    times, parts = [], {k: [] for k in passes}
+    for _ in range(repeats):  # interleaved, so drifts in machine load hit the step and its parts alike
+        times.append(timer(runner.step))
+        for k, fn in passes.items():
+            parts[k].append(timer(fn))
+            runner.zero_grads()
+    step_s = statistics.median(times)
+    if flops is None:
+        flops = count_flops(runner) if not ("compile" in variant or "autotune" in variant) else None
+    card, peak_value = peak_tflops(device, peak)
+    row = {"preset": work.name, "variant": variant, "device": card, "batch": work.batch_size,
+           "fake_score": fake_score, "gradient_checkpointing": gradient_checkpointing,
+           "step_s": step_s, "img_per_s": work.batch_size / step_s, "first_step_s": first,
+           "gflop_per_step": None if flops is None else flops / 1e9,
+           "tflops": None if flops is None else flops / step_s / 1e12}
+    row["peak_fraction"] = None if (row["tflops"] is None or not peak_value) else row["tflops"] / peak_value
+    row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    if "compile" in variant or "autotune" in variant:
+        row["compile_s"] = first - step_s
+    if components:
+        med = {k: statistics.median(v) for k, v in parts.items()}
+        row["passes_s"] = med
+        row["step_over_passes"] = step_s / sum(med.values())
+    del runner
+    return row
+
+
+def markdown(rows: list[dict]) -> str:
+    """The rows as a Markdown table."""
+    def f(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    head = ("| preset | variant | device | batch | img/s | step ms | TFLOP/s | of bf16 peak | peak GiB | "
+            "step / passes | first step s |")
+    lines = [head, "|" + "---|" * 11]
+    for r in rows:
+        lines.append(f"| {r['preset']} | {r['variant']} | {r['device']} | {r['batch']} | {f(r['img_per_s'], '.1f')} | "
+                     f"{f(r['step_s'] * 1e3, '.1f')} | {f(r['tflops'], '.3f')} | {f(r['peak_fraction'], '.1%')} | "
+                     f"{f(r['peak_mem_gib'], '.2f')} | {f(r.get('step_over_passes'), '.3f')} | {f(r['first_step_s'], '.1f')} |")
+    return "\n".join(lines)

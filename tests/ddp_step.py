@@ -1,0 +1,76 @@
+"""Launched by tests/test_ddp.py with 2 CPU processes: one DMD2 iteration under DDP vs the same global batch on one
+process (the two halves' gradients averaged, as data parallelism defines it). Writes OUT/ddp_step.json on rank 0."""
+import copy
+import json
+import os
+import sys
+
+import torch
+from accelerate import Accelerator
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_triad_methods import make_triad  # noqa: E402
+
+from onestep.methods import build_method  # noqa: E402
+
+torch.set_num_threads(1)
+acc = Accelerator()
+rank, world, n = acc.process_index, acc.num_processes, 4
+torch.manual_seed(0)
+triad = make_triad(gan=True)  # identical initial weights on every process (fixed seeds)
+reference = copy.deepcopy(triad)  # the single-process run, kept unwrapped
+initial = {"generator": [p.detach().clone() for p in triad.generator_parameters()],
+           "critic": [p.detach().clone() for p in triad.critic_parameters()]}
+method = build_method("dmd2", real_guidance_scale=2.0)
+g = torch.Generator().manual_seed(123)  # the global batch
+full = {"z": torch.randn(world * n, 1, 8, 8, generator=g), "cond": torch.randint(0, 10, (world * n,), generator=g),
+        "real": torch.rand(world * n, 1, 8, 8, generator=g) * 2 - 1, "real_cond": torch.randint(0, 10, (world * n,), generator=g)}
+
+
+def shard(r):
+    return {k: v[r * n:(r + 1) * n] for k, v in full.items()}
+
+
+def sgd(params):
+    return torch.optim.SGD(params, lr=0.05)
+
+
+opt_g, opt_f = sgd(triad.generator_parameters()), sgd(triad.critic_parameters())
+triad.generator, triad.fake_score, triad.gan_head, opt_g, opt_f = acc.prepare(
+    triad.generator, triad.fake_score, triad.gan_head, opt_g, opt_f)
+ref_g, ref_f = sgd(reference.generator_parameters()), sgd(reference.critic_parameters())
+
+# DDP: each process its shard, its own random stream (t, noise) seeded by its rank.
+batch = shard(rank)
+for turn, fn, opt in (("g", method.generator_loss, opt_g), ("f", method.fake_score_loss, opt_f)):
+    torch.manual_seed(1000 * (turn == "f") + rank)
+    loss, _ = fn(triad, batch)
+    opt.zero_grad()
+    acc.backward(loss)
+    opt.step()
+
+# One process, the same global batch: every shard with the same random stream, mean of the shard losses.
+shards = [shard(r) for r in range(world)]
+for turn, fn, opt in (("g", method.generator_loss, ref_g), ("f", method.fake_score_loss, ref_f)):
+    opt.zero_grad()
+    for r, b in enumerate(shards):
+        torch.manual_seed(1000 * (turn == "f") + r)
+        (fn(reference, b)[0] / world).backward()
+    opt.step()
+
+
+def flat(params):
+    return torch.cat([p.detach().flatten() for p in params])
+
+
+report = {}
+for role, params, ref_params in (("generator", triad.generator_parameters(), reference.generator_parameters()),
+                                 ("critic", triad.critic_parameters(), reference.critic_parameters())):
+    mine = flat(params)
+    everyone = acc.gather(mine[None])
+    report[f"{role}_replica_spread"] = (everyone - everyone[0]).abs().max().item()
+    report[f"{role}_vs_single_process"] = (mine - flat(ref_params)).abs().max().item()
+    report[f"{role}_update_size"] = (flat(ref_params) - flat(initial[role])).abs().max().item()
+if acc.is_main_process:
+    with open(os.path.join(sys.argv[1], "ddp_step.json"), "w") as f:
+        json.dump(report, f)

@@ -1,0 +1,457 @@
+"""Reliability: crash-safe checkpoints, exact resume, kill -9 at random moments, and every bad input answered.
+
+Bad inputs already covered by tests/test_cli.py (BAD_INPUTS, the offline hub teacher, an existing run folder,
+non-finite losses) are not repeated here.
+"""
+import contextlib
+import importlib.util
+import io
+import json
+import os
+import random
+import re
+import runpy
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import pytest
+import torch
+from conftest import ROOT
+from safetensors.torch import load_file
+
+from onestep import runs
+from onestep.methods import METHODS
+from onestep.methods.dmd import DMD2
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# The smoke preset with the GAN on (DMD2's defaults), so the real-image loader's position matters: class 0 only
+# (142 digits) at batch 64 is 2 batches per epoch, and a resume lands mid-epoch. EMA, TTUR 2 and a cosine schedule
+# with warm-up put every kind of saved state to use.
+EXACT = ["--preset", "smoke", "--classes", "0", "--batch_size", "64", "--ema_decay", "0.9", "--update_ratio", "2",
+         "--lr_scheduler", "cosine", "--lr_warmup_steps", "2", "--classifier", "", "--export", "false",
+         "--cpu_threads", "1"]
+
+
+def distill_main():
+    """train/distill.py's main(argv), for runs in this process."""
+    spec = importlib.util.spec_from_file_location("distill_under_test", os.path.join(ROOT, "train", "distill.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def final_state(run_dir: str, step: int) -> dict:
+    """Every tensor of a checkpoint: models and data position (safetensors), optimiser moments, EMA and method
+    state (loaded with weights_only)."""
+    from accelerate.utils import load
+
+    folder = os.path.join(run_dir, "checkpoints", f"step_{step:07d}")
+    out = {}
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            out.update({f"{name}:{k}": v for k, v in load_file(os.path.join(folder, name)).items()})
+        elif name.startswith("optimizer"):
+            state = load(os.path.join(folder, name), map_location="cpu")["state"]
+            out.update({f"{name}:{i}": t for i, t in enumerate(t for s in state.values() for t in s.values())})
+        elif name.startswith("custom_checkpoint_"):  # the EMA, or a method's own state
+            state = load(os.path.join(folder, name), map_location="cpu")
+            values = state["shadow_params"] if "shadow_params" in state else [torch.tensor(v) for v in state.values()]
+            out.update({f"{name}:{i}": t for i, t in enumerate(values)})
+    return out
+
+
+@dataclass
+class CountingDMD2(DMD2):
+    """DMD2 that counts its generator turns: a method with its own state, which checkpoints must carry."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.turns = 0
+
+    def generator_loss(self, triad, batch):
+        self.turns += 1
+        return super().generator_loss(triad, batch)
+
+    def state_dict(self) -> dict:
+        return {"turns": self.turns}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.turns = int(state["turns"])
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_continues_the_same_trajectory(cond_teacher, tmp_path, monkeypatch):
+    """8 steps straight == 3 steps, a crash right after the checkpoint, --resume latest, 5 more: identical tensors
+    (models, EMA, optimiser moments, the method's own state)."""
+    monkeypatch.setitem(METHODS, "dmd2", CountingDMD2)
+    main = distill_main()
+    args = [*EXACT, "--teacher", cond_teacher, "--output_dir", str(tmp_path), "--steps", "8", "--checkpoint_every", "3",
+            "--checkpoints_total_limit", "0"]
+    main([*args, "--name", "straight"])
+
+    save = runs.save_checkpoint
+
+    def save_then_crash(accelerator, run_dir, step, *a, **k):
+        out = save(accelerator, run_dir, step, *a, **k)
+        if step == 3:
+            raise Crash
+        return out
+
+    monkeypatch.setattr(runs, "save_checkpoint", save_then_crash)
+    with pytest.raises(Crash):
+        main([*args, "--name", "resumed"])
+    monkeypatch.setattr(runs, "save_checkpoint", save)
+    position = load_file(str(tmp_path / "resumed" / "checkpoints" / "step_0000003" / runs.DATA_STATE))
+    assert int(position["offset"]) == 1  # 3 batches taken at 2 per epoch: mid-epoch
+    main([*args, "--name", "resumed", "--resume", "latest"])
+
+    a, b = final_state(str(tmp_path / "straight"), 8), final_state(str(tmp_path / "resumed"), 8)
+    assert a.keys() == b.keys() and any(k.startswith("custom_checkpoint_0") for k in a)
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert int(b["custom_checkpoint_1.pkl:0"]) == 4  # generator turns at steps 0, 2, 4, 6: two of them after the crash
+    gen = load_file(str(tmp_path / "straight" / "checkpoints" / "step_0000003" / "model.safetensors"))
+    assert any(not torch.equal(gen[k], a[f"model.safetensors:{k}"]) for k in gen)  # it did train after step 3
+
+
+def test_real_batches_resume_mid_epoch_replays_the_same_stream():
+    """The loader's position: batches after a restore equal the uninterrupted stream, across epoch boundaries,
+    and the global RNG stream is untouched by the replay."""
+    data = torch.utils.data.TensorDataset(torch.arange(10.0))
+    loader = torch.utils.data.DataLoader(data, batch_size=4, shuffle=True, drop_last=True)  # 2 batches per epoch
+    torch.manual_seed(0)
+    stream = runs.RealBatches(loader)
+    for _ in range(3):
+        next(stream)
+        torch.rand(5)  # training draws between batches
+    state, live = stream.state_dict(), torch.get_rng_state()
+    assert int(state["offset"]) == 1
+    expected = [next(stream)[0] for _ in range(5)]
+    after = torch.rand(3)
+
+    torch.manual_seed(123)  # a fresh process: other RNG history
+    restored = runs.RealBatches(loader)
+    restored.load_state_dict(state)
+    assert restored.state_dict().keys() == state.keys()  # saved again before a batch is taken: the same position
+    torch.set_rng_state(live)
+    got = [next(restored)[0] for _ in range(5)]
+    assert all(torch.equal(x, y) for x, y in zip(got, expected)) and torch.equal(torch.rand(3), after)
+    torch.manual_seed(123)
+    plain = runs.RealBatches(loader)
+    assert not all(torch.equal(next(plain)[0], y) for y in expected[:2])  # the position is what makes them equal
+
+
+def _writes(ckpt_dir: str) -> set:
+    """Checkpoint writes in progress (step_N.tmp folders), each identified by name, inode and creation time."""
+    out = set()
+    for n in os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []:
+        with contextlib.suppress(FileNotFoundError):
+            if n.endswith(".tmp"):
+                st = os.stat(os.path.join(ckpt_dir, n))
+                out.add((n, st.st_ino, st.st_ctime_ns))
+    return out
+
+
+def _wait_for_write(proc, ckpt_dir: str, skip: int, stale: set, timeout: float = 120.0) -> bool:
+    """Poll until proc has begun its (skip+1)-th checkpoint write (stale: left by an earlier kill); False if it
+    ended first."""
+    seen, deadline = set(), time.time() + timeout
+    while proc.poll() is None and time.time() < deadline:
+        seen |= _writes(ckpt_dir) - stale
+        if len(seen) > skip:
+            return True
+        time.sleep(0.001)
+    return False
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_then_resume_latest(cond_teacher, tmp_path):
+    """5 trials of kill -9 (3 while a checkpoint is being written, 2 at a random moment of training), each followed
+    by --resume latest: no checkpoint is ever lost or corrupt, the last run reaches the final step, and its weights
+    are those of the same run never killed."""
+    steps, rng = 40, random.Random(0)
+    run = tmp_path / "k"
+    ckpt_dir = str(run / "checkpoints")
+    cmd = [sys.executable, os.path.join(ROOT, "train", "distill.py"), "--preset", "smoke", "--teacher", cond_teacher,
+           "--output_dir", str(tmp_path), "--name", "k", "--steps", str(steps), "--checkpoint_every", "1",
+           "--checkpoints_total_limit", "2", "--classifier", "", "--export", "false", "--cpu_threads", "1",
+           "--resume", "latest"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    last, interrupted_writes = 0, 0
+    for trial, mode in enumerate(["write", "random", "write", "random", "write"]):
+        with open(tmp_path / f"trial{trial}.log", "w") as log:
+            stale = _writes(ckpt_dir)
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            started = _wait_for_write(proc, ckpt_dir, rng.randint(0, 2) if mode == "write" else 0, stale)
+            if mode == "random":
+                time.sleep(rng.uniform(0.0, 0.8))
+            proc.kill()  # SIGKILL
+            proc.wait()
+        assert started and proc.returncode == -9, (tmp_path / f"trial{trial}.log").read_text()[-2000:]
+        names = os.listdir(ckpt_dir)
+        interrupted_writes += any(n.endswith((".tmp", ".old")) for n in names)
+        for d in runs.checkpoints(str(run)):  # every renamed checkpoint is complete and intact
+            runs.verify_checkpoint(d)
+        assert all(os.path.isfile(os.path.join(ckpt_dir, n, runs.MANIFEST)) for n in names if n[-4] != ".")
+        with contextlib.redirect_stderr(io.StringIO()):
+            latest = runs.resolve_resume(str(run), "latest")
+        step = runs.verify_checkpoint(latest)["step"] if latest else 0  # killed before its first checkpoint
+        assert step >= last, f"trial {trial}: the newest good checkpoint went back from step {last} to {step}"
+        last = step
+    assert interrupted_writes >= 1  # at least one kill landed inside a checkpoint write
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert re.search(rf"(\d+)/{steps}", done.stderr).group(1) == str(last)  # the bar starts at the newest good one
+    assert json.loads((run / "metrics.json").read_text())["steps"] == steps
+    final = runs.checkpoints(str(run))
+    assert [os.path.basename(d) for d in final][-1] == f"step_{steps:07d}" and len(final) == 2
+    for d in final:
+        runs.verify_checkpoint(d)
+    distill_main()([*cmd[2:cmd.index("--resume")], "--name", "straight"])  # the same run, never killed
+    a, b = final_state(str(tmp_path / "straight"), steps), final_state(str(run), steps)
+    assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+# ---- checkpoint folder: verify, resolve, prune ----------------------------------------------------------------
+@pytest.fixture
+def tiny_run(tmp_path):
+    """A real accelerate setup (one Linear, AdamW) and a save function into tmp_path/run."""
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=True)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    model, opt = acc.prepare(model, opt)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+
+    def save(step, keep=0, config=None):
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        return runs.save_checkpoint(acc, str(run), step, keep, config or {"seed": 0}, None)
+
+    return run, save, acc
+
+
+def test_latest_skips_corrupt_and_interrupted_checkpoints_with_a_warning(tiny_run, capsys):
+    run, save, _ = tiny_run
+    good = save(2)
+    corrupt = save(4)
+    with open(os.path.join(corrupt, "model.safetensors"), "r+b") as f:
+        f.seek(-3, 2)
+        f.write(b"\0\1\2")
+    no_manifest = save(8)
+    os.remove(os.path.join(no_manifest, runs.MANIFEST))
+    shutil.copytree(good, run / "checkpoints" / "step_0000006.tmp")  # a write killed before its rename
+    capsys.readouterr()
+    assert runs.resolve_resume(str(run), "latest") == good
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln]
+    assert len(err) == 3 and all(ln.startswith("warning: resume: skipping step_") for ln in err)
+    assert "step_0000008: " in err[0] and "incomplete" in err[0]
+    assert "step_0000006.tmp: an interrupted" in err[1]
+    assert "step_0000004: " in err[2] and "model.safetensors does not match its sha256" in err[2]
+    with pytest.raises(runs.CheckpointError, match="does not match its sha256"):
+        runs.resolve_resume(str(run), corrupt)  # named explicitly: refused, not skipped
+
+
+def test_a_crash_while_replacing_a_checkpoint_keeps_it(tiny_run):
+    run, save, _ = tiny_run
+    first = save(5)
+    os.replace(first, first + ".old")  # killed between moving the old one aside and renaming the new one in
+    shutil.copytree(first + ".old", first + ".tmp")
+    assert runs.resolve_resume(str(run), "latest") == first + ".old"
+    save(6)  # the next save puts it back and drops the unfinished write
+    assert sorted(os.listdir(run / "checkpoints")) == ["step_0000005", "step_0000006"]
+
+
+def test_keep_last_n_never_deletes_the_only_good_checkpoint(tiny_run):
+    run, save, _ = tiny_run
+    save(2)
+    later = save(9)  # from a run that was abandoned (resumed from an earlier checkpoint)
+    shutil.rmtree(run / "checkpoints" / "step_0000002")
+    with open(os.path.join(later, "model.safetensors"), "r+b") as f:
+        f.write(b"junk")
+    save(3, keep=1)  # a new run at step 3: step 9 is later and corrupt, step 3 is the one to keep
+    assert runs.resolve_resume(str(run), "latest").endswith("step_0000003")
+    for step in (4, 5, 6):
+        save(step, keep=2)
+    assert sorted(os.listdir(run / "checkpoints")) == ["step_0000005", "step_0000006", "step_0000009"]
+
+
+def test_manifest_lists_step_config_hash_and_every_file(tiny_run):
+    run, save, _ = tiny_run
+    folder = save(7, config={"seed": 0, "lr_fake": 1e-3, "steps": 7, "method_args": {"update_ratio": 2}})
+    m = json.loads(open(os.path.join(folder, runs.MANIFEST)).read())
+    assert m["step"] == 7 and set(m["files"]) == set(os.listdir(folder)) - {runs.MANIFEST}
+    assert all(len(f["sha256"]) == 64 for f in m["files"].values())
+    same = runs.config_hash({"seed": 0, "lr_fake": 1e-3, "steps": 99, "method_args": {"update_ratio": 2}})
+    assert m["config_hash"] == same  # steps is not part of the trajectory's identity (a run may be extended)
+    assert runs.config_hash({"seed": 0, "lr_fake": 1e-3, "method_args": {"update_ratio": 3}}) != same
+
+
+def test_pickle_files_in_a_checkpoint_are_refused_before_unpickling(tiny_run, tmp_path):
+    run, save, _ = tiny_run
+    folder = save(1)
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    custom = os.path.join(folder, "custom_checkpoint_0.pkl")
+    torch.save({"x": Evil()}, custom)
+    m = json.loads(open(os.path.join(folder, runs.MANIFEST)).read())  # a stranger's checkpoint: checksums match
+    m["files"]["custom_checkpoint_0.pkl"] = {"bytes": os.path.getsize(custom), "sha256": runs.file_sha256(custom)}
+    open(os.path.join(folder, runs.MANIFEST), "w").write(json.dumps(m))
+    with pytest.raises(runs.CheckpointError, match="not plain tensors"):
+        runs.verify_checkpoint(folder)
+    assert not marker.exists()
+    os.remove(custom)
+    torch.save({"w": torch.zeros(1)}, os.path.join(folder, "pytorch_model.bin"))
+    with pytest.raises(runs.CheckpointError, match="pickle-based weights"):
+        runs.verify_checkpoint(folder)
+
+
+# ---- bad inputs: one line, exit status 2, before any training -------------------------------------------------
+DISTILL = os.path.join(ROOT, "train", "distill.py")
+
+
+def cli(args: list[str]) -> tuple[int, list[str]]:
+    """`python train/distill.py ARGS`, in this process: its exit status and non-empty stderr lines."""
+    err, argv = io.StringIO(), sys.argv
+    sys.argv = [DISTILL, *args]
+    try:
+        with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_:
+            runpy.run_path(DISTILL, run_name="__main__")
+    finally:
+        sys.argv = argv
+    return exit_.value.code, [ln for ln in err.getvalue().splitlines() if ln.strip()]
+
+
+@pytest.fixture(scope="module")
+def bad_things(tmp_path_factory, cond_teacher, uncond_teacher):
+    """Broken teachers, files and checkpoints, by name, for the table below."""
+    from diffusers import DDPMScheduler
+
+    root = tmp_path_factory.mktemp("bad")
+    p = {"cond": cond_teacher, "uncond": uncond_teacher, "marker": str(root / "remote-code-ran")}
+    p["bin"] = str(root / "bin-teacher")
+    shutil.copytree(uncond_teacher, p["bin"])
+    from diffusers import UNet2DModel
+
+    unet = UNet2DModel.from_pretrained(os.path.join(p["bin"], "unet"))
+    shutil.rmtree(os.path.join(p["bin"], "unet"))
+    unet.save_pretrained(os.path.join(p["bin"], "unet"), safe_serialization=False)  # pickle weights only
+    p["custom"] = str(root / "custom-teacher")
+    os.makedirs(os.path.join(p["custom"], "unet"))
+    json.dump({"_class_name": "MyUNet", "sample_size": 8}, open(os.path.join(p["custom"], "unet", "config.json"), "w"))
+    open(os.path.join(p["custom"], "unet", "my_unet.py"), "w").write(f"open({p['marker']!r}, 'w').close()\n")
+    json.dump({"_class_name": "DiffusionPipeline", "unet": ["my_unet", "MyUNet"]},
+              open(os.path.join(p["custom"], "model_index.json"), "w"))
+    p["nosched"] = str(root / "no-scheduler")
+    shutil.copytree(uncond_teacher, p["nosched"])
+    shutil.rmtree(os.path.join(p["nosched"], "scheduler"))
+    p["rgb"] = str(root / "rgb-teacher")
+    from conftest import tiny_unet
+
+    tiny_unet(None, channels=3).save_pretrained(os.path.join(p["rgb"], "unet"))
+    DDPMScheduler().save_pretrained(os.path.join(p["rgb"], "scheduler"))
+    p["empty"] = str(root / "empty")
+    os.makedirs(p["empty"])
+    p["file"] = str(root / "a-file")
+    open(p["file"], "w").write("not a folder\n")
+    p["badyaml"] = str(root / "bad.yaml")
+    open(p["badyaml"], "w").write("steps: [1\n")
+    p["listyaml"] = str(root / "list.yaml")
+    open(p["listyaml"], "w").write("- steps\n- 3\n")
+    p["prompts"] = str(root / "prompts.txt")
+    open(p["prompts"], "w").write("a digit\n")
+
+    # a real checkpoint (2 smoke steps on the conditional teacher), and broken copies of it
+    main = distill_main()
+    main(["--preset", "smoke", "--teacher", cond_teacher, "--output_dir", str(root), "--name", "run", "--steps", "2",
+          "--classifier", "", "--export", "false", "--cpu_threads", "1"])
+    p["ckpt"] = ckpt = str(root / "run" / "checkpoints" / "step_0000002")
+    for name in ("corrupt", "pickle", "nomanifest"):
+        p[name] = str(root / name)
+        shutil.copytree(ckpt, p[name])
+    with open(os.path.join(p["corrupt"], "optimizer.bin"), "r+b") as f:
+        f.seek(100)
+        f.write(b"\xff\xfe")
+    os.replace(os.path.join(p["pickle"], "model.safetensors"), os.path.join(p["pickle"], "pytorch_model.bin"))
+    os.remove(os.path.join(p["nomanifest"], runs.MANIFEST))
+    return p
+
+
+BAD = [  # (id, arguments, what the one line must say); {name} is a path from bad_things
+    ("batch_size", ["--batch_size", "0"], "batch_size: must be > 0, got 0"),
+    ("nan_lr", ["--lr_generator", "nan"], "lr_generator: must be a finite number, got nan"),
+    ("log_every", ["--log_every", "0"], "log_every: must be > 0"),
+    ("seed", ["--seed", "-1"], "seed: must be in 0..4294967295, got -1"),
+    ("t_range", ["--t_min", "0.9", "--t_max", "0.1"], "t_min: must be <= t_max"),
+    ("weight", ["--regression_weight", "-1"], "regression_weight: must be >= 0"),
+    ("timesteps", ["--generator_timesteps", "-3"], "generator_timesteps: must be >= 0"),
+    ("timesteps_range", ["--generator_timesteps", "5000"], "exceed this teacher's largest time 999"),
+    ("steps_huge", ["--steps", "100000000000000000000"], "steps: must be at most 1e9"),
+    ("name", ["--name", "../up"], "name: '../up' must be a plain folder name"),
+    ("dataset_missing", ["--dataset", "/no/such/folder"], "dataset: '/no/such/folder' is not 'digits', 'none' or"),
+    ("dataset_empty", ["--dataset", "{empty}"], "holds no images"),
+    ("preset", ["--preset", "nope"], "preset: unknown preset 'nope'"),
+    ("config_missing", ["--config", "/no/such.yaml"], "config file '/no/such.yaml' does not exist"),
+    ("config_yaml", ["--config", "{badyaml}"], "is not valid YAML"),
+    ("config_list", ["--config", "{listyaml}"], "must hold a mapping of keys to values"),
+    ("bool", ["--overwrite", "maybe"], "overwrite: expected true or false, got 'maybe'"),
+    ("positional", ["stray"], "unexpected argument 'stray'"),
+    ("method_args", ["--method_args", "[1,2]"], "method_args: expected a mapping"),
+    ("update_ratio", ["--update_ratio", "0"], "update_ratio must be >= 1"),
+    ("output_dir", ["--output_dir", "{file}"], "output_dir: cannot create the run folder"),
+    ("pickle_teacher", ["--teacher", "{bin}"], "no .safetensors weights in"),
+    ("remote_code_teacher", ["--teacher", "{custom}"], "teacher backbone 'MyUNet' is not supported"),
+    ("no_scheduler", ["--teacher", "{nosched}"], "no scheduler config in"),
+    ("classes_uncond", ["--teacher", "{uncond}", "--classes", "3"], "classes: this teacher has no class labels"),
+    ("guidance_uncond", ["--teacher", "{uncond}", "--real_guidance_scale", "2"], "has no null condition"),
+    ("channels", ["--teacher", "{rgb}"], "needs real images; this teacher makes (3, 8, 8)"),
+    ("negative_prompt", ["--teacher", "{uncond}", "--negative_prompt", "blurry"], "is not a text-to-image model"),
+    ("prompts", ["--teacher", "{uncond}", "--prompts", "{prompts}"], "is not a text-to-image model"),
+    ("gan_layers", ["--gan_layers", "no_such_block"], "has no module 'no_such_block'"),
+    ("resume_missing", ["--resume", "/no/such/step_1"], "is not a checkpoint folder"),
+    ("resume_corrupt", ["--resume", "{corrupt}"], "optimizer.bin does not match its sha256"),
+    ("resume_pickle", ["--resume", "{pickle}"], "pickle-based weights (pytorch_model.bin)"),
+    ("resume_incomplete", ["--resume", "{nomanifest}"], "is incomplete (no onestep_manifest.json)"),
+    ("resume_batch", ["--resume", "{ckpt}", "--batch_size", "16"], "other batch_size (8 there, 16 now)"),
+    ("resume_teacher", ["--resume", "{ckpt}", "--teacher", "{uncond}"], "does not fit this run's networks"),
+]
+
+
+@pytest.mark.parametrize("args,message", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_input_gives_one_line_and_exit_2(args, message, bad_things, tmp_path):
+    args = [a.format(**bad_things) for a in args]
+    if "--teacher" not in args:
+        args += ["--teacher", bad_things["cond"]]
+    code, lines = cli(["--preset", "smoke", "--output_dir", str(tmp_path), "--classifier", "", "--cpu_threads", "1",
+                       *args])
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+    assert not any(tmp_path.glob("*/config.yaml"))  # stopped before the run was recorded
+    assert not os.path.exists(bad_things["marker"])  # the custom model's code never ran
+
+
+def test_resume_with_changed_hyperparameters_or_process_count_warns_and_continues(bad_things, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(os.path.dirname(os.path.dirname(bad_things["ckpt"])), run)
+    manifest = run / "checkpoints" / "step_0000002" / runs.MANIFEST
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "processes": 2}))  # as if from 2-process DDP
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        distill_main()(["--preset", "smoke", "--teacher", bad_things["cond"], "--output_dir", str(tmp_path),
+                        "--name", "run", "--steps", "3", "--lr_fake", "1e-3", "--classifier", "", "--export", "false",
+                        "--cpu_threads", "1", "--resume", "latest"])
+    warnings = [ln for ln in err.getvalue().splitlines() if ln.startswith("warning:")]
+    assert len(warnings) == 2 and "lr_fake (0.0002 there, 0.001 now)" in warnings[0], warnings
+    assert "written by 2 processes, this run has 1" in warnings[1]
+    assert json.loads(open(run / "checkpoints" / "step_0000003" / runs.MANIFEST).read())["step"] == 3

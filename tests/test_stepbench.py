@@ -1,0 +1,79 @@
+"""The step benchmark and the step's economy: one generator forward per iteration, what each step trains."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT
+from test_triad_methods import batch, make_triad, snapshot
+
+from onestep.methods import build_method
+from onestep.stepbench import StepRunner, build_workload
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def count_calls(module):
+    calls = []
+    module.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize("options", [dict(method="dmd2"), dict(method="dmd", regression_weight=0.5, regression_pairs=8,
+                                                                regression_steps=2, regression_batch=4)])
+def test_generator_runs_once_per_iteration(options):
+    """The generator output is computed once and reused by every term: DM, GAN or regression, and the critic turn."""
+    options = dict(options)
+    name = options.pop("method")
+    triad = make_triad(gan=name == "dmd2")
+    method = build_method(name, **options)
+    if name == "dmd":
+        method.prepare(triad, lambda n, generator=None: torch.randint(0, 10, (n,), generator=generator), (1, 8, 8), "cpu")
+    calls = count_calls(triad.raw("generator").denoiser.backbone)
+    b = batch()
+    method.generator_loss(triad, b)[0].backward()
+    method.fake_score_loss(triad, b)[0].backward()
+    assert len(calls) == 1
+    b.pop("generated")
+    method.fake_score_loss(triad, b)  # a critic-only iteration (update_ratio > 1) draws its own samples
+    assert len(calls) == 2
+
+
+def test_benchmark_step_trains_generator_and_fake_score_only():
+    work = build_workload("digits", torch.device("cpu"), batch_size=4)
+    runner = StepRunner(work, "fp32", torch.device("cpu"))
+    before = {r: snapshot(runner.triad.raw(r)) for r in ("generator", "fake_score", "teacher")}
+    runner.step()
+    for role, changed in (("generator", True), ("fake_score", True), ("teacher", False)):
+        after = snapshot(runner.triad.raw(role))
+        same = all(torch.equal(before[role][k], v) for k, v in after.items())
+        assert same != changed, role
+    assert set(runner.passes()) == {"generator fwd+bwd", "teacher fwd", "fake fwd", "fake fwd+bwd"}
+
+
+def run_cli(*args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run([sys.executable, os.path.join(ROOT, "eval", "step_benchmark.py"), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_prints_rows_with_flops_and_step_over_passes(tmp_path):
+    out = tmp_path / "rows.json"
+    r = run_cli("--batch-size", "4", "--repeats", "2", "--warmup", "1", "--threads", "1", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    row = json.loads(out.read_text())[0]
+    assert row["preset"] == "digits" and row["variant"] == "fp32" and row["img_per_s"] > 0
+    assert row["gflop_per_step"] > 0 and row["tflops"] > 0
+    assert set(row["passes_s"]) == {"generator fwd+bwd", "teacher fwd", "fake fwd", "fake fwd+bwd"}
+    assert row["step_over_passes"] == pytest.approx(row["step_s"] / sum(row["passes_s"].values()))
+    assert "| digits | fp32 | cpu | 4 |" in r.stdout
+
+
+@pytest.mark.parametrize("args,needle", [(["--preset", "imagenet"], "unknown preset"),
+                                         (["--variants", "bf16"], "needs a CUDA device"),
+                                         (["--repeats", "0"], "--repeats")])
+def test_cli_bad_input_one_line(args, needle):
+    r = run_cli(*args)
+    assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1
