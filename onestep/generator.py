@@ -41,10 +41,12 @@ class Generator(nn.Module):
 
 
 def simulate(net: Callable, schedule, timesteps: Sequence, z: torch.Tensor, cond: Cond, k: int,
-             noise: Callable[[torch.Tensor], torch.Tensor] | None = None, grad_last: bool = True) -> torch.Tensor:
+             noise: Callable[[torch.Tensor], torch.Tensor] | None = None, grad_last: bool = True,
+             trace: tuple[list, list] | None = None) -> torch.Tensor:
     """Backward simulation: k no-grad steps from noise z, then the call at timesteps[k] (graded if grad_last).
 
-    `net` is the generator module (or its distributed wrapper); noise(x) gives fresh noise like x.
+    `net` is the generator module (or its distributed wrapper); noise(x) gives fresh noise like x; `trace`, two
+    lists, receives every step's input x_t and output x0.
     """
     if not 0 <= k < len(timesteps):
         raise ValueError(f"step index {k} is outside the generator's {len(timesteps)} timesteps")
@@ -53,7 +55,12 @@ def simulate(net: Callable, schedule, timesteps: Sequence, z: torch.Tensor, cond
     with torch.no_grad():
         for i in range(k):
             x0 = net(x_t, timesteps[i], cond)
+            if trace is not None:
+                trace[0].append(x_t), trace[1].append(x0)
             t_next = schedule.timesteps_tensor(timesteps[i + 1], z.shape[0], z.device)
             x_t = schedule.add_noise(x0, noise(x0), t_next)
     with torch.set_grad_enabled(grad_last and torch.is_grad_enabled()):
-        return net(x_t, timesteps[k], cond)
+        x0 = net(x_t, timesteps[k], cond)
+    if trace is not None:
+        trace[0].append(x_t), trace[1].append(x0)
+    return x0

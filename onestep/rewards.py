@@ -29,6 +29,11 @@ class RewardError(OnestepError):
 
 
 # ---- group statistics ------------------------------------------------------------------------------
+def repeat_groups(c, group_size: int):
+    """B/G conditions, each repeated for G consecutive samples (their noise differs)."""
+    return c if c is None or group_size == 1 else c[: len(c) // group_size].repeat_interleave(group_size, dim=0)
+
+
 def group_mean(v: torch.Tensor, group_size: int) -> torch.Tensor:
     """(B,) -> (B,): each entry replaced by the mean of its group (groups are consecutive runs of group_size)."""
     return v.reshape(-1, group_size).mean(1, keepdim=True).expand(-1, group_size).reshape(-1)

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import OnestepError
-from ..rewards import RewardSet, build_reward, check_spec, group_mean, group_standardise
+from ..generator import simulate
+from ..rewards import RewardSet, build_reward, check_spec, group_mean, group_standardise, repeat_groups
 from ..schedule import append_dims
 from .dmd import DMD, dm_gradient, dm_surrogate, weighted_dsm
 
@@ -89,11 +90,6 @@ class GNDM(DMD):
         self._reward_set = RewardSet(fns, self.reward_weights, self.reward_decay, self.reward_eps)
 
     # ---- groups, DM direction, advantages --------------------------------------------------------
-    def _grouped(self, c):
-        """B/G conditions, each repeated for G consecutive samples (their noise differs)."""
-        return c if c is None or self.group_size == 1 else c[: len(c) // self.group_size].repeat_interleave(
-            self.group_size, dim=0)
-
     @torch.no_grad()
     def _dm(self, triad, x: torch.Tensor, c):
         """Per-sample DM direction with the group normaliser, and the DM reward r (None for advantage none)."""
@@ -123,14 +119,8 @@ class GNDM(DMD):
     @torch.no_grad()
     def _rollout(self, triad, z: torch.Tensor, c) -> dict:
         """The whole stochastic chain from z: inputs x_{t_i} and x0 outputs (K, B, ...), and the group advantages."""
-        gen = triad.raw("generator")
-        sched, ts, xs, x0s = gen.schedule, gen.timesteps, [], []
-        x_t = sched.prior(z, ts[0])
-        for i, t in enumerate(ts):
-            xs.append(x_t)
-            x0s.append(x0 := triad.generator(x_t, t, c))
-            if i + 1 < len(ts):
-                x_t = sched.add_noise(x0, torch.randn_like(x0), sched.timesteps_tensor(ts[i + 1], len(z), z.device))
+        gen, xs, x0s = triad.raw("generator"), [], []
+        x0 = simulate(triad.generator, gen.schedule, gen.timesteps, z, c, gen.num_steps - 1, trace=(xs, x0s))
         r_dm = self._dm(triad, x0, c)[1] if self.advantage != "none" else None
         scores, logs = self._reward_set(x0, c, grad=False)
         adv, more = self._advantage(r_dm, scores, len(z), z.device)
@@ -142,7 +132,7 @@ class GNDM(DMD):
         gen = triad.raw("generator")
         sched, ts, K = gen.schedule, gen.timesteps, gen.num_steps
         if self._roll is None or self._roll["uses"] >= self.reuse:
-            self._roll = self._rollout(triad, batch["z"], self._grouped(batch.get("cond")))
+            self._roll = self._rollout(triad, batch["z"], repeat_groups(batch.get("cond"), self.group_size))
         roll = self._roll
         roll["uses"] += 1  # (K, B, ...) inputs and outputs of each step; conditions; advantages
         xs, x0_old, c, adv, n = roll["xs"], roll["x0"], roll["cond"], roll["adv"], roll["xs"].shape[1]
@@ -176,7 +166,7 @@ class GNDM(DMD):
             x, c, adv, iw, loss_pg, logs = self._replay(triad, batch)
             scores = self._reward_set(x, c, grad=True)[0] if grad_rewards else {}
         else:
-            c = self._grouped(batch.get("cond"))
+            c = repeat_groups(batch.get("cond"), self.group_size)
             x = triad.generate(batch["z"], c)
         batch["generated"], batch["cond"] = x.detach(), c  # the critic turn trains on these (as DMD)
         grad, r_dm, per = self._dm(triad, x.detach(), c)
