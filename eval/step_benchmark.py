@@ -3,11 +3,13 @@ against the sum of its network passes timed alone -- every variant measured in t
 
     python eval/step_benchmark.py                                  # CPU: digits, fp32, step vs passes
     python eval/step_benchmark.py --preset cifar --variants fp32,tf32,bf16,bf16-compile   # a GPU
-    python eval/step_benchmark.py --preset sd15 --variants bf16 --fake-score lora --gradient-checkpointing
+    python eval/step_benchmark.py --preset sd15 --variants bf16 --fake-score copy,lora --gradient-checkpointing off,on
 
 Prints a Markdown table and one JSON line per row; --out FILE also writes the rows as JSON.
 Figures are medians over --repeats iterations after --warmup (CUDA events on a GPU). The step is
-onestep.methods.DMD's generator and fake-score turns with the trainer's per-turn work (onestep/stepbench.py).
+onestep.methods.DMD's (--method dmd2: DMD2's, with its GAN head) generator and fake-score turns with the
+trainer's per-turn work (onestep/stepbench.py). On a GPU each row also carries the peak memory of each phase of
+the step (forward, backward, optimizer of each turn) in its JSON.
 """
 from __future__ import annotations
 
@@ -28,13 +30,19 @@ class Parser(argparse.ArgumentParser):
 def main(argv: list[str]) -> int:
     p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="digits", help="digits, cifar or sd15 (comma-separated for several)")
-    p.add_argument("--variants", default="", help="comma-separated: fp32, tf32, bf16, bf16-compile, bf16-max-autotune "
-                                                  "(default: fp32 on the CPU; fp32,tf32,bf16,bf16-compile on a GPU)")
+    p.add_argument("--variants", default="", help="comma-separated: fp32, tf32, bf16, bf16-compile, "
+                                                  "bf16-reduce-overhead, bf16-max-autotune (default: fp32 on the "
+                                                  "CPU; fp32,tf32,bf16,bf16-compile on a GPU)")
     p.add_argument("--batch-size", type=int, default=0, help="per step (0: the preset's)")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--fake-score", choices=("copy", "lora"), default="copy")
-    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--method", default="dmd", help="dmd or dmd2 (+ GAN head on the fake score; comma-separated: a row for each)")
+    p.add_argument("--fake-score", default="copy", help="copy or lora (comma-separated: a row for each)")
+    p.add_argument("--gradient-checkpointing", nargs="?", const="on", default="off",
+                   help="off, on or off,on (a bare flag: on) -- of the generator and the fake score")
+    p.add_argument("--attention", default="sdpa", help="sdpa, xformers or auto (comma-separated: a row for each)")
+    p.add_argument("--cudnn-benchmark", default="off", help="off, on or off,on: torch.backends.cudnn.benchmark")
+    p.add_argument("--ema", default="on", help="on, off or on,off: the generator EMA (as the trainer keeps)")
     p.add_argument("--no-components", action="store_true", help="skip timing the passes alone")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="the card's dense bf16 peak, if not in the table")
     p.add_argument("--device", default="", help="cuda or cpu (default: cuda when available)")
@@ -65,19 +73,38 @@ def main(argv: list[str]) -> int:
             p.error(f"--variants: unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
         if v != "fp32" and device.type != "cuda":
             p.error(f"--variants: {v!r} needs a CUDA device; on the CPU use fp32")
+    def choices(name, value, allowed):
+        items = [x for x in value.split(",") if x]
+        for x in items:
+            if x not in allowed:
+                p.error(f"--{name}: unknown value {x!r}; choose from {', '.join(allowed)}")
+        return items or p.error(f"--{name}: give at least one of {', '.join(allowed)}")
+
+    onoff = {"on": True, "off": False}
+    options = [dict(method=me, fake_score=fs, gradient_checkpointing=onoff[gc], attention=at, cudnn_benchmark=onoff[cb], ema=onoff[em])
+               for me in choices("method", args.method, ("dmd", "dmd2"))
+               for fs in choices("fake-score", args.fake_score, ("copy", "lora"))
+               for gc in choices("gradient-checkpointing", args.gradient_checkpointing, tuple(onoff))
+               for at in choices("attention", args.attention, ("sdpa", "xformers", "auto"))
+               for cb in choices("cudnn-benchmark", args.cudnn_benchmark, tuple(onoff))
+               for em in choices("ema", args.ema, tuple(onoff))]
+    if device.type != "cuda" and any(o["attention"] == "xformers" for o in options):
+        p.error("--attention xformers needs a CUDA device; on the CPU use sdpa")
     rows = []
     try:
         for s in presets:
             work = build_workload(s, device, args.batch_size or None)
-            flops = None
+            flops = {}
             for v in variants:
-                row = measure(work, v, device, warmup=args.warmup, repeats=args.repeats, fake_score=args.fake_score,
-                              gradient_checkpointing=args.gradient_checkpointing, peak=args.peak_tflops or None,
-                              flops=flops, components=not args.no_components)
-                if row["gflop_per_step"] is not None:
-                    flops = row["gflop_per_step"] * 1e9  # the same arithmetic for the compiled variants
-                print(json.dumps(row), flush=True)
-                rows.append(row)
+                for o in options:
+                    key = (o["method"], o["fake_score"], o["gradient_checkpointing"])
+                    row = measure(work, v, device, warmup=args.warmup, repeats=args.repeats, **o,
+                                  peak=args.peak_tflops or None, flops=flops.get(key),
+                                  components=not args.no_components)
+                    if row["gflop_per_step"] is not None:
+                        flops[key] = row["gflop_per_step"] * 1e9  # the same arithmetic for the compiled variants
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
     except OnestepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -58,6 +58,8 @@ class Config:
     mixed_precision: str = "auto"        # "no", "fp16", "bf16" or "auto" (accelerate launch's --mixed_precision when it
                                          # is not "no", else bf16 on a CUDA device that has it, else fp32)
     tf32: bool = True                    # CUDA: TF32 matmuls and convolutions for what runs in float32
+    cudnn_benchmark: bool = False        # CUDA: cuDNN times its convolution algorithms once per shape (H200, CIFAR-size
+                                         # DMD step: +3% in TF32, -3% in bf16, i.e. noise; hence off)
     compile: str = ""                    # torch.compile the networks: "" (off), "default", "reduce-overhead" or
                                          # "max-autotune"; the first iteration's time (compilation) is printed
     # ---- multi-student distillation (MSD; onestep/multistudent.py) ----

@@ -2,13 +2,15 @@
 
 One DMD iteration (no GAN, update ratio 1) = generator fwd+bwd, teacher fwd, fake-score fwd (the DM direction),
 fake-score fwd+bwd (its denoising loss) and two optimizer steps: eight forward-equivalents of one network size.
-It runs through the same method code as the trainer (onestep.methods.DMD on a Triad) with the trainer's per-turn
+It runs through the same method code as the trainer (onestep.methods.DMD on a Triad; or DMD2, whose GAN head
+adds a generator term and a classification loss on the fake score's batched forward) with the trainer's per-turn
 work (autocast, zero_grad, backward, gradient clipping, finiteness check, optimizer step, EMA).
 
 Presets: "digits" (the shipped teacher), "cifar" (google/ddpm-cifar10-32's UNet2DModel config, random weights) and
 "sd15" (Stable Diffusion 1.5's UNet2DConditionModel config, random weights, 64x64 latents, 77x768 prompt
 embeddings). Variants: "fp32", "tf32", "bf16" (autocast, frozen teacher stored in bf16), "bf16-compile"
-(+ torch.compile of the three networks; its compile time is reported), "bf16-max-autotune".
+(+ torch.compile of the three networks; its compile time is reported), "bf16-reduce-overhead" (compile with CUDA
+graphs) and "bf16-max-autotune" (compile with kernel autotuning and CUDA graphs).
 """
 from __future__ import annotations
 
@@ -27,7 +29,9 @@ from .schedule import Schedule
 # Dense bf16 tensor-core peaks in TFLOP/s (vendor data sheets, SXM parts), matched on the CUDA device name.
 BF16_PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "L4": 121.0, "A10": 125.0,
                     "RTX 4090": 165.2, "RTX 3090": 71.0}
-VARIANTS = ("fp32", "tf32", "bf16", "bf16-compile", "bf16-max-autotune")
+VARIANTS = ("fp32", "tf32", "bf16", "bf16-compile", "bf16-reduce-overhead", "bf16-max-autotune")
+COMPILE_MODES = {"bf16-compile": None, "bf16-reduce-overhead": "reduce-overhead", "bf16-max-autotune": "max-autotune"}
+METHODS = ("dmd", "dmd2")
 PRESETS = ("digits", "cifar", "sd15")
 
 CIFAR_UNET = dict(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2, block_out_channels=(128, 256, 256, 256),
@@ -54,7 +58,8 @@ class Workload:
 
 
 def build_workload(preset: str, device: torch.device, batch_size: int | None = None, seed: int = 0) -> Workload:
-    """The teacher of a preset on `device` (float32 weights; random ones for the cifar and sd15 configs)."""
+    """The teacher of a preset, kept on the CPU (float32 weights; random ones for the cifar and sd15 configs): each
+    variant moves its own copy to `device`, so peak memory counts only what a training run holds."""
     import diffusers
 
     torch.manual_seed(seed)
@@ -63,18 +68,18 @@ def build_workload(preset: str, device: torch.device, batch_size: int | None = N
         from .loading import load_teacher
 
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the shipped teacher of this checkout
-        t = load_teacher(os.path.join(root, "assets", "digits-teacher"), device=device)
+        t = load_teacher(os.path.join(root, "assets", "digits-teacher"), device=torch.device("cpu"))
         k = t.num_classes
         return Workload(preset, t.denoiser, t.sample_shape, lambda n, d: torch.arange(n, device=d) % k, batch_size or 64)
     if preset == "cifar":
         sched = Schedule.from_scheduler_config({"_class_name": "DDPMScheduler", "num_train_timesteps": 1000})
-        unet = diffusers.UNet2DModel(**CIFAR_UNET).to(device)
+        unet = diffusers.UNet2DModel(**CIFAR_UNET)
         return Workload(preset, Denoiser(unet, sched), (3, 32, 32), lambda n, d: None, batch_size or (256 if gpu else 8))
     if preset == "sd15":
         sched = Schedule.from_scheduler_config({"_class_name": "DDPMScheduler", "beta_schedule": "scaled_linear",
                                                 "beta_start": 0.00085, "beta_end": 0.012})
-        unet = diffusers.UNet2DConditionModel(**SD15_UNET).to(device)
-        null = torch.zeros(1, 77, 768, device=device)
+        unet = diffusers.UNet2DConditionModel(**SD15_UNET)
+        null = torch.zeros(1, 77, 768)
         return Workload(preset, Denoiser(unet, sched, null_cond=null), (4, 64, 64),
                         lambda n, d: torch.randn(n, 77, 768, device=d), batch_size or (8 if gpu else 1))
     raise StepBenchError(f"preset: unknown step-benchmark preset {preset!r}; choose from {', '.join(PRESETS)}")
@@ -100,37 +105,54 @@ class Timer:
 
 
 @contextlib.contextmanager
-def _tf32(on: bool):
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+def _tf32(on: bool, cudnn_benchmark: bool = False):
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = on
+    torch.backends.cudnn.benchmark = cudnn_benchmark
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved
 
 
 class StepRunner:
     """A triad + DMD + two AdamW optimisers for one variant, with `step()` and the component passes."""
 
     def __init__(self, work: Workload, variant: str, device: torch.device, fake_score: str = "copy",
-                 gradient_checkpointing: bool = False):
+                 gradient_checkpointing: bool = False, attention: str = "sdpa", cudnn_benchmark: bool = False,
+                 ema: bool = True, method: str = "dmd"):
         import copy
 
-        from .methods.dmd import DMD
+        from .methods.dmd import DMD, DMD2
         from .triad import Triad
 
         if variant not in VARIANTS:
             raise StepBenchError(f"variant: unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
         if variant != "fp32" and device.type != "cuda":
             raise StepBenchError(f"variant: {variant!r} needs a CUDA device; on the CPU use fp32")
+        if method not in METHODS:
+            raise StepBenchError(f"method: unknown method {method!r}; choose from {', '.join(METHODS)}")
         self.variant, self.device, self.work = variant, device, work
         self.bf16 = variant.startswith("bf16")
-        teacher = copy.deepcopy(work.teacher)  # every variant starts from the same weights
-        self.triad = Triad.from_teacher(teacher, fake_score=fake_score, sample_shape=work.shape, ema_decay=0.999,
-                                        frozen_dtype=torch.bfloat16 if self.bf16 else None)
-        self.method = DMD()
+        self.cudnn_benchmark = cudnn_benchmark
+        teacher = copy.deepcopy(work.teacher).to(device)  # every variant starts from the same weights
+        if torch.is_tensor(teacher.null_cond):
+            teacher.null_cond = teacher.null_cond.to(device)
+        g = torch.Generator(device="cpu").manual_seed(0)
+        n = work.batch_size
+        self.z = torch.randn(n, *work.shape, generator=g).to(device)
+        self.cond = work.cond(n, device)
+        self.real = torch.rand(n, *work.shape, generator=g).mul(2).sub(1).to(device)  # DMD2's GAN: "real" images
+        self.triad = Triad.from_teacher(teacher, fake_score=fake_score, sample_shape=work.shape,
+                                        ema_decay=0.999 if ema else None, gan_head=method == "dmd2",
+                                        example_cond=self.cond, frozen_dtype=torch.bfloat16 if self.bf16 else None)
+        # one iteration = one generator turn + one critic turn (DMD2's TTUR repeats the critic turn)
+        self.method = DMD() if method == "dmd" else DMD2(update_ratio=1)
         self.nets = [self.triad.raw("generator").denoiser.backbone, self.triad.raw("fake_score").backbone,
                      self.triad.raw("teacher").backbone]
+        from .attention import set_attention
+
+        self.attention = set_attention(self.nets, attention)
         if gradient_checkpointing:
             for b in self.nets[:2]:
                 b.enable_gradient_checkpointing()
@@ -138,39 +160,50 @@ class StepRunner:
         self.opt_g = torch.optim.AdamW(self.triad.generator_parameters(), lr=1e-6, fused=fused)
         self.opt_f = torch.optim.AdamW(self.triad.critic_parameters(), lr=1e-6, fused=fused)
         self.compile_seconds = None
-        if "compile" in variant or "autotune" in variant:
-            mode = "max-autotune" if "autotune" in variant else None
+        self.phase_peaks: dict[str, float] = {}
+        if variant in COMPILE_MODES:
+            mode = COMPILE_MODES[variant]
             for net in {id(n): n for n in self.nets}.values():
                 net.compile(mode=mode)
-        g = torch.Generator(device="cpu").manual_seed(0)
-        n = work.batch_size
-        self.z = torch.randn(n, *work.shape, generator=g).to(device)
-        self.cond = work.cond(n, device)
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     def tf32(self):
-        return _tf32(self.variant != "fp32")
+        return _tf32(self.variant != "fp32", self.cudnn_benchmark)
 
     def _update(self, loss_fn, opt, params, generator: bool):
-        batch = {"z": self.z, "cond": self.cond}
+        batch = {"z": self.z, "cond": self.cond, "real": self.real, "real_cond": self.cond}
         if not generator:
             batch["generated"] = self._generated
+        turn = "generator" if generator else "fake score"
+        opt.zero_grad(set_to_none=True)
         with self.autocast():
             loss, _ = loss_fn(self.triad, batch)
-        opt.zero_grad(set_to_none=True)
+        self._phase(f"{turn} forward")
         loss.backward()
+        self._phase(f"{turn} backward")
         norm = torch.nn.utils.clip_grad_norm_(params, 10.0)
         if bool(torch.isfinite(loss.detach()) & torch.isfinite(norm)):
             opt.step()
             if generator:
                 self.triad.ema_step()
+        opt.zero_grad(set_to_none=True)
+        self._phase(f"{turn} optimizer" + (" + EMA" if generator and self.triad.ema is not None else ""))
         if generator:
             self._generated = batch["generated"]
 
+    def _phase(self, name: str) -> None:
+        """CUDA: the peak memory since the previous phase, kept as the largest over steps (the step's peak = their max)."""
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**30
+            self.phase_peaks[name] = max(peak, self.phase_peaks.get(name, 0.0))
+            torch.cuda.reset_peak_memory_stats(self.device)
+
     def step(self) -> None:
         """One iteration: generator turn, then the fake-score turn on the generator turn's samples."""
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)  # phase peaks count the step's own allocations
         with self.tf32():
             self._update(self.method.generator_loss, self.opt_g, self.triad.generator_parameters(), True)
             self._update(self.method.fake_score_loss, self.opt_f, self.triad.critic_parameters(), False)
@@ -237,13 +270,15 @@ def peak_tflops(device: torch.device, override: float | None = None) -> tuple[st
 
 
 def measure(work: Workload, variant: str, device: torch.device, *, warmup: int = 3, repeats: int = 10,
-            fake_score: str = "copy", gradient_checkpointing: bool = False, peak: float | None = None,
+            fake_score: str = "copy", gradient_checkpointing: bool = False, attention: str = "sdpa",
+            cudnn_benchmark: bool = False, ema: bool = True, method: str = "dmd", peak: float | None = None,
             flops: float | None = None, components: bool = False) -> dict:
     """Median step time of a variant (and, with `components`, of each pass alone, interleaved with the steps)."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    runner = StepRunner(work, variant, device, fake_score, gradient_checkpointing, attention, cudnn_benchmark, ema, method)
+    if device.type == "cuda":  # from here: the weights, optimiser states, gradients and activations of training
         torch.cuda.reset_peak_memory_stats(device)
-    runner = StepRunner(work, variant, device, fake_score, gradient_checkpointing)
     timer = Timer(device)
     t0 = time.perf_counter()
     runner.step()  # first step: compilation, allocator warm-up
@@ -264,22 +299,29 @@ def measure(work: Workload, variant: str, device: torch.device, *, warmup: int =
             runner.zero_grads()
     step_s = statistics.median(times)
     if flops is None:
-        flops = count_flops(runner) if not ("compile" in variant or "autotune" in variant) else None
+        flops = count_flops(runner) if variant not in COMPILE_MODES else None
     card, peak_value = peak_tflops(device, peak)
-    row = {"preset": work.name, "variant": variant, "device": card, "batch": work.batch_size,
-           "fake_score": fake_score, "gradient_checkpointing": gradient_checkpointing,
+    row = {"preset": work.name, "method": method, "variant": variant, "device": card, "batch": work.batch_size,
+           "fake_score": fake_score, "gradient_checkpointing": gradient_checkpointing, "attention": runner.attention,
+           "cudnn_benchmark": cudnn_benchmark, "ema": ema,
            "step_s": step_s, "img_per_s": work.batch_size / step_s, "first_step_s": first,
            "gflop_per_step": None if flops is None else flops / 1e9,
            "tflops": None if flops is None else flops / step_s / 1e12}
     row["peak_fraction"] = None if (row["tflops"] is None or not peak_value) else row["tflops"] / peak_value
-    row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    if "compile" in variant or "autotune" in variant:
+    if device.type == "cuda":  # the phases reset the peak counter: the step's peak is the largest phase peak
+        row["peak_mem_gib"] = max([torch.cuda.max_memory_allocated(device) / 2**30, *runner.phase_peaks.values()])
+        row["phase_peak_gib"] = dict(runner.phase_peaks)
+    else:
+        row["peak_mem_gib"] = None
+    if variant in COMPILE_MODES:
         row["compile_s"] = first - step_s
     if components:
         med = {k: statistics.median(v) for k, v in parts.items()}
         row["passes_s"] = med
         row["step_over_passes"] = step_s / sum(med.values())
     del runner
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return row
 
 
@@ -288,11 +330,17 @@ def markdown(rows: list[dict]) -> str:
     def f(v, fmt):
         return "-" if v is None else format(v, fmt)
 
-    head = ("| preset | variant | device | batch | img/s | step ms | TFLOP/s | of bf16 peak | peak GiB | "
+    def opts(r):
+        o = [r.get("fake_score", "copy") + " fake score"]
+        o += ["grad. ckpt"] * bool(r.get("gradient_checkpointing")) + ["no EMA"] * (not r.get("ema", True))
+        o += ["cudnn.benchmark"] * bool(r.get("cudnn_benchmark")) + [r.get("attention", "sdpa")]
+        return ", ".join(o)
+
+    head = ("| preset | method | variant | options | device | batch | img/s | step ms | TFLOP/s | of bf16 peak | peak GiB | "
             "step / passes | first step s |")
-    lines = [head, "|" + "---|" * 11]
+    lines = [head, "|" + "---|" * 13]
     for r in rows:
-        lines.append(f"| {r['preset']} | {r['variant']} | {r['device']} | {r['batch']} | {f(r['img_per_s'], '.1f')} | "
+        lines.append(f"| {r['preset']} | {r.get('method', 'dmd').upper()} | {r['variant']} | {opts(r)} | {r['device']} | {r['batch']} | {f(r['img_per_s'], '.1f')} | "
                      f"{f(r['step_s'] * 1e3, '.1f')} | {f(r['tflops'], '.3f')} | {f(r['peak_fraction'], '.1%')} | "
                      f"{f(r['peak_mem_gib'], '.2f')} | {f(r.get('step_over_passes'), '.3f')} | {f(r['first_step_s'], '.1f')} |")
     return "\n".join(lines)

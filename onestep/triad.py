@@ -23,6 +23,29 @@ GAN_FEATURE_SOURCES = ("fake_score", "teacher")
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "proj_in", "proj_out")
 
 
+def in_place_ema(parameters, decay: float):
+    """diffusers' EMAModel (its decay schedule, state dict, copy_to / store / restore) with an update that allocates
+    nothing: shadow.lerp_(param, 1 - decay) over the whole list, where EMAModel's foreach update first builds a
+    full-size temporary (shadow - param): a copy of the generator's weights at the peak of every generator step."""
+    from diffusers.training_utils import EMAModel
+
+    class InPlaceEMA(EMAModel):
+        @torch.no_grad()
+        def step(self, parameters) -> None:
+            parameters = list(parameters)
+            self.optimization_step += 1
+            self.cur_decay_value = decay = self.get_decay(self.optimization_step)
+            pairs = [(s, p) for s, p in zip(self.shadow_params, parameters)]
+            trained = [(s, p.detach()) for s, p in pairs if p.requires_grad]
+            if trained:
+                torch._foreach_lerp_([s for s, _ in trained], [p for _, p in trained], 1.0 - decay)
+            for s, p in pairs:
+                if not p.requires_grad:
+                    s.copy_(p)
+
+    return InPlaceEMA(parameters, decay=decay, foreach=True)
+
+
 class Triad:
     """Holds the three networks; the trainer may swap in distributed wrappers of the trained ones."""
 
@@ -35,9 +58,7 @@ class Triad:
         self._raw = {"generator": generator, "fake_score": fake_score, "teacher": teacher, "gan_head": gan_head}
         self.ema = None
         if ema_decay:
-            from diffusers.training_utils import EMAModel
-
-            self.ema = EMAModel(generator.parameters(), decay=ema_decay, foreach=True)
+            self.ema = in_place_ema(generator.parameters(), ema_decay)
         trained = {id(p) for p in fake_score.parameters() if p.requires_grad}
         for p in teacher.parameters():  # a LoRA fake score shares the teacher's module: keep its adapters
             if id(p) not in trained:

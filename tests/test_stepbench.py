@@ -41,12 +41,15 @@ def test_generator_runs_once_per_iteration(options):
     assert len(calls) == 2
 
 
-def test_benchmark_step_trains_generator_and_fake_score_only():
+@pytest.mark.parametrize("method", ["dmd", "dmd2"])
+def test_benchmark_step_trains_generator_and_fake_score_only(method):
     work = build_workload("digits", torch.device("cpu"), batch_size=4)
-    runner = StepRunner(work, "fp32", torch.device("cpu"))
-    before = {r: snapshot(runner.triad.raw(r)) for r in ("generator", "fake_score", "teacher")}
+    runner = StepRunner(work, "fp32", torch.device("cpu"), method=method)
+    roles = ("generator", "fake_score", "teacher") + (("gan_head",) if method == "dmd2" else ())
+    before = {r: snapshot(runner.triad.raw(r)) for r in roles}
     runner.step()
-    for role, changed in (("generator", True), ("fake_score", True), ("teacher", False)):
+    assert (runner.triad.raw("gan_head") is not None) == (method == "dmd2")
+    for role, changed in (("generator", True), ("fake_score", True), ("teacher", False), ("gan_head", True))[:len(roles)]:
         after = snapshot(runner.triad.raw(role))
         same = all(torch.equal(before[role][k], v) for k, v in after.items())
         assert same != changed, role
@@ -68,12 +71,25 @@ def test_cli_prints_rows_with_flops_and_step_over_passes(tmp_path):
     assert row["gflop_per_step"] > 0 and row["tflops"] > 0
     assert set(row["passes_s"]) == {"generator fwd+bwd", "teacher fwd", "fake fwd", "fake fwd+bwd"}
     assert row["step_over_passes"] == pytest.approx(row["step_s"] / sum(row["passes_s"].values()))
-    assert "| digits | fp32 | cpu | 4 |" in r.stdout
+    assert "| digits | DMD | fp32 | copy fake score, sdpa | cpu | 4 |" in r.stdout
+
+
+def test_cli_option_lists_give_a_row_each(tmp_path):
+    out = tmp_path / "rows.json"
+    r = run_cli("--batch-size", "2", "--repeats", "1", "--warmup", "1", "--threads", "1", "--no-components",
+                "--fake-score", "copy,lora", "--ema", "on,off", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert [(x["fake_score"], x["ema"]) for x in rows] == [("copy", True), ("copy", False), ("lora", True), ("lora", False)]
+    assert rows[0]["gflop_per_step"] == pytest.approx(rows[1]["gflop_per_step"])
+    assert "lora fake score, no EMA, sdpa" in r.stdout
 
 
 @pytest.mark.parametrize("args,needle", [(["--preset", "imagenet"], "unknown preset"),
                                          (["--variants", "bf16"], "needs a CUDA device"),
-                                         (["--repeats", "0"], "--repeats")])
+                                         (["--repeats", "0"], "--repeats"),
+                                         (["--fake-score", "full"], "unknown value 'full'"),
+                                         (["--attention", "xformers"], "needs a CUDA device")])
 def test_cli_bad_input_one_line(args, needle):
     r = run_cli(*args)
     assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -136,6 +136,37 @@ def test_ema_follows_generator_steps_only():
     assert all(torch.equal(a, b) for a, b in zip(exported.parameters(), triad.ema.shadow_params))
 
 
+def test_in_place_ema_equals_diffusers_ema_and_round_trips():
+    """The in-place update is EMAModel's update (decay schedule included), and its state loads into EMAModel."""
+    from diffusers.training_utils import EMAModel
+
+    from onestep.triad import in_place_ema
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Linear(7, 3))
+    net[1].bias.requires_grad_(False)  # frozen tensors are copied, as EMAModel does
+    ours = in_place_ema(net.parameters(), 0.9)
+    ref = EMAModel(net.parameters(), decay=0.9, foreach=True, use_ema_warmup=False)
+    ref_warm = EMAModel(net.parameters(), decay=0.9, foreach=True, use_ema_warmup=True)
+    ours_warm = in_place_ema(net.parameters(), 0.9)
+    ours_warm.use_ema_warmup = True
+    for _ in range(5):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+        for e in (ours, ref, ours_warm, ref_warm):
+            e.step(net.parameters())
+    for a, b in ((ours, ref), (ours_warm, ref_warm)):
+        assert a.cur_decay_value == b.cur_decay_value
+        for x, y in zip(a.shadow_params, b.shadow_params):
+            torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(ours.shadow_params[0], ours_warm.shadow_params[0])
+    assert torch.equal(ours.shadow_params[3], net[1].bias)
+    loaded = EMAModel(net.parameters(), decay=0.5)
+    loaded.load_state_dict(ours.state_dict())
+    assert all(torch.equal(x, y) for x, y in zip(loaded.shadow_params, ours.shadow_params))
+
+
 def test_few_step_generator_backward_simulation():
     triad = make_triad(timesteps=[999, 749, 499, 249])
     gen = triad.raw("generator")

@@ -82,6 +82,7 @@ def train(cfg, backbone: torch.nn.Module | None = None):
                           "--fake_score lora, --gradient_checkpointing, --mixed_precision bf16")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
+        torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
     if device.type == "cpu":
         torch.set_num_threads(cfg.cpu_threads or max(1, len(os.sched_getaffinity(0)) // accelerator.num_processes))
     if main_proc:
@@ -242,9 +243,9 @@ def train(cfg, backbone: torch.nn.Module | None = None):
                 continue
             loss_fn, opt, lr_sched = ((method.generator_loss, opt_g, sched_g) if turn == "generator"
                                       else (method.fake_score_loss, opt_f, sched_f))
+            opt.zero_grad(set_to_none=True)  # gradients live from this backward to this step only (memory)
             with accelerator.autocast():
                 loss, turn_logs = loss_fn(triad, batch)
-            opt.zero_grad(set_to_none=True)
             accelerator.backward(loss)
             norm = accelerator.clip_grad_norm_(trained[turn], cfg.grad_clip or float("inf"))
             turn_logs[f"grad_norm_{turn}"] = float(norm)
@@ -263,6 +264,7 @@ def train(cfg, backbone: torch.nn.Module | None = None):
                 continue
             streak = 0
             opt.step()
+            opt.zero_grad(set_to_none=True)
             lr_sched.step()
             if turn == "generator":
                 triad.ema_step()

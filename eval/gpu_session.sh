@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# GPU measurements in one call (about 9 minutes on an H200): step benchmarks of the CIFAR-size and SD1.5-size
+# UNets (baselines and fast paths in the same run), the attention backends, and the default job.
+#   bash eval/gpu_session.sh [OUTDIR]        # OUTDIR defaults to $OUT, else gpu-session/
+# Each stage has its own time limit, so a slow one cannot take the others with it; logs and JSON rows go to OUTDIR.
+set -u
+out=${1:-${OUT:-gpu-session}}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+start=$(date +%s)
+deadline=${GPU_SESSION_SECONDS:-540}  # every stage ends by then
+stage() {  # stage NAME LIMIT_S COMMAND...
+    local name=$1 limit=$2 left
+    shift 2
+    left=$(( deadline - ($(date +%s) - start) ))
+    (( left < limit )) && limit=$left
+    (( limit < 20 )) && { echo "=== $name: skipped (${left}s left)"; return; }
+    echo "=== $name (limit ${limit}s, at $(( $(date +%s) - start ))s)"
+    timeout --kill-after=10 "$limit" "$@" >"$out/$name.log" 2>&1
+    echo "=== $name: exit $? after $(( $(date +%s) - start ))s"
+    grep -v '^{' "$out/$name.log" | tail -n 25
+}
+bench="python3 eval/step_benchmark.py"
+
+stage env 60 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv;
+  python3 -c "import torch, diffusers, accelerate, peft; print(torch.__version__, torch.version.cuda, diffusers.__version__,
+  accelerate.__version__, peft.__version__); from onestep.attention import xformers_available; print(\"xformers usable:\", xformers_available())"'
+stage gpu_tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py
+# CIFAR-size UNet (google/ddpm-cifar10-32's config): the bf16 eager baseline, then torch.compile of the three
+# networks (its compile time reported) at batch 512 and 256
+stage cifar_base 120 $bench --preset cifar --variants bf16 --out "$out/cifar_base.json"
+stage cifar_compile_b512 220 $bench --preset cifar --variants bf16-compile --batch-size 512 --out "$out/cifar_compile_b512.json"
+# SD1.5-size UNet2DConditionModel (random weights), DMD2 at batch 8, 64x64 latents: peak memory (and the peak of
+# each phase of the step, in the JSON) of full-copy vs LoRA fake score, gradient checkpointing, EMA
+stage sd15_memory 200 $bench --preset sd15 --method dmd2 --variants bf16 --fake-score copy,lora \
+    --gradient-checkpointing off,on --ema on,off --no-components --repeats 4 --warmup 2 --out "$out/sd15_memory.json"
+stage sd15_xformers 90 $bench --preset sd15 --method dmd2 --variants bf16 --fake-score lora --gradient-checkpointing on \
+    --ema off --attention sdpa,xformers --no-components --repeats 4 --warmup 2 --out "$out/sd15_xformers.json"
+stage cifar_compile 220 $bench --preset cifar --variants bf16-compile --out "$out/cifar_compile.json"
+# the default job on the GPU (bf16 through mixed_precision auto)
+stage default_run 200 accelerate launch --num_processes 1 train/distill.py --name gpu-default
+cp runs/gpu-default/metrics.json "$out/default_metrics.json" 2>/dev/null
+# CUDA graphs (torch.compile mode reduce-overhead), when time is left
+stage cifar_cudagraphs 200 $bench --preset cifar --variants bf16-reduce-overhead --out "$out/cifar_cudagraphs.json"
+echo "=== total $(( $(date +%s) - start ))s"
