@@ -36,6 +36,8 @@ stage sd15_memory 200 $bench --preset sd15 --method dmd2 --variants bf16 --fake-
     --gradient-checkpointing off,on --ema on,off --no-components --repeats 4 --warmup 2 --out "$out/sd15_memory.json"
 stage sd15_xformers 90 $bench --preset sd15 --method dmd2 --variants bf16 --fake-score lora --gradient-checkpointing on \
     --ema off --attention sdpa,xformers --no-components --repeats 4 --warmup 2 --out "$out/sd15_xformers.json"
+# FID-50k of a CIFAR-size one-step generator, end to end (stand-in Inception of the same architecture: timing)
+stage fid50k 150 python3 eval/fid_speed.py --out "$out/fid50k.json"
 stage cifar_compile 220 $bench --preset cifar --variants bf16-compile --out "$out/cifar_compile.json"
 # the default job on the GPU (bf16 through mixed_precision auto)
 stage default_run 200 accelerate launch --num_processes 1 train/distill.py --name gpu-default

@@ -70,6 +70,10 @@ def tuner_layers(module: nn.Module) -> list[nn.Module]:
     return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
 
 
+class _FeaturesReady(Exception):
+    """Raised by a feature hook once every feature layer has run: the rest of the backbone is not needed."""
+
+
 class Denoiser(nn.Module):
     """Wraps a diffusers backbone and its schedule as x0 = D(x_t, t, cond) in float32.
 
@@ -115,8 +119,11 @@ class Denoiser(nn.Module):
             return unpack_text_time(cond.to(self.dtype), self._pooled_dim)
         return {"encoder_hidden_states": cond.to(self.dtype)}
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond = None, *, features: bool = False):
-        """x0 estimate (B, C, H, W) float32; with features=True also a list of the outputs of `feature_layers`."""
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond = None, *, features: bool = False,
+                features_only: bool = False):
+        """x0 estimate (B, C, H, W) float32; with features=True also a list of the outputs of `feature_layers`.
+        features_only=True returns just that list and stops the backbone as soon as the last of them is computed
+        (DMD2's classify mode: the decoder's work, which no feature depends on, is skipped)."""
         if self._tuners and getattr(self.backbone, "_onestep_adapters", None) is not self.adapters:
             flags = [p.requires_grad for p in self._adapter_params]  # peft's toggle also flips requires_grad
             for layer in self._tuners:
@@ -126,13 +133,19 @@ class Denoiser(nn.Module):
             self.backbone._onestep_adapters = self.adapters  # shared by the views of one backbone: toggle on change only
         t = self.schedule.timesteps_tensor(t, x_t.shape[0], x_t.device)
         inp, timestep = self.schedule.model_input(x_t.float(), t)
-        with self._capture(features) as store:
-            pred = self.backbone(inp.to(self.dtype), timestep, **self._backbone_kwargs(cond), return_dict=False)[0]
+        stop = features_only and getattr(self.backbone, "_compiled_call_impl", None) is None  # no exits in graphs
+        with self._capture(features or features_only, stop) as store:
+            try:
+                pred = self.backbone(inp.to(self.dtype), timestep, **self._backbone_kwargs(cond), return_dict=False)[0]
+            except _FeaturesReady:
+                pred = None
+        if features_only:
+            return [store[n].float() for n in self.feature_layers]
         x0 = self.schedule.to_x0(pred.float(), x_t.float(), t, self.prediction_type)
         return (x0, [store[n].float() for n in self.feature_layers]) if features else x0
 
     @contextlib.contextmanager
-    def _capture(self, on: bool):
+    def _capture(self, on: bool, stop: bool = False):
         store: dict = {}
         if not on:
             yield store
@@ -143,7 +156,11 @@ class Denoiser(nn.Module):
             if name not in modules:
                 where = "no mid_block" if name == "mid_block" else f"no module {name!r}"
                 raise ValueError(f"{type(self.backbone).__name__} has {where} to take GAN features from")
-            hook = lambda m, i, o, name=name: store.__setitem__(name, o[0] if isinstance(o, tuple) else o)  # noqa: E731
+            def hook(module, args, out, name=name):
+                store[name] = out[0] if isinstance(out, tuple) else out
+                if stop and len(store) == len(self.feature_layers):
+                    raise _FeaturesReady
+
             handles.append(modules[name].register_forward_hook(hook))
         try:
             yield store

@@ -38,6 +38,7 @@ class Extractor:
     channels: int
     fn: Callable[[torch.Tensor], torch.Tensor]
     resize: Callable[[np.ndarray], np.ndarray] | None = None  # clean-fid's per-image (H, W, C) resizer
+    resize_batch: Callable[[torch.Tensor], torch.Tensor] | None = None  # the same on a batch, where it is faster
     head: Callable[[torch.Tensor], torch.Tensor] | None = None  # features -> class logits, if it classifies
     num_classes: int | None = None                               # the head's classes
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -50,7 +51,9 @@ class Extractor:
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = match_channels(x.float(), self.channels)
-        if self.resize is not None:
+        if self.resize_batch is not None and self.device.type == "cuda":  # on the GPU: no per-image CPU work
+            x = self.resize_batch(x.to(self.device))
+        elif self.resize is not None:
             x = torch.stack(list(_pool().map(self._resize_one, x.cpu().numpy())))
         return self.fn(x.to(self.device)).float()
 
@@ -106,7 +109,29 @@ def inception_extractor(mode: str = "clean", weights: str | None = None, device=
     dev = torch.device(device)
     model = _build_inception(mode, weights or os.environ.get(INCEPTION_ENV) or None, dev)
     resize = None if mode == "legacy_tensorflow" else build_resizer(mode)
-    return Extractor("inception_v3", mode, 3, model, resize=resize, device=dev)
+    return Extractor("inception_v3", mode, 3, model, resize=resize, device=dev,
+                     resize_batch=pil_bicubic_resize if mode == "clean" else None)
+
+
+@lru_cache(maxsize=16)
+def _pil_bicubic_matrices(h: int, w: int, out_h: int, out_w: int, device: torch.device):
+    """PIL's float ('F' mode) bicubic resize is separable and linear: a horizontal pass, then a vertical one. Its
+    two matrices, read off PIL itself by resizing identity images one pass at a time (float64, on `device`)."""
+    from PIL import Image
+
+    rows = Image.fromarray(np.eye(w, dtype=np.float32), mode="F").resize((out_w, w), Image.BICUBIC)  # row i: x = e_i
+    cols = Image.fromarray(np.eye(h, dtype=np.float32), mode="F").resize((h, out_h), Image.BICUBIC)
+    return (torch.from_numpy(np.asarray(cols, dtype=np.float64)).to(device),   # (out_h, h)
+            torch.from_numpy(np.asarray(rows, dtype=np.float64)).to(device))   # (w, out_w)
+
+
+def pil_bicubic_resize(x: torch.Tensor, size: tuple[int, int] = (299, 299)) -> torch.Tensor:
+    """clean-fid's 'clean' resize (PIL bicubic per float channel, clipped to [0, 255]) of a (B, C, H, W) batch as two
+    float64 matrix products on x's device, rounded to float32 between the passes as PIL stores them: equal to
+    clean-fid's per-image resizer to float32 rounding (tested), without leaving the GPU."""
+    cols, rows = _pil_bicubic_matrices(x.shape[-2], x.shape[-1], size[0], size[1], x.device)
+    horizontal = (x.double() @ rows).float()
+    return (cols @ horizontal.double()).float().clamp_(0, 255)
 
 
 def default_weights_path(mode: str) -> str:

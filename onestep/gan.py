@@ -44,5 +44,5 @@ class GANHead(nn.Module):
         x = torch.zeros(1, *sample_shape, device=next(denoiser.parameters()).device)
         cond = None if example_cond is None else example_cond[:1]
         with torch.no_grad():
-            _, feats = denoiser(x, denoiser.schedule.t_max, cond, features=True)
+            feats = denoiser(x, denoiser.schedule.t_max, cond, features_only=True)
         return cls([(f.shape[1], f.shape[-1]) for f in feats], hidden)

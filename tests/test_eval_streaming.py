@@ -75,3 +75,20 @@ def test_folder_source_reports_missing_or_empty_folders(tmp_path):
         FolderSource(str(tmp_path / "missing"))
     with pytest.raises(SourceError, match="no images"):
         FolderSource(str(tmp_path))
+
+
+@pytest.mark.parametrize("h,w", [(8, 8), (32, 32), (28, 40), (320, 300)])
+def test_batched_clean_resize_equals_clean_fids_per_image_resizer(h, w):
+    """The GPU path of the 'clean' Inception mode: the same 299x299 images as clean-fid's PIL resizer (up- and
+    downsampling, non-square), to float32 rounding."""
+    from cleanfid.resize import build_resizer
+
+    from onestep.features import pil_bicubic_resize
+
+    x = torch.randint(0, 256, (3, 3, h, w), generator=torch.Generator().manual_seed(h * w)).float()
+    resize = build_resizer("clean")
+    ref = torch.stack([torch.from_numpy(resize(im.permute(1, 2, 0).numpy())).permute(2, 0, 1) for im in x])
+    out = pil_bicubic_resize(x)
+    assert out.shape == ref.shape == (3, 3, 299, 299) and out.dtype == torch.float32
+    assert (out - ref).abs().max() < 1e-3  # in 8-bit units: float32 rounding, not a different filter
+    assert (out - torch.nn.functional.interpolate(x, (299, 299), mode="bicubic")).abs().max() > 0.5  # torch's differs

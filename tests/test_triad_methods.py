@@ -238,3 +238,25 @@ def test_gan_layers_select_backbone_modules():
     fake.feature_layers = ("no_such_block",)
     with pytest.raises(ValueError, match="no module 'no_such_block'"):
         fake(torch.randn(2, 1, 8, 8), torch.tensor([500, 500]), torch.tensor([1, 2]), features=True)
+
+
+@pytest.mark.parametrize("layers", [("mid_block",), ("down_blocks.0.resnets.0", "mid_block")])
+def test_features_only_stops_after_the_feature_layers(layers):
+    """DMD2's classify mode: the same features as a full forward, and the decoder never runs; gradients reach
+    only what the features depend on."""
+    triad = make_triad(gan=True)
+    fake = triad.raw("fake_score")
+    fake.feature_layers = layers
+    calls = []
+    handle = fake.backbone.up_blocks[0].register_forward_hook(lambda *_: calls.append(1))
+    x, t, c = torch.randn(3, 1, 8, 8), torch.tensor([10, 500, 900]), torch.tensor([1, 2, 3])
+    _, full = fake(x, t, c, features=True)
+    assert len(calls) == 1
+    only = fake(x, t, c, features_only=True)
+    assert len(calls) == 1 and len(only) == len(layers)
+    assert all(torch.equal(a, b) for a, b in zip(full, only))
+    sum(f.square().mean() for f in only).backward()
+    decoder = [p.grad for p in fake.backbone.up_blocks.parameters()]
+    encoder = [p.grad for p in fake.backbone.down_blocks[0].parameters()]
+    assert all(g is None for g in decoder) and any(g is not None and g.abs().sum() > 0 for g in encoder)
+    handle.remove()

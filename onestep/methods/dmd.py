@@ -131,7 +131,7 @@ class DMD:
         t_g = sched.sample_t(x.shape[0], 0.0, self.gan_t_max, device=x.device)
         x_tg = sched.add_noise(x, torch.randn_like(x), t_g)
         with triad.frozen("fake_score", "gan_head"):
-            _, feats = triad.gan_features_net(x_tg, t_g, cond, features=True)
+            feats = triad.gan_features_net(x_tg, t_g, cond, features_only=True)
             return F.softplus(-triad.gan_head(feats)).mean()
 
     # ---- critic turn -----------------------------------------------------------------------------
@@ -153,14 +153,12 @@ class DMD:
         t_g = sched.sample_t(2 * n, 0.0, self.gan_t_max, device=x.device)
         gan_in = sched.add_noise(torch.cat([x, real.float()]), torch.randn(2 * n, *x.shape[1:], device=x.device), t_g)
         gan_c = None if c is None else torch.cat([c, c_real[:n]])
-        if triad.gan_feature_source == "fake_score":  # one batched forward of the fake score
-            cc = None if c is None else torch.cat([c, gan_c])
-            x0_all, feats = triad.fake_score(torch.cat([x_t, gan_in]), torch.cat([t, t_g]), cc, features=True)
-            x0_pred, feats = x0_all[:n], [f[n:] for f in feats]
+        x0_pred = triad.fake_score(x_t, t, c)
+        if triad.gan_feature_source == "fake_score":  # encoder + mid-block only (DMD2's classify mode)
+            feats = triad.fake_score(gan_in, t_g, gan_c, features_only=True)
         else:
-            x0_pred = triad.fake_score(x_t, t, c)
             with torch.no_grad():
-                _, feats = triad.teacher(gan_in, t_g, gan_c, features=True)
+                feats = triad.teacher(gan_in, t_g, gan_c, features_only=True)
         loss_fake = weighted_dsm(sched, t, x0_pred, x, self.loss_space(sched)).mean()
         logits = triad.gan_head(feats)
         loss_cls = F.softplus(logits[:n]).mean() + F.softplus(-logits[n:]).mean()

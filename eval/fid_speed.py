@@ -1,0 +1,110 @@
+"""Time FID-N end to end for a CIFAR-size one-step generator: sampling, 8-bit quantisation, clean-fid's 'clean'
+resize to 299x299, Inception-v3 pool features and float64 moments, streamed batch by batch (onestep.streaming).
+
+    python eval/fid_speed.py --inception-weights inception-2015-12-05.pt       # a GPU: FID-50k's time
+    python eval/fid_speed.py                                                   # no weights: a stand-in network
+
+The generator is google/ddpm-cifar10-32's UNet config with random weights, one step at t=999, bf16 autocast on a
+GPU (the time of a generator does not depend on its weights). With --inception-weights the features are
+clean-fid's own network; without, an Inception-v3 of torchvision's architecture with random weights stands in
+(the same layers and arithmetic, so about the same time). It prints times, not an FID value (eval/benchmark.py
+computes FID against reference statistics through the same code). On a GPU, in the same run, the per-image CPU
+resize that clean-fid itself uses is timed on --baseline-samples samples against the batched GPU resize.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def random_inception(device):
+    """torchvision's Inception-v3 (random weights, 2048-d pool output): clean-fid's network's arithmetic."""
+    import torch
+    import torchvision
+
+    net = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False)
+    net.fc = torch.nn.Identity()
+    net = net.eval().to(device)
+    return lambda x: net(x / 127.5 - 1)
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--num-samples", type=int, default=50_000)
+    p.add_argument("--baseline-samples", type=int, default=2_000, help="samples for the per-image CPU resize baseline")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--inception-weights", default="", help="clean-fid's inception-2015-12-05.pt (else timing only)")
+    p.add_argument("--device", default="", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--out", default="", help="also write the figures to this JSON file")
+    a = p.parse_args(argv)
+    if min(a.num_samples, a.baseline_samples, a.batch_size) < 1:
+        print("error: --num-samples, --baseline-samples and --batch-size must be >= 1", file=sys.stderr)
+        return 2
+
+    import dataclasses
+
+    import torch
+    from cleanfid.resize import build_resizer
+
+    from onestep.errors import OnestepError
+    from onestep.features import Extractor, inception_extractor, pil_bicubic_resize
+    from onestep.generator import Generator
+    from onestep.stepbench import build_workload
+    from onestep.streaming import GeneratorSource, stream_features
+
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        if a.inception_weights:
+            extractor = inception_extractor("clean", a.inception_weights, device=str(device))
+        else:
+            extractor = Extractor("inception_v3 (random weights: timing only)", "clean", 3, random_inception(device),
+                                  resize=build_resizer("clean"), resize_batch=pil_bicubic_resize, device=device)
+    except OnestepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    work = build_workload("cifar", device)
+    gen = Generator(work.teacher.to(device)).eval()
+    bf16 = device.type == "cuda"
+
+    def sample(z, y):
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            return gen.sample(z, y).float()
+
+    def timed(n: int, ex: Extractor) -> dict:
+        src = GeneratorSource(sample, n, work.shape, None, 0, device)
+        stream_features(src, ex, min(a.batch_size, n))  # warm-up: cuDNN, allocator, the resize matrices
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        r = stream_features(GeneratorSource(sample, n, work.shape, None, 1, device), ex, a.batch_size)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        total = time.perf_counter() - t0
+        return {"samples": n, "seconds": total, "sampling_seconds": r.sample_seconds, "img_per_s": n / total, "result": r}
+
+    rows = {}
+    if extractor.resize_batch is not None and device.type == "cuda":
+        per_image = dataclasses.replace(extractor, resize_batch=None)
+        rows["per-image CPU resize (clean-fid's)"] = timed(a.baseline_samples, per_image)
+        rows["batched resize on the GPU"] = timed(a.baseline_samples, extractor)
+    rows["end to end"] = timed(a.num_samples, extractor)
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print("| path | device | samples | seconds | img/s | of which sampling s |\n|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        print(f"| {name} | {card} | {r['samples']} | {r['seconds']:.2f} | {r['img_per_s']:.0f} | {r['sampling_seconds']:.2f} |")
+    out = {k: {kk: v for kk, v in r.items() if kk != "result"} for k, r in rows.items()}
+    out["features"], out["device"] = extractor.name, card
+    print(json.dumps(out))
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(out, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
