@@ -84,7 +84,8 @@ class Config:
     max_nonfinite_steps: int = 20        # a non-finite loss or gradient skips that update; this many in a row stop the run
     lr_scheduler: str = "constant"       # diffusers get_scheduler name: constant, cosine, linear, constant_with_warmup, ...
     lr_warmup_steps: int = 0             # warm-up in iterations (both optimisers)
-    ema_decay: float = 0.0               # generator EMA decay (0: off); exported weights are the EMA where kept
+    ema_decay: float = 0.0               # generator EMA decay (0: off); exported weights are the EMA where kept. The
+                                         # decay at generator step s is diffusers' ramp min((1 + s) / (10 + s), ema_decay)
     # ---- DisBack: degradation recording + distribution backtracking around the method (onestep/disback.py) ----
     backtrack: bool = False              # record the degradation path, start the fake score at its end, walk the DM
                                          # target back node by node to the teacher
@@ -294,6 +295,7 @@ def load_config(argv: list[str]) -> Config:
         cfg["method_args"] = {**preset_args, **cfg["method_args"]}
     config = Config(**cfg)
     validate(config)
+    config.method_args = method_kwargs(config)  # typed, so config.yaml records 1.5, not '1.5'
     if config.fake_score == "auto":  # resolved here, so config.yaml records what ran
         from .methods import METHODS
 

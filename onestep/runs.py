@@ -317,6 +317,30 @@ class RealBatches:
             self.offset, self._restored = int(state["offset"]), True
 
 
+def flatten_state(tree: dict, prefix: str = "") -> dict:
+    """A nested dict of tensors and plain values as one flat dict {'a/b': value} (None dropped): a method's
+    checkpoint state in the form accelerate saves and weights_only loading reads back."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten_state(value, f"{prefix}{key}/"))
+        elif value is not None:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def unflatten_state(flat: dict) -> dict:
+    """The nested dict of `flatten_state` (without its None values)."""
+    tree: dict = {}
+    for key, value in flat.items():
+        *path, last = key.split("/")
+        node = tree
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return tree
+
+
 def save_grid(images: torch.Tensor, path: str, nrow: int, scale: int = 4) -> None:
     """Save images in [-1, 1] as a PNG grid, upscaled by `scale` (nearest) so small samples are visible."""
     from torchvision.utils import save_image

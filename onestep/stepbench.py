@@ -285,6 +285,7 @@ def measure(work: Workload, variant: str, device: torch.device, *, warmup: int =
     if device.type == "cuda":
         torch.cuda.synchronize()
     first = time.perf_counter() - t0
+    first_peaks, runner.phase_peaks = runner.phase_peaks, {}  # the first step also holds one-off allocations
     for _ in range(warmup - 1):
         runner.step()
     passes = runner.passes() if components else {}
@@ -309,8 +310,9 @@ def measure(work: Workload, variant: str, device: torch.device, *, warmup: int =
            "tflops": None if flops is None else flops / step_s / 1e12}
     row["peak_fraction"] = None if (row["tflops"] is None or not peak_value) else row["tflops"] / peak_value
     if device.type == "cuda":  # the phases reset the peak counter: the step's peak is the largest phase peak
-        row["peak_mem_gib"] = max([torch.cuda.max_memory_allocated(device) / 2**30, *runner.phase_peaks.values()])
+        row["peak_mem_gib"] = max(runner.phase_peaks.values())  # steady state: the steps after the first
         row["phase_peak_gib"] = dict(runner.phase_peaks)
+        row["first_step_peak_gib"] = max(first_peaks.values())  # + optimiser-state creation, cuDNN autotuning
     else:
         row["peak_mem_gib"] = None
     if variant in COMPILE_MODES:

@@ -152,6 +152,15 @@ def test_cli_and_config_file_agree(values, tmp_path_factory):
         assert getattr(ref, k) == v
 
 
+def test_method_options_are_typed_however_given(tmp_path):
+    """A method option from the command line is stored typed (config.yaml records 1.5, not '1.5'), as from YAML."""
+    cli = load_config(["--real_guidance_scale", "1.5", "--update_ratio", "2"])
+    path = tmp_path / "run.yaml"
+    path.write_text("real_guidance_scale: 1.5\nupdate_ratio: 2\n")
+    assert cli == load_config(["--config", str(path)])
+    assert type(cli.method_args["real_guidance_scale"]) is float and type(cli.method_args["update_ratio"]) is int
+
+
 @SETTINGS
 @given(n=st.integers(-2**40, 2**40), x=st.floats(-1e12, 1e12))
 def test_numbers_parse_exactly(n, x):

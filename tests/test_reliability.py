@@ -87,13 +87,10 @@ class Crash(Exception):
     pass
 
 
-def test_resume_continues_the_same_trajectory(cond_teacher, tmp_path, monkeypatch):
-    """8 steps straight == 3 steps, a crash right after the checkpoint, --resume latest, 5 more: identical tensors
-    (models, EMA, optimiser moments, the method's own state)."""
-    monkeypatch.setitem(METHODS, "dmd2", CountingDMD2)
-    main = distill_main()
-    args = [*EXACT, "--teacher", cond_teacher, "--output_dir", str(tmp_path), "--steps", "8", "--checkpoint_every", "3",
-            "--checkpoints_total_limit", "0"]
+def straight_and_resumed(monkeypatch, args: list) -> tuple[str, str]:
+    """Run `args` for 8 steps straight, and again with a crash right after the step-3 checkpoint and --resume latest:
+    the two run folders."""
+    main, out = distill_main(), args[args.index("--output_dir") + 1]
     main([*args, "--name", "straight"])
 
     save = runs.save_checkpoint
@@ -108,9 +105,19 @@ def test_resume_continues_the_same_trajectory(cond_teacher, tmp_path, monkeypatc
     with pytest.raises(Crash):
         main([*args, "--name", "resumed"])
     monkeypatch.setattr(runs, "save_checkpoint", save)
+    main([*args, "--name", "resumed", "--resume", "latest"])
+    return os.path.join(out, "straight"), os.path.join(out, "resumed")
+
+
+def test_resume_continues_the_same_trajectory(cond_teacher, tmp_path, monkeypatch):
+    """8 steps straight == 3 steps, a crash right after the checkpoint, --resume latest, 5 more: identical tensors
+    (models, EMA, optimiser moments, the method's own state)."""
+    monkeypatch.setitem(METHODS, "dmd2", CountingDMD2)
+    args = [*EXACT, "--teacher", cond_teacher, "--output_dir", str(tmp_path), "--steps", "8", "--checkpoint_every", "3",
+            "--checkpoints_total_limit", "0"]
+    straight_and_resumed(monkeypatch, args)
     position = load_file(str(tmp_path / "resumed" / "checkpoints" / "step_0000003" / runs.DATA_STATE))
     assert int(position["offset"]) == 1  # 3 batches taken at 2 per epoch: mid-epoch
-    main([*args, "--name", "resumed", "--resume", "latest"])
 
     a, b = final_state(str(tmp_path / "straight"), 8), final_state(str(tmp_path / "resumed"), 8)
     assert a.keys() == b.keys() and any(k.startswith("custom_checkpoint_0") for k in a)
@@ -118,6 +125,31 @@ def test_resume_continues_the_same_trajectory(cond_teacher, tmp_path, monkeypatc
     assert int(b["custom_checkpoint_1.pkl:0"]) == 4  # generator turns at steps 0, 2, 4, 6: two of them after the crash
     gen = load_file(str(tmp_path / "straight" / "checkpoints" / "step_0000003" / "model.safetensors"))
     assert any(not torch.equal(gen[k], a[f"model.safetensors:{k}"]) for k in gen)  # it did train after step 3
+
+
+def brightness(images, cond):
+    """A differentiable reward for GNDM runs here: mean intensity."""
+    return images.mean(dim=(1, 2, 3))
+
+
+def test_gndm_resume_carries_reward_scales_and_the_rollout_in_reuse(cond_teacher, tmp_path, monkeypatch):
+    """GNDM with a two-step student reusing each rollout twice and a differentiable reward: its running reward
+    variance and the half-used rollout at the step-3 checkpoint are in the checkpoint, so the resumed run equals
+    the straight one."""
+    from onestep.runs import unflatten_state
+
+    args = [*EXACT, "--method", "gndm", "--update_ratio", "1", "--group_size", "4", "--generator_timesteps", "999,499",
+            "--reuse", "2", "--rewards", "test_reliability:brightness", "--reward_gradient_weight", "0.1",
+            "--teacher", cond_teacher, "--output_dir", str(tmp_path), "--steps", "8", "--checkpoint_every", "3",
+            "--checkpoints_total_limit", "0"]
+    straight, resumed = straight_and_resumed(monkeypatch, args)
+    from accelerate.utils import load
+
+    saved = unflatten_state(load(os.path.join(resumed, "checkpoints", "step_0000003", "custom_checkpoint_1.pkl"),
+                                 map_location="cpu"))
+    assert saved["rollout"]["uses"] == 1 and saved["rollout"]["xs"].shape[0] == 2 and saved["reward_var"]
+    a, b = final_state(straight, 8), final_state(resumed, 8)
+    assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
 
 
 def test_real_batches_resume_mid_epoch_replays_the_same_stream():

@@ -191,7 +191,21 @@ class GNDM(DMD):
             loss, logs["loss_gan_g"] = loss + self.gan_generator_weight * loss_gan, loss_gan.item()
         return loss, logs
 
-    # ---- evaluation --------------------------------------------------------------------------------
+    # ---- checkpointing and evaluation --------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Exact resume: each reward's running variance and the rollout still being reused."""
+        from ..runs import flatten_state
+
+        return flatten_state({"reward_var": self._reward_set.var, "rollout": self._roll})
+
+    def load_state_dict(self, state: dict) -> None:
+        from ..runs import unflatten_state
+
+        tree = unflatten_state(state)
+        self._reward_set.var = {k: float(v) for k, v in tree.get("reward_var", {}).items()}
+        roll = {k: v.to(self._device) if torch.is_tensor(v) else v for k, v in tree.get("rollout", {}).items()}
+        self._roll = {"cond": None, "logs": {}, **roll, "uses": int(roll["uses"])} if roll else None
+
     def extra_metrics(self, sample, classifier=None, num_samples: int = 2000, sample_shape=(), device="cpu") -> dict:
         """metrics.json["gndm"]: the options, and with the digits classifier the mean p(c | x) of samples of class c."""
         out = {"group_size": self.group_size, "advantage": self.advantage, "rewards": list(self.rewards)}
