@@ -339,13 +339,19 @@ class DisBack:
 
     # ---- checkpointing and metrics -----------------------------------------------------------------
     def state_dict(self) -> dict:
-        """The schedule's position (node, switches, plateau tracker): plain values for the run's checkpoints."""
-        return {"node": self.node, "history": [list(h) for h in self.history], **self._track}
+        """The schedule's position (node, switches, plateau tracker) and the base method's own state, if it has one
+        (e.g. GNDM's), under "base/": plain values and tensors for the run's checkpoints."""
+        state = {"node": self.node, "history": [list(h) for h in self.history], **self._track}
+        if hasattr(self.base, "state_dict"):
+            state.update({f"base/{k}": v for k, v in self.base.state_dict().items()})
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Continue the schedule of a checkpoint: its node becomes the target again."""
         self.history = [list(h) for h in state["history"]]
         self._track = {k: state[k] for k in ("ema", "best", "last_improve", "last_switch")}
+        if hasattr(self.base, "load_state_dict"):
+            self.base.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("base/")})
         if self._triad is not None:
             self.set_target(int(state["node"]))
         else:

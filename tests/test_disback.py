@@ -245,3 +245,23 @@ def test_schedule_state_travels_in_an_accelerate_checkpoint(tmp_path):
     acc.load_state(str(tmp_path / "ckpt"))
     assert (b.node, b.history, b.state_dict()) == (a.node, a.history, a.state_dict())
     assert equal(params(triad.teacher.backbone, b._rec.names), b._rec.node(1))
+
+
+def test_state_dict_carries_the_base_methods_own_state(tmp_path):
+    """Around a method with its own state (GNDM: running reward scales, the rollout in reuse) the wrapper's
+    checkpoint state holds the base's too, and loading it restores both."""
+    def gndm():
+        base = build_method("gndm", group_size=2)
+        return DisBack(base, nodes=2, interval=2, record_dir=str(tmp_path))
+
+    a = gndm()
+    a.base._reward_set.var = {"r": 0.25}
+    a.base._roll = {"xs": torch.randn(2, 4, 1, 8, 8), "adv": torch.randn(4), "cond": None, "uses": 1, "logs": {"x": 1.0}}
+    a.node, a.history = 0, [[2, 0]]
+    state = a.state_dict()
+    assert {"node", "base/reward_var/r", "base/rollout/xs", "base/rollout/uses"} <= set(state)
+    b = gndm()
+    b.load_state_dict(state)
+    assert b.node == 0 and b.history == [[2, 0]] and b.base._reward_set.var == {"r": 0.25}
+    assert torch.equal(b.base._roll["xs"], a.base._roll["xs"]) and b.base._roll["uses"] == 1
+    assert b.base._roll["logs"] == {"x": 1.0} and b.base._roll["cond"] is None
