@@ -35,7 +35,7 @@ def in_place_ema(parameters, decay: float):
             parameters = list(parameters)
             self.optimization_step += 1
             self.cur_decay_value = decay = self.get_decay(self.optimization_step)
-            pairs = [(s, p) for s, p in zip(self.shadow_params, parameters)]
+            pairs = list(zip(self.shadow_params, parameters))
             trained = [(s, p.detach()) for s, p in pairs if p.requires_grad]
             if trained:
                 torch._foreach_lerp_([s for s, _ in trained], [p for _, p in trained], 1.0 - decay)

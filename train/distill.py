@@ -243,7 +243,7 @@ def train(cfg, backbone: torch.nn.Module | None = None):
                 continue
             loss_fn, opt, lr_sched = ((method.generator_loss, opt_g, sched_g) if turn == "generator"
                                       else (method.fake_score_loss, opt_f, sched_f))
-            opt.zero_grad(set_to_none=True)  # gradients live from this backward to this step only (memory)
+            opt.zero_grad(set_to_none=True)  # nothing another turn's backward may have left
             with accelerator.autocast():
                 loss, turn_logs = loss_fn(triad, batch)
             accelerator.backward(loss)
@@ -264,7 +264,7 @@ def train(cfg, backbone: torch.nn.Module | None = None):
                 continue
             streak = 0
             opt.step()
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=True)  # memory: gradients live from this backward to this step only
             lr_sched.step()
             if turn == "generator":
                 triad.ema_step()

@@ -22,6 +22,7 @@ import torch
 from ..errors import OnestepError
 from ..generator import simulate
 from ..rewards import RewardSet, build_reward, check_spec, group_mean, group_standardise, repeat_groups
+from ..runs import flatten_state, unflatten_state
 from ..schedule import append_dims
 from .dmd import DMD, dm_gradient, dm_surrogate, weighted_dsm
 
@@ -194,13 +195,9 @@ class GNDM(DMD):
     # ---- checkpointing and evaluation --------------------------------------------------------------
     def state_dict(self) -> dict:
         """Exact resume: each reward's running variance and the rollout still being reused."""
-        from ..runs import flatten_state
-
         return flatten_state({"reward_var": self._reward_set.var, "rollout": self._roll})
 
     def load_state_dict(self, state: dict) -> None:
-        from ..runs import unflatten_state
-
         tree = unflatten_state(state)
         self._reward_set.var = {k: float(v) for k, v in tree.get("reward_var", {}).items()}
         roll = {k: v.to(self._device) if torch.is_tensor(v) else v for k, v in tree.get("rollout", {}).items()}
