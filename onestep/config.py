@@ -49,6 +49,8 @@ class Config:
     lora_rank: int = 16                  # rank of the LoRA fake score
     lora_targets: list = field(default_factory=list)  # modules the LoRA adapts, e.g. [to_q, to_v] (empty: onestep's default)
     generator_timesteps: list = field(default_factory=list)  # few-step student, e.g. [999, 749, 499, 249]; empty: one step
+    clip_sample: float = 0.0             # clamp the generator's x0 to [-v, v] in every call, gradient passed straight
+                                         # through (diffusers' clip_sample_range; pixel teachers); 0: off
     gan_feature_source: str = "fake_score"  # bottleneck features for the GAN head: "fake_score" or "teacher"
     gan_hidden: int = 0                  # GAN head width (0: the feature width)
     gan_layers: list = field(default_factory=list)  # backbone modules the GAN head reads, e.g. [down_blocks.0.resnets.0, mid_block]
@@ -120,7 +122,11 @@ PRESETS: dict[str, dict] = {
     # DMD2's GAN weights are scaled for 64x64x3 images: on 8x8 digits the DM term's per-pixel gradient is
     # ~190x larger relative to the GAN's, so the GAN weights are raised and its noise kept low (t < 0.2 T).
     # DM timesteps reach down to t = 1 (t_min 0.001; DMD's 0.02: digits-FID 0.78 vs 0.69 at 600 iterations).
-    "digits": {"generator_timesteps": [300], "ema_decay": 0.99, "lr_generator": 2e-4, "lr_fake": 4e-4,
+    # The student's x0 is clamped to the data's [-1, 1] with a straight-through gradient (clip_sample 1): the
+    # background, which the data holds at exactly -1, may then sit below -1 instead of as grey noise around it
+    # (digits-FID 0.431 -> 0.325 at 1200 iterations; generator lr 1e-4 or 2e-4: 0.302 / 0.325 for seed 0, 0.337 /
+    # 0.305 for seed 1, a draw).
+    "digits": {"generator_timesteps": [300], "ema_decay": 0.99, "lr_generator": 1e-4, "lr_fake": 4e-4, "clip_sample": 1.0,
                "method_args": {"update_ratio": 3, "t_min": 0.001, "gan_generator_weight": 0.1,
                                "gan_critic_weight": 1.0, "gan_t_max": 0.2}},
     # SiD (Zhou et al. 2024): 1:1 updates, fake score first, Adam betas (0, 0.999), alpha 1.2, generator-loss
@@ -174,7 +180,7 @@ POSITIVE = ("steps", "batch_size", "lr_generator", "lr_fake", "eval_samples", "l
             "backtrack_nodes", "backtrack_interval", "backtrack_patience", "record_interval",
             "students", "tsm_lr", "tsm_pool")
 NON_NEGATIVE = ("lr_warmup_steps", "cpu_threads", "log_every", "sample_every", "eval_every", "checkpoint_every", "checkpoints_total_limit",
-                "grad_clip", "weight_decay", "gan_hidden", "backtrack_tolerance", "record_lr", "tsm_steps")
+                "grad_clip", "weight_decay", "gan_hidden", "clip_sample", "backtrack_tolerance", "record_lr", "tsm_steps")
 
 
 def _convert(key: str, value, typ):

@@ -15,13 +15,21 @@ from .denoiser import Cond, Denoiser
 
 
 class Generator(nn.Module):
-    """A one- or few-step generator; forward(x_t, t, cond) is one denoiser call."""
+    """A one- or few-step generator; forward(x_t, t, cond) is one denoiser call.
 
-    def __init__(self, denoiser: Denoiser, timesteps: Sequence[float] | None = None):
+    `clip_sample` (diffusers' clip_sample_range): each call's x0 is clamped to [-clip_sample, clip_sample] with the
+    gradient passed straight through, so a pixel past the data's range costs nothing where the data sits at the
+    bound (a digit's background) and still gets the gradient of its clamped value; None: no clamp.
+    """
+
+    def __init__(self, denoiser: Denoiser, timesteps: Sequence[float] | None = None, clip_sample: float | None = None):
         super().__init__()
         self.denoiser = denoiser
         sched = denoiser.schedule
         self.timesteps = [sched.t_max] if not timesteps else list(timesteps)
+        if clip_sample is not None and not clip_sample > 0:
+            raise ValueError(f"clip_sample must be positive (or None for no clamp), got {clip_sample}")
+        self.clip_sample = clip_sample
 
     @property
     def schedule(self):
@@ -32,7 +40,10 @@ class Generator(nn.Module):
         return len(self.timesteps)
 
     def forward(self, x_t: torch.Tensor, t, cond: Cond = None) -> torch.Tensor:
-        return self.denoiser(x_t, t, cond)
+        x0 = self.denoiser(x_t, t, cond)
+        if self.clip_sample is None:
+            return x0
+        return x0 + (x0.clamp(-self.clip_sample, self.clip_sample) - x0).detach()  # straight-through clamp
 
     def sample(self, z: torch.Tensor, cond: Cond = None, num_steps: int | None = None,
                noise: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:

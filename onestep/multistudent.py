@@ -408,7 +408,8 @@ def digits_scores(sample: Callable, teacher, classifier, classes: list[int], cfg
 
     runs = {n: {**evaluate(lambda z, y, n=n: sample_teacher(teacher.denoiser, z, y, n)), "nfe": n}
             for n in cfg.teacher_eval_steps}
-    best = {**min(runs.values(), key=lambda r: r["fid"]), "by_steps": {str(n): r["fid"] for n, r in runs.items()}}
+    best = ({**min(runs.values(), key=lambda r: r["fid"]), "by_steps": {str(n): r["fid"] for n, r in runs.items()}}
+            if runs else {"fid": None, "nfe": None})  # an empty teacher_eval_steps skips the teacher
     return evaluate(sample), best
 
 

@@ -29,17 +29,18 @@ class OneStepPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "unet"
 
     def __init__(self, unet, scheduler, timesteps: list | None = None, num_classes: int | None = None,
-                 null_class: int | None = None):
+                 null_class: int | None = None, clip_sample: float | None = None):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
-        self.register_to_config(timesteps=timesteps, num_classes=num_classes, null_class=null_class)
+        self.register_to_config(timesteps=timesteps, num_classes=num_classes, null_class=null_class,
+                                clip_sample=clip_sample)
         self.image_processor = VaeImageProcessor(do_resize=False, do_normalize=True)
 
     def student(self) -> Generator:
         """The student as a onestep Generator (same code path as training)."""
         schedule = Schedule.from_scheduler_config(dict(self.scheduler.config))
         den = Denoiser(self.unet, schedule, null_cond=self.config.null_class)
-        return Generator(den, self.config.timesteps or None)
+        return Generator(den, self.config.timesteps or None, self.config.get("clip_sample"))
 
     @torch.no_grad()
     def __call__(self, class_labels: int | list[int] | torch.Tensor | None = None, batch_size: int = 1,
@@ -149,14 +150,14 @@ def export_pipeline(generator: Generator, scheduler_config: dict, out_dir: str, 
     unet = generator.denoiser.backbone
     timesteps = [float(t) if not float(t).is_integer() else int(t) for t in generator.timesteps]
     pipe = OneStepPipeline(unet=unet, scheduler=sched, timesteps=timesteps, num_classes=num_classes,
-                           null_class=null_class)
+                           null_class=null_class, clip_sample=generator.clip_sample)
     pipe.save_pretrained(out_dir, safe_serialization=True)
     written = [out_dir]
     sch = generator.schedule
     if (num_classes is None and sch.kind == "vp" and generator.num_steps == 1
             and int(generator.timesteps[0]) == sch.num_train_timesteps - 1):
         ddim = DDIMScheduler.from_config(scheduler_config, timestep_spacing="trailing", set_alpha_to_one=True,
-                                         clip_sample=True, clip_sample_range=1.0)
+                                         clip_sample=True, clip_sample_range=generator.clip_sample or 1.0)
         diffusers.DDIMPipeline(unet=unet, scheduler=ddim).save_pretrained(out_dir + "-ddim", safe_serialization=True)
         written.append(out_dir + "-ddim")
     return written

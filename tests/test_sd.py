@@ -316,10 +316,13 @@ def teacher_weights(folder):
     return load_file(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors"))
 
 
-def test_sd_dmd2_with_gan_and_no_real_images_gives_one_line_error(sd_teacher, tmp_path):
+@pytest.mark.parametrize("flags, message", [(["--gan_generator_weight", "1e-3"], "needs real images"),
+                                            (["--clip_sample", "1"], "latents have no fixed range")])
+def test_sd_dmd2_bad_options_give_one_line_error(sd_teacher, tmp_path, flags, message):
     cmd = [sys.executable, os.path.join(ROOT, "train", "distill.py"), "--preset", "sd15-dmd2", "--teacher", sd_teacher,
-           "--gan_generator_weight", "1e-3", "--output_dir", str(tmp_path)]
+           *flags, "--output_dir", str(tmp_path)]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
                        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert r.returncode == 2 and len(lines) == 1 and "needs real images" in lines[0], r.stderr[-2000:]
+    assert r.returncode == 2 and len(lines) == 1 and message in lines[0], r.stderr[-2000:]
+    assert not [f for f in tmp_path.rglob("*") if f.is_file()]  # nothing written

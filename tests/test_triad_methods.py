@@ -260,3 +260,30 @@ def test_features_only_stops_after_the_feature_layers(layers):
     encoder = [p.grad for p in fake.backbone.down_blocks[0].parameters()]
     assert all(g is None for g in decoder) and any(g is not None and g.abs().sum() > 0 for g in encoder)
     handle.remove()
+
+
+def test_clip_sample_clamps_values_passes_gradients_and_exports(tmp_path):
+    from onestep.pipeline import OneStepPipeline, export_pipeline
+
+    sched = Schedule.from_scheduler_config(dict(DDPMScheduler().config))
+    teacher = Denoiser(tiny_unet(), sched, null_cond=10)
+    plain = Triad.from_teacher(teacher, generator_timesteps=[300])
+    clipped = Triad.from_teacher(teacher, generator_timesteps=[300], clip_sample=0.5)
+    z, c = torch.randn(8, 1, 8, 8), torch.arange(8) % 10
+    x_plain = plain.generate(z, c)
+    x = clipped.generate(z, c)
+    assert x.abs().max() <= 0.5 and (x_plain.abs() > 0.5).any()  # the case has pixels past the bound
+    assert torch.equal(x, x_plain.clamp(-0.5, 0.5))
+    w = torch.randn_like(x)
+    (x * w).sum().backward()
+    (x_plain * w).sum().backward()  # straight through: the same gradient as without the clamp, pixels past it too
+    for p, q in zip(clipped.generator_parameters(), plain.generator_parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="clip_sample must be positive"):
+        Triad.from_teacher(teacher, clip_sample=0.0)
+    export_pipeline(clipped.export_generator(), dict(DDPMScheduler().config), str(tmp_path / "p"), num_classes=10,
+                    null_class=10)
+    pipe = OneStepPipeline.from_pretrained(str(tmp_path / "p"))
+    assert pipe.config.clip_sample == 0.5 and pipe.student().clip_sample == 0.5
+    out = pipe(class_labels=c.tolist(), latents=z, output_type="pt").images
+    assert torch.allclose(out, (x.detach() + 1) / 2, atol=1e-5)  # the pipeline maps [-1, 1] to [0, 1]

@@ -104,6 +104,8 @@ def train(cfg, backbone: torch.nn.Module | None = None):
     t_top = teacher.denoiser.schedule.t_max
     if any(t > t_top for t in cfg.generator_timesteps):
         raise ConfigError(f"generator_timesteps: {cfg.generator_timesteps} exceed this teacher's largest time {t_top}")
+    if cfg.clip_sample and teacher.text_conditional:
+        raise ConfigError("clip_sample: latents have no fixed range to clamp to; use --clip_sample 0 with this teacher")
     if teacher.num_classes:
         classes = cfg.classes or list(range(teacher.num_classes))
         bad = [c for c in classes if not 0 <= c < teacher.num_classes]
@@ -149,7 +151,8 @@ def train(cfg, backbone: torch.nn.Module | None = None):
             generator_timesteps=cfg.generator_timesteps, lora_targets=cfg.lora_targets or DEFAULT_LORA_TARGETS,
             gan_head=getattr(method, "uses_gan", False), gan_feature_source=cfg.gan_feature_source, sample_shape=shape,
             example_cond=example, ema_decay=cfg.ema_decay or None, frozen_dtype=frozen_dtype,
-            gan_hidden=cfg.gan_hidden or None, gan_layers=cfg.gan_layers or ("mid_block",), student_backbone=backbone)
+            gan_hidden=cfg.gan_hidden or None, gan_layers=cfg.gan_layers or ("mid_block",), student_backbone=backbone,
+            clip_sample=cfg.clip_sample or None)
     except ValueError as e:
         raise ConfigError(f"{e} (teacher {cfg.teacher!r})") from None
     triad.teacher.guidance_uncond = teacher.negative_cond  # --negative_prompt: the real score's CFG branch only
@@ -313,8 +316,9 @@ def train(cfg, backbone: torch.nn.Module | None = None):
                 for n_steps in cfg.teacher_eval_steps:
                     r = evaluate(lambda z, y, n=n_steps: sample_teacher(triad.teacher, z, y, n))
                     runs[n_steps] = {**r, "nfe": n_steps}
-                best = min(runs.values(), key=lambda r: r["fid"])
-                metrics["teacher"] = {**best, "by_steps": {str(k): v["fid"] for k, v in runs.items()}}
+                if runs:  # an empty teacher_eval_steps skips the teacher's FID
+                    best = min(runs.values(), key=lambda r: r["fid"])
+                    metrics["teacher"] = {**best, "by_steps": {str(k): v["fid"] for k, v in runs.items()}}
             metrics["feature_extractor"] = f"digits-classifier ({cfg.classifier}), penultimate {classifier.config.feature_dim}-d"
             curve.append({"step": cfg.steps, "seconds": train_seconds, "fid": metrics["student"]["fid"]})
             metrics["curve"] = curve
