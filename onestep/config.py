@@ -125,8 +125,10 @@ PRESETS: dict[str, dict] = {
     # The student's x0 is clamped to the data's [-1, 1] with a straight-through gradient (clip_sample 1): the
     # background, which the data holds at exactly -1, may then sit below -1 instead of as grey noise around it
     # (digits-FID 0.431 -> 0.325 at 1200 iterations; generator lr 1e-4 or 2e-4: 0.302 / 0.325 for seed 0, 0.337 /
-    # 0.305 for seed 1, a draw).
+    # 0.305 for seed 1, a draw). Batch 128 instead of 64: 0.247 / 0.275 for seeds 0 / 1 (0.302 / 0.337), 9 min for
+    # the whole default command on 2 cores instead of 6.5.
     "digits": {"generator_timesteps": [300], "ema_decay": 0.99, "lr_generator": 1e-4, "lr_fake": 4e-4, "clip_sample": 1.0,
+               "batch_size": 128,
                "method_args": {"update_ratio": 3, "t_min": 0.001, "gan_generator_weight": 0.1,
                                "gan_critic_weight": 1.0, "gan_t_max": 0.2}},
     # SiD (Zhou et al. 2024): 1:1 updates, fake score first, Adam betas (0, 0.999), alpha 1.2, generator-loss
