@@ -135,6 +135,14 @@ def cleanfid_sample_features(sample: Callable[[torch.Tensor, torch.Tensor | None
                                   verbose=False, custom_fn_resize=lambda img: img)
 
 
+def best_of_steps(runs: dict) -> dict:
+    """The lowest-FID entry of {sampler steps: scores} with "by_steps" {steps: FID}; {"fid": None, "nfe": None}
+    when nothing was scored (e.g. an empty teacher_eval_steps)."""
+    if not runs:
+        return {"fid": None, "nfe": None}
+    return {**min(runs.values(), key=lambda r: r["fid"]), "by_steps": {str(n): r["fid"] for n, r in runs.items()}}
+
+
 def evaluate_samples(sample: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor], classifier: DigitsClassifier,
                      reference: tuple[np.ndarray, np.ndarray], num_samples: int, sample_shape, num_classes: int | None,
                      batch_size: int = 250, seed: int = 0, device="cpu") -> dict:

@@ -75,3 +75,15 @@ def simulate(net: Callable, schedule, timesteps: Sequence, z: torch.Tensor, cond
     if trace is not None:
         trace[0].append(x_t), trace[1].append(x0)
     return x0
+
+
+def renoise_log_ratios(schedule, timesteps: Sequence, xs: torch.Tensor, x0_new: torch.Tensor,
+                       x0_old: torch.Tensor) -> torch.Tensor:
+    """(K - 1, B) log-likelihood ratios of a traced chain's re-noising steps x_{t_{i+1}} ~ N(alpha x0_i, sigma^2 I)
+    under new x0 outputs against the old ones (xs, x0_*: (K, B, ...) as `simulate`'s trace stacks them)."""
+    dims, out = tuple(range(1, xs.ndim - 1)), []
+    for i in range(len(timesteps) - 1):
+        a, s = schedule.alpha_sigma(schedule.timesteps_tensor(timesteps[i + 1], 1, xs.device))
+        d_new, d_old = ((xs[i + 1] - a * x0).square().sum(dims) for x0 in (x0_new[i], x0_old[i]))
+        out.append(-(d_new - d_old) / (2 * s**2))
+    return torch.stack(out)

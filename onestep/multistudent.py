@@ -396,7 +396,7 @@ def digits_scores(sample: Callable, teacher, classifier, classes: list[int], cfg
     """Digits-FID and class metrics of `sample(z, labels)` and of the teacher at each of cfg.teacher_eval_steps (the
     best kept), as the single-student run scores them (sample i: noise seed i, class classes[i mod C])."""
     from .data import load_digits
-    from .fid import evaluate_samples, image_moments
+    from .fid import best_of_steps, evaluate_samples, image_moments
     from .sampling import sample_teacher
 
     reference = image_moments([load_digits("all")[0].to(device)], classifier.features)
@@ -408,9 +408,7 @@ def digits_scores(sample: Callable, teacher, classifier, classes: list[int], cfg
 
     runs = {n: {**evaluate(lambda z, y, n=n: sample_teacher(teacher.denoiser, z, y, n)), "nfe": n}
             for n in cfg.teacher_eval_steps}
-    best = ({**min(runs.values(), key=lambda r: r["fid"]), "by_steps": {str(n): r["fid"] for n, r in runs.items()}}
-            if runs else {"fid": None, "nfe": None})  # an empty teacher_eval_steps skips the teacher
-    return evaluate(sample), best
+    return evaluate(sample), best_of_steps(runs)
 
 
 @torch.no_grad()

@@ -121,6 +121,14 @@ def check_spec(spec: str) -> None:
         import_reward(spec)
 
 
+def check_specs(specs) -> list[str]:
+    """The reward specs as strings, each checked by check_spec."""
+    specs = [str(s) for s in specs]
+    for spec in specs:
+        check_spec(spec)
+    return specs
+
+
 def build_reward(spec: str, *, classifier=None, cond_table=None, keys=None, sample_shape=(), device="cpu",
                  clip_model: str = "", clip_prompt: str = "{}") -> Reward:
     """A reward from its spec, bound to this run's conditions (`keys`: the label or prompt of each table row)."""
@@ -161,6 +169,19 @@ class RewardSet:
         self.rewards, self.decay, self.eps = dict(rewards), decay, eps
         self.weights = dict(zip(self.rewards, [float(w) for w in weights] if weights else [1.0] * len(rewards)))
         self.var: dict[str, float] = {}
+
+    @classmethod
+    def from_specs(cls, specs: list[str], weights: list[float] | None = None, decay: float = 0.9, eps: float = 1e-3, *,
+                   cond_table=None, sample_shape=(), device="cpu", **build) -> "RewardSet":
+        """The rewards named by `specs` (see build_reward; `build`: its other keywords), each checked on two blank
+        images to return one score per image before any training."""
+        fns = {s.replace(":", "."): build_reward(s, cond_table=cond_table, sample_shape=sample_shape, device=device,
+                                                 **build) for s in specs}
+        blank, cond = torch.zeros(2, *sample_shape, device=device), None if cond_table is None else cond_table[[0, 0]]
+        with torch.no_grad():
+            for name, fn in fns.items():
+                check_scores(name, fn(blank, None if cond is None else cond.to(device)), 2)
+        return cls(fns, weights, decay, eps)
 
     def __call__(self, images: torch.Tensor, cond, grad: bool = False) -> tuple[dict, dict]:
         """Scores (B,) of each reward (differentiable where grad and the reward are), and their logs; updates

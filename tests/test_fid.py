@@ -93,3 +93,11 @@ def test_cleanfid_generator_path_matches_streaming_moments(net):
     stats = FeatureStats(net.config.feature_dim)
     stats.update(net.features(quantize(torch.tanh(z + 0.1 * (torch.arange(300) % 10).view(-1, 1, 1, 1).float()))))
     assert fid_cleanfid == pytest.approx(frechet_distance(stats.moments(), ref), rel=1e-4)
+
+
+def test_best_of_steps_keeps_the_lowest_fid_and_handles_no_runs():
+    from onestep.fid import best_of_steps
+
+    runs = {10: {"fid": 0.7, "nfe": 10}, 100: {"fid": 0.2, "nfe": 100}, 50: {"fid": 0.25, "nfe": 50}}
+    assert best_of_steps(runs) == {"fid": 0.2, "nfe": 100, "by_steps": {"10": 0.7, "100": 0.2, "50": 0.25}}
+    assert best_of_steps({}) == {"fid": None, "nfe": None}

@@ -48,7 +48,7 @@ def train(cfg, backbone: torch.nn.Module | None = None):
     from onestep.config import ConfigError, method_kwargs
     from onestep.data import ConditionSampler, RealImages, folder_dataset, load_digits, read_image_folder
     from onestep.errors import NonFiniteError
-    from onestep.fid import DigitsClassifier, evaluate_samples, image_moments
+    from onestep.fid import DigitsClassifier, best_of_steps, evaluate_samples, image_moments
     from onestep.loading import load_teacher
     from onestep.methods import build_method
     from onestep.pipeline import export_pipeline, model_card, stock_call
@@ -316,9 +316,7 @@ def train(cfg, backbone: torch.nn.Module | None = None):
                 for n_steps in cfg.teacher_eval_steps:
                     r = evaluate(lambda z, y, n=n_steps: sample_teacher(triad.teacher, z, y, n))
                     runs[n_steps] = {**r, "nfe": n_steps}
-                if runs:  # an empty teacher_eval_steps skips the teacher's FID
-                    best = min(runs.values(), key=lambda r: r["fid"])
-                    metrics["teacher"] = {**best, "by_steps": {str(k): v["fid"] for k, v in runs.items()}}
+                metrics["teacher"] = best_of_steps(runs)  # {"fid": None, ...} for an empty teacher_eval_steps
             metrics["feature_extractor"] = f"digits-classifier ({cfg.classifier}), penultimate {classifier.config.feature_dim}-d"
             curve.append({"step": cfg.steps, "seconds": train_seconds, "fid": metrics["student"]["fid"]})
             metrics["curve"] = curve

@@ -1,17 +1,15 @@
 """GNDM: distribution matching as a group-normalised reward R_dm, with external rewards (GNDMR) and importance
-sampling. The paper states only the outline (DMD's objective as a reward, group
-normalisation, adaptive reward weights, importance sampling; no code): the formulas are derived (README "GNDM").
+sampling. The paper states only the outline (no code): the formulas are derived (README "GNDM").
 
-- Groups: B/G conditions per batch, G samples each (different noise; shared_t: one DM timestep per group).
-- Group normaliser: DMD's 1 / mean_chw|x_i - x0_real,i| becomes 1 / (the group mean of those).
+- Groups: B/G conditions per batch, G samples each (different noise; shared_t: one DM timestep per group); DMD's
+  normaliser 1 / mean_chw|x_i - x0_real,i| becomes 1 / (the group mean of those).
 - Advantage A_i: the DM reward r_i ("elbo" 0.5 (L_fake - L_teacher) at the DM timestep, ~ log p_T(x) - log p_fake(x);
   "dm_norm" -||g_i||) and each external reward, standardised within the group, weighted, summed, standardised again.
   DM direction i is weighted by exp(beta A_i) / group mean of exp(beta A). Differentiable rewards also add
   -sum_k lambda_k R_k(x), lambda_k = weight_k / running std of R_k.
-- Importance sampling (few-step students): a rollout of the stochastic chain is reused `reuse` times; likelihood
-  ratios rho of its Gaussian re-noising steps, clipped to 1 +- clip_range, weight the DM term, and the PPO term
-  -min(rho A, clip(rho) A) / numel (pg_weight) trains the chain on the group advantages.
-With group_size 1 and no rewards every advantage is 0 and the update is DMD's.
+- Importance sampling (few-step students): a rollout is reused `reuse` times; likelihood ratios rho of its Gaussian
+  re-noising steps, clipped to 1 +- clip_range, weight the DM term; the PPO term -min(rho A, clip(rho) A) / numel
+  (pg_weight) trains the chain. With group_size 1 and no rewards every advantage is 0: the update is DMD's.
 """
 from __future__ import annotations
 
@@ -20,8 +18,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import OnestepError
-from ..generator import simulate
-from ..rewards import RewardSet, build_reward, check_spec, group_mean, group_standardise, repeat_groups
+from ..forgetting import forget_class_figures
+from ..generator import renoise_log_ratios, simulate
+from ..rewards import RewardSet, check_specs, group_mean, group_standardise, repeat_groups
 from ..runs import flatten_state, unflatten_state
 from ..schedule import append_dims
 from .dmd import DMD, dm_gradient, dm_surrogate, weighted_dsm
@@ -62,9 +61,7 @@ class GNDM(DMD):
         if not 0 < self.clip_range < 1 or not 0 <= self.reward_decay < 1 or min(self.pg_weight, self.reward_eps) < 0:
             raise ValueError(f"need 0 < clip_range < 1, 0 <= reward_decay < 1, pg_weight >= 0, reward_eps >= 0; got "
                              f"{self.clip_range}, {self.reward_decay}, {self.pg_weight}, {self.reward_eps}")
-        self.rewards = [str(r) for r in self.rewards]
-        for spec in self.rewards:  # an unknown name or an import error is reported before training
-            check_spec(spec)
+        self.rewards = check_specs(self.rewards)  # an unknown name or an import error is reported before training
         if self.reward_weights and len(self.reward_weights) != len(self.rewards):
             raise ValueError(f"reward_weights: {self.reward_weights} for rewards {self.rewards}; give one per reward")
         self._reward_set, self._roll, self._shape, self._device, self._labels = RewardSet({}), None, (), "cpu", None
@@ -82,13 +79,10 @@ class GNDM(DMD):
         self._labels = list(keys) if cond_table is not None and cond_table.ndim == 1 else None
         if not self.rewards:
             return
-        fns = {s.replace(":", "."): build_reward(s, classifier=classifier, cond_table=cond_table, keys=keys,
-                                                 sample_shape=self._shape, device=self._device,
-                                                 clip_model=self.clip_model, clip_prompt=self.clip_prompt)
-               for s in self.rewards}
-        RewardSet(fns)(torch.zeros(2, *self._shape, device=self._device),  # the shape check, before training
-                       None if cond_table is None else cond_table[[0, 0]].to(self._device))
-        self._reward_set = RewardSet(fns, self.reward_weights, self.reward_decay, self.reward_eps)
+        self._reward_set = RewardSet.from_specs(
+            self.rewards, self.reward_weights, self.reward_decay, self.reward_eps, cond_table=cond_table,
+            sample_shape=self._shape, device=self._device, classifier=classifier, keys=keys,
+            clip_model=self.clip_model, clip_prompt=self.clip_prompt)
 
     # ---- groups, DM direction, advantages --------------------------------------------------------
     @torch.no_grad()
@@ -108,9 +102,9 @@ class GNDM(DMD):
             r = 0.5 * (weighted_dsm(sched, t, x0_fake, x, space) - weighted_dsm(sched, t, x0_real, x, space))
         return grad, (-grad.flatten(1).norm(dim=1) if self.advantage == "dm_norm" else r), per
 
-    def _advantage(self, r_dm, scores, n: int, device) -> tuple[torch.Tensor, dict]:
-        """A (B,): the DM reward and each external reward standardised within groups, summed, standardised again."""
-        G, eps, total, logs = self.group_size, self.advantage_eps, torch.zeros(n, device=device), {}
+    def _advantage(self, r_dm, scores, n: int, device, logs: dict | None = None) -> tuple[torch.Tensor, dict]:
+        """A (B,): the DM reward and each external reward standardised in groups, summed, standardised; logs (+)."""
+        G, eps, total, logs = self.group_size, self.advantage_eps, torch.zeros(n, device=device), logs or {}
         if r_dm is not None:
             total, logs["reward_dm_mean"] = total + group_standardise(r_dm, G, eps), r_dm.mean().item()
         total = total + self._reward_set.advantage(scores, G, eps)
@@ -140,13 +134,7 @@ class GNDM(DMD):
         t_all = torch.cat([sched.timesteps_tensor(t, n, xs.device) for t in ts])
         c_all = None if c is None else c.repeat(K, *[1] * (c.ndim - 1))
         out = triad.generator(xs.flatten(0, 1), t_all, c_all).view_as(xs)  # one graded forward over every step
-        dims = tuple(range(1, xs.ndim - 1))
-        log_ratio = []
-        for i in range(K - 1):  # transition x_{t_{i+1}} ~ N(alpha x0_i, sigma^2 I)
-            a, s = sched.alpha_sigma(sched.timesteps_tensor(ts[i + 1], 1, xs.device))
-            d_new, d_old = ((xs[i + 1] - a * x0).square().sum(dims) for x0 in (out[i], x0_old[i]))
-            log_ratio.append(-(d_new - d_old) / (2 * s**2))
-        log_ratio = torch.stack(log_ratio)  # (K - 1, B)
+        log_ratio = renoise_log_ratios(sched, ts, xs, out, x0_old)  # (K - 1, B)
         k, lo, hi = int(torch.randint(0, K, ()).item()), 1 - self.clip_range, 1 + self.clip_range
         iw = log_ratio[:k].sum(0).detach().exp().clamp(lo, hi)
         rho = log_ratio.sum(0).exp()
@@ -173,8 +161,7 @@ class GNDM(DMD):
         grad, r_dm, per = self._dm(triad, x.detach(), c)
         if iw is None:
             scores, logs = self._reward_set(x, c, grad=grad_rewards)
-            adv, more = self._advantage(r_dm, scores, n, x.device)
-            logs.update(more)
+            adv, logs = self._advantage(r_dm, scores, n, x.device, logs)
         weight = torch.exp(self.advantage_scale * adv)
         weight = weight / group_mean(weight, G) * (1.0 if iw is None else iw)
         loss = loss_dm = dm_surrogate(x, grad * append_dims(weight, grad.ndim))
@@ -207,8 +194,6 @@ class GNDM(DMD):
         """metrics.json["gndm"]: the options, and with the digits classifier the mean p(c | x) of samples of class c."""
         out = {"group_size": self.group_size, "advantage": self.advantage, "rewards": list(self.rewards)}
         if classifier is not None and self._labels:
-            from ..forgetting import forget_class_figures
-
             f = forget_class_figures(sample, classifier, self._labels, num_samples, sample_shape, device=device)
             out.update(class_confidence=f["forget_class_probability"], class_accuracy=f["forget_class_accuracy"])
         return {"gndm": out}
