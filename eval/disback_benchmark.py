@@ -3,7 +3,7 @@
     python eval/disback_benchmark.py --seeds 0,1,2 --steps 450 --eval_every 45 --out runs/disback-benchmark \\
         --plot assets/disback-convergence.png
 
-Runs `train/distill.py --preset digits` (DMD2) for every seed, once as it is and once with `--backtrack` (same seeds,
+Runs `train/distill.py --preset digits` (DMD2; `--preset digits-sid --update_ratio 1` for SiD) for every seed, once as it is and once with `--backtrack` (same seeds,
 iterations, evaluation), at most `--jobs` runs at a time and never two DisBack runs at once (they share one
 recording: the first makes it, the others reuse it). Finished runs (a metrics.json) are not run again. Writes
 `benchmark.md` (the table), `benchmark.json` and the plot into --out. Options it does not know go to every run.
@@ -79,17 +79,17 @@ def summarise(a) -> dict:
     reach = {arm: {f"{t:.3f}": {s: first_reaching(r["curve"], t) for s, r in runs[arm].items()} for t in targets}
              for arm in ARMS}
     first = runs["disback"][a.seeds[-1]]["disback"]
-    return {"steps": steps, "update_ratio": a.update_ratio, "seeds": a.seeds, "mean": mean, "targets": targets,
+    return {"base": a.base_name, "steps": steps, "update_ratio": a.update_ratio, "seeds": a.seeds, "mean": mean, "targets": targets,
             "reach": reach, "curves": {arm: {s: [p["fid"] for p in r["curve"]] for s, r in runs[arm].items()} for arm in ARMS},
             "train_seconds": {arm: [r["train_seconds"] for r in runs[arm].values()] for arm in ARMS},
             "recording": {k: first.get(k) for k in ("recording_updates", "recording_seconds", "node_distances", "switches")}}
 
 
 def table(r: dict) -> str:
-    k = r["update_ratio"]
+    k, base = r["update_ratio"], r.get("base", "DMD2")
     seeds = ", ".join(str(s) for s in r["seeds"])
     lines = [f"digits-FID (mean over seeds {seeds}; min–max in brackets) after each evaluation:", "",
-             "| iterations | generator updates | DMD2 | DMD2 + DisBack |", "|---|---|---|---|"]
+             f"| iterations | generator updates | {base} | {base} + DisBack |", "|---|---|---|---|"]
     for i, step in enumerate(r["steps"]):
         cells = []
         for arm in ARMS:
@@ -97,17 +97,17 @@ def table(r: dict) -> str:
             cells.append(f"{r['mean'][arm][i]:.3f} ({min(vals):.3f}–{max(vals):.3f})")
         lines.append(f"| {step} | {math.ceil(step / k)} | {cells[0]} | {cells[1]} |")
     lines += ["", "Iterations to reach a digits-FID (first evaluation at or below it; per seed, '—' = not reached):", "",
-              "| FID | DMD2 | DMD2 + DisBack |", "|---|---|---|"]
+              f"| FID | {base} | {base} + DisBack |", "|---|---|---|"]
     for i, t in enumerate(r["targets"]):
         key = f"{t:.3f}"
         cells = [", ".join("—" if v is None else str(v) for v in r["reach"][arm][key].values()) for arm in ARMS]
-        label = f"{key} (DMD2's final mean)" if i == 0 else key
+        label = f"{key} ({base}'s final mean)" if i == 0 else key
         lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
     rec = r["recording"]
     lines += ["", f"DisBack's recording: {rec['recording_updates']} fake-score updates on G0's samples "
               f"({rec['recording_seconds']} s, made once and reused by every seed); target switches (iteration, node): "
               f"{rec['switches']}; node distances from the teacher: {[round(d, 3) for d in rec['node_distances']]}.",
-              f"Training seconds per run: DMD2 {r['train_seconds']['base']}, DisBack {r['train_seconds']['disback']}."]
+              f"Training seconds per run: {base} {r['train_seconds']['base']}, DisBack {r['train_seconds']['disback']}."]
     return "\n".join(lines) + "\n"
 
 
@@ -118,14 +118,14 @@ def plot(r: dict, path: str) -> None:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    x = [math.ceil(s / r["update_ratio"]) for s in r["steps"]]
+    x, base = [math.ceil(s / r["update_ratio"]) for s in r["steps"]], r.get("base", "DMD2")
     fig, ax = plt.subplots(figsize=(6, 3.8))
-    for arm, label, color in (("base", "DMD2", "tab:blue"), ("disback", "DMD2 + DisBack", "tab:orange")):
+    for arm, label, color in (("base", base, "tab:blue"), ("disback", f"{base} + DisBack", "tab:orange")):
         curves = list(r["curves"][arm].values())
         ax.fill_between(x, [min(c[i] for c in curves) for i in range(len(x))],
                         [max(c[i] for c in curves) for i in range(len(x))], color=color, alpha=0.2)
         ax.plot(x, r["mean"][arm], marker="o", color=color, label=f"{label} (mean of {len(curves)} seeds; band: min–max)")
-    ax.axhline(r["targets"][0], color="grey", ls="--", lw=1, label=f"DMD2's final mean FID {r['targets'][0]:.3f}")
+    ax.axhline(r["targets"][0], color="grey", ls="--", lw=1, label=f"{base}'s final mean FID {r['targets'][0]:.3f}")
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
@@ -146,6 +146,8 @@ def main(argv: list[str]) -> None:
     p.add_argument("--eval_samples", type=int, default=1000)
     p.add_argument("--preset", default="digits")
     p.add_argument("--update_ratio", type=int, default=3, help="the preset's iterations per generator update")
+    p.add_argument("--base_name", default="", help="the base method's name in the table and plot (default: the "
+                   "preset's method, e.g. DMD2, SiD)")
     p.add_argument("--nodes", type=int, default=4)
     p.add_argument("--interval", type=int, default=15, help="--backtrack_interval")
     p.add_argument("--switch", default="fixed")
@@ -160,6 +162,11 @@ def main(argv: list[str]) -> None:
     a.seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
     a.targets = [float(t) for t in a.targets.split(",") if t.strip()]
     a.out = os.path.abspath(a.out)
+    if not a.base_name:
+        from onestep.config import PRESETS
+
+        method = PRESETS.get(a.preset, {}).get("method", "dmd2")
+        a.base_name = {"dmd": "DMD", "dmd2": "DMD2", "sid": "SiD", "vsd": "VSD"}.get(method, method)
     os.makedirs(a.out, exist_ok=True)
     if not a.report_only:
         run_all(a, extra)

@@ -202,8 +202,9 @@ def model_card_multi(metrics: dict, run_dir_name: str) -> str:
               for r in metrics["per_student"]]
     lines += ["", f"Teacher parameters: {metrics['parameters']['teacher']:,}.", ""]
     if metrics.get("feature_extractor"):
-        lines += ["| model | NFE | FID | class accuracy |", "|---|---|---|---|",
-                  f"| teacher | {teacher.get('nfe')} | {teacher.get('fid'):.4g} | {teacher.get('class_accuracy', 0):.4g} |",
-                  f"| {k} students | 1 | {student.get('fid'):.4g} | {student.get('class_accuracy', 0):.4g} |", "",
-                  f"FID features: {metrics['feature_extractor']}, {metrics['num_samples']} samples.", ""]
+        rows = [("teacher", teacher.get("nfe"), teacher), (f"{k} students", 1, student)]
+        lines += ["| model | NFE | FID | class accuracy |", "|---|---|---|---|"]
+        lines += [f"| {name} | {nfe} | {r['fid']:.4g} | {r.get('class_accuracy', 0):.4g} |"
+                  for name, nfe, r in rows if r.get("fid") is not None]  # no teacher row under --teacher_eval_steps []
+        lines += ["", f"FID features: {metrics['feature_extractor']}, {metrics['num_samples']} samples.", ""]
     return "\n".join(lines)

@@ -71,20 +71,21 @@ class Triad:
                      gan_head: bool = False, gan_feature_source: str = "fake_score", sample_shape: Sequence[int] = (),
                      example_cond=None, ema_decay: float | None = None, frozen_dtype: torch.dtype | None = None,
                      gan_hidden: int | None = None, gan_layers: Sequence[str] = ("mid_block",),
-                     student_backbone: nn.Module | None = None, clip_sample: float | None = None) -> "Triad":
+                     student_backbone: nn.Module | None = None, clip_sample: float | None = None,
+                     fake_from_teacher: bool = False) -> "Triad":
         """Generator and fake score initialised from the teacher's weights (DMD, SiD, VSD all start so), or from
         `student_backbone` (another architecture, e.g. a smaller UNet after Teacher Score Matching; a LoRA fake
-        score stays on the teacher's weights)."""
+        score stays on the teacher's weights, and so does a full copy with `fake_from_teacher`)."""
         if fake_score not in FAKE_SCORE_KINDS:
             raise ValueError(f"fake_score must be one of {FAKE_SCORE_KINDS}, got {fake_score!r}")
         sched, null, pt = teacher.schedule, teacher.null_cond, teacher.prediction_type
         base = teacher.backbone.requires_grad_(False).eval()
         init = base if student_backbone is None else student_backbone
-        trained_copy = lambda: copy.deepcopy(init).float().requires_grad_(True).train()  # noqa: E731
-        generator = Generator(Denoiser(trained_copy(), sched, null_cond=null, prediction_type=pt), generator_timesteps,
-                              clip_sample)
+        trained_copy = lambda net: copy.deepcopy(net).float().requires_grad_(True).train()  # noqa: E731
+        generator = Generator(Denoiser(trained_copy(init), sched, null_cond=null, prediction_type=pt),
+                              generator_timesteps, clip_sample)
         if fake_score == "copy":
-            fake = Denoiser(trained_copy(), sched, null_cond=null, prediction_type=pt)
+            fake = Denoiser(trained_copy(base if fake_from_teacher else init), sched, null_cond=null, prediction_type=pt)
             if frozen_dtype is not None:
                 base.to(frozen_dtype)
             teacher_view = Denoiser(base, sched, null_cond=null, prediction_type=pt)

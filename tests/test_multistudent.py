@@ -178,6 +178,15 @@ def test_small_backbone_is_the_teachers_architecture_with_fewer_channels():
         assert list(backbone.config.block_out_channels) == [4, 8] and backbone is not small
     assert list(triad.teacher.backbone.config.block_out_channels) == [8, 16]
 
+    # --student_fake_score teacher: a small generator, a trainable float32 copy of the teacher as its fake score
+    triad = Triad.from_teacher(Denoiser(teacher, schedule(), null_cond=10), student_backbone=small,
+                               fake_from_teacher=True)
+    fake = triad.raw("fake_score").backbone
+    assert list(triad.raw("generator").denoiser.backbone.config.block_out_channels) == [4, 8]
+    assert fake is not teacher and list(fake.config.block_out_channels) == [8, 16]
+    assert all(torch.equal(a, b) for a, b in zip(fake.state_dict().values(), teacher.state_dict().values()))
+    assert {p.requires_grad for p in fake.parameters()} == {True} and {p.requires_grad for p in teacher.parameters()} == {False}
+
 
 def test_teacher_score_matching_moves_the_small_denoiser_toward_the_teacher():
     sched = schedule()
@@ -312,3 +321,17 @@ def test_text_students_route_prompts_by_kmeans_end_to_end(tmp_path):
     for i, p in enumerate(prompts):
         alone = pipe(prompt=p, latents=z[i:i + 1], output_type="pt").images
         assert torch.allclose(mixed[i:i + 1], alone, atol=1e-5)
+
+
+def test_model_card_without_a_teacher_fid_lists_the_students_row_only():
+    from onestep.pipeline_multi import model_card_multi
+
+    metrics = {"students": 2, "method": "dmd2", "teacher_path": "t", "steps": 4, "router": {"kind": "balanced"},
+               "per_student": [{"student": 0, "conditions": [0], "parameters": 10},
+                               {"student": 1, "conditions": [1], "parameters": 10}],
+               "parameters": {"teacher": 20}, "feature_extractor": "digits", "num_samples": 8,
+               "teacher": {"fid": None, "nfe": None}, "student": {"fid": 0.5, "class_accuracy": 0.9, "nfe": 1}}
+    card = model_card_multi(metrics, "runs/x")  # --teacher_eval_steps []: no teacher FID
+    assert "| 2 students | 1 | 0.5 | 0.9 |" in card and "| teacher |" not in card
+    metrics["teacher"] = {"fid": 0.25, "nfe": 100, "class_accuracy": 1.0}
+    assert "| teacher | 100 | 0.25 | 1 |" in model_card_multi(metrics, "runs/x")

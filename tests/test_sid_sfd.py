@@ -207,6 +207,7 @@ def test_cli_parses_forget_lists_and_another_method_leaves_the_presets_method_op
     assert load_config(["--preset", "digits"]).method_args["update_ratio"] == 3  # the preset's own method keeps them
     sid = load_config(["--preset", "digits-sid"])
     assert sid.method == "sid" and sid.adam_beta1 == 0.0 and sid.generator_timesteps == [300]
+    assert sid.lr_scheduler == "cosine" and sid.clip_sample == 1.0 and sid.batch_size == 128
     with pytest.raises(ConfigError, match="fake_t must be one of"):
         load_config(["--method", "sid", "--fake_t", "sometimes"])
 
@@ -224,7 +225,7 @@ def test_short_digits_run_lowers_forget_class_accuracy(tmp_path):
     before = forget_class_figures(start.sample, clf, [3], 200, (1, 8, 8))["forget_class_accuracy"]
     r = run_distill(["--preset", "digits-sid", "--method", "sfd", "--forget", "3", "--override", "8",
                      "--gen_forget_coef", "1", "--fake_forget_coef", "1", "--steps", "40", "--batch_size", "32",
-                     "--lr_generator", "1e-3", "--eval_samples", "200", "--teacher_eval_steps", "1",
+                     "--lr_generator", "1e-3", "--lr_scheduler", "constant", "--eval_samples", "200", "--teacher_eval_steps", "1",
                      "--sample_every", "0", "--checkpoint_every", "0", "--cpu_threads", "1",
                      "--output_dir", str(tmp_path), "--name", "sfd"])
     assert r.returncode == 0, r.stderr[-3000:]

@@ -152,7 +152,7 @@ def train(cfg, backbone: torch.nn.Module | None = None):
             gan_head=getattr(method, "uses_gan", False), gan_feature_source=cfg.gan_feature_source, sample_shape=shape,
             example_cond=example, ema_decay=cfg.ema_decay or None, frozen_dtype=frozen_dtype,
             gan_hidden=cfg.gan_hidden or None, gan_layers=cfg.gan_layers or ("mid_block",), student_backbone=backbone,
-            clip_sample=cfg.clip_sample or None)
+            clip_sample=cfg.clip_sample or None, fake_from_teacher=cfg.student_fake_score == "teacher")
     except ValueError as e:
         raise ConfigError(f"{e} (teacher {cfg.teacher!r})") from None
     triad.teacher.guidance_uncond = teacher.negative_cond  # --negative_prompt: the real score's CFG branch only
