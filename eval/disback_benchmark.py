@@ -70,7 +70,10 @@ def summarise(a) -> dict:
     runs = {arm: {} for arm in ARMS}
     for arm in ARMS:
         for s in a.seeds:
-            with open(os.path.join(a.out, f"{arm}-s{s}", "metrics.json")) as f:
+            path = os.path.join(a.out, f"{arm}-s{s}", "metrics.json")
+            if not os.path.isfile(path):
+                raise SystemExit(f"error: {path} does not exist: run the benchmark without --report_only to make it")
+            with open(path) as f:
                 runs[arm][s] = json.load(f)
     steps = [p["step"] for p in runs["base"][a.seeds[0]]["curve"]]
     mean = {arm: [sum(r["curve"][i]["fid"] for r in runs[arm].values()) / len(a.seeds) for i in range(len(steps))]
