@@ -191,8 +191,8 @@ def model_card(metrics: dict, run_dir_name: str, has_ddim: bool) -> str:
                   "images = pipe(batch_size=4, num_inference_steps=1).images", "```", ""]
     if metrics.get("feature_extractor"):  # FID was measured
         lines += ["| model | NFE | FID | class accuracy |", "|---|---|---|---|",
-                  f"| teacher | {teacher.get('nfe')} | {_fmt(teacher.get('fid'))} | {_fmt(teacher.get('class_accuracy'))} |",
-                  f"| student | 1 | {_fmt(student.get('fid'))} | {_fmt(student.get('class_accuracy'))} |", "",
+                  f"| teacher | {teacher.get('nfe')} | {format_figure(teacher.get('fid'))} | {format_figure(teacher.get('class_accuracy'))} |",
+                  f"| student | 1 | {format_figure(student.get('fid'))} | {format_figure(student.get('class_accuracy'))} |", "",
                   f"FID features: {metrics.get('feature_extractor')}, {metrics.get('num_samples')} samples.", ""]
     forgot = metrics.get("forgetting")
     if forgot:  # a forgetting method (SFD): what was forgotten, and how well
@@ -201,12 +201,12 @@ def model_card(metrics: dict, run_dir_name: str, has_ddim: bool) -> str:
                   "draws from the override instead.", ""]
         if "unlearning_accuracy" in forgot:
             lines += ["| unlearning accuracy | forget-class probability | remaining-class FID | remaining-class accuracy |",
-                      "|---|---|---|---|", f"| {_fmt(forgot['unlearning_accuracy'])} | "
-                      f"{_fmt(forgot['forget_class_probability'])} | {_fmt(forgot['remaining_fid'])} | "
-                      f"{_fmt(forgot['remaining_class_accuracy'])} |", ""]
+                      "|---|---|---|---|", f"| {format_figure(forgot['unlearning_accuracy'])} | "
+                      f"{format_figure(forgot['forget_class_probability'])} | {format_figure(forgot['remaining_fid'])} | "
+                      f"{format_figure(forgot['remaining_class_accuracy'])} |", ""]
     lines += ["```json", json.dumps({k: v for k, v in metrics.items() if k != "curve"}, indent=1), "```", ""]
     return "\n".join(lines)
 
 
-def _fmt(v) -> str:
+def format_figure(v) -> str:
     return "n/a" if v is None else f"{v:.4g}"

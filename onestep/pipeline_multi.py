@@ -21,7 +21,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .generator import Generator
 from .multistudent import Router
-from .pipeline import OneStepPipeline, export_pipeline, export_text_pipeline, stock_call_kwargs
+from .pipeline import OneStepPipeline, format_figure, export_pipeline, export_text_pipeline, stock_call_kwargs
 
 LAYOUT_FILE = "multistudent.json"
 
@@ -204,7 +204,7 @@ def model_card_multi(metrics: dict, run_dir_name: str) -> str:
     if metrics.get("feature_extractor"):
         rows = [("teacher", teacher.get("nfe"), teacher), (f"{k} students", 1, student)]
         lines += ["| model | NFE | FID | class accuracy |", "|---|---|---|---|"]
-        lines += [f"| {name} | {nfe} | {r['fid']:.4g} | {r.get('class_accuracy', 0):.4g} |"
+        lines += [f"| {name} | {nfe} | {format_figure(r['fid'])} | {format_figure(r.get('class_accuracy', 0))} |"
                   for name, nfe, r in rows if r.get("fid") is not None]  # no teacher row under --teacher_eval_steps []
         lines += ["", f"FID features: {metrics['feature_extractor']}, {metrics['num_samples']} samples.", ""]
     return "\n".join(lines)
