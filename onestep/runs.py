@@ -23,7 +23,7 @@ CHECKPOINT_PREFIX = "step_"
 MANIFEST = "onestep_manifest.json"
 DATA_STATE = "onestep_data.safetensors"
 MANIFEST_FORMAT = 1
-_STEP_DIR = re.compile(r"^step_(\d+)(\.old|\.tmp)?$")  # .tmp: being written; .old: being replaced
+_STEP_DIR = re.compile(r"^step_(\d+)(\.old|\.tmp|\.del)?$")  # .tmp: being written; .old: being replaced; .del: pruned
 # accelerate's own file names; its .bin / .pkl / .pt files hold optimiser, scheduler, RNG and custom states
 _STATE_FILE = re.compile(r"^(model(_\d+)?\.safetensors|(optimizer|scheduler|sampler|dl_state_dict)(_\d+)?\.bin|"
                          r"random_states_\d+\.pkl|custom_checkpoint_\d+\.pkl|scaler\.pt)$")
@@ -157,6 +157,8 @@ def resolve_resume(run_dir: str, resume: str) -> str | None:
         if folder.endswith(".tmp"):
             _warn(f"resume: skipping {os.path.basename(folder)}: an interrupted checkpoint write")
             continue
+        if folder.endswith(".del"):  # pruned by the run's checkpoints_total_limit; its deletion was interrupted
+            continue
         try:
             verify_checkpoint(folder)
             return folder
@@ -204,16 +206,18 @@ def save_checkpoint(accelerator, run_dir: str, step: int, keep: int, config: dic
         verify_checkpoint(final)  # what is on disk matches the manifest before anything older goes
         older = [d for d in checkpoints(run_dir) if _step_of(d) < step]  # later ones belong to an abandoned run
         for old in older[:max(0, len(older) - keep + 1)] if keep else []:
-            shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(old + ".del", ignore_errors=True)
+            os.replace(old, old + ".del")  # atomic: a deletion killed half-way leaves no manifest-less step_N
+            shutil.rmtree(old + ".del", ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
 
 def _tidy(run_dir: str) -> None:
-    """Finish what a crash interrupted: drop unfinished writes (step_N.tmp); a replaced checkpoint (step_N.old) goes
-    if its replacement is in place, else it is put back."""
+    """Finish what a crash interrupted: drop unfinished writes (step_N.tmp) and deletions (step_N.del); a replaced
+    checkpoint (step_N.old) goes if its replacement is in place, else it is put back."""
     for d in glob.glob(os.path.join(run_dir, "checkpoints", CHECKPOINT_PREFIX + "*")):
-        if d.endswith(".tmp"):
+        if d.endswith((".tmp", ".del")):
             shutil.rmtree(d, ignore_errors=True)
         elif d.endswith(".old") and os.path.isdir(d[:-4]):
             shutil.rmtree(d, ignore_errors=True)

@@ -302,6 +302,20 @@ def test_a_crash_while_replacing_a_checkpoint_keeps_it(tiny_run):
     assert sorted(os.listdir(run / "checkpoints")) == ["step_0000005", "step_0000006"]
 
 
+def test_a_crash_while_pruning_leaves_no_manifestless_checkpoint(tiny_run, capsys):
+    run, save, _ = tiny_run
+    first, second = save(2), save(3)
+    os.replace(first, first + ".del")  # pruning renames first, then deletes: killed half-way through the deletion
+    os.remove(os.path.join(first + ".del", runs.MANIFEST))
+    capsys.readouterr()
+    assert runs.resolve_resume(str(run), "latest") == second
+    assert capsys.readouterr().err == ""  # a pruned checkpoint is not a candidate, so nothing to warn about
+    save(4, keep=2)  # the next save finishes the deletion and prunes step 3 the same way
+    assert sorted(os.listdir(run / "checkpoints")) == ["step_0000003", "step_0000004"]
+    save(5, keep=2)
+    assert sorted(os.listdir(run / "checkpoints")) == ["step_0000004", "step_0000005"]
+
+
 def test_keep_last_n_never_deletes_the_only_good_checkpoint(tiny_run):
     run, save, _ = tiny_run
     save(2)
