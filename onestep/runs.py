@@ -206,7 +206,6 @@ def save_checkpoint(accelerator, run_dir: str, step: int, keep: int, config: dic
         verify_checkpoint(final)  # what is on disk matches the manifest before anything older goes
         older = [d for d in checkpoints(run_dir) if _step_of(d) < step]  # later ones belong to an abandoned run
         for old in older[:max(0, len(older) - keep + 1)] if keep else []:
-            shutil.rmtree(old + ".del", ignore_errors=True)
             os.replace(old, old + ".del")  # atomic: a deletion killed half-way leaves no manifest-less step_N
             shutil.rmtree(old + ".del", ignore_errors=True)
     accelerator.wait_for_everyone()
