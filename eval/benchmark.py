@@ -37,7 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--teacher", action="append", default=[], help="teacher folder or hub id (repeatable)")
     g.add_argument("--steps", default="1,2,4,10,25,50,100", help="teacher DDIM step counts (default %(default)s)")
     g.add_argument("--guidance", type=float, default=1.0, help="teacher classifier-free guidance scale (2 NFE/step if not 1)")
-    g.add_argument("--pipeline", action="append", default=[], help="exported OneStepPipeline folder (repeatable)")
+    g.add_argument("--pipeline", action="append", default=[],
+                   help="exported OneStepPipeline folder, or a multi-student export (routed; repeatable)")
     f = p.add_argument_group("features and reference")
     f.add_argument("--features", choices=["digits", "inception"], default="digits",
                    help="digits: the shipped digits network (+ class metrics); inception: clean-fid's Inception-v3")

@@ -98,25 +98,38 @@ class FolderSource:
 
 
 def pipeline_source(path: str, num_samples: int, seed: int = 0, device="cpu") -> GeneratorSource:
-    """An exported OneStepPipeline folder as a generator source (all of the student's steps)."""
+    """An exported OneStepPipeline folder as a generator source (all of the student's steps), or a class-conditional
+    multi-student export (MultiStudentPipeline: each sample through the student its label routes to)."""
+    from .multistudent import routed_sample
     from .pipeline import OneStepPipeline
+    from .pipeline_multi import LAYOUT_FILE, MultiStudentPipeline
 
-    if not os.path.isfile(os.path.join(path, "model_index.json")):
-        raise SourceError(f"pipeline {path!r} is not an exported OneStepPipeline folder (no model_index.json)")
+    multi = os.path.isfile(os.path.join(path, LAYOUT_FILE))
+    if not multi and not os.path.isfile(os.path.join(path, "model_index.json")):
+        raise SourceError(f"pipeline {path!r} is not an exported OneStepPipeline folder (no model_index.json) nor a "
+                          f"multi-student export (no {LAYOUT_FILE})")
     from diffusers.utils import logging as dlog
 
     shown = dlog.is_progress_bar_enabled()
     dlog.disable_progress_bar()
     try:
-        pipe = OneStepPipeline.from_pretrained(path).to(device)
+        if multi:
+            mpipe = MultiStudentPipeline.from_pretrained(path)
+            if mpipe.pipes is None:
+                raise SourceError(f"pipeline {path!r} is a text-to-image multi-student export; streaming FID takes "
+                                  "class-conditional ones")
+            pipes = [p.to(device) for p in mpipe.pipes]
+        else:
+            pipes = [OneStepPipeline.from_pretrained(path).to(device)]
     finally:
         if shown:
             dlog.enable_progress_bar()
-    gen = pipe.student().eval()
-    cfg = pipe.unet.config
+    gens = [p.student().eval() for p in pipes]
+    sample = (lambda z, y: routed_sample([g.sample for g in gens], mpipe.router, z, y)) if multi else gens[0].sample
+    cfg = pipes[0].unet.config
     size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
-    return GeneratorSource(gen.sample, num_samples, (cfg.in_channels, size, size), pipe.config.num_classes, seed, device,
-                           gen.num_steps)
+    return GeneratorSource(sample, num_samples, (cfg.in_channels, size, size), pipes[0].config.num_classes, seed,
+                           device, gens[0].num_steps)
 
 
 def to_uint8_levels(x: torch.Tensor) -> torch.Tensor:

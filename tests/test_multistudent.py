@@ -20,6 +20,7 @@ from onestep.multistudent import (Router, RoutingError, affinity_groups, balance
 from onestep.pipeline import OneStepPipeline
 from onestep.pipeline_multi import MultiStudentPipeline
 from onestep.schedule import Schedule
+from onestep.streaming import pipeline_source
 from onestep.triad import Triad
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: one thread (conftest.py)
@@ -158,6 +159,15 @@ def test_mixed_batch_equals_each_sample_through_its_own_student_and_round_trips(
     assert len(pil) == 2 and pil[0].size == (8, 8)
     with pytest.raises(ValueError, match="class_labels"):
         loaded(prompt="a cat")
+
+    # the evaluation's pipeline source (eval/benchmark.py --pipeline) samples the saved folder through the router
+    src = pipeline_source(str(tmp_path / "p"), num_samples=20, seed=5)
+    idx = torch.arange(20)
+    zs = torch.stack([torch.randn(1, 8, 8, generator=torch.Generator().manual_seed(5 + i)) for i in range(20)])
+    ys = src.labels(idx)
+    with torch.no_grad():
+        assert torch.equal(src(idx), routed_sample([g.sample for g in gens], router, zs, ys))
+    assert sorted(set(router.route(ys).tolist())) == [0, 1, 2]  # every student drew some of them
 
 
 # ---- smaller students ----------------------------------------------------------------------------------
