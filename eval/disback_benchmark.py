@@ -5,8 +5,9 @@
 
 Runs `train/distill.py --preset digits` (DMD2; `--preset digits-sid --update_ratio 1` for SiD) for every seed, once
 as it is and once with `--backtrack` (same seeds, iterations, evaluation), at most `--jobs` runs at a time and never
-two DisBack runs at once (they share one recording: the first makes it, the others reuse it). Finished runs (a metrics.json) are not run again. Writes
-`benchmark.md` (the table), `benchmark.json` and the plot into --out. Options it does not know go to every run.
+two DisBack runs at once (they share one recording: the first makes it, the others reuse it). Finished runs (a
+metrics.json) are not run again. Writes `benchmark.md` (the table), `benchmark.json` and the plot into --out.
+Options it does not know go to every run.
 """
 from __future__ import annotations
 
