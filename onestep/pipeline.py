@@ -38,7 +38,7 @@ class OneStepPipeline(DiffusionPipeline):
 
     def student(self) -> Generator:
         """The student as a onestep Generator (same code path as training)."""
-        schedule = Schedule.from_scheduler_config(dict(self.scheduler.config))
+        schedule = Schedule.from_scheduler(self.scheduler)
         den = Denoiser(self.unet, schedule, null_cond=self.config.null_class)
         return Generator(den, self.config.timesteps or None, self.config.get("clip_sample"))
 

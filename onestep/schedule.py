@@ -57,6 +57,11 @@ class Schedule:
             raise ValueError(f"scheduler {name} has no alphas_cumprod; onestep supports VP, EDM and flow schedules")
         return cls("vp", prediction_type=pred, alphas_cumprod=torch.as_tensor(sched.alphas_cumprod))
 
+    @classmethod
+    def from_scheduler(cls, scheduler) -> "Schedule":
+        """Build from a diffusers scheduler object (its config does not name its class)."""
+        return cls.from_scheduler_config({**scheduler.config, "_class_name": type(scheduler).__name__})
+
     # ---- alpha, sigma, noising ------------------------------------------------------------------
     def alpha_sigma(self, t: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """alpha(t), sigma(t) as tensors shaped like t (float32 unless dtype says otherwise)."""
@@ -169,6 +174,36 @@ class Schedule:
             r = 1 / self.rho
             u = (self.sigma_min**r + u * (self.sigma_max**r - self.sigma_min**r)) ** self.rho
         return u.to(device)
+
+    def t_for_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The time whose noise-to-signal ratio sigma(t)/alpha(t) is `sigma` (EDM's sigma): VP the nearest integer
+        t (in log ratio), EDM sigma itself, flow sigma / (1 + sigma)."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float64)
+        if self.kind == "edm":
+            return sigma.float()
+        if self.kind == "flow":
+            return (sigma / (1 + sigma)).float()
+        ac = self.alphas_cumprod
+        log_ratio = 0.5 * ((1 - ac) / ac).log()  # increasing in t
+        target = sigma.log()
+        i = torch.searchsorted(log_ratio, target).clamp(1, len(ac) - 1)
+        nearer_lo = (target - log_ratio[i - 1]) < (log_ratio[i] - target)
+        return torch.where(nearer_lo, i - 1, i).long()
+
+    def sample_t_karras(self, n: int, lo: float = 0.0, hi: float = 1.0, device=None,
+                        generator: torch.Generator | None = None, sigma_min: float = 0.002,
+                        sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
+        """n times whose sigma/alpha is uniform over the fraction [lo, hi] of EDM's rho grid from sigma_min to
+        sigma_max (an EDM schedule uses its own grid: the same as sample_t): EDM-defined timestep ranges on any
+        teacher."""
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ValueError(f"timestep fractions must satisfy 0 <= lo <= hi <= 1, got {lo}, {hi}")
+        if self.kind == "edm":
+            sigma_min, sigma_max, rho = self.sigma_min, self.sigma_max, self.rho
+        u = lo + (hi - lo) * torch.rand(n, generator=generator).double()
+        r = 1 / rho
+        sigma = (sigma_min**r + u * (sigma_max**r - sigma_min**r)) ** rho
+        return self.t_for_sigma(sigma).to(device)
 
     def sample_t_lognormal(self, n: int, p_mean: float = -1.2, p_std: float = 1.2, device=None,
                            generator: torch.Generator | None = None) -> torch.Tensor:

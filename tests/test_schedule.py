@@ -8,9 +8,10 @@ from onestep.schedule import PREDICTION_TYPES, Schedule
 
 
 def schedules():
-    vp = Schedule.from_scheduler_config(dict(DDPMScheduler(num_train_timesteps=1000).config))
+    vp = Schedule.from_scheduler(DDPMScheduler(num_train_timesteps=1000))
     edm = Schedule("edm", prediction_type="edm")
-    flow = Schedule.from_scheduler_config(dict(FlowMatchEulerDiscreteScheduler().config))
+    flow = Schedule.from_scheduler(FlowMatchEulerDiscreteScheduler())
+    assert (vp.kind, flow.kind) == ("vp", "flow")
     return {"vp": (vp, torch.randint(0, 1000, (16,))), "edm": (edm, torch.rand(16) * 80 + 0.002),
             "flow": (flow, torch.rand(16) * 0.98 + 0.01)}
 
@@ -34,7 +35,7 @@ def test_vp_matches_diffusers_add_noise():
     x0, eps, t = torch.randn(8, 1, 4, 4), torch.randn(8, 1, 4, 4), torch.randint(0, 1000, (8,))
     assert torch.allclose(sched.add_noise(x0, eps, t), ddpm.add_noise(x0, eps, t), atol=1e-5)
     for cls in (DDIMScheduler, EulerDiscreteScheduler):
-        assert Schedule.from_scheduler_config(dict(cls.from_config(ddpm.config).config)).kind == "vp"
+        assert Schedule.from_scheduler(cls.from_config(ddpm.config)).kind == "vp"
 
 
 @pytest.mark.parametrize("space", ["epsilon", "v_prediction", "flow", "edm"])
@@ -68,6 +69,26 @@ def test_sample_t_ranges():
     assert s.min() >= 0.002 and s.max() <= 80.0
     with pytest.raises(ValueError):
         vp.sample_t(2, 0.9, 0.1)
+
+
+@pytest.mark.parametrize("kind", ["vp", "edm", "flow"])
+def test_karras_times_have_the_edm_noise_to_signal_ratio(kind):
+    sched = schedules()[kind][0]
+    sigma = torch.tensor([0.05, 0.3, 1.0, 5.0, 24.0], dtype=torch.float64)
+    a, s = sched.alpha_sigma(sched.t_for_sigma(sigma), torch.float64)
+    tol = 0.06 if kind == "vp" else 1e-5  # VP: the nearest of 1000 integer times
+    assert torch.allclose((s / a).log(), sigma.log(), atol=tol)
+    g = torch.Generator().manual_seed(0)
+    t = sched.sample_t_karras(4000, 0.0, 0.8, generator=g)
+    a, s = sched.alpha_sigma(t, torch.float64)
+    ratio = s / a
+    assert ratio.max() <= 24.4 * (1 + tol)  # fraction 0.8 of the grid 0.002 .. 80 (rho 7) is sigma 24.4
+    assert 0.6 < ratio.median() < 1.6  # the grid's midpoint at 0.4 is sigma ~0.97
+    if kind == "edm":
+        torch.manual_seed(1)
+        x = sched.sample_t_karras(8, 0.1, 0.7)
+        torch.manual_seed(1)
+        assert torch.allclose(x, sched.sample_t(8, 0.1, 0.7))  # an EDM teacher's own grid: the same times
 
 
 def test_unknown_scheduler_and_prediction_refused():

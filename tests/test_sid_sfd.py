@@ -192,6 +192,22 @@ def test_bad_forget_options_are_refused(options, message):
         build_method("sfd", **options)
 
 
+def test_sid_karras_grid_draws_sids_noise_levels_on_a_vp_teacher():
+    triad = make_triad()
+    sched = triad.teacher.schedule
+    torch.manual_seed(0)
+    uniform = build_method("sid").generator_t(sched, 4000, "cpu")
+    karras = build_method("sid", t_grid="karras").generator_t(sched, 4000, "cpu")
+    fake = build_method("sid", t_grid="karras").fake_timesteps(sched, 4000, "cpu")  # VP: the generator's grid
+    for t in (uniform, karras, fake):
+        assert t.dtype == torch.long and t.min() >= 0
+    a, s = sched.alpha_sigma(karras)
+    assert (s / a).max() <= 24.5 and (s / a).median() < 1.6  # SiD's EDM grid: sigma <= 24.4, median ~1
+    assert uniform.float().median() > 350 and karras.float().median() < 300
+    with pytest.raises(ValueError, match="t_grid must be one of"):
+        build_method("sid", t_grid="log")
+
+
 def test_forget_equal_to_override_is_one_line_error_exit_2(tmp_path):
     cmd = [sys.executable, os.path.join(ROOT, "train", "distill.py"), "--method", "sfd", "--forget", "3",
            "--override", "3", "--output_dir", str(tmp_path)]

@@ -287,3 +287,27 @@ def test_clip_sample_clamps_values_passes_gradients_and_exports(tmp_path):
     assert pipe.config.clip_sample == 0.5 and pipe.student().clip_sample == 0.5
     out = pipe(class_labels=c.tolist(), latents=z, output_type="pt").images
     assert torch.allclose(out, (x.detach() + 1) / 2, atol=1e-5)  # the pipeline maps [-1, 1] to [0, 1]
+
+
+@pytest.mark.parametrize("kind", ["flow", "edm"])
+def test_flow_and_edm_students_reload_with_their_own_schedule(tmp_path, kind):
+    """An exported flow / EDM student loads with its own schedule, not a VP fallback, and reproduces its outputs."""
+    from diffusers import EDMEulerScheduler, FlowMatchEulerDiscreteScheduler
+
+    from onestep.generator import Generator
+    from onestep.pipeline import OneStepPipeline, export_pipeline
+
+    scheduler = FlowMatchEulerDiscreteScheduler() if kind == "flow" else EDMEulerScheduler()
+    config = {**scheduler.config, "_class_name": type(scheduler).__name__}
+    sched = Schedule.from_scheduler_config(config)
+    gen = Generator(Denoiser(tiny_unet(), sched, null_cond=10), [0.75] if kind == "flow" else [2.5])
+    export_pipeline(gen, config, str(tmp_path / "p"), num_classes=10, null_class=10)
+    pipe = OneStepPipeline.from_pretrained(str(tmp_path / "p"))
+    assert pipe.student().schedule.kind == kind
+    in_memory = OneStepPipeline(unet=gen.denoiser.backbone, scheduler=scheduler, timesteps=gen.timesteps)
+    assert in_memory.student().schedule.kind == kind  # a scheduler built in memory: its config lacks _class_name
+    z, c = torch.randn(4, 1, 8, 8), torch.arange(4)
+    with torch.no_grad():
+        x = gen.sample(z, c)
+    out = pipe(class_labels=c.tolist(), latents=z, output_type="pt").images
+    assert torch.allclose(out, ((x + 1) / 2).clamp(0, 1), atol=1e-5)

@@ -16,6 +16,7 @@ from ..errors import OnestepError
 from .dmd import NATIVE_LOSS_SPACE, weighted_dsm
 
 FAKE_T_CHOICES = ("auto", "lognormal", "generator", "full")
+T_GRID_CHOICES = ("uniform", "karras")
 
 
 def sid_loss(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor, alpha: float,
@@ -36,6 +37,9 @@ class SiD:
     alpha: float = 1.2                # SiD's alpha (1.2; 1.0 for AFHQ)
     t_min: float = 0.0                # generator-loss timesteps ~ U[t_min, t_max], fractions of the schedule's range
     t_max: float = 0.8                # (EDM: along the rho grid); SiD: t <= 800/1000, sigma <= ~24
+    t_grid: str = "uniform"           # what [t_min, t_max] are fractions of on non-EDM teachers: "uniform" (the
+                                      # teacher's own timesteps), "karras" (SiD's EDM grid sigma_min 0.002 .. sigma_max
+                                      # 80, rho 7, each sigma taken to the time with the same sigma/alpha)
     weight_eps: float = 1e-5          # clamp of w = mean_chw|x - f_T|
     fake_t: str = "auto"              # fake-loss timesteps: "lognormal" (EDM only: ln sigma ~ N(p_mean, p_std^2)),
                                       # "generator" (U[t_min, t_max]), "full" (U over the whole range);
@@ -50,6 +54,8 @@ class SiD:
             raise ValueError(f"update_ratio must be >= 1, got {self.update_ratio}")
         if not 0 <= self.t_min <= self.t_max <= 1:
             raise ValueError(f"t_min, t_max must satisfy 0 <= t_min <= t_max <= 1, got {self.t_min}, {self.t_max}")
+        if self.t_grid not in T_GRID_CHOICES:
+            raise ValueError(f"t_grid must be one of {', '.join(T_GRID_CHOICES)}, got {self.t_grid!r}")
         if self.fake_t not in FAKE_T_CHOICES:
             raise ValueError(f"fake_t must be one of {', '.join(FAKE_T_CHOICES)}, got {self.fake_t!r}")
         if self.p_std <= 0 or self.weight_eps <= 0:
@@ -73,13 +79,17 @@ class SiD:
 
     # ---- timesteps -----------------------------------------------------------------------------
     def generator_t(self, schedule, n: int, device) -> torch.Tensor:
+        if self.t_grid == "karras":
+            return schedule.sample_t_karras(n, self.t_min, self.t_max, device=device)
         return schedule.sample_t(n, self.t_min, self.t_max, device=device)
 
     def fake_timesteps(self, schedule, n: int, device) -> torch.Tensor:
         mode = self.fake_t if self.fake_t != "auto" else ("lognormal" if schedule.kind == "edm" else "generator")
         if mode == "lognormal":
             return schedule.sample_t_lognormal(n, self.p_mean, self.p_std, device=device)
-        return schedule.sample_t(n, *((self.t_min, self.t_max) if mode == "generator" else (0.0, 1.0)), device=device)
+        if mode == "generator":
+            return self.generator_t(schedule, n, device)
+        return schedule.sample_t(n, 0.0, 1.0, device=device)
 
     # ---- per-sample terms (SFD weights them by class) --------------------------------------------
     def generator_terms(self, triad, x: torch.Tensor, cond, t: torch.Tensor,
