@@ -224,6 +224,9 @@ def test_cli_parses_forget_lists_and_another_method_leaves_the_presets_method_op
     sid = load_config(["--preset", "digits-sid"])
     assert sid.method == "sid" and sid.adam_beta1 == 0.0 and sid.generator_timesteps == [300]
     assert sid.lr_scheduler == "cosine" and sid.clip_sample == 1.0 and sid.batch_size == 128
+    assert sid.steps == 3000 and build_method(sid.method, **method_kwargs(sid)).t_max == 0.5
+    sfd = load_config(["--preset", "digits-sid", "--method", "sfd", "--forget", "3"])
+    assert build_method(sfd.method, **method_kwargs(sfd)).t_max == 0.8  # another method: SiD's own default
     with pytest.raises(ConfigError, match="fake_t must be one of"):
         load_config(["--method", "sid", "--fake_t", "sometimes"])
 
