@@ -18,6 +18,12 @@ def append_dims(x: torch.Tensor, ndim: int) -> torch.Tensor:
     return x.reshape(x.shape + (1,) * (ndim - x.ndim))
 
 
+def rho_grid(u: torch.Tensor, sigma_min: float, sigma_max: float, rho: float) -> torch.Tensor:
+    """EDM's sigma at the fraction u in [0, 1] of its rho grid from sigma_min to sigma_max."""
+    r = 1 / rho
+    return (sigma_min**r + u * (sigma_max**r - sigma_min**r)) ** rho
+
+
 class Schedule:
     """Noise schedule with alpha/sigma, noising, prediction conversions and timestep sampling."""
 
@@ -171,8 +177,7 @@ class Schedule:
             return torch.randint(t_lo, t_hi + 1, (n,), generator=generator).to(device)
         u = lo + (hi - lo) * torch.rand(n, generator=generator)
         if self.kind == "edm":
-            r = 1 / self.rho
-            u = (self.sigma_min**r + u * (self.sigma_max**r - self.sigma_min**r)) ** self.rho
+            u = rho_grid(u, self.sigma_min, self.sigma_max, self.rho)
         return u.to(device)
 
     def t_for_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
@@ -201,9 +206,7 @@ class Schedule:
         if self.kind == "edm":
             sigma_min, sigma_max, rho = self.sigma_min, self.sigma_max, self.rho
         u = lo + (hi - lo) * torch.rand(n, generator=generator).double()
-        r = 1 / rho
-        sigma = (sigma_min**r + u * (sigma_max**r - sigma_min**r)) ** rho
-        return self.t_for_sigma(sigma).to(device)
+        return self.t_for_sigma(rho_grid(u, sigma_min, sigma_max, rho)).to(device)
 
     def sample_t_lognormal(self, n: int, p_mean: float = -1.2, p_std: float = 1.2, device=None,
                            generator: torch.Generator | None = None) -> torch.Tensor:
