@@ -31,9 +31,13 @@ stage gpu_tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_attentio
 stage cifar_base 120 $bench --preset cifar --variants bf16 --out "$out/cifar_base.json"
 stage cifar_compile_b512 220 $bench --preset cifar --variants bf16-compile --batch-size 512 --out "$out/cifar_compile_b512.json"
 # SD1.5-size UNet2DConditionModel (random weights), DMD2 at batch 8, 64x64 latents: peak memory (and the peak of
-# each phase of the step, in the JSON) of full-copy vs LoRA fake score, gradient checkpointing, EMA
-stage sd15_memory 200 $bench --preset sd15 --method dmd2 --variants bf16 --fake-score copy,lora \
-    --gradient-checkpointing off,on --ema on,off --no-components --repeats 4 --warmup 2 --out "$out/sd15_memory.json"
+# each phase of the step, in the JSON). First the memory options for the <= 16 GiB goal on the LoRA fake score with
+# gradient checkpointing: EMA on the GPU or in CPU memory, AdamW or 8-bit AdamW (needs bitsandbytes there); then
+# full-copy vs LoRA fake score with and without gradient checkpointing (EMA on the GPU, AdamW)
+stage sd15_lowmem 160 $bench --preset sd15 --method dmd2 --variants bf16 --fake-score lora --gradient-checkpointing on \
+    --ema on,offload --optimizer adamw,adamw8bit --no-components --repeats 4 --warmup 2 --out "$out/sd15_lowmem.json"
+stage sd15_memory 160 $bench --preset sd15 --method dmd2 --variants bf16 --fake-score copy,lora \
+    --gradient-checkpointing off,on --ema on --no-components --repeats 4 --warmup 2 --out "$out/sd15_memory.json"
 stage sd15_xformers 90 $bench --preset sd15 --method dmd2 --variants bf16 --fake-score lora --gradient-checkpointing on \
     --ema off --attention sdpa,xformers --no-components --repeats 4 --warmup 2 --out "$out/sd15_xformers.json"
 # FID-50k of a CIFAR-size one-step generator, end to end (stand-in Inception of the same architecture: timing)

@@ -42,7 +42,9 @@ def main(argv: list[str]) -> int:
                    help="off, on or off,on (a bare flag: on) -- of the generator and the fake score")
     p.add_argument("--attention", default="sdpa", help="sdpa, xformers or auto (comma-separated: a row for each)")
     p.add_argument("--cudnn-benchmark", default="off", help="off, on or off,on: torch.backends.cudnn.benchmark")
-    p.add_argument("--ema", default="on", help="on, off or on,off: the generator EMA (as the trainer keeps)")
+    p.add_argument("--ema", default="on", help="on, off, offload (kept and updated in CPU memory) or several, "
+                                               "comma-separated: the generator EMA (as the trainer keeps)")
+    p.add_argument("--optimizer", default="adamw", help="adamw, adamw8bit (bitsandbytes) or adamw,adamw8bit")
     p.add_argument("--no-components", action="store_true", help="skip timing the passes alone")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="the card's dense bf16 peak, if not in the table")
     p.add_argument("--device", default="", help="cuda or cpu (default: cuda when available)")
@@ -55,6 +57,7 @@ def main(argv: list[str]) -> int:
     import torch
 
     from onestep.errors import OnestepError
+    from onestep.optim import OPTIMIZERS
     from onestep.stepbench import PRESETS, VARIANTS, build_workload, markdown, measure
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -81,13 +84,16 @@ def main(argv: list[str]) -> int:
         return items or p.error(f"--{name}: give at least one of {', '.join(allowed)}")
 
     onoff = {"on": True, "off": False}
-    options = [dict(method=me, fake_score=fs, gradient_checkpointing=onoff[gc], attention=at, cudnn_benchmark=onoff[cb], ema=onoff[em])
+    ema_modes = {**onoff, "offload": "offload"}
+    options = [dict(method=me, fake_score=fs, gradient_checkpointing=onoff[gc], attention=at, cudnn_benchmark=onoff[cb],
+                    ema=ema_modes[em], optimizer=op)
                for me in choices("method", args.method, ("dmd", "dmd2"))
                for fs in choices("fake-score", args.fake_score, ("copy", "lora"))
                for gc in choices("gradient-checkpointing", args.gradient_checkpointing, tuple(onoff))
                for at in choices("attention", args.attention, ("sdpa", "xformers", "auto"))
                for cb in choices("cudnn-benchmark", args.cudnn_benchmark, tuple(onoff))
-               for em in choices("ema", args.ema, tuple(onoff))]
+               for em in choices("ema", args.ema, tuple(ema_modes))
+               for op in choices("optimizer", args.optimizer, OPTIMIZERS)]
     if device.type != "cuda" and any(o["attention"] == "xformers" for o in options):
         p.error("--attention xformers needs a CUDA device; on the CPU use sdpa")
     rows = []

@@ -7,6 +7,7 @@ Any `--key value` names a field below or an option of the chosen method (see `on
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 import typing
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from .errors import OnestepError
+from .optim import OPTIMIZERS
 
 
 class ConfigError(OnestepError):
@@ -81,6 +83,8 @@ class Config:
     batch_size: int = 64                 # per process
     lr_generator: float = 5e-5
     lr_fake: float = 2e-4
+    optimizer: str = "adamw"             # both optimisers: "adamw" (torch, fused) or "adamw8bit" (bitsandbytes: 8-bit
+                                         # moments, 2 instead of 8 bytes per parameter; onestep/optim.py)
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     weight_decay: float = 0.01
@@ -90,6 +94,7 @@ class Config:
     lr_warmup_steps: int = 0             # warm-up in iterations (both optimisers)
     ema_decay: float = 0.0               # generator EMA decay (0: off); exported weights are the EMA where kept. The
                                          # decay at generator step s is diffusers' ramp min((1 + s) / (10 + s), ema_decay)
+    offload_ema: bool = False            # keep the EMA in CPU memory and update it there (none on the accelerator)
     # ---- DisBack: degradation recording + distribution backtracking around the method (onestep/disback.py) ----
     backtrack: bool = False              # record the degradation path, start the fake score at its end, walk the DM
                                          # target back node by node to the teacher
@@ -185,7 +190,7 @@ CHOICES = {"fake_score": ("auto", "copy", "lora"), "attention": ("sdpa", "xforme
            "mixed_precision": ("auto", "no", "fp16", "bf16"), "compile": ("", "default", "reduce-overhead", "max-autotune"),
            "gan_feature_source": ("fake_score", "teacher"),
            "router": ("auto", "balanced", "confusion", "kmeans"), "backtrack_switch": ("fixed", "plateau"),
-           "student_fake_score": ("student", "teacher")}
+           "student_fake_score": ("student", "teacher"), "optimizer": OPTIMIZERS}
 POSITIVE = ("steps", "batch_size", "lr_generator", "lr_fake", "eval_samples", "lora_rank", "max_nonfinite_steps",
             "backtrack_nodes", "backtrack_interval", "backtrack_patience", "record_interval",
             "students", "tsm_lr", "tsm_pool")
@@ -344,6 +349,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"lr_scheduler: {cfg.lr_scheduler!r} is not one of {', '.join(schedulers)}")
     if not 0.0 <= cfg.ema_decay < 1.0:
         raise ConfigError(f"ema_decay: must be in [0, 1), got {cfg.ema_decay!r}")
+    if cfg.offload_ema and not cfg.ema_decay:
+        raise ConfigError("offload_ema: this run keeps no EMA (ema_decay 0); set --ema_decay or drop --offload_ema")
+    if cfg.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("optimizer: 'adamw8bit' needs bitsandbytes: pip install bitsandbytes (or --optimizer adamw)")
     if not (0.0 <= cfg.adam_beta1 < 1.0 and 0.0 <= cfg.adam_beta2 < 1.0):
         raise ConfigError(f"adam_beta1/adam_beta2: must be in [0, 1), got {cfg.adam_beta1}, {cfg.adam_beta2}")
     for key in ("classes", "generator_timesteps", "teacher_eval_steps", "student_channels"):

@@ -32,6 +32,7 @@ BF16_PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, 
 VARIANTS = ("fp32", "tf32", "bf16", "bf16-compile", "bf16-reduce-overhead", "bf16-max-autotune")
 COMPILE_MODES = {"bf16-compile": None, "bf16-reduce-overhead": "reduce-overhead", "bf16-max-autotune": "max-autotune"}
 METHODS = ("dmd", "dmd2")
+EMA_MODES = (True, False, "offload")  # kept on the device, none, or kept and updated in CPU memory
 PRESETS = ("digits", "cifar", "sd15")
 
 CIFAR_UNET = dict(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2, block_out_channels=(128, 256, 256, 256),
@@ -120,10 +121,11 @@ class StepRunner:
 
     def __init__(self, work: Workload, variant: str, device: torch.device, fake_score: str = "copy",
                  gradient_checkpointing: bool = False, attention: str = "sdpa", cudnn_benchmark: bool = False,
-                 ema: bool = True, method: str = "dmd"):
+                 ema: bool | str = True, method: str = "dmd", optimizer: str = "adamw"):
         import copy
 
         from .methods.dmd import DMD, DMD2
+        from .optim import make_optimizer
         from .triad import Triad
 
         if variant not in VARIANTS:
@@ -132,6 +134,8 @@ class StepRunner:
             raise StepBenchError(f"variant: {variant!r} needs a CUDA device; on the CPU use fp32")
         if method not in METHODS:
             raise StepBenchError(f"method: unknown method {method!r}; choose from {', '.join(METHODS)}")
+        if ema not in EMA_MODES:
+            raise StepBenchError(f"ema: unknown EMA mode {ema!r}; choose from True, False, 'offload'")
         self.variant, self.device, self.work = variant, device, work
         self.bf16 = variant.startswith("bf16")
         self.cudnn_benchmark = cudnn_benchmark
@@ -144,7 +148,8 @@ class StepRunner:
         self.cond = work.cond(n, device)
         self.real = torch.rand(n, *work.shape, generator=g).mul(2).sub(1).to(device)  # DMD2's GAN: "real" images
         self.triad = Triad.from_teacher(teacher, fake_score=fake_score, sample_shape=work.shape,
-                                        ema_decay=0.999 if ema else None, gan_head=method == "dmd2",
+                                        ema_decay=0.999 if ema else None, offload_ema=ema == "offload",
+                                        gan_head=method == "dmd2",
                                         example_cond=self.cond, frozen_dtype=torch.bfloat16 if self.bf16 else None)
         # one iteration = one generator turn + one critic turn (DMD2's TTUR repeats the critic turn)
         self.method = DMD() if method == "dmd" else DMD2(update_ratio=1)
@@ -156,9 +161,11 @@ class StepRunner:
         if gradient_checkpointing:
             for b in self.nets[:2]:
                 b.enable_gradient_checkpointing()
-        fused = device.type in ("cuda", "cpu")  # as the trainer
-        self.opt_g = torch.optim.AdamW(self.triad.generator_parameters(), lr=1e-6, fused=fused)
-        self.opt_f = torch.optim.AdamW(self.triad.critic_parameters(), lr=1e-6, fused=fused)
+        try:  # as the trainer builds them
+            self.opt_g = make_optimizer(self.triad.generator_parameters(), optimizer, lr=1e-6, device=device)
+            self.opt_f = make_optimizer(self.triad.critic_parameters(), optimizer, lr=1e-6, device=device)
+        except OnestepError as e:
+            raise StepBenchError(str(e)) from None
         self.compile_seconds = None
         self.phase_peaks: dict[str, float] = {}
         if variant in COMPILE_MODES:
@@ -271,12 +278,13 @@ def peak_tflops(device: torch.device, override: float | None = None) -> tuple[st
 
 def measure(work: Workload, variant: str, device: torch.device, *, warmup: int = 3, repeats: int = 10,
             fake_score: str = "copy", gradient_checkpointing: bool = False, attention: str = "sdpa",
-            cudnn_benchmark: bool = False, ema: bool = True, method: str = "dmd", peak: float | None = None,
-            flops: float | None = None, components: bool = False) -> dict:
+            cudnn_benchmark: bool = False, ema: bool | str = True, method: str = "dmd", peak: float | None = None,
+            flops: float | None = None, components: bool = False, optimizer: str = "adamw") -> dict:
     """Median step time of a variant (and, with `components`, of each pass alone, interleaved with the steps)."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    runner = StepRunner(work, variant, device, fake_score, gradient_checkpointing, attention, cudnn_benchmark, ema, method)
+    runner = StepRunner(work, variant, device, fake_score, gradient_checkpointing, attention, cudnn_benchmark, ema, method,
+                        optimizer)
     if device.type == "cuda":  # from here: the weights, optimiser states, gradients and activations of training
         torch.cuda.reset_peak_memory_stats(device)
     timer = Timer(device)
@@ -304,11 +312,16 @@ def measure(work: Workload, variant: str, device: torch.device, *, warmup: int =
     card, peak_value = peak_tflops(device, peak)
     row = {"preset": work.name, "method": method, "variant": variant, "device": card, "batch": work.batch_size,
            "fake_score": fake_score, "gradient_checkpointing": gradient_checkpointing, "attention": runner.attention,
-           "cudnn_benchmark": cudnn_benchmark, "ema": ema,
+           "cudnn_benchmark": cudnn_benchmark, "ema": ema, "optimizer": optimizer,
            "step_s": step_s, "img_per_s": work.batch_size / step_s, "first_step_s": first,
            "gflop_per_step": None if flops is None else flops / 1e9,
            "tflops": None if flops is None else flops / step_s / 1e12}
     row["peak_fraction"] = None if (row["tflops"] is None or not peak_value) else row["tflops"] / peak_value
+    from .optim import state_bytes
+
+    row["optimizer_state_gib"] = (state_bytes(runner.opt_g) + state_bytes(runner.opt_f)) / 2**30
+    ema = runner.triad.ema
+    row["ema_device"] = None if ema is None else str(ema.shadow_params[0].device)
     if device.type == "cuda":  # the phases reset the peak counter: the step's peak is the largest phase peak
         row["peak_mem_gib"] = max(runner.phase_peaks.values())  # steady state: the steps after the first
         row["phase_peak_gib"] = dict(runner.phase_peaks)
@@ -335,6 +348,7 @@ def markdown(rows: list[dict]) -> str:
     def opts(r):
         o = [r.get("fake_score", "copy") + " fake score"]
         o += ["grad. ckpt"] * bool(r.get("gradient_checkpointing")) + ["no EMA"] * (not r.get("ema", True))
+        o += ["EMA on CPU"] * (r.get("ema") == "offload") + ["8-bit AdamW"] * (r.get("optimizer") == "adamw8bit")
         o += ["cudnn.benchmark"] * bool(r.get("cudnn_benchmark")) + [r.get("attention", "sdpa")]
         return ", ".join(o)
 

@@ -101,6 +101,8 @@ BAD_INPUTS = [
     (["--gan_t_max", "0"], "gan_t_max must be in (0, 1]"),
     (["--lr_scheduler", "step"], "lr_scheduler: 'step' is not one of"),
     (["--fake_score", "lora", "--lora_targets", "no_such_module"], "none of the LoRA target modules"),
+    (["--optimizer", "sgd"], "optimizer: 'sgd' is not one of"),
+    (["--offload_ema", "true", "--ema_decay", "0"], "offload_ema: this run keeps no EMA"),
 ]
 
 

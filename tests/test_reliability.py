@@ -44,6 +44,17 @@ def distill_main():
     return module.main
 
 
+def leaves(obj):
+    """The values of nested dicts and lists, depth first (an optimiser's per-parameter state)."""
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from leaves(v)
+    else:
+        yield obj
+
+
 def final_state(run_dir: str, step: int) -> dict:
     """Every tensor of a checkpoint: models and data position (safetensors), optimiser moments, EMA and method
     state (loaded with weights_only)."""
@@ -56,7 +67,7 @@ def final_state(run_dir: str, step: int) -> dict:
             out.update({f"{name}:{k}": v for k, v in load_file(os.path.join(folder, name)).items()})
         elif name.startswith("optimizer"):
             state = load(os.path.join(folder, name), map_location="cpu")["state"]
-            out.update({f"{name}:{i}": t for i, t in enumerate(t for s in state.values() for t in s.values())})
+            out.update({f"{name}:{i}": t for i, t in enumerate(leaves(state))})
         elif name.startswith("custom_checkpoint_"):  # the EMA, or a method's own state
             state = load(os.path.join(folder, name), map_location="cpu")
             values = state["shadow_params"] if "shadow_params" in state else [torch.tensor(v) for v in state.values()]

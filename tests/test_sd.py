@@ -305,9 +305,15 @@ def test_sd_vsd_run_end_to_end_exports_a_stock_pipeline_that_reproduces_the_stud
     assert_stock_reproduces(run, m, teacher, student, tmp_path, "StableDiffusionPipeline")
 
 
-def test_sd_dmd2_run_end_to_end_with_the_gan_off(sd_teacher, tmp_path):
-    run, _ = distill_sd("sd15-dmd2", sd_teacher, tmp_path, "--update_ratio", "2")
-    assert "fake_score: copy" in (run / "config.yaml").read_text()
+# the README's low-memory SD1.5 DMD2 recipe: LoRA fake score, gradient checkpointing, 8-bit AdamW, EMA in CPU memory
+LOW_MEMORY = ("--fake_score", "lora", "--gradient_checkpointing", "true", "--optimizer", "adamw8bit", "--ema_decay",
+              "0.999", "--offload_ema", "true")
+
+
+@pytest.mark.parametrize("extra", [(), LOW_MEMORY], ids=["default", "low-memory"])
+def test_sd_dmd2_run_end_to_end_with_the_gan_off(sd_teacher, tmp_path, extra):
+    run, _ = distill_sd("sd15-dmd2", sd_teacher, tmp_path, "--update_ratio", "2", *extra)
+    assert f"fake_score: {'lora' if extra else 'copy'}" in (run / "config.yaml").read_text()
     teacher, student = student_from_checkpoint(str(run), sd_teacher, 2)
     assert not torch.equal(student.denoiser.backbone.conv_in.weight, teacher_weights(sd_teacher)["conv_in.weight"])
 

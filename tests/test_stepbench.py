@@ -93,3 +93,15 @@ def test_cli_option_lists_give_a_row_each(tmp_path):
 def test_cli_bad_input_one_line(args, needle):
     r = run_cli(*args)
     assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_memory_options_reach_the_benchmark_row():
+    """--optimizer adamw8bit and --ema offload build what the trainer builds: quantised moments, a CPU-side EMA."""
+    from onestep.stepbench import markdown, measure
+
+    work = build_workload("digits", torch.device("cpu"), batch_size=2)
+    rows = [measure(work, "fp32", torch.device("cpu"), warmup=1, repeats=1, optimizer=o, ema=e, flops=1.0)
+            for o, e in (("adamw", True), ("adamw8bit", "offload"), ("adamw", False))]
+    assert rows[1]["optimizer_state_gib"] < 0.3 * rows[0]["optimizer_state_gib"]
+    assert [r["ema_device"] for r in rows] == ["cpu", "cpu", None] and rows[1]["ema"] == "offload"
+    assert "EMA on CPU, 8-bit AdamW" in markdown(rows[1:2])
