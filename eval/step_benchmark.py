@@ -57,7 +57,7 @@ def main(argv: list[str]) -> int:
     import torch
 
     from onestep.errors import OnestepError
-    from onestep.optim import OPTIMIZERS
+    from onestep.optim import OPTIMIZERS, check_available
     from onestep.stepbench import PRESETS, VARIANTS, build_workload, markdown, measure
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -94,6 +94,11 @@ def main(argv: list[str]) -> int:
                for cb in choices("cudnn-benchmark", args.cudnn_benchmark, tuple(onoff))
                for em in choices("ema", args.ema, tuple(ema_modes))
                for op in choices("optimizer", args.optimizer, OPTIMIZERS)]
+    for o in {o["optimizer"] for o in options}:
+        try:  # before any row is measured
+            check_available(o)
+        except OnestepError as e:
+            p.error(str(e))
     if device.type != "cuda" and any(o["attention"] == "xformers" for o in options):
         p.error("--attention xformers needs a CUDA device; on the CPU use sdpa")
     rows = []

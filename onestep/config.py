@@ -7,7 +7,6 @@ Any `--key value` names a field below or an option of the chosen method (see `on
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
 import os
 import typing
@@ -16,7 +15,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from .errors import OnestepError
-from .optim import OPTIMIZERS
+from .optim import OPTIMIZERS, check_available
 
 
 class ConfigError(OnestepError):
@@ -351,8 +350,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"ema_decay: must be in [0, 1), got {cfg.ema_decay!r}")
     if cfg.offload_ema and not cfg.ema_decay:
         raise ConfigError("offload_ema: this run keeps no EMA (ema_decay 0); set --ema_decay or drop --offload_ema")
-    if cfg.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
-        raise ConfigError("optimizer: 'adamw8bit' needs bitsandbytes: pip install bitsandbytes (or --optimizer adamw)")
+    try:
+        check_available(cfg.optimizer)
+    except OnestepError as e:
+        raise ConfigError(str(e)) from None
     if not (0.0 <= cfg.adam_beta1 < 1.0 and 0.0 <= cfg.adam_beta2 < 1.0):
         raise ConfigError(f"adam_beta1/adam_beta2: must be in [0, 1), got {cfg.adam_beta1}, {cfg.adam_beta2}")
     for key in ("classes", "generator_timesteps", "teacher_eval_steps", "student_channels"):

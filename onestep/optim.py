@@ -7,6 +7,7 @@ On an SD1.5-size generator (860M parameters) that is 6.4 -> 1.6 GiB. bitsandbyte
 """
 from __future__ import annotations
 
+import importlib
 from typing import Iterable, Sequence
 
 import torch
@@ -21,6 +22,16 @@ class OptimizerError(OnestepError):
     """An optimiser that cannot be built here (unknown name, bitsandbytes missing)."""
 
 
+def check_available(kind: str) -> None:
+    """Raise OptimizerError (one line: what to install) when this optimiser's package is missing."""
+    if kind == "adamw8bit":
+        try:
+            importlib.import_module("bitsandbytes")
+        except ImportError:
+            raise OptimizerError("optimizer: 'adamw8bit' needs bitsandbytes: pip install bitsandbytes "
+                                 "(or --optimizer adamw)") from None
+
+
 def make_optimizer(params: Iterable[torch.nn.Parameter], kind: str, *, lr: float, device: torch.device,
                    betas: Sequence[float] = (0.9, 0.999), weight_decay: float = 0.0, eps: float = 1e-8):
     """AdamW of the given kind over `params` (which live on `device`)."""
@@ -29,11 +40,9 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], kind: str, *, lr: float
         return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=eps,
                                  fused=device.type in ("cuda", "cpu"))
     if kind == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError:
-            raise OptimizerError("optimizer 'adamw8bit' needs bitsandbytes: pip install bitsandbytes "
-                                 "(or use --optimizer adamw)") from None
+        check_available(kind)
+        import bitsandbytes as bnb
+
         return bnb.optim.AdamW8bit(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=eps,
                                    min_8bit_size=MIN_8BIT_SIZE)
     raise OptimizerError(f"optimizer: unknown optimizer {kind!r}; choose from {', '.join(OPTIMIZERS)}")

@@ -56,8 +56,8 @@ def test_benchmark_step_trains_generator_and_fake_score_only(method):
     assert set(runner.passes()) == {"generator fwd+bwd", "teacher fwd", "fake fwd", "fake fwd+bwd"}
 
 
-def run_cli(*args):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+def run_cli(*args, env_extra=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **(env_extra or {})}
     return subprocess.run([sys.executable, os.path.join(ROOT, "eval", "step_benchmark.py"), *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
 
@@ -105,3 +105,14 @@ def test_memory_options_reach_the_benchmark_row():
     assert rows[1]["optimizer_state_gib"] < 0.3 * rows[0]["optimizer_state_gib"]
     assert [r["ema_device"] for r in rows] == ["cpu", "cpu", None] and rows[1]["ema"] == "offload"
     assert "EMA on CPU, 8-bit AdamW" in markdown(rows[1:2])
+
+
+def test_cli_without_bitsandbytes_refuses_adamw8bit_before_measuring(tmp_path):
+    """A bitsandbytes that fails to import (shadowed on PYTHONPATH): one line naming the package, no row measured."""
+    (tmp_path / "bitsandbytes").mkdir()
+    (tmp_path / "bitsandbytes" / "__init__.py").write_text("raise ImportError('not installed')\n")
+    r = run_cli("--optimizer", "adamw,adamw8bit", "--repeats", "1", "--warmup", "1",
+                env_extra={"PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"})
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: optimizer: 'adamw8bit' needs bitsandbytes: pip install bitsandbytes (or --optimizer adamw)"]
+    assert "{" not in r.stdout
