@@ -24,7 +24,8 @@ bench="python3 eval/step_benchmark.py"
 
 stage env 60 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv;
   python3 -c "import torch, diffusers, accelerate, peft; print(torch.__version__, torch.version.cuda, diffusers.__version__,
-  accelerate.__version__, peft.__version__); from onestep.attention import xformers_available; print(\"xformers usable:\", xformers_available())"'
+  accelerate.__version__, peft.__version__); from onestep.attention import xformers_available; print(\"xformers usable:\", xformers_available()); from onestep.optim import check_available; \
+  check_available(\"adamw8bit\"); print(\"bitsandbytes: importable\")"'
 stage gpu_tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py
 # CIFAR-size UNet (google/ddpm-cifar10-32's config): the bf16 eager baseline, then torch.compile of the three
 # networks (its compile time reported) at batch 512 and 256
