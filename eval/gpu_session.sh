@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# GPU measurements in one call (about 9 minutes on an H200): step benchmarks of the CIFAR-size and SD1.5-size
-# UNets (baselines and fast paths in the same run), the attention backends, and the default job.
+# GPU measurements in one call (at most GPU_SESSION_SECONDS, default 540 s): step benchmarks of the SD1.5-size and
+# CIFAR-size UNets (baselines and fast paths in the same run), FID-50k, the attention backends, the default job.
 #   bash eval/gpu_session.sh [OUTDIR]        # OUTDIR defaults to $OUT, else gpu-session/
 # Each stage has its own time limit, so a slow one cannot take the others with it; logs and JSON rows go to OUTDIR.
 set -u
@@ -26,27 +26,28 @@ stage env 60 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version,cl
   python3 -c "import torch, diffusers, accelerate, peft; print(torch.__version__, torch.version.cuda, diffusers.__version__,
   accelerate.__version__, peft.__version__); from onestep.attention import xformers_available; print(\"xformers usable:\", xformers_available()); from onestep.optim import check_available; \
   check_available(\"adamw8bit\"); print(\"bitsandbytes: importable\")"'
-stage gpu_tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py
-# CIFAR-size UNet (google/ddpm-cifar10-32's config): the bf16 eager baseline, then torch.compile of the three
-# networks (its compile time reported) at batch 512 and 256
-stage cifar_base 120 $bench --preset cifar --variants bf16 --out "$out/cifar_base.json"
-stage cifar_compile_b512 220 $bench --preset cifar --variants bf16-compile --batch-size 512 --out "$out/cifar_compile_b512.json"
-# SD1.5-size UNet2DConditionModel (random weights), DMD2 at batch 8, 64x64 latents: peak memory (and the peak of
-# each phase of the step, in the JSON). First the memory options for the <= 16 GiB goal on the LoRA fake score with
-# gradient checkpointing: EMA on the GPU or in CPU memory, AdamW or 8-bit AdamW (needs bitsandbytes there); then
-# full-copy vs LoRA fake score with and without gradient checkpointing (EMA on the GPU, AdamW)
+# In order of what is still unmeasured, so that a short session gets the open goals first; each stage is cut at
+# the deadline, and skipped when under 20 s are left.
+# 1. SD1.5-size UNet2DConditionModel (random weights), DMD2 at batch 8, 64x64 latents: peak memory (and the peak of
+#    each phase of the step, in the JSON) of the memory options for the <= 16 GiB goal on the LoRA fake score with
+#    gradient checkpointing: EMA on the GPU or in CPU memory, AdamW or 8-bit AdamW (needs bitsandbytes there)
 stage sd15_lowmem 160 $bench --preset sd15 --method dmd2 --variants bf16 --fake-score lora --gradient-checkpointing on \
     --ema on,offload --optimizer adamw,adamw8bit --no-components --repeats 4 --warmup 2 --out "$out/sd15_lowmem.json"
+# 2. FID-50k of a CIFAR-size one-step generator, end to end (stand-in Inception of the same architecture: timing)
+stage fid50k 150 python3 eval/fid_speed.py --out "$out/fid50k.json"
+# 3. CIFAR-size UNet (google/ddpm-cifar10-32's config): torch.compile of the three networks (its compile time
+#    reported) at batch 512, the bf16 eager baseline, CUDA graphs (compile mode reduce-overhead)
+stage cifar_compile_b512 220 $bench --preset cifar --variants bf16-compile --batch-size 512 --out "$out/cifar_compile_b512.json"
+stage cifar_base 120 $bench --preset cifar --variants bf16 --out "$out/cifar_base.json"
+stage cifar_cudagraphs 200 $bench --preset cifar --variants bf16-reduce-overhead --out "$out/cifar_cudagraphs.json"
+# 4. Again, as measured before: full-copy vs LoRA fake score with and without gradient checkpointing (EMA on the
+#    GPU, AdamW), the attention backends, compile at batch 256, the default job (bf16 through mixed_precision auto)
 stage sd15_memory 160 $bench --preset sd15 --method dmd2 --variants bf16 --fake-score copy,lora \
     --gradient-checkpointing off,on --ema on --no-components --repeats 4 --warmup 2 --out "$out/sd15_memory.json"
+stage gpu_tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py
 stage sd15_xformers 90 $bench --preset sd15 --method dmd2 --variants bf16 --fake-score lora --gradient-checkpointing on \
     --ema off --attention sdpa,xformers --no-components --repeats 4 --warmup 2 --out "$out/sd15_xformers.json"
-# FID-50k of a CIFAR-size one-step generator, end to end (stand-in Inception of the same architecture: timing)
-stage fid50k 150 python3 eval/fid_speed.py --out "$out/fid50k.json"
 stage cifar_compile 220 $bench --preset cifar --variants bf16-compile --out "$out/cifar_compile.json"
-# the default job on the GPU (bf16 through mixed_precision auto)
 stage default_run 200 accelerate launch --num_processes 1 train/distill.py --name gpu-default
 cp runs/gpu-default/metrics.json "$out/default_metrics.json" 2>/dev/null
-# CUDA graphs (torch.compile mode reduce-overhead), when time is left
-stage cifar_cudagraphs 200 $bench --preset cifar --variants bf16-reduce-overhead --out "$out/cifar_cudagraphs.json"
 echo "=== total $(( $(date +%s) - start ))s"
