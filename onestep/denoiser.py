@@ -17,6 +17,18 @@ Cond = torch.Tensor | dict | None
 TEXT_TIME_IDS = 6  # SDXL's micro-conditioning: original size (2), crop top-left (2), target size (2)
 
 
+def cast_module(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast a module's floating-point weights to `dtype` in place, keeping the modules a diffusers model lists in
+    `_keep_in_fp32_modules` in float32. (diffusers' ModelMixin.to warns on every dtype cast, also when it has
+    nothing to keep; this is the cast it asks for, without the warning.)"""
+    nn.Module.to(module, dtype)
+    keep = getattr(module, "_keep_in_fp32_modules", None) or []
+    for name, sub in module.named_modules():
+        if any(k in name.split(".") for k in keep):
+            nn.Module.to(sub, torch.float32)
+    return module
+
+
 def pack_text_time(embeds: torch.Tensor, pooled: torch.Tensor, time_ids: torch.Tensor) -> torch.Tensor:
     """SDXL conditions as one tensor (B, L + r, D), so they batch, index and mix like SD's (B, L, D) embeddings.
 

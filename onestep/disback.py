@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .denoiser import Denoiser
+from .denoiser import Denoiser, cast_module
 from .errors import OnestepError
 from .methods.dmd import NATIVE_LOSS_SPACE, weighted_dsm
 
@@ -309,7 +309,7 @@ class DisBack:
             return
         if self._target is None:
             fake = triad.raw("fake_score")
-            backbone = copy.deepcopy(fake.backbone).to(teacher.dtype).requires_grad_(False).eval()
+            backbone = cast_module(copy.deepcopy(fake.backbone), teacher.dtype).requires_grad_(False).eval()
             self._target = Denoiser(backbone, teacher.schedule, null_cond=teacher.null_cond, adapters=fake.adapters,
                                     prediction_type=teacher.prediction_type)
             self._target.guidance_uncond, self._target.feature_layers = teacher.guidance_uncond, teacher.feature_layers

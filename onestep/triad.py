@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .denoiser import Denoiser
+from .denoiser import Denoiser, cast_module
 from .gan import GANHead
 from .generator import Generator, simulate
 
@@ -118,13 +118,13 @@ class Triad:
         if fake_score == "copy":
             fake = Denoiser(trained_copy(base if fake_from_teacher else init), sched, null_cond=null, prediction_type=pt)
             if frozen_dtype is not None:
-                base.to(frozen_dtype)
+                cast_module(base, frozen_dtype)
             teacher_view = Denoiser(base, sched, null_cond=null, prediction_type=pt)
         else:
             from peft import LoraConfig, inject_adapter_in_model
 
             if frozen_dtype is not None:
-                base.to(frozen_dtype)
+                cast_module(base, frozen_dtype)
             names = [n for n, _ in base.named_modules()]
             targets = [t for t in lora_targets if any(n == t or n.endswith("." + t) for n in names)]
             if not targets:

@@ -167,6 +167,31 @@ def test_in_place_ema_equals_diffusers_ema_and_round_trips():
     assert all(torch.equal(x, y) for x, y in zip(loaded.shadow_params, ours.shadow_params))
 
 
+def test_cast_module_keeps_fp32_modules_and_does_not_warn():
+    """The frozen teacher's cast to the compute dtype: bf16 weights, a diffusers model's fp32 modules kept, and none of
+    ModelMixin.to's warning (it warns on every dtype cast)."""
+    import logging
+
+    from diffusers.utils import logging as dlog
+
+    from onestep.denoiser import cast_module
+
+    unet = tiny_unet()
+    unet._keep_in_fp32_modules = ["conv_in"]
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    dlog.get_logger("diffusers").addHandler(handler)
+    try:
+        tiny_unet().to(torch.bfloat16)  # diffusers' own cast: the warning this check would see
+        warned, records[:] = len(records), []
+        cast_module(unet, torch.bfloat16)
+    finally:
+        dlog.get_logger("diffusers").removeHandler(handler)
+    assert warned and records == []
+    assert unet.conv_in.weight.dtype == torch.float32 and unet.conv_out.weight.dtype == torch.bfloat16
+
+
 def test_few_step_generator_backward_simulation():
     triad = make_triad(timesteps=[999, 749, 499, 249])
     gen = triad.raw("generator")
