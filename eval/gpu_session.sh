@@ -40,6 +40,10 @@ stage fid50k 150 python3 eval/fid_speed.py --out "$out/fid50k.json"
 stage cifar_compile_b512 220 $bench --preset cifar --variants bf16-compile --batch-size 512 --out "$out/cifar_compile_b512.json"
 stage cifar_base 120 $bench --preset cifar --variants bf16 --out "$out/cifar_base.json"
 stage cifar_cudagraphs 200 $bench --preset cifar --variants bf16-reduce-overhead --out "$out/cifar_cudagraphs.json"
+# FSDP2 on CUDA (NCCL, one rank; bf16 through FSDP2's MixedPrecisionPolicy): the smoke run of the shipped config
+stage fsdp_smoke 90 accelerate launch --config_file train/accelerate/fsdp.yaml --num_processes 1 train/distill.py \
+    --preset smoke --ema_decay 0.9 --eval_every 2 --name gpu-fsdp
+cp runs/gpu-fsdp/metrics.json "$out/fsdp_metrics.json" 2>/dev/null
 # 4. Again, as measured before: full-copy vs LoRA fake score with and without gradient checkpointing (EMA on the
 #    GPU, AdamW), the attention backends, compile at batch 256, the default job (bf16 through mixed_precision auto)
 stage sd15_memory 160 $bench --preset sd15 --method dmd2 --variants bf16 --fake-score copy,lora \

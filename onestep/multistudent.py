@@ -349,7 +349,8 @@ def train_students(cfg, train: Callable) -> dict | None:
                 entry["tsm"]["seconds"] = round(time.time() - t0, 1)
         t0 = time.time()
         students.append(train(sub, backbone))
-        entry.update(train_seconds=round(time.time() - t0, 1), parameters=count_parameters(students[-1]))
+        entry.update(train_seconds=round(time.time() - t0, 1),  # FSDP: the student is on the main process only
+                     parameters=students[-1] and count_parameters(students[-1]))
         report.append(entry)
     if not main:
         state.wait_for_everyone()

@@ -24,8 +24,9 @@ MANIFEST = "onestep_manifest.json"
 DATA_STATE = "onestep_data.safetensors"
 MANIFEST_FORMAT = 1
 _STEP_DIR = re.compile(r"^step_(\d+)(\.old|\.tmp|\.del)?$")  # .tmp: being written; .old: being replaced; .del: pruned
-# accelerate's own file names; its .bin / .pkl / .pt files hold optimiser, scheduler, RNG and custom states
-_STATE_FILE = re.compile(r"^(model(_\d+)?\.safetensors|(optimizer|scheduler|sampler|dl_state_dict)(_\d+)?\.bin|"
+# accelerate's own file names; its .bin / .pkl / .pt files hold optimiser, scheduler, RNG and custom states, and
+# under FSDP the full model state dicts (pytorch_model_fsdp*.bin: tensors only, which accelerate loads weights_only)
+_STATE_FILE = re.compile(r"^(model(_\d+)?\.safetensors|(optimizer|scheduler|sampler|dl_state_dict|pytorch_model_fsdp)(_\d+)?\.bin|"
                          r"random_states_\d+\.pkl|custom_checkpoint_\d+\.pkl|scaler\.pt)$")
 _PICKLE_EXTENSIONS = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 # config keys that do not change the trajectory: left out of the config hash
@@ -184,6 +185,7 @@ def save_checkpoint(accelerator, run_dir: str, step: int, keep: int, config: dic
         _tidy(run_dir)
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp, safe_serialization=True)
+    accelerator.wait_for_everyone()  # every process's files (its RNG state) are written before the manifest lists them
     if accelerator.is_main_process:
         if data is not None and data.state_dict():
             from safetensors.torch import save_file

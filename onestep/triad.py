@@ -5,6 +5,10 @@ on the teacher's own weights (then the teacher is the same module with adapters 
 of the weights in memory). Trained networks keep float32 master weights; the frozen teacher may be
 stored in the compute dtype. The generator's EMA is stepped by the trainer on generator steps only, on the
 generator's device or (offload_ema) in CPU memory.
+
+Under FSDP2 (accelerate's `fully_shard`, applied in place) the generator and fake score hold DTensor shards: the EMA
+is rebuilt on the shards after wrapping (`reset_ema`), saved and loaded as full tensors, and `export_generator`
+gathers the full weights (a collective: every process calls it) into an unsharded copy on the main process.
 """
 from __future__ import annotations
 
@@ -22,6 +26,34 @@ from .generator import Generator, simulate
 FAKE_SCORE_KINDS = ("copy", "lora")
 GAN_FEATURE_SOURCES = ("fake_score", "teacher")
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "proj_in", "proj_out")
+
+
+def is_sharded(module) -> bool:
+    """Whether FSDP2's fully_shard wraps this module (its parameters are DTensor shards)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        try:  # torch < 2.6
+            from torch.distributed._composable.fsdp import FSDPModule
+        except ImportError:  # a torch build without distributed support
+            return False
+    return isinstance(module, FSDPModule)
+
+
+def _reshard(module: nn.Module) -> None:
+    """FSDP2 gives its gathered parameters the shards' requires_grad only when it gathers them: after a toggle, drop
+    the gathered copies (a unit left gathered by a no-grad forward would keep the old flag in the next turn and train
+    nothing); the next forward or backward gathers again."""
+    if not is_sharded(module):  # accelerate always wraps the root: nothing sharded below an unwrapped one
+        return
+    for m in module.modules():
+        if is_sharded(m):
+            m.reshard()
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's full value (a collective: every process calls it); any other tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def in_place_ema(parameters, decay: float, offload: bool = False):
@@ -66,14 +98,28 @@ def in_place_ema(parameters, decay: float, offload: bool = False):
                 torch.cuda.synchronize(d)
             return self._staging
 
+        def state_dict(self) -> dict:
+            state = super().state_dict()  # FSDP: shards gathered into full tensors (every process calls this)
+            state["shadow_params"] = [full_tensor(s) for s in state["shadow_params"]]
+            return state
+
         def load_state_dict(self, state_dict: dict) -> None:
-            devices = [s.device for s in self.shadow_params]
+            old = list(self.shadow_params)
             super().load_state_dict(state_dict)  # accelerate loads to the CPU: back where each shadow lived
-            self.shadow_params = [s.to(d) for s, d in zip(self.shadow_params, devices)]
+            self.shadow_params = [_like(s, o) for s, o in zip(self.shadow_params, old)]
 
     if offload:
         parameters = [p.detach().to("cpu") for p in parameters]  # never a second copy on the accelerator
     return InPlaceEMA(parameters, decay=decay, foreach=True)
+
+
+def _like(value: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """A full tensor placed like `ref`: on its device, or sharded like it where `ref` is a DTensor."""
+    if hasattr(ref, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(value.to(ref.device, ref.dtype), ref.device_mesh, ref.placements)
+    return value.to(ref.device)
 
 
 class Triad:
@@ -87,7 +133,7 @@ class Triad:
         self.generator, self.fake_score, self.teacher, self.gan_head = generator, fake_score, teacher, gan_head
         self.gan_feature_source = gan_feature_source
         self._raw = {"generator": generator, "fake_score": fake_score, "teacher": teacher, "gan_head": gan_head}
-        self.ema = None
+        self.ema, self._ema_decay, self._template = None, ema_decay, None
         if ema_decay:
             self.ema = in_place_ema(generator.parameters(), ema_decay, offload=offload_ema)
         trained = {id(p) for p in fake_score.parameters() if p.requires_grad}
@@ -174,6 +220,7 @@ class Triad:
                 continue
             flags[n] = [(p, p.requires_grad) for p in module.parameters()]
             module.requires_grad_(False)
+            _reshard(module)
             setattr(self, n, module)
         try:
             yield self
@@ -181,6 +228,8 @@ class Triad:
             for n in names:
                 for p, flag in flags.get(n, []):
                     p.requires_grad_(flag)
+                if n in flags:
+                    _reshard(self._raw[n])
                 setattr(self, n, saved[n])
 
     def generate(self, z: torch.Tensor, cond=None, k: int | None = None) -> torch.Tensor:
@@ -196,9 +245,44 @@ class Triad:
         if self.ema is not None:
             self.ema.step(self._raw["generator"].parameters())
 
-    def export_generator(self, use_ema: bool = True) -> Generator:
-        """A float32 copy of the generator, with EMA weights where an EMA is kept and use_ema is set."""
-        gen = copy.deepcopy(self._raw["generator"]).float().eval().requires_grad_(False)
+    def reset_ema(self) -> None:
+        """Rebuild the EMA on the generator's current parameters (after FSDP2 replaced them with shards; the EMA
+        starts from the wrapped weights, which equal the ones it was built from)."""
+        if self.ema is not None:
+            self.ema = in_place_ema(self._raw["generator"].parameters(), self._ema_decay)
+
+    def keep_template(self) -> None:
+        """Keep the generator's architecture (meta tensors, no memory) to rebuild an unsharded copy from gathered
+        weights; call before FSDP wrapping, on the process that exports."""
+        gen = self._raw["generator"]
+        buffers = {n for n, _ in gen.named_buffers()} - set(gen.state_dict())
+        if buffers:
+            raise ValueError(f"the generator has buffers outside its state dict ({sorted(buffers)[0]}); FSDP export "
+                             "cannot rebuild them")
+        self._template = copy.deepcopy(gen).to("meta")
+
+    def export_generator(self, use_ema: bool = True) -> Generator | None:
+        """A float32 copy of the generator, with EMA weights where an EMA is kept and use_ema is set.
+
+        FSDP2: a collective (every process calls it); the full weights are gathered to the main process, which gets
+        the unsharded copy (on the teacher's device); the other processes get None."""
+        gen = self._raw["generator"]
+        if is_sharded(gen):
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            state = get_model_state_dict(gen, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if use_ema and self.ema is not None:  # the EMA's shards, gathered in the same order as the weights
+                for (name, _), shadow in zip(gen.named_parameters(), self.ema.shadow_params):
+                    value = full_tensor(shadow)
+                    if state:
+                        state[name] = value.cpu()
+            if not state or self._template is None:  # ranks other than 0 receive nothing
+                return None
+            device = next(self._raw["teacher"].parameters()).device
+            out = copy.deepcopy(self._template).to_empty(device=device)
+            out.load_state_dict(state, strict=True)
+            return out.float().eval().requires_grad_(False)
+        gen = copy.deepcopy(gen).float().eval().requires_grad_(False)
         if use_ema and self.ema is not None:
             self.ema.copy_to(gen.parameters())
         return gen

@@ -57,7 +57,7 @@ def train(cfg, backbone: torch.nn.Module | None = None):
     from onestep.runs import (RealBatches, load_checkpoint, plot_curve, prepare_run_dir, resolve_resume, run_config,
                               save_checkpoint, save_grid)
     from onestep.sampling import sample_teacher
-    from onestep.triad import DEFAULT_LORA_TARGETS, Triad
+    from onestep.triad import DEFAULT_LORA_TARGETS, Triad, full_tensor
 
     # 1. Configuration ------------------------------------------------------------------------------
     method = build_method(cfg.method, **method_kwargs(cfg))
@@ -77,10 +77,15 @@ def train(cfg, backbone: torch.nn.Module | None = None):
     accelerator = Accelerator(mixed_precision=mp, log_with="tensorboard", project_config=ProjectConfiguration(
         project_dir=run_dir, logging_dir=os.path.join(run_dir, "logs")))
     device, main_proc = accelerator.device, accelerator.is_main_process
-    if accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
-        raise ConfigError(f"accelerate config: {accelerator.distributed_type.value} is not supported by this trainer (the EMA "
-                          "and the export need full weights); use DDP (train/accelerate/ddp.yaml), and to save memory "
-                          "--fake_score lora, --gradient_checkpointing, --mixed_precision bf16")
+    if accelerator.distributed_type.value == "DEEPSPEED":
+        raise ConfigError("accelerate config: DeepSpeed is not supported by this trainer; use FSDP "
+                          "(train/accelerate/fsdp.yaml) or DDP (train/accelerate/ddp.yaml)")
+    fsdp = accelerator.distributed_type.value == "FSDP"
+    if fsdp:
+        check_fsdp(accelerator, cfg)
+    elif os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and main_proc:  # accelerate's choice on CPUs
+        print("warning: accelerate runs an FSDP config on CPUs as plain data parallelism; the weights are replicated",
+              file=sys.stderr)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
         torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
@@ -165,7 +170,12 @@ def train(cfg, backbone: torch.nn.Module | None = None):
             b.enable_gradient_checkpointing()
     adam = dict(betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay, device=device)
     opt_g = make_optimizer(triad.generator_parameters(), cfg.optimizer, lr=cfg.lr_generator, **adam)
-    opt_f = make_optimizer(triad.critic_parameters(), cfg.optimizer, lr=cfg.lr_fake, **adam)
+    # FSDP2 wraps one module per optimiser: the GAN head gets its own (same settings, stepped with the fake score's;
+    # AdamW is per parameter, so the update is the same as one optimiser over both)
+    head = fsdp and triad.gan_head is not None
+    critic = [p for p in triad.critic_parameters() if not head or all(p is not q for q in triad.gan_head.parameters())]
+    opt_f = make_optimizer(critic, cfg.optimizer, lr=cfg.lr_fake, **adam)
+    opt_h = make_optimizer(list(triad.gan_head.parameters()), cfg.optimizer, lr=cfg.lr_fake, **adam) if head else None
     from diffusers.optimization import get_scheduler
 
     def lr_schedule(opt, turn):  # counted in that optimiser's own steps; accelerate steps it once per process
@@ -175,10 +185,22 @@ def train(cfg, backbone: torch.nn.Module | None = None):
                              num_training_steps=n_steps * accelerator.num_processes)
 
     sched_g, sched_f = lr_schedule(opt_g, "generator"), lr_schedule(opt_f, "fake")
-    triad.generator, triad.fake_score, opt_g, opt_f, sched_g, sched_f = accelerator.prepare(
-        triad.generator, triad.fake_score, opt_g, opt_f, sched_g, sched_f)
-    if triad.gan_head is not None:
-        triad.gan_head = accelerator.prepare(triad.gan_head)
+    sched_h = lr_schedule(opt_h, "fake") if opt_h is not None else None
+    if fsdp:  # one module and its optimiser per prepare; fully_shard works in place (the triad's modules stay)
+        if main_proc:
+            triad.keep_template()  # to rebuild the unsharded generator from gathered weights (export, samples, FID)
+        triad.generator, opt_g = fsdp_prepare(accelerator, triad.generator, opt_g)
+        triad.fake_score, opt_f = fsdp_prepare(accelerator, triad.fake_score, opt_f)
+        if opt_h is not None:
+            triad.gan_head, opt_h = fsdp_prepare(accelerator, triad.gan_head, opt_h)
+            sched_h = accelerator.prepare(sched_h)
+        sched_g, sched_f = accelerator.prepare(sched_g, sched_f)
+        triad.reset_ema()  # on the shards
+    else:
+        triad.generator, triad.fake_score, opt_g, opt_f, sched_g, sched_f = accelerator.prepare(
+            triad.generator, triad.fake_score, opt_g, opt_f, sched_g, sched_f)
+        if triad.gan_head is not None:
+            triad.gan_head = accelerator.prepare(triad.gan_head)
     for b in {id(b): b for b in backbones}.values() if cfg.compile else ():  # in place: state-dict keys unchanged
         b.compile(mode=None if cfg.compile == "default" else cfg.compile)
     if loader is not None:
@@ -219,8 +241,7 @@ def train(cfg, backbone: torch.nn.Module | None = None):
         return evaluate_samples(lambda z, y: sample_fn(z, label_map(y)), classifier, reference, cfg.eval_samples,
                                 shape, eval_labels, device=device)
 
-    def save_samples(step: int) -> None:
-        gen = triad.raw("generator")
+    def save_samples(step: int, gen) -> None:
         cols = min(len(cond_table), 10 if classes else 8) if cond_table is not None else 8  # one column per class / prompt
         n = (10 if classes else 2) * cols if cond_table is not None else 64
         g = torch.Generator().manual_seed(1234)
@@ -245,19 +266,27 @@ def train(cfg, backbone: torch.nn.Module | None = None):
         for turn in turns:
             if turn == "generator" and not method.is_generator_step(step):
                 continue
-            loss_fn, opt, lr_sched = ((method.generator_loss, opt_g, sched_g) if turn == "generator"
-                                      else (method.fake_score_loss, opt_f, sched_f))
-            opt.zero_grad(set_to_none=True)  # nothing another turn's backward may have left
+            loss_fn, opts, lr_scheds = ((method.generator_loss, [opt_g], [sched_g]) if turn == "generator"
+                                        else (method.fake_score_loss, [opt_f, opt_h], [sched_f, sched_h]))
+            opts, lr_scheds = [o for o in opts if o is not None], [s for s in lr_scheds if s is not None]
+            for opt in opts:
+                opt.zero_grad(set_to_none=True)  # nothing another turn's backward may have left
             with accelerator.autocast():
                 loss, turn_logs = loss_fn(triad, batch)
             accelerator.backward(loss)
-            norm = accelerator.clip_grad_norm_(trained[turn], cfg.grad_clip or float("inf"))
+            max_norm = cfg.grad_clip or float("inf")
+            if fsdp:  # accelerate's FSDP branch compares parameter lists with ==, which fails for two modules of one
+                accelerator.unscale_gradients()  # size; torch clips DTensor gradients of one mesh as they are
+                norm = full_tensor(torch.nn.utils.clip_grad_norm_(trained[turn], max_norm))
+            else:
+                norm = accelerator.clip_grad_norm_(trained[turn], max_norm)
             turn_logs[f"grad_norm_{turn}"] = float(norm)
             finite = torch.isfinite(loss.detach().float()) & torch.isfinite(torch.as_tensor(norm, device=device))
             if accelerator.num_processes > 1:  # every process skips together
                 finite = accelerator.gather(finite.float()[None]).min() > 0
             if not finite:  # skip: nothing updated (weights, optimiser, schedule, EMA), counted and logged
-                opt.zero_grad(set_to_none=True)
+                for opt in opts:
+                    opt.zero_grad(set_to_none=True)
                 skipped, streak = skipped + 1, streak + 1
                 if streak >= cfg.max_nonfinite_steps:
                     terms = [k for k, v in turn_logs.items() if not math.isfinite(v)] or ["its gradient"]
@@ -267,9 +296,10 @@ def train(cfg, backbone: torch.nn.Module | None = None):
                         "good state: lower the learning rates or check the teacher, then --resume latest")
                 continue
             streak = 0
-            opt.step()
-            opt.zero_grad(set_to_none=True)  # memory: gradients live from this backward to this step only
-            lr_sched.step()
+            for opt, lr_sched in zip(opts, lr_scheds):
+                opt.step()
+                opt.zero_grad(set_to_none=True)  # memory: gradients live from this backward to this step only
+                lr_sched.step()
             if turn == "generator":
                 triad.ema_step()
             logs.update(turn_logs)
@@ -282,12 +312,15 @@ def train(cfg, backbone: torch.nn.Module | None = None):
         if done % cfg.log_every == 0 or done == cfg.steps:
             accelerator.log(logs, step=done)
             bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k.startswith("loss")})
-        if main_proc and cfg.sample_every and done % cfg.sample_every == 0:
-            save_samples(done)
+        if cfg.sample_every and done % cfg.sample_every == 0:
+            gen = triad.export_generator(use_ema=False) if fsdp else triad.raw("generator")  # FSDP: all gather
+            if main_proc:
+                save_samples(done, gen)
         if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
+            gen = triad.export_generator(use_ema=True) if fsdp and classifier is not None else None
             if main_proc and classifier is not None:
                 with torch.no_grad():  # the weights an export would hold (EMA where kept)
-                    r = evaluate(triad.export_generator(use_ema=True).sample)
+                    r = evaluate((gen or triad.export_generator(use_ema=True)).sample)
                 curve.append({"step": done, "seconds": time.time() - t_start, "fid": r["fid"]})
                 tqdm.write(f"step {done}: digits-FID {r['fid']:.3f}" + (f", class accuracy {r['class_accuracy']:.3f}" if eval_labels else ""))
                 accelerator.log({"fid": r["fid"], **({"class_accuracy": r["class_accuracy"]} if eval_labels else {})}, step=done)
@@ -298,16 +331,20 @@ def train(cfg, backbone: torch.nn.Module | None = None):
     save_checkpoint(accelerator, run_dir, cfg.steps, cfg.checkpoints_total_limit, run_config(cfg), real_iter)
 
     # 7. Final evaluation, export, metrics ------------------------------------------------------------
-    flat = torch.cat([p.detach().double().flatten() for p in triad.generator_parameters()])
-    sums = accelerator.gather(torch.stack([flat.sum(), flat.abs().sum()])[None].to(device))  # (processes, 2)
-    spread = (sums.max(0).values - sums.min(0).values).max().item()  # 0 when every replica holds the same weights
-    student = triad.export_generator(use_ema=True)
+    spread = None  # FSDP: each process holds its own shard, not a replica
+    if not fsdp:
+        flat = torch.cat([p.detach().double().flatten() for p in triad.generator_parameters()])
+        sums = accelerator.gather(torch.stack([flat.sum(), flat.abs().sum()])[None].to(device))  # (processes, 2)
+        spread = (sums.max(0).values - sums.min(0).values).max().item()  # 0 when every replica holds the same weights
+    student = triad.export_generator(use_ema=True)  # FSDP: gathered on the main process (None elsewhere)
+    last = triad.export_generator(use_ema=False) if fsdp else triad.raw("generator")
     if main_proc:
-        save_samples(cfg.steps)
+        save_samples(cfg.steps, last)
         metrics = {"method": cfg.method, "steps": cfg.steps, "teacher_path": cfg.teacher, "num_classes": teacher.num_classes,
                    "teacher": {"fid": None, "nfe": None}, "student": {"fid": None, "nfe": student.num_steps},
                    "feature_extractor": None, "num_samples": cfg.eval_samples, "train_seconds": round(train_seconds, 1),
-                   "processes": accelerator.num_processes, "replica_weight_spread": spread,
+                   "processes": accelerator.num_processes, "distributed": accelerator.distributed_type.value,
+                   "replica_weight_spread": spread,
                    "text_to_image": teacher.text_conditional, "prompts": len(teacher.prompts or []) or None,
                    "pipeline_call": stock_call(student) if teacher.text_conditional else None}
         if classifier is not None:
@@ -344,6 +381,50 @@ def train(cfg, backbone: torch.nn.Module | None = None):
     for tracker in accelerator.trackers:  # end_training() less the process group, which main() ends
         tracker.finish()
     return student
+
+
+def check_fsdp(accelerator, cfg) -> None:
+    """FSDP2 runs shard the generator, the fake score (a full copy) and the GAN head; what it cannot serve -> one line."""
+    from onestep.config import ConfigError
+
+    plugin = accelerator.state.fsdp_plugin
+    if plugin.fsdp_version != 2:
+        raise ConfigError("accelerate config: FSDP version 1 is not supported; set fsdp_version: 2 "
+                          "(train/accelerate/fsdp.yaml)")
+    refused = [(cfg.fake_score == "lora", "--fake_score lora (the LoRA fake score shares the replicated teacher's "
+                                          "weights; use --fake_score copy, or DDP)"),
+               (cfg.backtrack, "--backtrack (DisBack; use DDP)"),
+               (cfg.offload_ema, "--offload_ema (under FSDP the EMA is sharded like the generator; drop the flag)"),
+               (cfg.compile, "--compile (use DDP to compile)")]
+    for bad, what in refused:
+        if bad:
+            raise ConfigError(f"accelerate config: FSDP does not support {what}")
+    from torch.distributed.fsdp.wrap import size_based_auto_wrap_policy
+
+    if getattr(plugin.auto_wrap_policy, "func", plugin.auto_wrap_policy) is size_based_auto_wrap_policy:
+        raise ConfigError("accelerate config: fsdp_auto_wrap_policy SIZE_BASED_WRAP picks UNet containers that FSDP2 "
+                          "cannot wrap; use TRANSFORMER_BASED_WRAP (train/accelerate/fsdp.yaml)")
+    # checkpoints as full state dicts (gathered to the main process; tensors only, loaded with weights_only)
+    plugin.state_dict_config = plugin.optim_state_dict_config = None  # rebuilt for the full type
+    plugin.set_state_dict_type("FULL_STATE_DICT")
+
+
+def fsdp_prepare(accelerator, module, optimizer):
+    """accelerate's FSDP2 prepare of one trained module and its optimiser. With TRANSFORMER_BASED_WRAP, each block of
+    the listed classes (fsdp_transformer_layer_cls_to_wrap; by default the UNet's ResnetBlock2D and Transformer2DModel,
+    or its Attention blocks where it has no transformer) is its own FSDP unit, the module the root; names this module
+    lacks are skipped (the GAN head has none)."""
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    plugin = accelerator.state.fsdp_plugin
+    if getattr(plugin.auto_wrap_policy, "func", plugin.auto_wrap_policy) is transformer_auto_wrap_policy:
+        if not hasattr(plugin, "_onestep_units"):  # the user's list, or None, kept across modules
+            plugin._onestep_units = plugin.transformer_cls_names_to_wrap
+        present = {type(m).__name__ for m in module.modules()}
+        names = plugin._onestep_units or ["ResnetBlock2D", "Transformer2DModel" if "Transformer2DModel" in present
+                                          else "Attention"]
+        plugin.transformer_cls_names_to_wrap = [n for n in names if n in present]
+    return accelerator.prepare(module, optimizer)
 
 
 def usage() -> str:

@@ -1,0 +1,116 @@
+"""FSDP2 through accelerate (train/accelerate/fsdp.yaml), run on 2 CPU processes over gloo (tests/fsdp_cpu.py): the
+sharded run trains what DDP trains, resumes exactly, exports full weights; what it cannot shard is refused."""
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, run_distill
+from safetensors.torch import load_file
+
+FSDP = ["--config_file", os.path.join(ROOT, "train", "accelerate", "fsdp.yaml"), "--mixed_precision", "no"]
+SMOKE = ["--preset", "smoke", "--ema_decay", "0.9", "--checkpoint_every", "3", "--sample_every", "3", "--eval_every", "3"]
+
+
+def run_fsdp(args: list[str], processes: int = 2, timeout: int = 600):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *FSDP, "--num_processes", str(processes),
+           os.path.join(ROOT, "tests", "fsdp_cpu.py"), os.path.join(ROOT, "train", "distill.py"), *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def exported(run) -> dict:
+    return load_file(glob.glob(os.path.join(run, "pipeline", "unet", "*.safetensors"))[0])
+
+
+def relative_gap(a: dict, b: dict, start: dict) -> float:
+    """|a - b| over |b - start| (the size of the training update), over all weights."""
+    gap = sum((a[k].double() - b[k].double()).square().sum() for k in b).sqrt()
+    update = sum((b[k].double() - start[k].double()).square().sum() for k in b).sqrt()
+    return (gap / update).item()
+
+
+@pytest.mark.slow
+def test_fsdp_run_trains_as_ddp_does_and_resumes_exactly(tmp_path):
+    out = ["--output_dir", str(tmp_path), *SMOKE]  # the shipped digits teacher (a random tiny one's near-zero gradients
+    # turn summation-order noise into sign flips of Adam's first updates)
+    r = run_fsdp([*out, "--name", "fsdp", "--steps", "6"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_distill([*out, "--name", "ddp", "--steps", "6"], env_extra={"ACCELERATE_USE_CPU": "1"},
+                    launcher=["--multi_gpu", "--num_processes", "2"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "fsdp"
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["distributed"] == "FSDP" and m["processes"] == 2 and m["replica_weight_spread"] is None
+    assert len(m["curve"]) == 2 and m["student"]["fid"] is not None  # FID at step 3 (gathered weights) and at the end
+    assert (run / "samples" / "step_0000003.png").exists() and (run / "samples" / "step_0000006.png").exists()
+    files = os.listdir(run / "checkpoints" / "step_0000006")
+    assert {"pytorch_model_fsdp.bin", "pytorch_model_fsdp_1.bin", "pytorch_model_fsdp_2.bin",  # generator, fake, head
+            "custom_checkpoint_0.pkl"} <= set(files)  # ... and the EMA, saved as full tensors
+    teacher = load_file(os.path.join(ROOT, "assets", "digits-teacher", "unet", "diffusion_pytorch_model.safetensors"))
+    fsdp, ddp = exported(run), exported(tmp_path / "ddp")
+    assert relative_gap(fsdp, ddp, teacher) < 1e-3  # the same training (summation order aside)
+
+    r = run_fsdp([*out, "--name", "resumed", "--steps", "3"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_fsdp([*out, "--name", "resumed", "--steps", "6", "--resume", "latest"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    resumed = exported(tmp_path / "resumed")
+    assert all(torch.equal(resumed[k], fsdp[k]) for k in fsdp)  # weights, EMA, optimisers, RNG: as if never stopped
+
+
+@pytest.mark.slow
+def test_fsdp_vsd_run_trains_as_ddp_does(tmp_path):
+    """VSD calls the fake score frozen under no_grad: FSDP2 keeps a root's gathered weights after a no-grad forward,
+    with the requires_grad they were gathered with; the triad regathers after each toggle, so the critic turn trains
+    the whole fake score (else its root-level weights stayed frozen: a relative gap of 0.36)."""
+    out = ["--output_dir", str(tmp_path), "--preset", "smoke", "--method", "vsd", "--fake_score", "copy", "--steps", "3",
+           "--checkpoint_every", "0"]
+    r = run_fsdp([*out, "--name", "fsdp"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_distill([*out, "--name", "ddp"], env_extra={"ACCELERATE_USE_CPU": "1"},
+                    launcher=["--multi_gpu", "--num_processes", "2"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    teacher = load_file(os.path.join(ROOT, "assets", "digits-teacher", "unet", "diffusion_pytorch_model.safetensors"))
+    assert relative_gap(exported(tmp_path / "fsdp"), exported(tmp_path / "ddp"), teacher) < 1e-3
+
+
+@pytest.mark.slow
+def test_fsdp_sd_dmd2_run_trains_as_ddp_does(tmp_path):
+    from test_sd import PROMPTS, save_tiny_sd
+
+    sd = save_tiny_sd(str(tmp_path / "tiny-sd"))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    out = ["--preset", "sd15-dmd2", "--teacher", sd, "--prompts", str(prompts), "--steps", "4", "--batch_size", "2",
+           "--update_ratio", "2", "--ema_decay", "0.9", "--sample_every", "2", "--checkpoint_every", "2",
+           "--output_dir", str(tmp_path)]
+    r = run_fsdp([*out, "--name", "fsdp"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_distill([*out, "--name", "ddp"], env_extra={"ACCELERATE_USE_CPU": "1"},
+                    launcher=["--multi_gpu", "--num_processes", "2"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    teacher = load_file(os.path.join(sd, "unet", "diffusion_pytorch_model.safetensors"))
+    assert relative_gap(exported(tmp_path / "fsdp"), exported(tmp_path / "ddp"), teacher) < 1e-3
+    assert (tmp_path / "fsdp" / "pipeline" / "text_encoder").is_dir()  # a full pipeline folder, as a DDP run writes
+
+
+@pytest.mark.parametrize("flags, env, message", [
+    (["--fake_score", "lora"], {}, "FSDP does not support --fake_score lora"),
+    (["--backtrack", "true", "--backtrack_interval", "1"], {}, "FSDP does not support --backtrack"),
+    (["--ema_decay", "0.9", "--offload_ema", "true"], {}, "FSDP does not support --offload_ema"),
+    ([], {"FSDP_VERSION": "1"}, "FSDP version 1 is not supported"),
+    ([], {"FSDP_AUTO_WRAP_POLICY": "SIZE_BASED_WRAP"}, "use TRANSFORMER_BASED_WRAP"),
+])
+def test_fsdp_refuses_what_it_cannot_shard_in_one_line(cond_teacher, tmp_path, flags, env, message):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_FSDP": "true",  # as fsdp.yaml
+           "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP", **env}
+    cmd = [sys.executable, os.path.join(ROOT, "tests", "fsdp_cpu.py"), os.path.join(ROOT, "train", "distill.py"),
+           "--preset", "smoke", "--teacher", cond_teacher, "--output_dir", str(tmp_path), *flags]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and message in lines[0], r.stderr[-2000:]
+    assert not [f for f in tmp_path.rglob("*") if f.is_file()]  # nothing written
