@@ -195,8 +195,8 @@ def build_router(kind: str, num_students: int, *, classes: Sequence[int] = (), p
 
 
 # ---- smaller students: Teacher Score Matching --------------------------------------------------------------
-def small_backbone(teacher_backbone, channels: Sequence[int], seed: int = 0):
-    """The teacher's architecture with other `block_out_channels`, freshly initialised (seeded), float32."""
+def check_channels(teacher_backbone, channels: Sequence[int]) -> None:
+    """Smaller students' block_out_channels: as many levels as the teacher's, multiples of its norm_num_groups."""
     cfg = dict(teacher_backbone.config)
     if len(channels) != len(cfg["block_out_channels"]):
         raise RoutingError(f"student_channels: {list(channels)} has {len(channels)} levels; the teacher's "
@@ -205,6 +205,12 @@ def small_backbone(teacher_backbone, channels: Sequence[int], seed: int = 0):
     if any(c % groups for c in channels):
         raise RoutingError(f"student_channels: {list(channels)} must be multiples of the teacher's norm_num_groups "
                            f"({groups})")
+
+
+def small_backbone(teacher_backbone, channels: Sequence[int], seed: int = 0):
+    """The teacher's architecture with other `block_out_channels`, freshly initialised (seeded), float32."""
+    check_channels(teacher_backbone, channels)
+    cfg = dict(teacher_backbone.config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = type(teacher_backbone).from_config({**cfg, "block_out_channels": list(channels)})
@@ -279,7 +285,7 @@ def train_students(cfg, train: Callable) -> dict | None:
     from .loading import load_teacher
     from .pipeline_multi import export_multi_pipeline, model_card_multi
     from .prompts import read_prompts
-    from .runs import prepare_run_dir, resolve_resume
+    from .runs import clear_run_dir, prepare_run_dir, resolve_resume
 
     if cfg.resume not in ("", "latest"):
         raise ConfigError(f"resume: a multi-student run resumes with 'latest' (each student from its newest "
@@ -291,9 +297,6 @@ def train_students(cfg, train: Callable) -> dict | None:
     run_dir = os.path.join(cfg.output_dir, cfg.name or f"{cfg.preset}-{cfg.method}-k{cfg.students}")
     if main:
         prepare_run_dir(run_dir, overwrite=cfg.overwrite, resume=bool(cfg.resume))
-        if cfg.overwrite and not cfg.resume:  # students of the replaced run
-            for old in glob.glob(os.path.join(run_dir, "student_*")):
-                shutil.rmtree(old)
     state.wait_for_everyone()
     t_start = time.time()
 
@@ -320,6 +323,12 @@ def train_students(cfg, train: Callable) -> dict | None:
 
     router = build_router(cfg.router, cfg.students, classes=classes, prompt_embeds=teacher.prompt_embeds if text else None,
                           affinity=affinity, seed=cfg.seed)
+    if cfg.student_channels:
+        check_channels(teacher.backbone, cfg.student_channels)
+    if main and cfg.overwrite and not cfg.resume:  # the checks above passed: now the replaced run goes
+        clear_run_dir(run_dir)
+        for old in glob.glob(os.path.join(run_dir, "student_*")):
+            shutil.rmtree(old)
     if main:
         router.save(run_dir)
         with open(os.path.join(run_dir, "config.yaml"), "w") as f:

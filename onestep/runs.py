@@ -47,15 +47,28 @@ class CheckpointError(RunError):
     """A checkpoint that is incomplete, corrupt, pickle-based or does not fit this run."""
 
 
+RUN_OUTPUTS = ("checkpoints", "logs", "samples", "pipeline", "pipeline-ddim")
+
+
 def prepare_run_dir(path: str, *, overwrite: bool, resume: bool) -> None:
-    """Create the run folder; refuse to reuse one that holds a run unless overwrite or resume is set."""
+    """Create the run folder; refuse to reuse one that holds a run unless overwrite or resume is set. A run that
+    overwrite replaces is cleared later (`clear_run_dir`), once the configuration and the teacher have passed their
+    checks: bad input replaces nothing."""
     used = os.path.isfile(os.path.join(path, "config.yaml"))
     if used and not (overwrite or resume):
         raise RunError(f"run folder {path} already holds a run; pass --overwrite to replace it, --resume latest "
                        "to continue it, or --name NEW for a new folder")
-    if used and overwrite and not resume:
-        for sub in ("checkpoints", "logs", "samples", "pipeline", "pipeline-ddim"):
-            shutil.rmtree(os.path.join(path, sub), ignore_errors=True)
+    _make_run_dir(path)
+
+
+def clear_run_dir(path: str) -> None:
+    """--overwrite: remove the replaced run's outputs (checkpoints, logs, samples, exported pipelines)."""
+    for sub in RUN_OUTPUTS:
+        shutil.rmtree(os.path.join(path, sub), ignore_errors=True)
+    _make_run_dir(path)
+
+
+def _make_run_dir(path: str) -> None:
     try:
         os.makedirs(os.path.join(path, "checkpoints"), exist_ok=True)
         os.makedirs(os.path.join(path, "samples"), exist_ok=True)

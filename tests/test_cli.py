@@ -145,6 +145,25 @@ def test_existing_run_folder_is_not_overwritten(cond_teacher, tmp_path):
     assert (run / "config.yaml").read_text() == "precious: true\n"
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--classes", "12"], "classes: label 12 is out of range"),  # found once the teacher is loaded
+    (["--students", "2", "--student_channels", "8,16,16"], "student_channels: [8, 16, 16] has 3 levels"),  # multi-student
+])
+def test_overwrite_with_bad_input_replaces_nothing(cond_teacher, tmp_path, flags, message):
+    run = tmp_path / "kept"
+    old = {"config.yaml": "precious: true\n", "metrics.json": "{}", "checkpoints/step_0000004/onestep_manifest.json": "{}",
+           "samples/step_0000004.png": "png", "pipeline/model_index.json": "{}", "student_0/config.yaml": "s: 0\n"}
+    for name, text in old.items():
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_text(text)
+    cmd = [sys.executable, os.path.join(ROOT, "train", "distill.py"), *SMOKE, "--teacher", cond_teacher,
+           "--output_dir", str(tmp_path), "--name", "kept", "--overwrite", *flags]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and message in lines[0], r.stderr[-2000:]
+    assert {name: (run / name).read_text() for name in old} == old  # the run --overwrite would replace is intact
+
+
 def test_help_lists_keys_presets_and_methods():
     r = subprocess.run([sys.executable, os.path.join(ROOT, "train", "distill.py"), "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--steps" in r.stdout and "digits-dmd" in r.stdout and "dmd2:" in r.stdout

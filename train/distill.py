@@ -54,8 +54,8 @@ def train(cfg, backbone: torch.nn.Module | None = None):
     from onestep.optim import make_optimizer
     from onestep.pipeline import export_pipeline, model_card, stock_call
     from onestep.prompts import read_prompts
-    from onestep.runs import (RealBatches, load_checkpoint, plot_curve, prepare_run_dir, resolve_resume, run_config,
-                              save_checkpoint, save_grid)
+    from onestep.runs import (RealBatches, clear_run_dir, load_checkpoint, plot_curve, prepare_run_dir, resolve_resume,
+                              run_config, save_checkpoint, save_grid)
     from onestep.sampling import sample_teacher
     from onestep.triad import DEFAULT_LORA_TARGETS, Triad, full_tensor
 
@@ -163,6 +163,9 @@ def train(cfg, backbone: torch.nn.Module | None = None):
     except ValueError as e:
         raise ConfigError(f"{e} (teacher {cfg.teacher!r})") from None
     triad.teacher.guidance_uncond = teacher.negative_cond  # --negative_prompt: the real score's CFG branch only
+    if main_proc and cfg.overwrite and not cfg.resume:  # the checks above passed: now the replaced run goes
+        clear_run_dir(run_dir)
+    accelerator.wait_for_everyone()
     backbones = [triad.raw("generator").denoiser.backbone, triad.raw("fake_score").backbone, teacher.backbone]
     set_attention(backbones, cfg.attention)
     if cfg.gradient_checkpointing:
