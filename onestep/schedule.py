@@ -173,7 +173,7 @@ class Schedule:
             raise ValueError(f"timestep fractions must satisfy 0 <= lo <= hi <= 1, got {lo}, {hi}")
         if self.kind == "vp":
             T = self.num_train_timesteps
-            t_lo, t_hi = int(lo * T), min(int(hi * T), T - 1)
+            t_lo, t_hi = min(int(lo * T), T - 1), min(int(hi * T), T - 1)  # fraction 1: the last timestep
             return torch.randint(t_lo, t_hi + 1, (n,), generator=generator).to(device)
         u = lo + (hi - lo) * torch.rand(n, generator=generator)
         if self.kind == "edm":

@@ -95,12 +95,13 @@ def test_loss_weight_turns_x0_mse_into_the_mse_of_that_space(st_, space, seed):
 @SETTINGS
 @given(st_=schedule_and_t(n=1), lo=st.floats(0.0, 1.0), width=st.floats(0.0, 1.0), seed=st.integers(0, 2**16))
 def test_sampled_times_stay_in_the_asked_fraction_of_the_range(st_, lo, width, seed):
+    """(lo = hi = 1 on a VP schedule: the last timestep, T - 1; it once asked randint for an empty range.)"""
     sched, _ = st_
     hi = min(1.0, lo + width)
     t = sched.sample_t(64, lo, hi, generator=torch.Generator().manual_seed(seed))
     if sched.kind == "vp":
         T = sched.num_train_timesteps
-        assert t.dtype == torch.long and t.min() >= int(lo * T) and t.max() <= min(int(hi * T), T - 1)
+        assert t.dtype == torch.long and t.min() >= min(int(lo * T), T - 1) and t.max() <= min(int(hi * T), T - 1)
     elif sched.kind == "edm":
         assert t.min() >= sched.sigma_min * (1 - 1e-6) and t.max() <= sched.sigma_max * (1 + 1e-6)
     else:

@@ -69,6 +69,8 @@ def test_sample_t_ranges():
     assert s.min() >= 0.002 and s.max() <= 80.0
     with pytest.raises(ValueError):
         vp.sample_t(2, 0.9, 0.1)
+    T = vp.num_train_timesteps  # the top fraction alone is the last timestep (it once asked randint for [T, T])
+    assert vp.sample_t(8, 1.0, 1.0).tolist() == [T - 1] * 8 and vp.sample_t(8, 0.0, 0.0).tolist() == [0] * 8
 
 
 @pytest.mark.parametrize("kind", ["vp", "edm", "flow"])
