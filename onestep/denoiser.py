@@ -109,7 +109,11 @@ class Denoiser(nn.Module):
         self.guidance_uncond = None
         self._pooled_dim = text_time_pooled_dim(getattr(backbone, "config", {}))
         self._tuners = tuner_layers(backbone) if adapters is not None else []
-        self._adapter_params = [p for layer in self._tuners for p in layer.parameters()]
+
+    @property
+    def _adapter_params(self) -> list:
+        """The LoRA parameters as the modules hold them now (FSDP2 replaces parameters with shards in place)."""
+        return [p for layer in self._tuners for p in layer.parameters()]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -137,10 +141,11 @@ class Denoiser(nn.Module):
         features_only=True returns just that list and stops the backbone as soon as the last of them is computed
         (DMD2's classify mode: the decoder's work, which no feature depends on, is skipped)."""
         if self._tuners and getattr(self.backbone, "_onestep_adapters", None) is not self.adapters:
-            flags = [p.requires_grad for p in self._adapter_params]  # peft's toggle also flips requires_grad
+            params = self._adapter_params
+            flags = [p.requires_grad for p in params]  # peft's toggle also flips requires_grad
             for layer in self._tuners:
                 layer.enable_adapters(self.adapters)
-            for p, flag in zip(self._adapter_params, flags):
+            for p, flag in zip(params, flags):
                 p.requires_grad_(flag)
             self.backbone._onestep_adapters = self.adapters  # shared by the views of one backbone: toggle on change only
         t = self.schedule.timesteps_tensor(t, x_t.shape[0], x_t.device)

@@ -40,13 +40,20 @@ def is_sharded(module) -> bool:
     return isinstance(module, FSDPModule)
 
 
+def init_sharded(module: nn.Module) -> None:
+    """Settle an FSDP2 root now, while its trainable parameters say so: FSDP2 fixes each unit's dtypes (which gradients
+    it casts back to the float32 master dtype) from requires_grad at the root's first forward, and a first forward
+    inside `Triad.frozen` (VSD's, with a LoRA fake score) would leave its gradients in bf16."""
+    state = getattr(module, "_get_fsdp_state", None)
+    if state is not None and hasattr(state(), "_lazy_init"):
+        state()._lazy_init()
+
+
 def _reshard(module: nn.Module) -> None:
     """FSDP2 gives its gathered parameters the shards' requires_grad only when it gathers them: after a toggle, drop
     the gathered copies (a unit left gathered by a no-grad forward would keep the old flag in the next turn and train
     nothing); the next forward or backward gathers again."""
-    if not is_sharded(module):  # accelerate always wraps the root: nothing sharded below an unwrapped one
-        return
-    for m in module.modules():
+    for m in module.modules():  # the role's module, or (LoRA fake score) the shared backbone inside it
         if is_sharded(m):
             m.reshard()
 

@@ -11,13 +11,14 @@ import torch
 from conftest import ROOT, run_distill
 from safetensors.torch import load_file
 
-FSDP = ["--config_file", os.path.join(ROOT, "train", "accelerate", "fsdp.yaml"), "--mixed_precision", "no"]
+FSDP = ["--config_file", os.path.join(ROOT, "train", "accelerate", "fsdp.yaml")]
 SMOKE = ["--preset", "smoke", "--ema_decay", "0.9", "--checkpoint_every", "3", "--sample_every", "3", "--eval_every", "3"]
 
 
-def run_fsdp(args: list[str], processes: int = 2, timeout: int = 600):
+def run_fsdp(args: list[str], processes: int = 2, precision: str = "no", timeout: int = 600):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *FSDP, "--num_processes", str(processes),
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *FSDP, "--mixed_precision", precision,
+           "--num_processes", str(processes),
            os.path.join(ROOT, "tests", "fsdp_cpu.py"), os.path.join(ROOT, "train", "distill.py"), *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -63,12 +64,14 @@ def test_fsdp_run_trains_as_ddp_does_and_resumes_exactly(tmp_path):
 
 
 @pytest.mark.slow
-def test_fsdp_vsd_run_trains_as_ddp_does(tmp_path):
+@pytest.mark.parametrize("flags", [["--method", "vsd", "--fake_score", "copy"], ["--fake_score", "lora", "--ema_decay", "0.9"]],
+                         ids=["vsd-copy", "dmd2-lora"])
+def test_fsdp_frozen_and_lora_fake_scores_train_as_ddp_does(tmp_path, flags):
     """VSD calls the fake score frozen under no_grad: FSDP2 keeps a root's gathered weights after a no-grad forward,
     with the requires_grad they were gathered with; the triad regathers after each toggle, so the critic turn trains
-    the whole fake score (else its root-level weights stayed frozen: a relative gap of 0.36)."""
-    out = ["--output_dir", str(tmp_path), "--preset", "smoke", "--method", "vsd", "--fake_score", "copy", "--steps", "3",
-           "--checkpoint_every", "0"]
+    the whole fake score (else its root-level weights stayed frozen: a relative gap of 0.36). A LoRA fake score shards
+    the backbone it shares with the teacher: both views gather it, the teacher's weights never change."""
+    out = ["--output_dir", str(tmp_path), "--preset", "smoke", "--steps", "4", *flags]
     r = run_fsdp([*out, "--name", "fsdp"])
     assert r.returncode == 0, r.stderr[-3000:]
     r = run_distill([*out, "--name", "ddp"], env_extra={"ACCELERATE_USE_CPU": "1"},
@@ -76,6 +79,28 @@ def test_fsdp_vsd_run_trains_as_ddp_does(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     teacher = load_file(os.path.join(ROOT, "assets", "digits-teacher", "unet", "diffusion_pytorch_model.safetensors"))
     assert relative_gap(exported(tmp_path / "fsdp"), exported(tmp_path / "ddp"), teacher) < 1e-3
+    if "lora" in flags:  # the fake score's checkpoint: the shared backbone, base weights still the teacher's
+        fake = torch.load(tmp_path / "fsdp" / "checkpoints" / "step_0000004" / "pytorch_model_fsdp_1.bin", weights_only=True)
+        def base(k):  # peft keeps a wrapped layer's own weights under base_layer
+            head, _, leaf = k.rpartition(".")
+            return k if k in fake else f"{head}.base_layer.{leaf}"
+
+        assert all(torch.equal(fake[base(k)], v) for k, v in teacher.items())
+        assert any("lora_B" in k and fake[k].abs().max() > 0 for k in fake)  # the adapters trained
+
+
+@pytest.mark.slow
+def test_fsdp_bf16_vsd_with_a_lora_fake_score_trains_the_adapters_only(tmp_path):
+    """bf16 through FSDP2's MixedPrecisionPolicy. VSD's first backbone forward is a frozen one; the trainer settles
+    FSDP2 before it, so gradients reach the float32 LoRA weights as float32 (else the first backward fails: 'attempting
+    to assign a gradient with dtype BFloat16 to a tensor with grad_dtype Float')."""
+    r = run_fsdp(["--output_dir", str(tmp_path), "--preset", "smoke", "--method", "vsd", "--fake_score", "lora",
+                  "--steps", "2", "--checkpoint_every", "2", "--name", "bf16"], precision="bf16")
+    assert r.returncode == 0, r.stderr[-3000:]
+    fake = torch.load(tmp_path / "bf16" / "checkpoints" / "step_0000002" / "pytorch_model_fsdp_1.bin", weights_only=True)
+    lora = {k: v for k, v in fake.items() if "lora_" in k}
+    assert lora and all(v.dtype == torch.float32 for v in lora.values())  # master weights stay float32
+    assert any("lora_B" in k and v.abs().max() > 0 for k, v in lora.items())  # and they trained
 
 
 @pytest.mark.slow
@@ -99,7 +124,6 @@ def test_fsdp_sd_dmd2_run_trains_as_ddp_does(tmp_path):
 
 
 @pytest.mark.parametrize("flags, env, message", [
-    (["--fake_score", "lora"], {}, "FSDP does not support --fake_score lora"),
     (["--backtrack", "true", "--backtrack_interval", "1"], {}, "FSDP does not support --backtrack"),
     (["--ema_decay", "0.9", "--offload_ema", "true"], {}, "FSDP does not support --offload_ema"),
     ([], {"FSDP_VERSION": "1"}, "FSDP version 1 is not supported"),

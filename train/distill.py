@@ -57,7 +57,7 @@ def train(cfg, backbone: torch.nn.Module | None = None):
     from onestep.runs import (RealBatches, clear_run_dir, load_checkpoint, plot_curve, prepare_run_dir, resolve_resume,
                               run_config, save_checkpoint, save_grid)
     from onestep.sampling import sample_teacher
-    from onestep.triad import DEFAULT_LORA_TARGETS, Triad, full_tensor
+    from onestep.triad import DEFAULT_LORA_TARGETS, Triad, full_tensor, init_sharded
 
     # 1. Configuration ------------------------------------------------------------------------------
     method = build_method(cfg.method, **method_kwargs(cfg))
@@ -193,11 +193,18 @@ def train(cfg, backbone: torch.nn.Module | None = None):
         if main_proc:
             triad.keep_template()  # to rebuild the unsharded generator from gathered weights (export, samples, FID)
         triad.generator, opt_g = fsdp_prepare(accelerator, triad.generator, opt_g)
-        triad.fake_score, opt_f = fsdp_prepare(accelerator, triad.fake_score, opt_f)
+        if cfg.fake_score == "lora":  # the backbone the teacher view shares: every call of either view gathers it
+            triad.fake_score.backbone, opt_f = fsdp_prepare(accelerator, triad.fake_score.backbone, opt_f)
+        else:
+            triad.fake_score, opt_f = fsdp_prepare(accelerator, triad.fake_score, opt_f)
         if opt_h is not None:
             triad.gan_head, opt_h = fsdp_prepare(accelerator, triad.gan_head, opt_h)
             sched_h = accelerator.prepare(sched_h)
         sched_g, sched_f = accelerator.prepare(sched_g, sched_f)
+        for module in (triad.generator, triad.fake_score.backbone if cfg.fake_score == "lora" else triad.fake_score,
+                       triad.gan_head):
+            if module is not None:
+                init_sharded(module)
         triad.reset_ema()  # on the shards
     else:
         triad.generator, triad.fake_score, opt_g, opt_f, sched_g, sched_f = accelerator.prepare(
@@ -341,6 +348,12 @@ def train(cfg, backbone: torch.nn.Module | None = None):
         spread = (sums.max(0).values - sums.min(0).values).max().item()  # 0 when every replica holds the same weights
     student = triad.export_generator(use_ema=True)  # FSDP: gathered on the main process (None elsewhere)
     last = triad.export_generator(use_ema=False) if fsdp else triad.raw("generator")
+    teacher_runs = {}  # teacher FID per sampler step count; a teacher inside a sharded LoRA backbone: every process
+    if classifier is not None and (main_proc or (fsdp and cfg.fake_score == "lora")):  # runs it (FSDP gathers)
+        with torch.no_grad():
+            for n_steps in cfg.teacher_eval_steps:
+                r = evaluate(lambda z, y, n=n_steps: sample_teacher(triad.teacher, z, y, n))
+                teacher_runs[n_steps] = {**r, "nfe": n_steps}
     if main_proc:
         save_samples(cfg.steps, last)
         metrics = {"method": cfg.method, "steps": cfg.steps, "teacher_path": cfg.teacher, "num_classes": teacher.num_classes,
@@ -353,11 +366,7 @@ def train(cfg, backbone: torch.nn.Module | None = None):
         if classifier is not None:
             with torch.no_grad():
                 metrics["student"].update(evaluate(student.sample))
-                runs = {}
-                for n_steps in cfg.teacher_eval_steps:
-                    r = evaluate(lambda z, y, n=n_steps: sample_teacher(triad.teacher, z, y, n))
-                    runs[n_steps] = {**r, "nfe": n_steps}
-                metrics["teacher"] = best_of_steps(runs)  # {"fid": None, ...} for an empty teacher_eval_steps
+            metrics["teacher"] = best_of_steps(teacher_runs)  # {"fid": None, ...} for an empty teacher_eval_steps
             metrics["feature_extractor"] = f"digits-classifier ({cfg.classifier}), penultimate {classifier.config.feature_dim}-d"
             curve.append({"step": cfg.steps, "seconds": train_seconds, "fid": metrics["student"]["fid"]})
             metrics["curve"] = curve
@@ -387,16 +396,15 @@ def train(cfg, backbone: torch.nn.Module | None = None):
 
 
 def check_fsdp(accelerator, cfg) -> None:
-    """FSDP2 runs shard the generator, the fake score (a full copy) and the GAN head; what it cannot serve -> one line."""
+    """FSDP2 runs shard the generator, the fake score (a full copy, or a LoRA's backbone shared with the teacher) and the
+    GAN head; what they cannot serve -> one line."""
     from onestep.config import ConfigError
 
     plugin = accelerator.state.fsdp_plugin
     if plugin.fsdp_version != 2:
         raise ConfigError("accelerate config: FSDP version 1 is not supported; set fsdp_version: 2 "
                           "(train/accelerate/fsdp.yaml)")
-    refused = [(cfg.fake_score == "lora", "--fake_score lora (the LoRA fake score shares the replicated teacher's "
-                                          "weights; use --fake_score copy, or DDP)"),
-               (cfg.backtrack, "--backtrack (DisBack; use DDP)"),
+    refused = [(cfg.backtrack, "--backtrack (DisBack; use DDP)"),
                (cfg.offload_ema, "--offload_ema (under FSDP the EMA is sharded like the generator; drop the flag)"),
                (cfg.compile, "--compile (use DDP to compile)")]
     for bad, what in refused:
