@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 from typing import Sequence
 
 import torch
@@ -28,16 +29,22 @@ GAN_FEATURE_SOURCES = ("fake_score", "teacher")
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "proj_in", "proj_out")
 
 
-def is_sharded(module) -> bool:
-    """Whether FSDP2's fully_shard wraps this module (its parameters are DTensor shards)."""
+@functools.lru_cache(maxsize=None)
+def _fsdp_module_class() -> type | None:
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:
         try:  # torch < 2.6
             from torch.distributed._composable.fsdp import FSDPModule
         except ImportError:  # a torch build without distributed support
-            return False
-    return isinstance(module, FSDPModule)
+            return None
+    return FSDPModule
+
+
+def is_sharded(module) -> bool:
+    """Whether FSDP2's fully_shard wraps this module (its parameters are DTensor shards)."""
+    cls = _fsdp_module_class()
+    return cls is not None and isinstance(module, cls)
 
 
 def init_sharded(module: nn.Module) -> None:
