@@ -175,10 +175,11 @@ def train(cfg, backbone: torch.nn.Module | None = None):
     opt_g = make_optimizer(triad.generator_parameters(), cfg.optimizer, lr=cfg.lr_generator, **adam)
     # FSDP2 wraps one module per optimiser: the GAN head gets its own (same settings, stepped with the fake score's;
     # AdamW is per parameter, so the update is the same as one optimiser over both)
-    head = fsdp and triad.gan_head is not None
-    critic = [p for p in triad.critic_parameters() if not head or all(p is not q for q in triad.gan_head.parameters())]
+    head = list(triad.gan_head.parameters()) if fsdp and triad.gan_head is not None else []
+    head_ids = {id(q) for q in head}
+    critic = [p for p in triad.critic_parameters() if id(p) not in head_ids]
     opt_f = make_optimizer(critic, cfg.optimizer, lr=cfg.lr_fake, **adam)
-    opt_h = make_optimizer(list(triad.gan_head.parameters()), cfg.optimizer, lr=cfg.lr_fake, **adam) if head else None
+    opt_h = make_optimizer(head, cfg.optimizer, lr=cfg.lr_fake, **adam) if head else None
     from diffusers.optimization import get_scheduler
 
     def lr_schedule(opt, turn):  # counted in that optimiser's own steps; accelerate steps it once per process
@@ -199,8 +200,9 @@ def train(cfg, backbone: torch.nn.Module | None = None):
             triad.fake_score, opt_f = fsdp_prepare(accelerator, triad.fake_score, opt_f)
         if opt_h is not None:
             triad.gan_head, opt_h = fsdp_prepare(accelerator, triad.gan_head, opt_h)
-            sched_h = accelerator.prepare(sched_h)
         sched_g, sched_f = accelerator.prepare(sched_g, sched_f)
+        if sched_h is not None:
+            sched_h = accelerator.prepare(sched_h)
         for module in (triad.generator, triad.fake_score.backbone if cfg.fake_score == "lora" else triad.fake_score,
                        triad.gan_head):
             if module is not None:
