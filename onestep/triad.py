@@ -14,60 +14,19 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 from typing import Sequence
 
 import torch
 from torch import nn
 
 from .denoiser import Denoiser, cast_module
+from .distributed import full_tensor, is_sharded, reshard
 from .gan import GANHead
 from .generator import Generator, simulate
 
 FAKE_SCORE_KINDS = ("copy", "lora")
 GAN_FEATURE_SOURCES = ("fake_score", "teacher")
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "proj_in", "proj_out")
-
-
-@functools.lru_cache(maxsize=None)
-def _fsdp_module_class() -> type | None:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:
-        try:  # torch < 2.6
-            from torch.distributed._composable.fsdp import FSDPModule
-        except ImportError:  # a torch build without distributed support
-            return None
-    return FSDPModule
-
-
-def is_sharded(module) -> bool:
-    """Whether FSDP2's fully_shard wraps this module (its parameters are DTensor shards)."""
-    cls = _fsdp_module_class()
-    return cls is not None and isinstance(module, cls)
-
-
-def init_sharded(module: nn.Module) -> None:
-    """Settle an FSDP2 root now, while its trainable parameters say so: FSDP2 fixes each unit's dtypes (which gradients
-    it casts back to the float32 master dtype) from requires_grad at the root's first forward, and a first forward
-    inside `Triad.frozen` (VSD's, with a LoRA fake score) would leave its gradients in bf16."""
-    state = getattr(module, "_get_fsdp_state", None)
-    if state is not None and hasattr(state(), "_lazy_init"):
-        state()._lazy_init()
-
-
-def _reshard(module: nn.Module) -> None:
-    """FSDP2 gives its gathered parameters the shards' requires_grad only when it gathers them: after a toggle, drop
-    the gathered copies (a unit left gathered by a no-grad forward would keep the old flag in the next turn and train
-    nothing); the next forward or backward gathers again."""
-    for m in module.modules():  # the role's module, or (LoRA fake score) the shared backbone inside it
-        if is_sharded(m):
-            m.reshard()
-
-
-def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """A DTensor's full value (a collective: every process calls it); any other tensor as it is."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def in_place_ema(parameters, decay: float, offload: bool = False):
@@ -234,7 +193,7 @@ class Triad:
                 continue
             flags[n] = [(p, p.requires_grad) for p in module.parameters()]
             module.requires_grad_(False)
-            _reshard(module)
+            reshard(module)
             setattr(self, n, module)
         try:
             yield self
@@ -243,7 +202,7 @@ class Triad:
                 for p, flag in flags.get(n, []):
                     p.requires_grad_(flag)
                 if n in flags:
-                    _reshard(self._raw[n])
+                    reshard(self._raw[n])
                 setattr(self, n, saved[n])
 
     def generate(self, z: torch.Tensor, cond=None, k: int | None = None) -> torch.Tensor:

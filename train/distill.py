@@ -47,6 +47,7 @@ def train(cfg, backbone: torch.nn.Module | None = None):
     from onestep.attention import set_attention
     from onestep.config import ConfigError, method_kwargs
     from onestep.data import ConditionSampler, RealImages, folder_dataset, load_digits, read_image_folder
+    from onestep.distributed import clip_grad_norm, distributed_mode, prepare_sharded
     from onestep.errors import NonFiniteError
     from onestep.fid import DigitsClassifier, best_of_steps, evaluate_samples, image_moments
     from onestep.loading import load_teacher
@@ -57,7 +58,7 @@ def train(cfg, backbone: torch.nn.Module | None = None):
     from onestep.runs import (RealBatches, clear_run_dir, load_checkpoint, plot_curve, prepare_run_dir, resolve_resume,
                               run_config, save_checkpoint, save_grid)
     from onestep.sampling import sample_teacher
-    from onestep.triad import DEFAULT_LORA_TARGETS, Triad, full_tensor, init_sharded
+    from onestep.triad import DEFAULT_LORA_TARGETS, Triad
 
     # 1. Configuration ------------------------------------------------------------------------------
     method = build_method(cfg.method, **method_kwargs(cfg))
@@ -77,15 +78,7 @@ def train(cfg, backbone: torch.nn.Module | None = None):
     accelerator = Accelerator(mixed_precision=mp, log_with="tensorboard", project_config=ProjectConfiguration(
         project_dir=run_dir, logging_dir=os.path.join(run_dir, "logs")))
     device, main_proc = accelerator.device, accelerator.is_main_process
-    if accelerator.distributed_type.value == "DEEPSPEED":
-        raise ConfigError("accelerate config: DeepSpeed is not supported by this trainer; use FSDP "
-                          "(train/accelerate/fsdp.yaml) or DDP (train/accelerate/ddp.yaml)")
-    fsdp = accelerator.distributed_type.value == "FSDP"
-    if fsdp:
-        check_fsdp(accelerator, cfg)
-    elif os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" and main_proc:  # accelerate's choice on CPUs
-        print("warning: accelerate runs an FSDP config on CPUs as plain data parallelism; the weights are replicated",
-              file=sys.stderr)
+    fsdp = distributed_mode(accelerator, cfg)  # FSDP2 (onestep/distributed.py); DeepSpeed refused
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
         torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
@@ -190,24 +183,9 @@ def train(cfg, backbone: torch.nn.Module | None = None):
 
     sched_g, sched_f = lr_schedule(opt_g, "generator"), lr_schedule(opt_f, "fake")
     sched_h = lr_schedule(opt_h, "fake") if opt_h is not None else None
-    if fsdp:  # one module and its optimiser per prepare; fully_shard works in place (the triad's modules stay)
-        if main_proc:
-            triad.keep_template()  # to rebuild the unsharded generator from gathered weights (export, samples, FID)
-        triad.generator, opt_g = fsdp_prepare(accelerator, triad.generator, opt_g)
-        if cfg.fake_score == "lora":  # the backbone the teacher view shares: every call of either view gathers it
-            triad.fake_score.backbone, opt_f = fsdp_prepare(accelerator, triad.fake_score.backbone, opt_f)
-        else:
-            triad.fake_score, opt_f = fsdp_prepare(accelerator, triad.fake_score, opt_f)
-        if opt_h is not None:
-            triad.gan_head, opt_h = fsdp_prepare(accelerator, triad.gan_head, opt_h)
-        sched_g, sched_f = accelerator.prepare(sched_g, sched_f)
-        if sched_h is not None:
-            sched_h = accelerator.prepare(sched_h)
-        for module in (triad.generator, triad.fake_score.backbone if cfg.fake_score == "lora" else triad.fake_score,
-                       triad.gan_head):
-            if module is not None:
-                init_sharded(module)
-        triad.reset_ema()  # on the shards
+    if fsdp:  # one module and its optimiser per prepare, in place
+        (opt_g, opt_f, opt_h), (sched_g, sched_f, sched_h) = prepare_sharded(
+            accelerator, triad, cfg.fake_score == "lora", (opt_g, opt_f, opt_h), (sched_g, sched_f, sched_h))
     else:
         triad.generator, triad.fake_score, opt_g, opt_f, sched_g, sched_f = accelerator.prepare(
             triad.generator, triad.fake_score, opt_g, opt_f, sched_g, sched_f)
@@ -268,6 +246,8 @@ def train(cfg, backbone: torch.nn.Module | None = None):
     t_start, curve = time.time(), []
     skipped = streak = 0  # non-finite updates skipped: in all, and in a row
     trained = {"generator": triad.generator_parameters(), "fake": triad.critic_parameters()}
+    parts = {"generator": (method.generator_loss, [opt_g], [sched_g]),  # + the GAN head's own under FSDP
+             "fake": (method.fake_score_loss, [o for o in (opt_f, opt_h) if o], [s for s in (sched_f, sched_h) if s])}
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=name, disable=not accelerator.is_local_main_process)
     for step in bar:
         batch = {"z": torch.randn(cfg.batch_size, *shape, device=device), "cond": draw_cond(cfg.batch_size), "step": step}
@@ -278,20 +258,13 @@ def train(cfg, backbone: torch.nn.Module | None = None):
         for turn in turns:
             if turn == "generator" and not method.is_generator_step(step):
                 continue
-            loss_fn, opts, lr_scheds = ((method.generator_loss, [opt_g], [sched_g]) if turn == "generator"
-                                        else (method.fake_score_loss, [opt_f, opt_h], [sched_f, sched_h]))
-            opts, lr_scheds = [o for o in opts if o is not None], [s for s in lr_scheds if s is not None]
+            loss_fn, opts, lr_scheds = parts[turn]
             for opt in opts:
                 opt.zero_grad(set_to_none=True)  # nothing another turn's backward may have left
             with accelerator.autocast():
                 loss, turn_logs = loss_fn(triad, batch)
             accelerator.backward(loss)
-            max_norm = cfg.grad_clip or float("inf")
-            if fsdp:  # accelerate's FSDP branch compares parameter lists with ==, which fails for two modules of one
-                accelerator.unscale_gradients()  # size; torch clips DTensor gradients of one mesh as they are
-                norm = full_tensor(torch.nn.utils.clip_grad_norm_(trained[turn], max_norm))
-            else:
-                norm = accelerator.clip_grad_norm_(trained[turn], max_norm)
+            norm = clip_grad_norm(accelerator, trained[turn], cfg.grad_clip or float("inf"))
             turn_logs[f"grad_norm_{turn}"] = float(norm)
             finite = torch.isfinite(loss.detach().float()) & torch.isfinite(torch.as_tensor(norm, device=device))
             if accelerator.num_processes > 1:  # every process skips together
@@ -395,49 +368,6 @@ def train(cfg, backbone: torch.nn.Module | None = None):
     for tracker in accelerator.trackers:  # end_training() less the process group, which main() ends
         tracker.finish()
     return student
-
-
-def check_fsdp(accelerator, cfg) -> None:
-    """FSDP2 runs shard the generator, the fake score (a full copy, or a LoRA's backbone shared with the teacher) and the
-    GAN head; what they cannot serve -> one line."""
-    from onestep.config import ConfigError
-
-    plugin = accelerator.state.fsdp_plugin
-    if plugin.fsdp_version != 2:
-        raise ConfigError("accelerate config: FSDP version 1 is not supported; set fsdp_version: 2 "
-                          "(train/accelerate/fsdp.yaml)")
-    refused = [(cfg.backtrack, "--backtrack (DisBack; use DDP)"),
-               (cfg.offload_ema, "--offload_ema (under FSDP the EMA is sharded like the generator; drop the flag)"),
-               (cfg.compile, "--compile (use DDP to compile)")]
-    for bad, what in refused:
-        if bad:
-            raise ConfigError(f"accelerate config: FSDP does not support {what}")
-    from torch.distributed.fsdp.wrap import size_based_auto_wrap_policy
-
-    if getattr(plugin.auto_wrap_policy, "func", plugin.auto_wrap_policy) is size_based_auto_wrap_policy:
-        raise ConfigError("accelerate config: fsdp_auto_wrap_policy SIZE_BASED_WRAP picks UNet containers that FSDP2 "
-                          "cannot wrap; use TRANSFORMER_BASED_WRAP (train/accelerate/fsdp.yaml)")
-    # checkpoints as full state dicts (gathered to the main process; tensors only, loaded with weights_only)
-    plugin.state_dict_config = plugin.optim_state_dict_config = None  # rebuilt for the full type
-    plugin.set_state_dict_type("FULL_STATE_DICT")
-
-
-def fsdp_prepare(accelerator, module, optimizer):
-    """accelerate's FSDP2 prepare of one trained module and its optimiser. With TRANSFORMER_BASED_WRAP, each block of
-    the listed classes (fsdp_transformer_layer_cls_to_wrap; by default the UNet's ResnetBlock2D and Transformer2DModel,
-    or its Attention blocks where it has no transformer) is its own FSDP unit, the module the root; names this module
-    lacks are skipped (the GAN head has none)."""
-    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
-
-    plugin = accelerator.state.fsdp_plugin
-    if getattr(plugin.auto_wrap_policy, "func", plugin.auto_wrap_policy) is transformer_auto_wrap_policy:
-        if not hasattr(plugin, "_onestep_units"):  # the user's list, or None, kept across modules
-            plugin._onestep_units = plugin.transformer_cls_names_to_wrap
-        present = {type(m).__name__ for m in module.modules()}
-        names = plugin._onestep_units or ["ResnetBlock2D", "Transformer2DModel" if "Transformer2DModel" in present
-                                          else "Attention"]
-        plugin.transformer_cls_names_to_wrap = [n for n in names if n in present]
-    return accelerator.prepare(module, optimizer)
 
 
 def usage() -> str:
