@@ -56,6 +56,23 @@ def init_sharded(module: nn.Module) -> None:
         state()._lazy_init()
 
 
+FSDP2_TORCH = (2, 6)  # accelerate's FSDP2 needs torch >= 2.6
+
+
+def check_launch(torch_version: str = torch.__version__) -> None:
+    """Before the Accelerator is built: an FSDP2 launch on a torch too old for it, refused in one line (accelerate
+    raises it as an ImportError from inside its constructor)."""
+    from packaging.version import Version
+
+    from .config import ConfigError
+
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() != "true" or os.environ.get("FSDP_VERSION", "1") != "2":
+        return
+    if Version(torch_version).release[:2] < FSDP2_TORCH:
+        raise ConfigError(f"accelerate config: FSDP2 needs torch >= {'.'.join(map(str, FSDP2_TORCH))} (this is "
+                          f"{torch_version}); upgrade torch or launch with DDP (train/accelerate/ddp.yaml)")
+
+
 def distributed_mode(accelerator, cfg) -> bool:
     """Whether this run is sharded (FSDP2); refuses in one line what the trainer cannot serve, and says so where
     accelerate runs an FSDP config unsharded (on CPUs)."""

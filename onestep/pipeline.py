@@ -5,9 +5,8 @@ Text-to-image students export as a stock `StableDiffusionPipeline` (SDXL: `Stabl
 eps-model is exactly the student's output (up to LCM's boundary scalings, c_skip < 3e-8 for t >= 300).
 `onestep.nasa` adds negative-prompt steering (NASA) to such a stock pipeline at inference.
 """
-from __future__ import annotations
-
 import json
+from typing import Optional
 
 import torch
 from diffusers import DDIMScheduler, DiffusionPipeline, ImagePipelineOutput
@@ -28,8 +27,9 @@ class OneStepPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "unet"
 
-    def __init__(self, unet, scheduler, timesteps: list | None = None, num_classes: int | None = None,
-                 null_class: int | None = None, clip_sample: float | None = None):
+    # typing.Optional, evaluated: diffusers < 0.37 reads these annotations to check a loaded folder's values
+    def __init__(self, unet, scheduler, timesteps: Optional[list] = None, num_classes: Optional[int] = None,
+                 null_class: Optional[int] = None, clip_sample: Optional[float] = None):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
         self.register_to_config(timesteps=timesteps, num_classes=num_classes, null_class=null_class,

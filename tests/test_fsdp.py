@@ -9,9 +9,14 @@ import sys
 import pytest
 import torch
 from conftest import ROOT, run_distill
+from packaging.version import Version
 from safetensors.torch import load_file
 
+from onestep.distributed import FSDP2_TORCH
+
 FSDP = ["--config_file", os.path.join(ROOT, "train", "accelerate", "fsdp.yaml")]
+# accelerate's FSDP2 needs torch >= 2.6; on an older torch the trainer refuses the launch (test_old_torch_...)
+fsdp2 = pytest.mark.skipif(Version(torch.__version__).release[:2] < FSDP2_TORCH, reason="FSDP2 needs torch >= 2.6")
 SMOKE = ["--preset", "smoke", "--ema_decay", "0.9", "--checkpoint_every", "3", "--sample_every", "3", "--eval_every", "3"]
 
 
@@ -34,6 +39,7 @@ def relative_gap(a: dict, b: dict, start: dict) -> float:
     return (gap / update).item()
 
 
+@fsdp2
 @pytest.mark.slow
 def test_fsdp_run_trains_as_ddp_does_and_resumes_exactly(tmp_path):
     out = ["--output_dir", str(tmp_path), *SMOKE]  # the shipped digits teacher (a random tiny one's near-zero gradients
@@ -63,6 +69,7 @@ def test_fsdp_run_trains_as_ddp_does_and_resumes_exactly(tmp_path):
     assert all(torch.equal(resumed[k], fsdp[k]) for k in fsdp)  # weights, EMA, optimisers, RNG: as if never stopped
 
 
+@fsdp2
 @pytest.mark.slow
 @pytest.mark.parametrize("flags", [["--method", "vsd", "--fake_score", "copy"], ["--fake_score", "lora", "--ema_decay", "0.9"]],
                          ids=["vsd-copy", "dmd2-lora"])
@@ -89,6 +96,7 @@ def test_fsdp_frozen_and_lora_fake_scores_train_as_ddp_does(tmp_path, flags):
         assert any("lora_B" in k and fake[k].abs().max() > 0 for k in fake)  # the adapters trained
 
 
+@fsdp2
 @pytest.mark.slow
 def test_fsdp_bf16_vsd_with_a_lora_fake_score_trains_the_adapters_only(tmp_path):
     """bf16 through FSDP2's MixedPrecisionPolicy. VSD's first backbone forward is a frozen one; the trainer settles
@@ -103,6 +111,7 @@ def test_fsdp_bf16_vsd_with_a_lora_fake_score_trains_the_adapters_only(tmp_path)
     assert any("lora_B" in k and v.abs().max() > 0 for k, v in lora.items())  # and they trained
 
 
+@fsdp2
 @pytest.mark.slow
 def test_fsdp_sd_dmd2_run_trains_as_ddp_does(tmp_path):
     from test_sd import PROMPTS, save_tiny_sd
@@ -123,6 +132,7 @@ def test_fsdp_sd_dmd2_run_trains_as_ddp_does(tmp_path):
     assert (tmp_path / "fsdp" / "pipeline" / "text_encoder").is_dir()  # a full pipeline folder, as a DDP run writes
 
 
+@fsdp2
 @pytest.mark.parametrize("flags, env, message", [
     (["--backtrack", "true", "--backtrack_interval", "1"], {}, "FSDP does not support --backtrack"),
     (["--ema_decay", "0.9", "--offload_ema", "true"], {}, "FSDP does not support --offload_ema"),
@@ -138,3 +148,21 @@ def test_fsdp_refuses_what_it_cannot_shard_in_one_line(cond_teacher, tmp_path, f
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.returncode == 2 and len(lines) == 1 and message in lines[0], r.stderr[-2000:]
     assert not [f for f in tmp_path.rglob("*") if f.is_file()]  # nothing written
+
+
+def test_old_torch_is_refused_before_accelerate_raises(monkeypatch):
+    """accelerate raises an ImportError from inside Accelerator() for FSDP2 on torch < 2.6: one line instead."""
+    from onestep.config import ConfigError
+    from onestep.distributed import check_launch
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    with pytest.raises(ConfigError, match=r"FSDP2 needs torch >= 2\.6 \(this is 2\.4\.1\+cu121\); upgrade torch or"):
+        check_launch("2.4.1+cu121")
+    check_launch("2.6.0")
+    check_launch("2.14.1+cu130")
+    monkeypatch.setenv("FSDP_VERSION", "1")  # refused later, by distributed_mode, with its own line
+    check_launch("2.4.1")
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    check_launch("2.4.1")

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -33,7 +34,16 @@ def tiny_tokenizer():
 
     chars = ByteLevel.alphabet()
     vocab = ["<|startoftext|>", "<|endoftext|>"] + sorted(chars) + sorted(c + "</w>" for c in chars)
-    return CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=[], model_max_length=16)
+    vocab = {t: i for i, t in enumerate(vocab)}
+    try:
+        return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=16)
+    except TypeError:  # transformers < 5 reads the vocabulary and the merges from files
+        with tempfile.TemporaryDirectory() as d:
+            with open(os.path.join(d, "vocab.json"), "w") as f:
+                json.dump(vocab, f)
+            with open(os.path.join(d, "merges.txt"), "w") as f:
+                f.write("#version: 0.2\n")
+            return CLIPTokenizer(os.path.join(d, "vocab.json"), os.path.join(d, "merges.txt"), model_max_length=16)
 
 
 def save_tiny_sd(path: str) -> str:

@@ -47,7 +47,7 @@ def train(cfg, backbone: torch.nn.Module | None = None):
     from onestep.attention import set_attention
     from onestep.config import ConfigError, method_kwargs
     from onestep.data import ConditionSampler, RealImages, folder_dataset, load_digits, read_image_folder
-    from onestep.distributed import clip_grad_norm, distributed_mode, prepare_sharded
+    from onestep.distributed import check_launch, clip_grad_norm, distributed_mode, prepare_sharded
     from onestep.errors import NonFiniteError
     from onestep.fid import DigitsClassifier, best_of_steps, evaluate_samples, image_moments
     from onestep.loading import load_teacher
@@ -75,6 +75,7 @@ def train(cfg, backbone: torch.nn.Module | None = None):
         mp = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
         gpu = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true")
         mp = mp if mp != "no" else ("bf16" if gpu and torch.cuda.is_bf16_supported() else "no")
+    check_launch()
     accelerator = Accelerator(mixed_precision=mp, log_with="tensorboard", project_config=ProjectConfiguration(
         project_dir=run_dir, logging_dir=os.path.join(run_dir, "logs")))
     device, main_proc = accelerator.device, accelerator.is_main_process
