@@ -49,6 +49,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--peak-tflops", type=float, default=0.0, help="the card's dense bf16 peak, if not in the table")
     p.add_argument("--device", default="", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    p.add_argument("--cpu-malloc", default="reuse", choices=("reuse", "system"),
+                   help="CPU: 'reuse' keeps freed memory in the process, as the trainer does (onestep/hostmem.py); "
+                        "'system': glibc's defaults (the baseline; one per run, it is process-wide)")
     p.add_argument("--out", default="", help="also write the rows to this JSON file")
     args = p.parse_args(argv)
     if args.repeats < 1 or args.warmup < 1 or args.batch_size < 0:
@@ -65,6 +68,9 @@ def main(argv: list[str]) -> int:
         p.error("--device cuda: no CUDA device is visible; use --device cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
+    from onestep import hostmem
+
+    malloc = ("reuse" if hostmem.apply(args.cpu_malloc, device.type) else "system") if device.type == "cpu" else None
     presets = [s for s in args.preset.split(",") if s]
     variants = [v for v in args.variants.split(",") if v] or (
         ["fp32", "tf32", "bf16", "bf16-compile"] if device.type == "cuda" else ["fp32"])
@@ -114,6 +120,7 @@ def main(argv: list[str]) -> int:
                                   components=not args.no_components)
                     if row["gflop_per_step"] is not None:
                         flops[key] = row["gflop_per_step"] * 1e9  # the same arithmetic for the compiled variants
+                    row["cpu_malloc"] = malloc
                     print(json.dumps(row), flush=True)
                     rows.append(row)
     except OnestepError as e:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from .errors import OnestepError
+from .hostmem import CPU_MALLOC
 from .optim import OPTIMIZERS, check_available
 
 
@@ -32,6 +33,9 @@ class Config:
     seed: int = 0                        # global seed (each process offsets it)
     cpu_threads: int = 0                 # CPU runs: torch threads per process (0: this machine's cores / processes;
                                          # accelerate launch alone would pin 1)
+    cpu_malloc: str = "reuse"            # CPU runs: "reuse" keeps freed memory in the process (glibc's mmap / trim
+                                         # thresholds; no page faults per step: onestep/hostmem.py), "system": glibc's
+                                         # defaults
     # ---- teacher and data ----
     teacher: str = "assets/digits-teacher"  # local diffusers folder or hub id
     dataset: str = "digits"              # real images for methods that need them: "digits", "none" or a folder of
@@ -189,7 +193,8 @@ CHOICES = {"fake_score": ("auto", "copy", "lora"), "attention": ("sdpa", "xforme
            "mixed_precision": ("auto", "no", "fp16", "bf16"), "compile": ("", "default", "reduce-overhead", "max-autotune"),
            "gan_feature_source": ("fake_score", "teacher"),
            "router": ("auto", "balanced", "confusion", "kmeans"), "backtrack_switch": ("fixed", "plateau"),
-           "student_fake_score": ("student", "teacher"), "optimizer": OPTIMIZERS}
+           "student_fake_score": ("student", "teacher"), "optimizer": OPTIMIZERS,
+           "cpu_malloc": CPU_MALLOC}
 POSITIVE = ("steps", "batch_size", "lr_generator", "lr_fake", "eval_samples", "lora_rank", "max_nonfinite_steps",
             "backtrack_nodes", "backtrack_interval", "backtrack_patience", "record_interval",
             "students", "tsm_lr", "tsm_pool")

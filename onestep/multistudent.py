@@ -278,6 +278,7 @@ def train_students(cfg, train: Callable) -> dict | None:
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
+    from . import hostmem
     from .config import ConfigError
     from .data import read_image_folder
     from .denoiser import Denoiser
@@ -294,6 +295,7 @@ def train_students(cfg, train: Callable) -> dict | None:
     device, main = state.device, state.is_main_process
     if device.type == "cpu":
         torch.set_num_threads(cfg.cpu_threads or max(1, len(os.sched_getaffinity(0)) // state.num_processes))
+    hostmem.apply(cfg.cpu_malloc, device.type)
     run_dir = os.path.join(cfg.output_dir, cfg.name or f"{cfg.preset}-{cfg.method}-k{cfg.students}")
     if main:
         prepare_run_dir(run_dir, overwrite=cfg.overwrite, resume=bool(cfg.resume))

@@ -30,7 +30,7 @@ _STATE_FILE = re.compile(r"^(model(_\d+)?\.safetensors|(optimizer|scheduler|samp
                          r"random_states_\d+\.pkl|custom_checkpoint_\d+\.pkl|scaler\.pt)$")
 _PICKLE_EXTENSIONS = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 # config keys that do not change the trajectory: left out of the config hash
-HASH_IGNORED = ("name", "output_dir", "overwrite", "resume", "cpu_threads", "steps", "log_every", "sample_every",
+HASH_IGNORED = ("name", "output_dir", "overwrite", "resume", "cpu_threads", "cpu_malloc", "steps", "log_every", "sample_every",
                 "eval_every", "eval_samples", "teacher_eval_steps", "classifier", "checkpoint_every",
                 "checkpoints_total_limit", "export", "preset", "max_nonfinite_steps", "record_dir")
 # keys that define what a checkpoint's state means: resuming with other values is refused (others: a warning)

@@ -350,6 +350,7 @@ def markdown(rows: list[dict]) -> str:
         o += ["grad. ckpt"] * bool(r.get("gradient_checkpointing")) + ["no EMA"] * (not r.get("ema", True))
         o += ["EMA on CPU"] * (r.get("ema") == "offload") + ["8-bit AdamW"] * (r.get("optimizer") == "adamw8bit")
         o += ["cudnn.benchmark"] * bool(r.get("cudnn_benchmark")) + [r.get("attention", "sdpa")]
+        o += ["glibc malloc defaults"] * (r.get("cpu_malloc") == "system")
         return ", ".join(o)
 
     head = ("| preset | method | variant | options | device | batch | img/s | step ms | TFLOP/s | of bf16 peak | peak GiB | "

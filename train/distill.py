@@ -44,6 +44,7 @@ def train(cfg, backbone: torch.nn.Module | None = None):
     from accelerate.utils import ProjectConfiguration, set_seed
     from tqdm import tqdm
 
+    from onestep import hostmem
     from onestep.attention import set_attention
     from onestep.config import ConfigError, method_kwargs
     from onestep.data import ConditionSampler, RealImages, folder_dataset, load_digits, read_image_folder
@@ -85,6 +86,7 @@ def train(cfg, backbone: torch.nn.Module | None = None):
         torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
     if device.type == "cpu":
         torch.set_num_threads(cfg.cpu_threads or max(1, len(os.sched_getaffinity(0)) // accelerator.num_processes))
+    hostmem.apply(cfg.cpu_malloc, device.type)  # CPU: freed memory kept for the next step (no page faults)
     if main_proc:
         prepare_run_dir(run_dir, overwrite=cfg.overwrite, resume=bool(cfg.resume))
     accelerator.wait_for_everyone()
