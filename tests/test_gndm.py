@@ -67,9 +67,15 @@ def perturbed_triad(**kw):
 @given(st.integers(2, 6), st.integers(1, 4), st.floats(0.1, 1e3), st.integers(0, 10_000))
 def test_advantages_are_zero_mean_unit_variance_within_each_group(group_size, groups, scale, seed):
     r = scale * torch.randn(groups * group_size, generator=torch.Generator().manual_seed(seed))
-    a = group_standardise(r, group_size, eps=1e-6).view(groups, group_size)
-    assert torch.allclose(a.mean(1), torch.zeros(groups), atol=1e-4)
-    assert torch.allclose(a.var(1, unbiased=False), torch.ones(groups), atol=1e-3)
+    a = group_standardise(r, group_size, eps=1e-6).view(groups, group_size).double()
+    g = r.view(groups, group_size).double()
+    std = g.std(1, unbiased=False)
+    # float32 centring loses a few ulps of the rewards' magnitude (rewards of ~700 that differ by ~0.03 occur):
+    # relative to the group's spread, that is the error allowed
+    tol = 1e-5 + 8 * torch.finfo(torch.float32).eps * g.abs().amax(1) / (std + 1e-6)
+    assert ((a.mean(1)).abs() <= tol).all()
+    # unit variance up to eps: a group whose rewards nearly agree (std ~1e-3) gets (std / (std + eps))^2 < 1
+    assert ((a.var(1, unbiased=False) - (std / (std + 1e-6)) ** 2).abs() <= 2 * tol).all()
     assert torch.equal(group_standardise(r, 1), torch.zeros_like(r))  # a group of one has no advantage
 
 
