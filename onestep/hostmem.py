@@ -14,6 +14,7 @@ run (mallopt), so `accelerate launch` needs no environment; nothing is changed o
 from __future__ import annotations
 
 import ctypes
+import os
 import platform
 import sys
 
@@ -43,3 +44,14 @@ def reuse_freed_memory(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int
 def apply(cpu_malloc: str, device_type: str) -> bool:
     """The run's `cpu_malloc` choice for a process on `device_type`: "reuse" on a CPU device keeps freed memory."""
     return cpu_malloc == "reuse" and device_type == "cpu" and reuse_freed_memory()
+
+
+def configure_cpu(cfg, device_type: str, num_processes: int) -> None:
+    """A training process on a CPU device: torch's threads (`cpu_threads`, else this machine's cores shared among the
+    processes; accelerate launch alone would pin 1) and the allocator (`cpu_malloc`). Nothing on other devices."""
+    if device_type != "cpu":
+        return
+    import torch
+
+    torch.set_num_threads(cfg.cpu_threads or max(1, len(os.sched_getaffinity(0)) // num_processes))
+    apply(cfg.cpu_malloc, device_type)

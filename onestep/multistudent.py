@@ -293,9 +293,7 @@ def train_students(cfg, train: Callable) -> dict | None:
                           f"checkpoint), got {cfg.resume!r}")
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as Accelerator() reads the launcher
     device, main = state.device, state.is_main_process
-    if device.type == "cpu":
-        torch.set_num_threads(cfg.cpu_threads or max(1, len(os.sched_getaffinity(0)) // state.num_processes))
-    hostmem.apply(cfg.cpu_malloc, device.type)
+    hostmem.configure_cpu(cfg, device.type, state.num_processes)
     run_dir = os.path.join(cfg.output_dir, cfg.name or f"{cfg.preset}-{cfg.method}-k{cfg.students}")
     if main:
         prepare_run_dir(run_dir, overwrite=cfg.overwrite, resume=bool(cfg.resume))

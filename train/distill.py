@@ -84,9 +84,7 @@ def train(cfg, backbone: torch.nn.Module | None = None):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
         torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
-    if device.type == "cpu":
-        torch.set_num_threads(cfg.cpu_threads or max(1, len(os.sched_getaffinity(0)) // accelerator.num_processes))
-    hostmem.apply(cfg.cpu_malloc, device.type)  # CPU: freed memory kept for the next step (no page faults)
+    hostmem.configure_cpu(cfg, device.type, accelerator.num_processes)  # threads; freed memory kept (no page faults)
     if main_proc:
         prepare_run_dir(run_dir, overwrite=cfg.overwrite, resume=bool(cfg.resume))
     accelerator.wait_for_everyone()
