@@ -36,9 +36,12 @@ stage sd15_lowmem 160 $bench --preset sd15 --method dmd2 --variants bf16 --fake-
 # 2. FID-50k of a CIFAR-size one-step generator, end to end (stand-in Inception of the same architecture: timing)
 stage fid50k 150 python3 eval/fid_speed.py --out "$out/fid50k.json"
 # 3. CIFAR-size UNet (google/ddpm-cifar10-32's config): torch.compile of the three networks (its compile time
-#    reported) at batch 512, the bf16 eager baseline, CUDA graphs (compile mode reduce-overhead)
-stage cifar_compile_b512 220 $bench --preset cifar --variants bf16-compile --batch-size 512 --out "$out/cifar_compile_b512.json"
-stage cifar_base 120 $bench --preset cifar --variants bf16 --out "$out/cifar_base.json"
+#    reported) at batch 512 with the skip decided on the device (no host read in the step) and, second (warm
+#    compile cache), with the loss terms read each turn as before; the bf16 eager baseline with each update rule;
+#    CUDA graphs (compile mode reduce-overhead)
+stage cifar_compile_b512 280 $bench --preset cifar --variants bf16-compile --batch-size 512 --sync device,logs \
+    --out "$out/cifar_compile_b512.json"
+stage cifar_base 120 $bench --preset cifar --variants bf16 --sync logs,host,device --out "$out/cifar_base.json"
 stage cifar_cudagraphs 200 $bench --preset cifar --variants bf16-reduce-overhead --out "$out/cifar_cudagraphs.json"
 # FSDP2 on CUDA (NCCL, one rank; bf16 through FSDP2's MixedPrecisionPolicy): the smoke run of the shipped config
 stage fsdp_smoke 90 accelerate launch --config_file train/accelerate/fsdp.yaml --num_processes 1 train/distill.py \
@@ -48,10 +51,10 @@ cp runs/gpu-fsdp/metrics.json "$out/fsdp_metrics.json" 2>/dev/null
 #    GPU, AdamW), the attention backends, compile at batch 256, the default job (bf16 through mixed_precision auto)
 stage sd15_memory 160 $bench --preset sd15 --method dmd2 --variants bf16 --fake-score copy,lora \
     --gradient-checkpointing off,on --ema on --no-components --repeats 4 --warmup 2 --out "$out/sd15_memory.json"
-stage gpu_tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py
+stage gpu_tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_update.py
 stage sd15_xformers 90 $bench --preset sd15 --method dmd2 --variants bf16 --fake-score lora --gradient-checkpointing on \
     --ema off --attention sdpa,xformers --no-components --repeats 4 --warmup 2 --out "$out/sd15_xformers.json"
-stage cifar_compile 220 $bench --preset cifar --variants bf16-compile --out "$out/cifar_compile.json"
+stage cifar_compile 220 $bench --preset cifar --variants bf16-compile --sync device,logs --out "$out/cifar_compile.json"
 stage default_run 200 accelerate launch --num_processes 1 train/distill.py --name gpu-default
 cp runs/gpu-default/metrics.json "$out/default_metrics.json" 2>/dev/null
 echo "=== total $(( $(date +%s) - start ))s"

@@ -45,6 +45,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--ema", default="on", help="on, off, offload (kept and updated in CPU memory) or several, "
                                                "comma-separated: the generator EMA (as the trainer keeps)")
     p.add_argument("--optimizer", default="adamw", help="adamw, adamw8bit (bitsandbytes) or adamw,adamw8bit")
+    p.add_argument("--sync", default="auto", help="where a non-finite update is skipped: auto (as the trainer: device "
+                   "on a GPU with AdamW, else host), host (one read per update), device (no read), logs (host, and the "
+                   "loss terms read each turn, as the trainer did before); comma-separated: a row for each")
     p.add_argument("--no-components", action="store_true", help="skip timing the passes alone")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="the card's dense bf16 peak, if not in the table")
     p.add_argument("--device", default="", help="cuda or cpu (default: cuda when available)")
@@ -61,7 +64,7 @@ def main(argv: list[str]) -> int:
 
     from onestep.errors import OnestepError
     from onestep.optim import OPTIMIZERS, check_available
-    from onestep.stepbench import PRESETS, VARIANTS, build_workload, markdown, measure
+    from onestep.stepbench import PRESETS, SYNC_MODES, VARIANTS, build_workload, markdown, measure
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -92,14 +95,15 @@ def main(argv: list[str]) -> int:
     onoff = {"on": True, "off": False}
     ema_modes = {**onoff, "offload": "offload"}
     options = [dict(method=me, fake_score=fs, gradient_checkpointing=onoff[gc], attention=at, cudnn_benchmark=onoff[cb],
-                    ema=ema_modes[em], optimizer=op)
+                    ema=ema_modes[em], optimizer=op, sync=sy)
                for me in choices("method", args.method, ("dmd", "dmd2"))
                for fs in choices("fake-score", args.fake_score, ("copy", "lora"))
                for gc in choices("gradient-checkpointing", args.gradient_checkpointing, tuple(onoff))
                for at in choices("attention", args.attention, ("sdpa", "xformers", "auto"))
                for cb in choices("cudnn-benchmark", args.cudnn_benchmark, tuple(onoff))
                for em in choices("ema", args.ema, tuple(ema_modes))
-               for op in choices("optimizer", args.optimizer, OPTIMIZERS)]
+               for op in choices("optimizer", args.optimizer, OPTIMIZERS)
+               for sy in choices("sync", args.sync, SYNC_MODES)]
     for o in {o["optimizer"] for o in options}:
         try:  # before any row is measured
             check_available(o)

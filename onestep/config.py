@@ -17,6 +17,7 @@ import yaml
 from .errors import OnestepError
 from .hostmem import CPU_MALLOC
 from .optim import OPTIMIZERS, check_available
+from .update import NONFINITE_CHECKS
 
 
 class ConfigError(OnestepError):
@@ -93,6 +94,9 @@ class Config:
     weight_decay: float = 0.01
     grad_clip: float = 10.0              # max grad norm (0: off)
     max_nonfinite_steps: int = 20        # a non-finite loss or gradient skips that update; this many in a row stop the run
+    nonfinite_check: str = "auto"        # where that skip is decided: "host" (a device-to-host read per update),
+                                         # "device" (no read: fused AdamW's found_inf; counts read at log / checkpoint
+                                         # steps), "auto" (device on an accelerator where possible; onestep/update.py)
     lr_scheduler: str = "constant"       # diffusers get_scheduler name: constant, cosine, linear, constant_with_warmup, ...
     lr_warmup_steps: int = 0             # warm-up in iterations (both optimisers)
     ema_decay: float = 0.0               # generator EMA decay (0: off); exported weights are the EMA where kept. The
@@ -194,7 +198,7 @@ CHOICES = {"fake_score": ("auto", "copy", "lora"), "attention": ("sdpa", "xforme
            "gan_feature_source": ("fake_score", "teacher"),
            "router": ("auto", "balanced", "confusion", "kmeans"), "backtrack_switch": ("fixed", "plateau"),
            "student_fake_score": ("student", "teacher"), "optimizer": OPTIMIZERS,
-           "cpu_malloc": CPU_MALLOC}
+           "cpu_malloc": CPU_MALLOC, "nonfinite_check": NONFINITE_CHECKS}
 POSITIVE = ("steps", "batch_size", "lr_generator", "lr_fake", "eval_samples", "lora_rank", "max_nonfinite_steps",
             "backtrack_nodes", "backtrack_interval", "backtrack_patience", "record_interval",
             "students", "tsm_lr", "tsm_pool")
@@ -359,6 +363,10 @@ def validate(cfg: Config) -> None:
         check_available(cfg.optimizer)
     except OnestepError as e:
         raise ConfigError(str(e)) from None
+    if cfg.nonfinite_check == "device" and (cfg.optimizer != "adamw" or cfg.mixed_precision == "fp16"):
+        why = f"optimizer {cfg.optimizer!r}" if cfg.optimizer != "adamw" else "mixed_precision fp16 (a gradient scaler)"
+        raise ConfigError(f"nonfinite_check: 'device' needs torch's fused AdamW without a gradient scaler, not {why}; "
+                          "use --nonfinite_check auto or host")
     if not (0.0 <= cfg.adam_beta1 < 1.0 and 0.0 <= cfg.adam_beta2 < 1.0):
         raise ConfigError(f"adam_beta1/adam_beta2: must be in [0, 1), got {cfg.adam_beta1}, {cfg.adam_beta2}")
     for key in ("classes", "generator_timesteps", "teacher_eval_steps", "student_channels"):

@@ -11,7 +11,7 @@ import contextlib
 import torch
 from torch import nn
 
-from .schedule import Schedule, append_dims
+from .schedule import Schedule, append_dims, to_device
 
 Cond = torch.Tensor | dict | None
 TEXT_TIME_IDS = 6  # SDXL's micro-conditioning: original size (2), crop top-left (2), target size (2)
@@ -216,5 +216,7 @@ class Denoiser(nn.Module):
             uncond = self.null_like(cond) if self.guidance_uncond is None else _expand(self.guidance_uncond, cond)
         t = self.schedule.timesteps_tensor(t, x_t.shape[0], x_t.device)
         x0_c, x0_u = self(torch.cat([x_t, x_t]), torch.cat([t, t]), _cat_cond(cond, uncond)).chunk(2)
-        s = append_dims(torch.as_tensor(scale, dtype=x0_c.dtype, device=x0_c.device).expand(x_t.shape[0]), x_t.ndim)
+        if not torch.is_tensor(scale):  # a number: no tensor made from it (that would be a host-to-device copy)
+            return x0_u + float(scale) * (x0_c - x0_u)
+        s = append_dims(to_device(scale, x0_c.device).to(x0_c.dtype).expand(x_t.shape[0]), x_t.ndim)
         return x0_u + s * (x0_c - x0_u)

@@ -32,7 +32,7 @@ _PICKLE_EXTENSIONS = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 # config keys that do not change the trajectory: left out of the config hash
 HASH_IGNORED = ("name", "output_dir", "overwrite", "resume", "cpu_threads", "cpu_malloc", "steps", "log_every", "sample_every",
                 "eval_every", "eval_samples", "teacher_eval_steps", "classifier", "checkpoint_every",
-                "checkpoints_total_limit", "export", "preset", "max_nonfinite_steps", "record_dir")
+                "checkpoints_total_limit", "export", "preset", "max_nonfinite_steps", "nonfinite_check", "record_dir")
 # keys that define what a checkpoint's state means: resuming with other values is refused (others: a warning)
 RESUME_FIXED = ("method", "dataset", "classes", "prompts", "batch_size", "generator_timesteps", "fake_score",
                 "lora_rank", "lora_targets", "gan_feature_source", "gan_hidden", "gan_layers", "students",

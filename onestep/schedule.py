@@ -18,6 +18,18 @@ def append_dims(x: torch.Tensor, ndim: int) -> torch.Tensor:
     return x.reshape(x.shape + (1,) * (ndim - x.ndim))
 
 
+def to_device(x: torch.Tensor, device) -> torch.Tensor:
+    """x on `device` without making the host wait. A copy from pageable CPU memory to a CUDA device first waits for
+    all the work already queued on the device (a host sync inside the step); staged in pinned memory it is queued
+    like a kernel (torch's caching host allocator keeps the staging buffer until the copy has run)."""
+    if device is None:
+        return x
+    device = torch.device(device)
+    if x.device.type == "cpu" and device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
 def rho_grid(u: torch.Tensor, sigma_min: float, sigma_max: float, rho: float) -> torch.Tensor:
     """EDM's sigma at the fraction u in [0, 1] of its rho grid from sigma_min to sigma_max."""
     r = 1 / rho
@@ -73,12 +85,22 @@ class Schedule:
         """alpha(t), sigma(t) as tensors shaped like t (float32 unless dtype says otherwise)."""
         t = torch.as_tensor(t)
         if self.kind == "vp":
-            ac = self.alphas_cumprod.to(t.device)[t.long().clamp(0, len(self.alphas_cumprod) - 1)]
+            ac = self._table(t.device)[t.long().clamp(0, len(self.alphas_cumprod) - 1)]
             return ac.sqrt().to(dtype), (1 - ac).sqrt().to(dtype)
         t = t.to(dtype)
         if self.kind == "edm":
             return torch.ones_like(t), t
         return 1 - t, t
+
+    def _table(self, device: torch.device) -> torch.Tensor:
+        """alphas_cumprod on `device`, copied there once (kept until the table is replaced)."""
+        if device.type == "cpu":
+            return self.alphas_cumprod
+        cache = self.__dict__.setdefault("_tables", {})
+        hit = cache.get(device)
+        if hit is None or hit[0] is not self.alphas_cumprod:
+            hit = cache[device] = (self.alphas_cumprod, to_device(self.alphas_cumprod, device))
+        return hit[1]
 
     def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x_t = alpha(t) x0 + sigma(t) eps, in float32 (float64 for float64 inputs)."""
@@ -174,11 +196,11 @@ class Schedule:
         if self.kind == "vp":
             T = self.num_train_timesteps
             t_lo, t_hi = min(int(lo * T), T - 1), min(int(hi * T), T - 1)  # fraction 1: the last timestep
-            return torch.randint(t_lo, t_hi + 1, (n,), generator=generator).to(device)
+            return to_device(torch.randint(t_lo, t_hi + 1, (n,), generator=generator), device)
         u = lo + (hi - lo) * torch.rand(n, generator=generator)
         if self.kind == "edm":
             u = rho_grid(u, self.sigma_min, self.sigma_max, self.rho)
-        return u.to(device)
+        return to_device(u, device)
 
     def t_for_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
         """The time whose noise-to-signal ratio sigma(t)/alpha(t) is `sigma` (EDM's sigma): VP the nearest integer
@@ -206,14 +228,14 @@ class Schedule:
         if self.kind == "edm":
             sigma_min, sigma_max, rho = self.sigma_min, self.sigma_max, self.rho
         u = lo + (hi - lo) * torch.rand(n, generator=generator).double()
-        return self.t_for_sigma(rho_grid(u, sigma_min, sigma_max, rho)).to(device)
+        return to_device(self.t_for_sigma(rho_grid(u, sigma_min, sigma_max, rho)), device)
 
     def sample_t_lognormal(self, n: int, p_mean: float = -1.2, p_std: float = 1.2, device=None,
                            generator: torch.Generator | None = None) -> torch.Tensor:
         """EDM's training distribution ln(sigma) ~ N(p_mean, p_std^2) (EDM schedules only)."""
         if self.kind != "edm":
             raise ValueError("log-normal sigma sampling needs an EDM schedule")
-        return (p_mean + p_std * torch.randn(n, generator=generator)).exp().to(device)
+        return to_device((p_mean + p_std * torch.randn(n, generator=generator)).exp(), device)
 
     def snr(self, t: torch.Tensor) -> torch.Tensor:
         """Signal-to-noise ratio alpha^2 / sigma^2."""

@@ -4,7 +4,9 @@ One DMD iteration (no GAN, update ratio 1) = generator fwd+bwd, teacher fwd, fak
 fake-score fwd+bwd (its denoising loss) and two optimizer steps: eight forward-equivalents of one network size.
 It runs through the same method code as the trainer (onestep.methods.DMD on a Triad; or DMD2, whose GAN head
 adds a generator term and a classification loss on the fake score's batched forward) with the trainer's per-turn
-work (autocast, zero_grad, backward, gradient clipping, finiteness check, optimizer step, EMA).
+work (autocast, zero_grad, backward, gradient clipping, finiteness check, optimizer step, EMA), with the trainer's
+update rule (onestep.update; `sync`: "host" reads the finiteness before each update, "device" reads nothing,
+"auto" picks as the trainer does, "logs" also reads the loss terms each turn, as the trainer did before).
 
 Presets: "digits" (the shipped teacher), "cifar" (google/ddpm-cifar10-32's UNet2DModel config, random weights) and
 "sd15" (Stable Diffusion 1.5's UNet2DConditionModel config, random weights, 64x64 latents, 77x768 prompt
@@ -25,6 +27,7 @@ import torch
 from .denoiser import Denoiser
 from .errors import OnestepError
 from .schedule import Schedule
+from .update import Updates, floats
 
 # Dense bf16 tensor-core peaks in TFLOP/s (vendor data sheets, SXM parts), matched on the CUDA device name.
 BF16_PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "L4": 121.0, "A10": 125.0,
@@ -32,6 +35,7 @@ BF16_PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, 
 VARIANTS = ("fp32", "tf32", "bf16", "bf16-compile", "bf16-reduce-overhead", "bf16-max-autotune")
 COMPILE_MODES = {"bf16-compile": None, "bf16-reduce-overhead": "reduce-overhead", "bf16-max-autotune": "max-autotune"}
 METHODS = ("dmd", "dmd2")
+SYNC_MODES = ("auto", "host", "device", "logs")  # host reads per update (see StepRunner)
 EMA_MODES = (True, False, "offload")  # kept on the device, none, or kept and updated in CPU memory
 PRESETS = ("digits", "cifar", "sd15")
 
@@ -121,7 +125,7 @@ class StepRunner:
 
     def __init__(self, work: Workload, variant: str, device: torch.device, fake_score: str = "copy",
                  gradient_checkpointing: bool = False, attention: str = "sdpa", cudnn_benchmark: bool = False,
-                 ema: bool | str = True, method: str = "dmd", optimizer: str = "adamw"):
+                 ema: bool | str = True, method: str = "dmd", optimizer: str = "adamw", sync: str = "auto"):
         import copy
 
         from .methods.dmd import DMD, DMD2
@@ -134,6 +138,8 @@ class StepRunner:
             raise StepBenchError(f"variant: {variant!r} needs a CUDA device; on the CPU use fp32")
         if method not in METHODS:
             raise StepBenchError(f"method: unknown method {method!r}; choose from {', '.join(METHODS)}")
+        if sync not in SYNC_MODES:
+            raise StepBenchError(f"sync: unknown value {sync!r}; choose from {', '.join(SYNC_MODES)}")
         if ema not in EMA_MODES:
             raise StepBenchError(f"ema: unknown EMA mode {ema!r}; choose from True, False, 'offload'")
         self.variant, self.device, self.work = variant, device, work
@@ -164,8 +170,11 @@ class StepRunner:
         try:  # as the trainer builds them
             self.opt_g = make_optimizer(self.triad.generator_parameters(), optimizer, lr=1e-6, device=device)
             self.opt_f = make_optimizer(self.triad.critic_parameters(), optimizer, lr=1e-6, device=device)
+            # the trainer's update rule; "logs": as the trainer was before, the loss terms read on the host each turn
+            self.updates = Updates("host" if sync == "logs" else sync, device, [self.opt_g, self.opt_f], 10**9)
         except OnestepError as e:
             raise StepBenchError(str(e)) from None
+        self.sync = "logs" if sync == "logs" else ("device" if self.updates.on_device else "host")
         self.compile_seconds = None
         self.phase_peaks: dict[str, float] = {}
         if variant in COMPILE_MODES:
@@ -186,16 +195,14 @@ class StepRunner:
         turn = "generator" if generator else "fake score"
         opt.zero_grad(set_to_none=True)
         with self.autocast():
-            loss, _ = loss_fn(self.triad, batch)
+            loss, logs = loss_fn(self.triad, batch)
+        if self.sync == "logs":
+            floats(logs)
         self._phase(f"{turn} forward")
         loss.backward()
         self._phase(f"{turn} backward")
         norm = torch.nn.utils.clip_grad_norm_(params, 10.0)
-        if bool(torch.isfinite(loss.detach()) & torch.isfinite(norm)):
-            opt.step()
-            if generator:
-                self.triad.ema_step()
-        opt.zero_grad(set_to_none=True)
+        self.updates(0, turn, loss, norm, [opt], [], logs, self.triad.ema_step if generator else None)
         self._phase(f"{turn} optimizer" + (" + EMA" if generator and self.triad.ema is not None else ""))
         if generator:
             self._generated = batch["generated"]
@@ -255,6 +262,23 @@ class StepRunner:
         self.opt_f.zero_grad(set_to_none=True)
 
 
+def count_host_syncs(fn, device: torch.device) -> int | None:
+    """CUDA: how many times `fn` made the host wait for the device (torch's sync debug mode: .item(), copies to the
+    host, copies from pageable host memory, ...); None elsewhere."""
+    if device.type != "cuda":
+        return None
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
 def count_flops(runner: StepRunner) -> float:
     """Floating-point operations of one iteration (torch's flop counter; matmuls and convolutions)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -279,12 +303,12 @@ def peak_tflops(device: torch.device, override: float | None = None) -> tuple[st
 def measure(work: Workload, variant: str, device: torch.device, *, warmup: int = 3, repeats: int = 10,
             fake_score: str = "copy", gradient_checkpointing: bool = False, attention: str = "sdpa",
             cudnn_benchmark: bool = False, ema: bool | str = True, method: str = "dmd", peak: float | None = None,
-            flops: float | None = None, components: bool = False, optimizer: str = "adamw") -> dict:
+            flops: float | None = None, components: bool = False, optimizer: str = "adamw", sync: str = "auto") -> dict:
     """Median step time of a variant (and, with `components`, of each pass alone, interleaved with the steps)."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
     runner = StepRunner(work, variant, device, fake_score, gradient_checkpointing, attention, cudnn_benchmark, ema, method,
-                        optimizer)
+                        optimizer, sync)
     if device.type == "cuda":  # from here: the weights, optimiser states, gradients and activations of training
         torch.cuda.reset_peak_memory_stats(device)
     timer = Timer(device)
@@ -307,13 +331,14 @@ def measure(work: Workload, variant: str, device: torch.device, *, warmup: int =
             parts[k].append(timer(fn))
             runner.zero_grads()
     step_s = statistics.median(times)
+    host_syncs = count_host_syncs(runner.step, device)
     if flops is None:
         flops = count_flops(runner) if variant not in COMPILE_MODES else None
     card, peak_value = peak_tflops(device, peak)
     row = {"preset": work.name, "method": method, "variant": variant, "device": card, "batch": work.batch_size,
            "fake_score": fake_score, "gradient_checkpointing": gradient_checkpointing, "attention": runner.attention,
-           "cudnn_benchmark": cudnn_benchmark, "ema": ema, "optimizer": optimizer,
-           "step_s": step_s, "img_per_s": work.batch_size / step_s, "first_step_s": first,
+           "cudnn_benchmark": cudnn_benchmark, "ema": ema, "optimizer": optimizer, "sync": runner.sync,
+           "sync_option": sync, "step_s": step_s, "img_per_s": work.batch_size / step_s, "first_step_s": first,
            "gflop_per_step": None if flops is None else flops / 1e9,
            "tflops": None if flops is None else flops / step_s / 1e12}
     row["peak_fraction"] = None if (row["tflops"] is None or not peak_value) else row["tflops"] / peak_value
@@ -322,6 +347,7 @@ def measure(work: Workload, variant: str, device: torch.device, *, warmup: int =
     row["optimizer_state_gib"] = (state_bytes(runner.opt_g) + state_bytes(runner.opt_f)) / 2**30
     ema = runner.triad.ema
     row["ema_device"] = None if ema is None else str(ema.shadow_params[0].device)
+    row["host_syncs_per_step"] = host_syncs
     if device.type == "cuda":  # the phases reset the peak counter: the step's peak is the largest phase peak
         row["peak_mem_gib"] = max(runner.phase_peaks.values())  # steady state: the steps after the first
         row["phase_peak_gib"] = dict(runner.phase_peaks)
@@ -351,13 +377,16 @@ def markdown(rows: list[dict]) -> str:
         o += ["EMA on CPU"] * (r.get("ema") == "offload") + ["8-bit AdamW"] * (r.get("optimizer") == "adamw8bit")
         o += ["cudnn.benchmark"] * bool(r.get("cudnn_benchmark")) + [r.get("attention", "sdpa")]
         o += ["glibc malloc defaults"] * (r.get("cpu_malloc") == "system")
+        o += [{"host": "host-read skip", "device": "device-side skip", "logs": "logs read per turn"}[r["sync"]]] * (
+            r.get("sync_option", "auto") != "auto")
         return ", ".join(o)
 
     head = ("| preset | method | variant | options | device | batch | img/s | step ms | TFLOP/s | of bf16 peak | peak GiB | "
-            "step / passes | first step s |")
-    lines = [head, "|" + "---|" * 13]
+            "step / passes | first step s | host syncs |")
+    lines = [head, "|" + "---|" * 14]
     for r in rows:
         lines.append(f"| {r['preset']} | {r.get('method', 'dmd').upper()} | {r['variant']} | {opts(r)} | {r['device']} | {r['batch']} | {f(r['img_per_s'], '.1f')} | "
                      f"{f(r['step_s'] * 1e3, '.1f')} | {f(r['tflops'], '.3f')} | {f(r['peak_fraction'], '.1%')} | "
-                     f"{f(r['peak_mem_gib'], '.2f')} | {f(r.get('step_over_passes'), '.3f')} | {f(r['first_step_s'], '.1f')} |")
+                     f"{f(r['peak_mem_gib'], '.2f')} | {f(r.get('step_over_passes'), '.3f')} | {f(r['first_step_s'], '.1f')} | "
+                     f"{f(r.get('host_syncs_per_step'), 'd')} |")
     return "\n".join(lines)

@@ -44,7 +44,9 @@ def in_place_ema(parameters, decay: float, offload: bool = False):
         _staging: list | None = None
 
         @torch.no_grad()
-        def step(self, parameters) -> None:
+        def step(self, parameters, keep: torch.Tensor | None = None) -> None:
+            """One EMA update; `keep` (a boolean tensor): False blends with weight 0 (a skipped update, decided on
+            the device without a host read)."""
             parameters = list(parameters)
             self.optimization_step += 1
             self.cur_decay_value = decay = self.get_decay(self.optimization_step)
@@ -54,7 +56,11 @@ def in_place_ema(parameters, decay: float, offload: bool = False):
                 shadows, params = [s for s, _ in trained], [p for _, p in trained]
                 if self.offloaded:
                     params = self._stage(shadows, params)
-                torch._foreach_lerp_(shadows, params, 1.0 - decay)
+                if keep is None:
+                    torch._foreach_lerp_(shadows, params, 1.0 - decay)
+                else:  # a 0-dim weight per tensor: the same arithmetic, 0 when the update was skipped
+                    w = keep.to(shadows[0].device, torch.float32) * (1.0 - decay)
+                    torch._foreach_lerp_(shadows, params, [w] * len(shadows))
             for s, p in pairs:
                 if not p.requires_grad:
                     s.copy_(p)
@@ -213,10 +219,11 @@ class Triad:
         return simulate(self.generator, gen.schedule, gen.timesteps, z, cond, k)
 
     # ---- EMA -----------------------------------------------------------------------------------
-    def ema_step(self) -> None:
-        """Update the generator EMA (call after each generator optimizer step, never on critic steps)."""
+    def ema_step(self, keep: torch.Tensor | None = None) -> None:
+        """Update the generator EMA (call after each generator optimizer step, never on critic steps); `keep`: a
+        boolean tensor, False for an update skipped on the device (the EMA then stays as it was)."""
         if self.ema is not None:
-            self.ema.step(self._raw["generator"].parameters())
+            self.ema.step(self._raw["generator"].parameters(), keep)
 
     def reset_ema(self) -> None:
         """Rebuild the EMA on the generator's current parameters (after FSDP2 replaced them with shards; the EMA

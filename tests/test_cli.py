@@ -184,9 +184,11 @@ def test_resume_latest_continues_from_the_newest_checkpoint(cond_teacher, tmp_pa
     assert any(not torch.equal(before[k], after[k]) for k in before)  # training went on from there
 
 
-def test_non_finite_updates_are_skipped_then_stop_the_run(cond_teacher, tmp_path):
+@pytest.mark.parametrize("check", ["host", "device"])
+def test_non_finite_updates_are_skipped_then_stop_the_run(cond_teacher, tmp_path, check):
     """A teacher whose output is NaN makes every update non-finite: each is skipped (nothing written), and after
-    max_nonfinite_steps in a row the run stops with one line naming the step and the loss terms."""
+    max_nonfinite_steps in a row the run stops with one line naming the step and the loss terms (the smoke preset
+    logs every step, so a device-side count is read there too)."""
     import shutil
 
     from safetensors.torch import save_file
@@ -199,9 +201,39 @@ def test_non_finite_updates_are_skipped_then_stop_the_run(cond_teacher, tmp_path
     save_file(state, str(weights))
     out = tmp_path / "runs"
     r = run_distill(["--preset", "smoke", "--teacher", str(bad), "--output_dir", str(out), "--steps", "6",
-                     "--max_nonfinite_steps", "3", "--checkpoint_every", "0"])
+                     "--max_nonfinite_steps", "3", "--checkpoint_every", "0", "--nonfinite_check", check])
     assert r.returncode != 0, r.stderr[-2000:]  # 2 from the trainer; accelerate launch reports 1
     err = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "was not finite" in err[0] and "step 2" in err[0] and "loss_" in err[0], r.stderr[-2000:]
     assert not (out / "smoke-dmd2" / "checkpoints").exists() or not any((out / "smoke-dmd2" / "checkpoints").iterdir())
     assert not (out / "smoke-dmd2" / "metrics.json").exists()
+
+
+def test_device_side_skip_check_trains_the_same_weights(cond_teacher, tmp_path):
+    """--nonfinite_check device (no host read per update) and host give the same checkpoint when nothing is skipped:
+    generator, fake score, GAN head, EMA and optimiser states."""
+    states = {}
+    for check in ("host", "device"):
+        r = run_distill([*SMOKE, "--teacher", cond_teacher, "--output_dir", str(tmp_path), "--name", check, "--steps", "2",
+                         "--ema_decay", "0.9", "--export", "false", "--nonfinite_check", check])
+        assert r.returncode == 0, r.stderr[-2000:]
+        ckpt = tmp_path / check / "checkpoints" / "step_0000002"
+        states[check] = {f.name: load_file(str(f)) for f in ckpt.glob("*.safetensors")}
+        for pattern in ("optimizer*.bin", "custom_checkpoint_*.pkl"):  # AdamW states; the EMA
+            states[check].update({f.name: torch.load(f, weights_only=True) for f in ckpt.glob(pattern)})
+    assert {"model.safetensors", "optimizer.bin", "custom_checkpoint_0.pkl"} <= states["host"].keys() == states["device"].keys()
+
+    def flat(tree, out):
+        if torch.is_tensor(tree):
+            out.append(tree)
+        elif isinstance(tree, dict):
+            for v in tree.values():
+                flat(v, out)
+        elif isinstance(tree, (list, tuple)):
+            for v in tree:
+                flat(v, out)
+        return out
+
+    for name in states["host"]:
+        a, b = flat(states["host"][name], []), flat(states["device"][name], [])
+        assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b)), name

@@ -86,6 +86,20 @@ def test_cli_option_lists_give_a_row_each(tmp_path):
     assert "lora fake score, no EMA, sdpa" in r.stdout
 
 
+def test_cli_sync_modes_give_a_row_each(tmp_path):
+    """--sync: the trainer's update rule read on the host, decided on the device, or with the loss terms read each
+    turn (the before of that change) in one run; the default row says which one auto picked."""
+    out = tmp_path / "rows.json"
+    r = run_cli("--batch-size", "2", "--repeats", "1", "--warmup", "1", "--threads", "1", "--no-components",
+                "--sync", "auto,logs,host,device", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert [(x["sync_option"], x["sync"]) for x in rows] == [("auto", "host"), ("logs", "logs"), ("host", "host"),
+                                                              ("device", "device")]
+    assert "sdpa, logs read per turn |" in r.stdout and "sdpa, device-side skip |" in r.stdout
+    assert "copy fake score, sdpa | cpu" in r.stdout  # auto: no label
+
+
 @pytest.mark.parametrize("args,needle", [(["--preset", "imagenet"], "unknown preset"),
                                          (["--variants", "bf16"], "needs a CUDA device"),
                                          (["--repeats", "0"], "--repeats"),

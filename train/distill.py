@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -49,7 +48,6 @@ def train(cfg, backbone: torch.nn.Module | None = None):
     from onestep.config import ConfigError, method_kwargs
     from onestep.data import ConditionSampler, RealImages, folder_dataset, load_digits, read_image_folder
     from onestep.distributed import check_launch, clip_grad_norm, distributed_mode, prepare_sharded
-    from onestep.errors import NonFiniteError
     from onestep.fid import DigitsClassifier, best_of_steps, evaluate_samples, image_moments
     from onestep.loading import load_teacher
     from onestep.methods import build_method
@@ -59,7 +57,9 @@ def train(cfg, backbone: torch.nn.Module | None = None):
     from onestep.runs import (RealBatches, clear_run_dir, load_checkpoint, plot_curve, prepare_run_dir, resolve_resume,
                               run_config, save_checkpoint, save_grid)
     from onestep.sampling import sample_teacher
+    from onestep.schedule import to_device
     from onestep.triad import DEFAULT_LORA_TARGETS, Triad
+    from onestep.update import Updates, floats
 
     # 1. Configuration ------------------------------------------------------------------------------
     method = build_method(cfg.method, **method_kwargs(cfg))
@@ -124,7 +124,7 @@ def train(cfg, backbone: torch.nn.Module | None = None):
     cond_sampler = ConditionSampler(None if cond_table is None else len(cond_table))
 
     def draw_cond(n: int, generator: torch.Generator | None = None):
-        return None if cond_table is None else cond_table[cond_sampler(n, generator).to(cond_table.device)].to(device)
+        return None if cond_table is None else to_device(cond_table[cond_sampler(n, generator).to(cond_table.device)], device)
 
     loader = None
     if method.needs_real_images:
@@ -245,7 +245,8 @@ def train(cfg, backbone: torch.nn.Module | None = None):
 
     # 6. Training loop -------------------------------------------------------------------------------
     t_start, curve = time.time(), []
-    skipped = streak = 0  # non-finite updates skipped: in all, and in a row
+    updates = Updates(cfg.nonfinite_check, device, [opt_g, opt_f, opt_h], cfg.max_nonfinite_steps, where=run_dir,
+                      gather=accelerator.gather if accelerator.num_processes > 1 else None)
     trained = {"generator": triad.generator_parameters(), "fake": triad.critic_parameters()}
     parts = {"generator": (method.generator_loss, [opt_g], [sched_g]),  # + the GAN head's own under FSDP
              "fake": (method.fake_score_loss, [o for o in (opt_f, opt_h) if o], [s for s in (sched_f, sched_h) if s])}
@@ -265,37 +266,20 @@ def train(cfg, backbone: torch.nn.Module | None = None):
             with accelerator.autocast():
                 loss, turn_logs = loss_fn(triad, batch)
             accelerator.backward(loss)
-            norm = clip_grad_norm(accelerator, trained[turn], cfg.grad_clip or float("inf"))
-            turn_logs[f"grad_norm_{turn}"] = float(norm)
-            finite = torch.isfinite(loss.detach().float()) & torch.isfinite(torch.as_tensor(norm, device=device))
-            if accelerator.num_processes > 1:  # every process skips together
-                finite = accelerator.gather(finite.float()[None]).min() > 0
-            if not finite:  # skip: nothing updated (weights, optimiser, schedule, EMA), counted and logged
-                for opt in opts:
-                    opt.zero_grad(set_to_none=True)
-                skipped, streak = skipped + 1, streak + 1
-                if streak >= cfg.max_nonfinite_steps:
-                    terms = [k for k, v in turn_logs.items() if not math.isfinite(v)] or ["its gradient"]
-                    raise NonFiniteError(
-                        f"step {step + 1}: the {turn} loss ({', '.join(terms)}) was not finite; {streak} updates in a row "
-                        f"were skipped, so the run stopped. The newest checkpoint in {run_dir}/checkpoints is the last "
-                        "good state: lower the learning rates or check the teacher, then --resume latest")
-                continue
-            streak = 0
-            for opt, lr_sched in zip(opts, lr_scheds):
-                opt.step()
-                opt.zero_grad(set_to_none=True)  # memory: gradients live from this backward to this step only
-                lr_sched.step()
-            if turn == "generator":
-                triad.ema_step()
-            logs.update(turn_logs)
-        logs["skipped_updates"] = skipped
+            turn_logs[f"grad_norm_{turn}"] = clip_grad_norm(accelerator, trained[turn], cfg.grad_clip or float("inf"))
+            if updates(step, turn, loss, turn_logs[f"grad_norm_{turn}"], opts, lr_scheds, turn_logs,
+                       triad.ema_step if turn == "generator" else None):
+                logs.update(turn_logs)
         if hasattr(method, "on_step"):  # e.g. DisBack's target schedule
             method.on_step(triad, step, logs)
         done = step + 1
         if cfg.compile and step == start and main_proc:
             tqdm.write(f"torch.compile: the first iteration (with compilation) took {time.time() - t_start:.1f} s")
+        if done % cfg.log_every == 0 or done == cfg.steps or any(n and done % n == 0 for n in (
+                cfg.sample_every, cfg.eval_every, cfg.checkpoint_every)):
+            updates.check()  # where the skips are counted on the device: a run of them past the limit stops here
         if done % cfg.log_every == 0 or done == cfg.steps:
+            logs = floats({**logs, "skipped_updates": updates.skipped_count()})  # one read of the device's values
             accelerator.log(logs, step=done)
             bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k.startswith("loss")})
         if cfg.sample_every and done % cfg.sample_every == 0:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..sampling import sample_teacher
-from ..schedule import append_dims
+from ..schedule import append_dims, to_device
 
 NATIVE_LOSS_SPACE = {"vp": "epsilon", "edm": "edm", "flow": "flow"}
 
@@ -99,7 +99,7 @@ class DMD:
         reg = self._pairs is not None and self.regression_weight > 0
         if reg:  # one generator call for both the DM and the regression samples
             idx = torch.randint(0, len(self._pairs[0]), (self.regression_batch,))
-            z_ref, c_ref, y_ref = (None if v is None else v[idx].to(z.device) for v in self._pairs)
+            z_ref, c_ref, y_ref = (None if v is None else to_device(v[idx], z.device) for v in self._pairs)
             z = torch.cat([z, z_ref])
             c = None if c is None else torch.cat([c, c_ref])
         x_all = triad.generate(z, c)
@@ -113,16 +113,16 @@ class DMD:
             x0_fake = triad.fake_score(x_t, t, cond)
             grad = dm_gradient(x.detach(), x0_real, x0_fake, eps=self.norm_eps)
         loss_dm = dm_surrogate(x, grad)
-        loss, logs = loss_dm, {"loss_dm": loss_dm.item(), "dm_grad_norm": grad.flatten(1).norm(dim=1).mean().item()}
+        loss, logs = loss_dm, {"loss_dm": loss_dm.detach(), "dm_grad_norm": grad.flatten(1).norm(dim=1).mean().detach()}
 
         if reg:
             loss_reg = F.mse_loss(x_all[n:], y_ref.float())
             loss = loss + self.regression_weight * loss_reg
-            logs["loss_reg"] = loss_reg.item()
+            logs["loss_reg"] = loss_reg.detach()
         if self.gan_generator_weight > 0:
             loss_gan = self.gan_generator_term(triad, x, cond)
             loss = loss + self.gan_generator_weight * loss_gan
-            logs["loss_gan_g"] = loss_gan.item()
+            logs["loss_gan_g"] = loss_gan.detach()
         return loss, logs
 
     def gan_generator_term(self, triad, x: torch.Tensor, cond) -> torch.Tensor:
@@ -146,7 +146,7 @@ class DMD:
         x_t = sched.add_noise(x, torch.randn_like(x), t)
         if not self.uses_gan:
             loss = weighted_dsm(sched, t, triad.fake_score(x_t, t, c), x, self.loss_space(sched)).mean()
-            return loss, {"loss_fake": loss.item()}
+            return loss, {"loss_fake": loss.detach()}
 
         # GAN: noise generated and real images at t ~ U[0, T) and classify the bottleneck features.
         real, c_real = batch["real"][:n], batch.get("real_cond")
@@ -163,8 +163,8 @@ class DMD:
         logits = triad.gan_head(feats)
         loss_cls = F.softplus(logits[:n]).mean() + F.softplus(-logits[n:]).mean()
         loss = loss_fake + self.gan_critic_weight * loss_cls
-        return loss, {"loss_fake": loss_fake.item(), "loss_gan_d": loss_cls.item(),
-                      "d_real": torch.sigmoid(logits[n:]).mean().item(), "d_fake": torch.sigmoid(logits[:n]).mean().item()}
+        return loss, {"loss_fake": loss_fake.detach(), "loss_gan_d": loss_cls.detach(),
+                      "d_real": torch.sigmoid(logits[n:]).mean().detach(), "d_fake": torch.sigmoid(logits[:n]).mean().detach()}
 
 
 @dataclass

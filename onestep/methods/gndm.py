@@ -106,7 +106,7 @@ class GNDM(DMD):
         """A (B,): the DM reward and each external reward standardised in groups, summed, standardised; logs (+)."""
         G, eps, total, logs = self.group_size, self.advantage_eps, torch.zeros(n, device=device), logs or {}
         if r_dm is not None:
-            total, logs["reward_dm_mean"] = total + group_standardise(r_dm, G, eps), r_dm.mean().item()
+            total, logs["reward_dm_mean"] = total + group_standardise(r_dm, G, eps), r_dm.mean().detach()
         total = total + self._reward_set.advantage(scores, G, eps)
         return group_standardise(total, G, eps), logs
 
@@ -139,8 +139,8 @@ class GNDM(DMD):
         iw = log_ratio[:k].sum(0).detach().exp().clamp(lo, hi)
         rho = log_ratio.sum(0).exp()
         loss_pg = -torch.min(rho * adv, rho.clamp(lo, hi) * adv).mean() / xs[0, 0].numel()
-        logs = {**roll["logs"], "is_ratio_mean": rho.detach().mean().item(), "rollout_use": roll["uses"],
-                "is_clip_frac": ((rho.detach() < lo) | (rho.detach() > hi)).float().mean().item()}
+        logs = {**roll["logs"], "is_ratio_mean": rho.detach().mean(), "rollout_use": roll["uses"],
+                "is_clip_frac": ((rho.detach() < lo) | (rho.detach() > hi)).float().mean().detach()}
         return out[k], c, adv, iw, loss_pg, logs
 
     # ---- generator turn --------------------------------------------------------------------------
@@ -165,18 +165,18 @@ class GNDM(DMD):
         weight = torch.exp(self.advantage_scale * adv)
         weight = weight / group_mean(weight, G) * (1.0 if iw is None else iw)
         loss = loss_dm = dm_surrogate(x, grad * append_dims(weight, grad.ndim))
-        logs.update({"loss_dm": loss_dm.item(), "dm_grad_norm": grad.flatten(1).norm(dim=1).mean().item(),
-                     "dm_normaliser": per.mean().item(), "adv_abs_mean": adv.abs().mean().item(),
-                     "adv_group_std": adv.view(-1, G).std(1, unbiased=False).mean().item(),
-                     "adv_weight_max": weight.max().item(), "adv_weight_min": weight.min().item()})
+        logs.update({"loss_dm": loss_dm.detach(), "dm_grad_norm": grad.flatten(1).norm(dim=1).mean().detach(),
+                     "dm_normaliser": per.mean().detach(), "adv_abs_mean": adv.abs().mean().detach(),
+                     "adv_group_std": adv.view(-1, G).std(1, unbiased=False).mean().detach(),
+                     "adv_weight_max": weight.max().detach(), "adv_weight_min": weight.min().detach()})
         if loss_pg is not None and self.pg_weight > 0:
-            loss, logs["loss_pg"] = loss + self.pg_weight * loss_pg, loss_pg.item()
+            loss, logs["loss_pg"] = loss + self.pg_weight * loss_pg, loss_pg.detach()
         term = self._reward_set.gradient_term(scores)  # None unless a reward is differentiable here
         if term is not None:
-            loss, logs["loss_reward"] = loss + self.reward_gradient_weight * term, term.item()
+            loss, logs["loss_reward"] = loss + self.reward_gradient_weight * term, term.detach()
         if self.gan_generator_weight > 0:  # DMD2's non-saturating GAN term, as in DMD
             loss_gan = self.gan_generator_term(triad, x, c)
-            loss, logs["loss_gan_g"] = loss + self.gan_generator_weight * loss_gan, loss_gan.item()
+            loss, logs["loss_gan_g"] = loss + self.gan_generator_weight * loss_gan, loss_gan.detach()
         return loss, logs
 
     # ---- checkpointing and evaluation --------------------------------------------------------------

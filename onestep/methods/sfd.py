@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import OnestepError
-from ..schedule import append_dims
+from ..schedule import append_dims, to_device
 from .sid import SiD
 
 OVERRIDE_MODES = ("auto", "map", "random", "classifier")
@@ -103,37 +103,37 @@ class SFD(SiD):
         def flat(v: torch.Tensor) -> torch.Tensor:  # (B,) labels or (B, L, D) embeddings -> (B, K) floats
             return (v.flatten(1) if v.ndim > 1 else v[:, None]).float()
 
-        return torch.cdist(flat(c), flat(self._table.to(c.device))).argmin(1)
+        return torch.cdist(flat(c), flat(to_device(self._table, c.device))).argmin(1)
 
     def is_forget(self, c) -> torch.Tensor:
         """(B,) bool: which samples carry a forget condition."""
         if self._table is None:
             raise RuntimeError("SFD.setup(...) must bind the run's conditions before training")
-        return torch.isin(self._rows(c), self._forget.to(c.device))
+        return torch.isin(self._rows(c), to_device(self._forget, c.device))
 
     def override_cond(self, c: torch.Tensor, forget: torch.Tensor, x0_fake: torch.Tensor) -> torch.Tensor:
         """The teacher's conditions: c for remaining samples, the override condition for forget samples."""
         rows, dev = self._rows(c), c.device
         if self.override_mode == "map":
-            new = self._lut.to(dev)[rows]
+            new = to_device(self._lut, dev)[rows]
         elif self.override_mode == "random":
-            new = self._remain.to(dev)[torch.randint(len(self._remain), (len(c),), device=dev)]
+            new = to_device(self._remain, dev)[torch.randint(len(self._remain), (len(c),), device=dev)]
         else:  # classifier pseudo-label of the fake score's x0 estimate, restricted to remaining classes
             with torch.no_grad():
                 logits = self._classifier(x0_fake.clamp(-1, 1)).float()
-            labels = self._table.to(dev)[self._remain.to(dev)]
-            new = self._remain.to(dev)[logits[:, labels].argmax(1)]
-        return torch.where(append_dims(forget, c.ndim), self._table.to(dev)[new].to(c.dtype), c)
+            labels = to_device(self._table, dev)[to_device(self._remain, dev)]
+            new = to_device(self._remain, dev)[logits[:, labels].argmax(1)]
+        return torch.where(append_dims(forget, c.ndim), to_device(self._table, dev)[new].to(c.dtype), c)
 
     def _split(self, per_sample: torch.Tensor, forget: torch.Tensor, c_r: float, c_f: float, name: str, logs: dict):
         """c_r * mean over remaining samples + c_f * mean over forget samples (an empty part adds nothing)."""
         total = per_sample.sum() * 0.0
         if (~forget).any():
             remain = per_sample[~forget].mean()
-            total, logs[f"{name}_remain"] = total + c_r * remain, remain.item()
+            total, logs[f"{name}_remain"] = total + c_r * remain, remain.detach()
         if c_f > 0 and forget.any():
             forgot = per_sample[forget].mean()
-            total, logs[f"{name}_forget"] = total + c_f * forgot, forgot.item()
+            total, logs[f"{name}_forget"] = total + c_f * forgot, forgot.detach()
         return total, logs
 
     def _forget_t(self, sched, t, forget, batch) -> torch.Tensor:
@@ -152,7 +152,7 @@ class SFD(SiD):
         teacher_cond = (lambda x0_fake: self.override_cond(c, forget, x0_fake)) if on else None
         per_sample, logs = self.generator_terms(triad, x, c, t, teacher_cond)
         loss, logs = self._split(per_sample, forget, self.gen_remain_coef, self.gen_forget_coef, "loss_sid", logs)
-        return loss, {"loss_sfd": loss.item(), "forget_share": forget.float().mean().item(), **logs}
+        return loss, {"loss_sfd": loss.detach(), "forget_share": forget.float().mean().detach(), **logs}
 
     # ---- critic turn -----------------------------------------------------------------------------
     def fake_score_loss(self, triad, batch: dict) -> tuple[torch.Tensor, dict]:
@@ -164,7 +164,7 @@ class SFD(SiD):
         t = self._forget_t(sched, t, forget, batch) if self.fake_forget_coef > 0 and forget.any() else t
         loss, logs = self._split(self.fake_terms(triad, x, c, t), forget, self.fake_remain_coef,
                                  self.fake_forget_coef, "loss_fake", {})
-        return loss, {"loss_fake": loss.item(), **logs}
+        return loss, {"loss_fake": loss.detach(), **logs}
 
     # ---- evaluation --------------------------------------------------------------------------------
     def extra_metrics(self, sample, classifier=None, num_samples: int = 2000, sample_shape=(), device="cpu") -> dict:

@@ -103,7 +103,7 @@ class SiD:
             c_real = cond if teacher_cond is None else teacher_cond(x0_fake.detach())
             x0_real = triad.teacher(x_t, t, c_real)
         loss = sid_loss(x, x0_real, x0_fake, self.alpha, self.weight_eps)
-        return loss, {"score_gap": (x0_real - x0_fake).detach().flatten(1).norm(dim=1).mean().item()}
+        return loss, {"score_gap": (x0_real - x0_fake).detach().flatten(1).norm(dim=1).mean().detach()}
 
     def fake_terms(self, triad, x: torch.Tensor, cond, t: torch.Tensor) -> torch.Tensor:
         """Per-sample denoising loss (B,) of the fake score on sg(x) at timesteps t."""
@@ -117,7 +117,7 @@ class SiD:
         x = triad.generate(z, c)
         loss, logs = self.generator_terms(triad, x, c, self.generator_t(triad.teacher.schedule, len(z), x.device))
         loss = loss.mean()
-        return loss, {"loss_sid": loss.item(), **logs}
+        return loss, {"loss_sid": loss.detach(), **logs}
 
     # ---- critic turn -----------------------------------------------------------------------------
     def fake_score_loss(self, triad, batch: dict) -> tuple[torch.Tensor, dict]:
@@ -125,4 +125,4 @@ class SiD:
         with torch.no_grad():
             x = triad.generate(z, c)
         loss = self.fake_terms(triad, x, c, self.fake_timesteps(triad.teacher.schedule, len(z), x.device)).mean()
-        return loss, {"loss_fake": loss.item()}
+        return loss, {"loss_fake": loss.detach()}

@@ -87,9 +87,9 @@ class VSD:
             x0_fake = triad.fake_score.guided(x_t, t, c, kappa if self.fake_guidance else 1.0)
             grad = vsd_gradient(sched, t, x0_real, x0_fake)
         loss = dm_surrogate(x, grad)
-        logs = {"loss_vsd": loss.item(), "vsd_grad_norm": grad.flatten(1).norm(dim=1).mean().item()}
+        logs = {"loss_vsd": loss.detach(), "vsd_grad_norm": grad.flatten(1).norm(dim=1).mean().detach()}
         if torch.is_tensor(kappa):
-            logs["kappa"] = kappa.mean().item()
+            logs["kappa"] = kappa.mean().detach()
         return loss, logs
 
     # ---- critic turn -----------------------------------------------------------------------------
@@ -105,4 +105,4 @@ class VSD:
         if self.fake_abar_weight:
             loss = loss * sched.alpha_sigma(t)[0].to(loss).square()
         loss = loss.mean()
-        return loss, {"loss_fake": loss.item()}
+        return loss, {"loss_fake": loss.detach()}

@@ -1,0 +1,126 @@
+"""The update rule after each backward (onestep.update): a non-finite update is skipped, decided on the host (one
+read per update) or on the device (fused AdamW's found_inf, the EMA blended with weight 0; nothing read)."""
+import pytest
+import torch
+
+from onestep.errors import NonFiniteError, OnestepError
+from onestep.triad import in_place_ema
+from onestep.update import Updates, device_skip_blocker, floats
+
+CPU = torch.device("cpu")
+
+
+def build():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=0.01, fused=True)
+    return net, opt, in_place_ema(net.parameters(), 0.9), torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+
+
+def state(net, opt, ema) -> list[torch.Tensor]:
+    """Everything an update writes: weights, AdamW's moments and step counts, the EMA's shadow weights."""
+    out = [p.detach().clone() for p in net.parameters()]
+    out += [v.detach().clone() for p in net.parameters() for v in opt.state[p].values()]
+    return out + [s.detach().clone() for s in ema.shadow_params]
+
+
+def run(mode: str, poison=(), steps: int = 6, max_streak: int = 3):
+    """`steps` updates of a small net; the losses at the indices in `poison` are NaN. The state after each update."""
+    net, opt, ema, sched = build()
+    updates = Updates(mode, CPU, [opt], max_streak=max_streak)
+    g = torch.Generator().manual_seed(1)
+    states = []
+    for i in range(steps):
+        loss = net(torch.randn(16, 4, generator=g)).square().mean()
+        if i in poison:
+            loss = loss * float("nan")
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        updates(i, "generator", loss, norm, [opt], [sched], {"loss_x": loss.detach(), "lr": sched.get_last_lr()[0]},
+                lambda keep: ema.step(net.parameters(), keep))
+        assert all(p.grad is None for p in net.parameters())  # gradients never outlive their update
+        states.append(state(net, opt, ema))
+    return states, updates
+
+
+def test_host_and_device_give_the_same_trajectory():
+    host, _ = run("host")
+    device, updates = run("device")
+    assert updates.on_device and updates.skipped_count() == 0
+    for a, b in zip(host, device):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(host[0], host[-1]))  # it trained
+
+
+@pytest.mark.parametrize("mode", ["host", "device"])
+def test_a_skipped_update_changes_nothing(mode):
+    states, updates = run(mode, poison=(2,))
+    before, after = states[1], states[2]
+    assert all(torch.equal(x, y) for x, y in zip(before, after))  # weights, moments, step counts, EMA
+    assert not all(torch.equal(x, y) for x, y in zip(states[2], states[3]))  # and the next update applies
+    assert updates.skipped_count() == 1 and int(updates.streak) == 0
+    updates.check()  # one skip, then a good update: no stop
+
+
+def test_host_stops_at_the_limit_with_one_line():
+    with pytest.raises(NonFiniteError) as e:
+        run("host", poison=(1, 2, 3))
+    msg = str(e.value)
+    assert msg.startswith("step 4: the generator loss (loss_x) was not finite; 3 updates in a row were skipped")
+    assert "\n" not in msg and "--resume latest" in msg
+
+
+def test_device_counts_without_reading_and_stops_at_the_next_check():
+    states, updates = run("device", poison=(1, 2, 3, 4), steps=5)  # no read inside the updates: no stop yet
+    assert torch.is_tensor(updates.streak) and int(updates.streak) == 4 and updates.skipped_count() == 4
+    assert all(torch.equal(x, y) for x, y in zip(states[0], states[4]))
+    with pytest.raises(NonFiniteError, match=r"^step 5: the generator loss \(loss_x\) was not finite; 4 updates"):
+        updates.check()
+
+
+def test_auto_reads_on_the_host_on_a_cpu_and_refuses_what_cannot_skip_on_the_device():
+    net = torch.nn.Linear(2, 2)
+    fused = torch.optim.AdamW(net.parameters(), fused=True)
+    plain = torch.optim.AdamW(net.parameters(), foreach=False)
+    assert not Updates("auto", CPU, [fused], 3).on_device and Updates("device", CPU, [fused], 3).on_device
+    assert device_skip_blocker([fused]) is None and "fused" in device_skip_blocker([plain])
+    assert not Updates("auto", torch.device("meta"), [plain], 3).on_device  # no fused kernel: host reads
+    with pytest.raises(OnestepError, match="nonfinite_check: 'device' needs torch's fused AdamW"):
+        Updates("device", CPU, [plain], 3)
+    with pytest.raises(OnestepError, match="unknown value 'gpu'"):
+        Updates("gpu", CPU, [fused], 3)
+
+
+def test_floats_reads_tensors_and_keeps_numbers():
+    logs = {"a": torch.tensor(1.5), "b": torch.tensor([2.0]), "c": 3, "d": torch.tensor(float("nan"))}
+    out = floats(logs)
+    assert out["a"] == 1.5 and out["b"] == 2.0 and out["c"] == 3 and out["d"] != out["d"]
+    assert all(isinstance(v, (int, float)) for v in out.values())
+
+
+def test_config_refuses_device_checks_it_cannot_do(tmp_path):
+    from onestep.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="nonfinite_check: 'device' needs torch's fused AdamW without a gradient scaler"):
+        load_config(["--nonfinite_check", "device", "--mixed_precision", "fp16"])
+    with pytest.raises(ConfigError, match="nonfinite_check"):
+        load_config(["--nonfinite_check", "sometimes"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_dmd_step_on_a_gpu_makes_the_host_wait_only_where_asked():
+    """On a GPU, a DMD iteration with the skip decided on the device makes the host wait for the device nowhere
+    (no .item(), no copy from pageable host memory); the host rule reads once per update, the old rule also each
+    turn's loss terms."""
+    from onestep.stepbench import StepRunner, build_workload, count_host_syncs
+
+    cuda = torch.device("cuda")
+    work = build_workload("digits", cuda, 8)
+    syncs = {}
+    for sync in ("logs", "host", "device"):
+        runner = StepRunner(work, "bf16", cuda, sync=sync)
+        runner.step()
+        runner.step()  # optimiser states and the schedule's table exist from here
+        torch.cuda.synchronize()
+        syncs[sync] = count_host_syncs(runner.step, cuda)
+    assert syncs["device"] == 0 and syncs["host"] >= 2 and syncs["logs"] > syncs["host"], syncs
