@@ -10,6 +10,9 @@ clean-fid's own network; without, an Inception-v3 of torchvision's architecture 
 (the same layers and arithmetic, so about the same time). It prints times, not an FID value (eval/benchmark.py
 computes FID against reference statistics through the same code). On a GPU, in the same run, the per-image CPU
 resize that clean-fid itself uses is timed on --baseline-samples samples against the batched GPU resize.
+--layouts nchw,nhwc and --generator eager,compile add a row per combination (the features in channels-last layout;
+the generator's network compiled) and print the FID between their statistics, which differ only by rounding (the
+same seeds, so the same samples).
 """
 from __future__ import annotations
 
@@ -23,27 +26,45 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def random_inception(device):
-    """torchvision's Inception-v3 (random weights, 2048-d pool output): clean-fid's network's arithmetic."""
+    """torchvision's Inception-v3 (random weights, 2048-d pool output) on [0, 255] inputs: clean-fid's network's
+    arithmetic."""
     import torch
     import torchvision
 
-    net = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False)
-    net.fc = torch.nn.Identity()
-    net = net.eval().to(device)
-    return lambda x: net(x / 127.5 - 1)
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=False)
+            self.net.fc = torch.nn.Identity()
+
+        def forward(self, x):
+            return self.net(x / 127.5 - 1)
+
+    return Scaled().eval().to(device)
 
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--num-samples", type=int, default=50_000)
-    p.add_argument("--baseline-samples", type=int, default=2_000, help="samples for the per-image CPU resize baseline")
+    p.add_argument("--baseline-samples", type=int, default=2_000, help="samples for the per-image CPU resize baseline "
+                   "(0: no baseline)")
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--inception-weights", default="", help="clean-fid's inception-2015-12-05.pt (else timing only)")
+    p.add_argument("--layouts", default="nchw", help="the feature network's layout: nchw, nhwc (channels last) or "
+                   "nchw,nhwc (a row each, and the FID between their statistics on the same samples)")
+    p.add_argument("--generator", default="eager", help="eager, compile (torch.compile of the generator's network; "
+                   "compilation falls in the untimed warm-up) or eager,compile")
     p.add_argument("--device", default="", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--out", default="", help="also write the figures to this JSON file")
     a = p.parse_args(argv)
-    if min(a.num_samples, a.baseline_samples, a.batch_size) < 1:
-        print("error: --num-samples, --baseline-samples and --batch-size must be >= 1", file=sys.stderr)
+    if min(a.num_samples, a.batch_size) < 1 or a.baseline_samples < 0:
+        print("error: --num-samples and --batch-size must be >= 1, --baseline-samples >= 0", file=sys.stderr)
+        return 2
+
+    layouts = [x for x in a.layouts.split(",") if x]
+    generators = [x for x in a.generator.split(",") if x]
+    if not layouts or set(layouts) - {"nchw", "nhwc"} or not generators or set(generators) - {"eager", "compile"}:
+        print("error: --layouts takes nchw and/or nhwc, --generator eager and/or compile", file=sys.stderr)
         return 2
 
     import dataclasses
@@ -52,18 +73,24 @@ def main(argv: list[str]) -> int:
     from cleanfid.resize import build_resizer
 
     from onestep.errors import OnestepError
-    from onestep.features import Extractor, inception_extractor, pil_bicubic_resize
+    from onestep.features import Extractor, channels_last, inception_extractor, pil_bicubic_resize
+    from onestep.fid import frechet_distance
     from onestep.generator import Generator
     from onestep.stepbench import build_workload
     from onestep.streaming import GeneratorSource, stream_features
 
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    try:
+
+    def make_extractor(layout: str) -> Extractor:  # a fresh network each time: channels_last converts in place
         if a.inception_weights:
-            extractor = inception_extractor("clean", a.inception_weights, device=str(device))
+            ex = inception_extractor("clean", a.inception_weights, device=str(device))
         else:
-            extractor = Extractor("inception_v3 (random weights: timing only)", "clean", 3, random_inception(device),
-                                  resize=build_resizer("clean"), resize_batch=pil_bicubic_resize, device=device)
+            ex = Extractor("inception_v3 (random weights: timing only)", "clean", 3, random_inception(device),
+                           resize=build_resizer("clean"), resize_batch=pil_bicubic_resize, device=device)
+        return channels_last(ex) if layout == "nhwc" else ex
+
+    try:
+        extractor = make_extractor(layouts[0])
     except OnestepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -71,33 +98,51 @@ def main(argv: list[str]) -> int:
     gen = Generator(work.teacher.to(device)).eval()
     bf16 = device.type == "cuda"
 
-    def sample(z, y):
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            return gen.sample(z, y).float()
+    def sampler(g):
+        def sample(z, y):
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                return g.sample(z, y).float()
+        return sample
 
-    def timed(n: int, ex: Extractor) -> dict:
+    def timed(n: int, ex: Extractor, sample) -> dict:
+        t0 = time.perf_counter()
         src = GeneratorSource(sample, n, work.shape, None, 0, device)
-        stream_features(src, ex, min(a.batch_size, n))  # warm-up: cuDNN, allocator, the resize matrices
+        stream_features(src, ex, min(a.batch_size, n))  # warm-up: cuDNN, allocator, the resize matrices, compilation
         if device.type == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t1 = time.perf_counter()
         r = stream_features(GeneratorSource(sample, n, work.shape, None, 1, device), ex, a.batch_size)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        total = time.perf_counter() - t0
-        return {"samples": n, "seconds": total, "sampling_seconds": r.sample_seconds, "img_per_s": n / total, "result": r}
+        total = time.perf_counter() - t1
+        return {"samples": n, "seconds": total, "sampling_seconds": r.sample_seconds, "img_per_s": n / total,
+                "warmup_seconds": t1 - t0, "result": r}
 
     rows = {}
-    if extractor.resize_batch is not None and device.type == "cuda":
+    if a.baseline_samples and extractor.resize_batch is not None and device.type == "cuda":
         per_image = dataclasses.replace(extractor, resize_batch=None)
-        rows["per-image CPU resize (clean-fid's)"] = timed(a.baseline_samples, per_image)
-        rows["batched resize on the GPU"] = timed(a.baseline_samples, extractor)
-    rows["end to end"] = timed(a.num_samples, extractor)
+        rows["per-image CPU resize (clean-fid's)"] = timed(a.baseline_samples, per_image, sampler(gen))
+        rows["batched resize on the GPU"] = timed(a.baseline_samples, extractor, sampler(gen))
+    for kind in generators:
+        g = gen
+        if kind == "compile":
+            import copy
+
+            g = copy.deepcopy(gen)
+            g.denoiser.backbone.compile()
+        for layout in layouts:
+            ex = extractor if layout == layouts[0] else make_extractor(layout)
+            rows[f"end to end, {'compiled' if kind == 'compile' else kind} generator, {layout.upper()} features"] = timed(a.num_samples, ex, sampler(g))
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print("| path | device | samples | seconds | img/s | of which sampling s |\n|---|---|---|---|---|---|")
+    print("| path | device | samples | seconds | img/s | of which sampling s | warm-up s |\n|---|---|---|---|---|---|---|")
     for name, r in rows.items():
-        print(f"| {name} | {card} | {r['samples']} | {r['seconds']:.2f} | {r['img_per_s']:.0f} | {r['sampling_seconds']:.2f} |")
+        print(f"| {name} | {card} | {r['samples']} | {r['seconds']:.2f} | {r['img_per_s']:.0f} | "
+              f"{r['sampling_seconds']:.2f} | {r['warmup_seconds']:.1f} |")
     out = {k: {kk: v for kk, v in r.items() if kk != "result"} for k, r in rows.items()}
+    ends = [r["result"].stats.moments() for k, r in rows.items() if k.startswith("end to end")]
+    if len(ends) > 1:  # the same samples (the same seeds): what the layouts' and compilation's rounding moves FID
+        out["fid_between_variants_max"] = max(frechet_distance(ends[0], e) for e in ends[1:])
+        print(f"FID between the variants' statistics (same samples): at most {out['fid_between_variants_max']:.2e}")
     out["features"], out["device"] = extractor.name, card
     print(json.dumps(out))
     if a.out:

@@ -34,7 +34,8 @@ stage env 60 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version,cl
 stage sd15_lowmem 160 $bench --preset sd15 --method dmd2 --variants bf16 --fake-score lora --gradient-checkpointing on \
     --ema on,offload --optimizer adamw,adamw8bit --no-components --repeats 4 --warmup 2 --out "$out/sd15_lowmem.json"
 # 2. FID-50k of a CIFAR-size one-step generator, end to end (stand-in Inception of the same architecture: timing)
-stage fid50k 150 python3 eval/fid_speed.py --out "$out/fid50k.json"
+#    (features in NCHW and in channels-last layout, each over 50 000 samples)
+stage fid50k 150 python3 eval/fid_speed.py --layouts nchw,nhwc --out "$out/fid50k.json"
 # 3. CIFAR-size UNet (google/ddpm-cifar10-32's config): torch.compile of the three networks (its compile time
 #    reported) at batch 512 with the skip decided on the device (no host read in the step) and, second (warm
 #    compile cache), with the loss terms read each turn as before; the bf16 eager baseline with each update rule;
@@ -55,6 +56,8 @@ stage gpu_tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_attentio
 stage sd15_xformers 90 $bench --preset sd15 --method dmd2 --variants bf16 --fake-score lora --gradient-checkpointing on \
     --ema off --attention sdpa,xformers --no-components --repeats 4 --warmup 2 --out "$out/sd15_xformers.json"
 stage cifar_compile 220 $bench --preset cifar --variants bf16-compile --sync device,logs --out "$out/cifar_compile.json"
+stage fid50k_compile 150 python3 eval/fid_speed.py --generator compile --layouts nchw,nhwc --baseline-samples 0 \
+    --out "$out/fid50k_compile.json"
 stage default_run 200 accelerate launch --num_processes 1 train/distill.py --name gpu-default
 cp runs/gpu-default/metrics.json "$out/default_metrics.json" 2>/dev/null
 echo "=== total $(( $(date +%s) - start ))s"

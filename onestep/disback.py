@@ -322,8 +322,9 @@ class DisBack:
         tr, done = self._track, step + 1
         value = next((logs[k] for k in NORM_KEYS if k in logs), None)
         if value is not None:
+            value = float(value)  # a host read each iteration: the plateau schedule decides on the host
             if _distributed():  # every process decides on the same mean
-                v = torch.tensor([float(value)], device=next(triad.raw("generator").parameters()).device)
+                v = torch.tensor([value], device=next(triad.raw("generator").parameters()).device)
                 torch.distributed.all_reduce(v)
                 value = v.item() / torch.distributed.get_world_size()
             tr["ema"] = value if tr["ema"] is None else self.smoothing * tr["ema"] + (1 - self.smoothing) * value

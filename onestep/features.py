@@ -5,6 +5,7 @@ holds, and clean-fid's own convention), resizes them the way its mode says, and 
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import tempfile
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from .errors import OnestepError
+from .schedule import to_device
 
 INCEPTION_MODES = ("clean", "legacy_tensorflow", "legacy_pytorch")
 INCEPTION_ENV = "ONESTEP_INCEPTION_WEIGHTS"
@@ -42,6 +44,7 @@ class Extractor:
     head: Callable[[torch.Tensor], torch.Tensor] | None = None  # features -> class logits, if it classifies
     num_classes: int | None = None                               # the head's classes
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    channels_last: bool = False  # inputs in NHWC layout (see `channels_last`)
 
     @property
     def meta(self) -> dict:
@@ -52,10 +55,11 @@ class Extractor:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = match_channels(x.float(), self.channels)
         if self.resize_batch is not None and self.device.type == "cuda":  # on the GPU: no per-image CPU work
-            x = self.resize_batch(x.to(self.device))
+            x = self.resize_batch(to_device(x, self.device))
         elif self.resize is not None:
             x = torch.stack(list(_pool().map(self._resize_one, x.cpu().numpy())))
-        return self.fn(x.to(self.device)).float()
+        x = to_device(x, self.device)
+        return self.fn(x.contiguous(memory_format=torch.channels_last) if self.channels_last else x).float()
 
     def _resize_one(self, im: np.ndarray) -> torch.Tensor:
         """clean-fid's per-image path: (C, H, W) -> (H, W, C) numpy -> its resizer -> (C, H', W') float."""
@@ -94,6 +98,16 @@ def callable_extractor(fn: Callable[[torch.Tensor], torch.Tensor], name: str, ch
                        device="cpu") -> Extractor:
     """Any callable on (B, C, H, W) floats in [0, 255]; `name` goes into reference metadata."""
     return Extractor(name, "native", channels, fn, device=torch.device(device))
+
+
+def channels_last(extractor: Extractor) -> Extractor:
+    """The extractor with its network's weights and its inputs in channels-last (NHWC) layout, where convolutions may
+    run faster (a GPU's tensor cores); the features change only by the convolutions' rounding. Converts the
+    network in place; it must be an nn.Module (clean-fid's Inception wrappers are)."""
+    if not isinstance(extractor.fn, torch.nn.Module):
+        raise FeatureError(f"channels_last: the {extractor.name} extractor's network is not an nn.Module")
+    extractor.fn.to(memory_format=torch.channels_last)
+    return dataclasses.replace(extractor, channels_last=True)
 
 
 def inception_extractor(mode: str = "clean", weights: str | None = None, device="cpu") -> Extractor:

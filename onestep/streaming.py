@@ -19,6 +19,7 @@ import torch
 from .errors import OnestepError
 from .features import Extractor
 from .fid import FeatureStats
+from .schedule import to_device
 
 Sample = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 
@@ -47,9 +48,9 @@ class GeneratorSource:
 
     def __call__(self, idx: torch.Tensor) -> torch.Tensor:
         z = torch.stack([torch.randn(*self.sample_shape, generator=torch.Generator().manual_seed(self.seed + int(i)))
-                         for i in idx]).to(self.device)
+                         for i in idx])
         y = self.labels(idx)
-        return self.sample(z, None if y is None else y.to(self.device))
+        return self.sample(to_device(z, self.device), None if y is None else to_device(y, self.device))
 
 
 @dataclass
@@ -155,25 +156,54 @@ def stream_features(source, extractor: Extractor, batch_size: int = 250, keep: i
     """Run `source` through `extractor` batch by batch into float64 moments; gather across processes."""
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     mine = torch.arange(rank, len(source), world)
-    stats, kept, preds, seconds = None, [], [], 0.0
-    for idx in mine.split(batch_size):
-        t0 = time.perf_counter()
-        x = source(idx)
-        seconds += time.perf_counter() - t0
+    stats, kept, preds, clock = None, [], [], _SourceClock(extractor.device)
+    for idx in mine.split(batch_size):  # nothing in the loop waits for the device but the kept features' copies
+        with clock:
+            x = source(idx)
         f = extractor(to_uint8_levels(x))
         stats, shape = stats or FeatureStats(f.shape[1]), tuple(x.shape[1:])
         stats.update(f)
-        kept.append(f[(idx < keep).to(f.device)].cpu())
+        if bool((idx < keep).any()):
+            kept.append(f[to_device(idx < keep, f.device)].cpu())
         if extractor.head is not None:
-            preds.append(extractor.head(f).argmax(1).cpu())
+            preds.append(extractor.head(f).argmax(1))
     if stats is None:  # more processes than samples
         raise SourceError(f"no samples for process {rank}: {len(source)} samples across {world} processes")
-    feats, pred = torch.cat(kept), (torch.cat(preds) if preds else None)
+    feats = torch.cat(kept) if kept else torch.empty(0, stats.dim)
+    pred, seconds = (torch.cat(preds).cpu() if preds else None), clock.seconds()
     if accelerator is not None and world > 1:
         stats, feats, pred, seconds = _gather(accelerator, stats, mine, keep, feats, pred, seconds)
     labels = source.labels(torch.arange(len(source)))
     return StreamResult(stats, feats.double().numpy() if keep else None, None if pred is None else pred.numpy(),
                         None if labels is None else labels.numpy(), seconds, shape)
+
+
+class _SourceClock:
+    """Time inside the source: the host's on a CPU; on a CUDA device the device's timeline between CUDA events
+    around each call, read once at the end (timing adds no host waits; a host clock would count the device's
+    queued work that a copy happened to wait for)."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.host, self.events = 0.0, []
+
+    def __enter__(self):
+        if self.cuda:
+            self.events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+            self.events[-1][0].record(torch.cuda.current_stream(self.device))
+        self._t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.host += time.perf_counter() - self._t0
+        if self.cuda:
+            self.events[-1][1].record(torch.cuda.current_stream(self.device))
+
+    def seconds(self) -> float:
+        if not self.cuda:
+            return self.host
+        torch.cuda.synchronize(self.device)
+        return sum(a.elapsed_time(b) for a, b in self.events) / 1000
 
 
 def _gather(accelerator, stats: FeatureStats, mine: torch.Tensor, keep: int, feats, pred, seconds):

@@ -96,10 +96,14 @@ def test_fid_speed_times_the_stream_and_refuses_bad_counts(tmp_path):
     """eval/fid_speed.py end to end on the CPU at a tiny size: the stand-in Inception, a JSON of the times."""
     script, out = os.path.join(ROOT, "eval", "fid_speed.py"), tmp_path / "speed.json"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, script, "--num-samples", "2", "--batch-size", "2", "--device", "cpu",
-                        "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, script, "--num-samples", "4", "--batch-size", "2", "--device", "cpu",
+                        "--layouts", "nchw,nhwc", "--out", str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    row = json.loads(out.read_text())["end to end"]
-    assert row["samples"] == 2 and row["seconds"] >= row["sampling_seconds"] > 0
+    figures = json.loads(out.read_text())
+    for layout in ("NCHW", "NHWC"):  # channels-last features: the same samples, the same statistics up to rounding
+        row = figures[f"end to end, eager generator, {layout} features"]
+        assert row["samples"] == 4 and row["seconds"] >= row["sampling_seconds"] > 0
+    assert 0 <= figures["fid_between_variants_max"] < 1e-3
     r = subprocess.run([sys.executable, script, "--num-samples", "0"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.startswith("error: --num-samples")
