@@ -2,6 +2,7 @@
 # GPU measurements in one call (at most GPU_SESSION_SECONDS, default 540 s): step benchmarks of the SD1.5-size and
 # CIFAR-size UNets (baselines and fast paths in the same run), FID-50k, the attention backends, the default job.
 #   bash eval/gpu_session.sh [OUTDIR]        # OUTDIR defaults to $OUT, else gpu-session/
+#   GPU_SESSION_ONLY="cifar_base gpu_tests" bash eval/gpu_session.sh    # only these stages (e.g. a second call)
 # Each stage has its own time limit, so a slow one cannot take the others with it; logs and JSON rows go to OUTDIR.
 set -u
 out=${1:-${OUT:-gpu-session}}
@@ -12,6 +13,7 @@ deadline=${GPU_SESSION_SECONDS:-540}  # every stage ends by then
 stage() {  # stage NAME LIMIT_S COMMAND...
     local name=$1 limit=$2 left
     shift 2
+    if [[ -n "${GPU_SESSION_ONLY:-}" && " $GPU_SESSION_ONLY " != *" $name "* ]]; then return; fi
     left=$(( deadline - ($(date +%s) - start) ))
     (( left < limit )) && limit=$left
     (( limit < 20 )) && { echo "=== $name: skipped (${left}s left)"; return; }
@@ -37,12 +39,15 @@ stage sd15_lowmem 160 $bench --preset sd15 --method dmd2 --variants bf16 --fake-
 #    (features in NCHW and in channels-last layout, each over 50 000 samples)
 stage fid50k 150 python3 eval/fid_speed.py --layouts nchw,nhwc --out "$out/fid50k.json"
 # 3. CIFAR-size UNet (google/ddpm-cifar10-32's config): torch.compile of the three networks (its compile time
-#    reported) at batch 512 with the skip decided on the device (no host read in the step) and, second (warm
-#    compile cache), with the loss terms read each turn as before; the bf16 eager baseline with each update rule;
-#    CUDA graphs (compile mode reduce-overhead)
-stage cifar_compile_b512 280 $bench --preset cifar --variants bf16-compile --batch-size 512 --sync device,logs \
+#    reported) at batch 512 (the trainer's rule: no host read in the step); the bf16 eager baseline with each update
+#    rule (the loss terms read each turn as before, a host read per update, none), the GPU tests (a DMD step with
+#    the device rule waits nowhere), compiled at batch 256 with the device rule and, second (warm compile cache),
+#    the old one; then CUDA graphs (compile mode reduce-overhead)
+stage cifar_compile_b512 220 $bench --preset cifar --variants bf16-compile --batch-size 512 --no-components \
     --out "$out/cifar_compile_b512.json"
 stage cifar_base 120 $bench --preset cifar --variants bf16 --sync logs,host,device --out "$out/cifar_base.json"
+stage gpu_tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_update.py
+stage cifar_compile 240 $bench --preset cifar --variants bf16-compile --sync device,logs --out "$out/cifar_compile.json"
 stage cifar_cudagraphs 200 $bench --preset cifar --variants bf16-reduce-overhead --out "$out/cifar_cudagraphs.json"
 # FSDP2 on CUDA (NCCL, one rank; bf16 through FSDP2's MixedPrecisionPolicy): the smoke run of the shipped config
 stage fsdp_smoke 90 accelerate launch --config_file train/accelerate/fsdp.yaml --num_processes 1 train/distill.py \
@@ -52,10 +57,8 @@ cp runs/gpu-fsdp/metrics.json "$out/fsdp_metrics.json" 2>/dev/null
 #    GPU, AdamW), the attention backends, compile at batch 256, the default job (bf16 through mixed_precision auto)
 stage sd15_memory 160 $bench --preset sd15 --method dmd2 --variants bf16 --fake-score copy,lora \
     --gradient-checkpointing off,on --ema on --no-components --repeats 4 --warmup 2 --out "$out/sd15_memory.json"
-stage gpu_tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_update.py
 stage sd15_xformers 90 $bench --preset sd15 --method dmd2 --variants bf16 --fake-score lora --gradient-checkpointing on \
     --ema off --attention sdpa,xformers --no-components --repeats 4 --warmup 2 --out "$out/sd15_xformers.json"
-stage cifar_compile 220 $bench --preset cifar --variants bf16-compile --sync device,logs --out "$out/cifar_compile.json"
 stage fid50k_compile 150 python3 eval/fid_speed.py --generator compile --layouts nchw,nhwc --baseline-samples 0 \
     --out "$out/fid50k_compile.json"
 stage default_run 200 accelerate launch --num_processes 1 train/distill.py --name gpu-default

@@ -107,6 +107,28 @@ def test_config_refuses_device_checks_it_cannot_do(tmp_path):
         load_config(["--nonfinite_check", "sometimes"])
 
 
+@pytest.mark.parametrize("method", ["dmd", "dmd2"])
+def test_a_step_with_the_device_rule_reads_no_tensor_on_the_host(method, monkeypatch):
+    """One DMD / DMD2 iteration (the step benchmark's: the trainer's method code and update rule) reads no tensor
+    value on the host (.item(), bool(), float(), .tolist(), .numpy(), .cpu(): each a wait for a GPU) with the device
+    rule; the host rule reads the finiteness once per update, the old rule also each turn's loss terms."""
+    from onestep.stepbench import StepRunner, build_workload
+
+    work = build_workload("digits", CPU, 4)
+    reads = {}
+    for sync in ("device", "host", "logs"):
+        runner = StepRunner(work, "fp32", CPU, sync=sync, method=method)
+        runner.step()
+        count = []
+        with monkeypatch.context() as m:
+            for name in ("item", "__bool__", "__float__", "__int__", "tolist", "numpy", "cpu"):
+                original = getattr(torch.Tensor, name)
+                m.setattr(torch.Tensor, name, lambda self, *a, _f=original, **k: count.append(1) or _f(self, *a, **k))
+            runner.step()
+        reads[sync] = len(count)
+    assert reads == {"device": 0, "host": 2, "logs": 4}
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_a_dmd_step_on_a_gpu_makes_the_host_wait_only_where_asked():
     """On a GPU, a DMD iteration with the skip decided on the device makes the host wait for the device nowhere

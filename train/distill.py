@@ -40,7 +40,7 @@ def train(cfg, backbone: torch.nn.Module | None = None):
     """Distil, evaluate and export one student as `cfg` says; returns it (a Generator, EMA weights where kept).
     backbone: the generator / fake-score architecture (e.g. a smaller TSM-trained UNet; default: the teacher's)."""
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
     from tqdm import tqdm
 
     from onestep import hostmem
@@ -78,7 +78,8 @@ def train(cfg, backbone: torch.nn.Module | None = None):
         mp = mp if mp != "no" else ("bf16" if gpu and torch.cuda.is_bf16_supported() else "no")
     check_launch()
     accelerator = Accelerator(mixed_precision=mp, log_with="tensorboard", project_config=ProjectConfiguration(
-        project_dir=run_dir, logging_dir=os.path.join(run_dir, "logs")))
+        project_dir=run_dir, logging_dir=os.path.join(run_dir, "logs")),
+        dataloader_config=DataLoaderConfiguration(non_blocking=True))  # real batches: no host wait per copy
     device, main_proc = accelerator.device, accelerator.is_main_process
     fsdp = distributed_mode(accelerator, cfg)  # FSDP2 (onestep/distributed.py); DeepSpeed refused
     if device.type == "cuda":
