@@ -13,6 +13,8 @@ Presets: "digits" (the shipped teacher), "cifar" (google/ddpm-cifar10-32's UNet2
 embeddings). Variants: "fp32", "tf32", "bf16" (autocast, frozen teacher stored in bf16), "bf16-compile"
 (+ torch.compile of the three networks; its compile time is reported), "bf16-reduce-overhead" (compile with CUDA
 graphs) and "bf16-max-autotune" (compile with kernel autotuning and CUDA graphs).
+img/s is the median over single steps, each ended by a synchronisation; "back to back" runs up to 10 steps with one
+synchronisation at the end, as the trainer runs (the host queues the next step's work while the device computes).
 """
 from __future__ import annotations
 
@@ -331,6 +333,13 @@ def measure(work: Workload, variant: str, device: torch.device, *, warmup: int =
             parts[k].append(timer(fn))
             runner.zero_grads()
     step_s = statistics.median(times)
+    runs = min(repeats, 10)  # as the trainer runs: steps back to back, the host queueing the next one's work early
+
+    def burst():
+        for _ in range(runs):
+            runner.step()
+
+    back_to_back_s = timer(burst) / runs
     host_syncs = count_host_syncs(runner.step, device)
     if flops is None:
         flops = count_flops(runner) if variant not in COMPILE_MODES else None
@@ -339,6 +348,7 @@ def measure(work: Workload, variant: str, device: torch.device, *, warmup: int =
            "fake_score": fake_score, "gradient_checkpointing": gradient_checkpointing, "attention": runner.attention,
            "cudnn_benchmark": cudnn_benchmark, "ema": ema, "optimizer": optimizer, "sync": runner.sync,
            "sync_option": sync, "step_s": step_s, "img_per_s": work.batch_size / step_s, "first_step_s": first,
+           "back_to_back_step_s": back_to_back_s, "back_to_back_img_per_s": work.batch_size / back_to_back_s,
            "gflop_per_step": None if flops is None else flops / 1e9,
            "tflops": None if flops is None else flops / step_s / 1e12}
     row["peak_fraction"] = None if (row["tflops"] is None or not peak_value) else row["tflops"] / peak_value
@@ -382,11 +392,11 @@ def markdown(rows: list[dict]) -> str:
         return ", ".join(o)
 
     head = ("| preset | method | variant | options | device | batch | img/s | step ms | TFLOP/s | of bf16 peak | peak GiB | "
-            "step / passes | first step s | host syncs |")
-    lines = [head, "|" + "---|" * 14]
+            "step / passes | first step s | host syncs | img/s back to back |")
+    lines = [head, "|" + "---|" * 15]
     for r in rows:
         lines.append(f"| {r['preset']} | {r.get('method', 'dmd').upper()} | {r['variant']} | {opts(r)} | {r['device']} | {r['batch']} | {f(r['img_per_s'], '.1f')} | "
                      f"{f(r['step_s'] * 1e3, '.1f')} | {f(r['tflops'], '.3f')} | {f(r['peak_fraction'], '.1%')} | "
                      f"{f(r['peak_mem_gib'], '.2f')} | {f(r.get('step_over_passes'), '.3f')} | {f(r['first_step_s'], '.1f')} | "
-                     f"{f(r.get('host_syncs_per_step'), 'd')} |")
+                     f"{f(r.get('host_syncs_per_step'), 'd')} | {f(r.get('back_to_back_img_per_s'), '.1f')} |")
     return "\n".join(lines)

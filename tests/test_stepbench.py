@@ -70,6 +70,8 @@ def test_cli_prints_rows_with_flops_and_step_over_passes(tmp_path):
     row = json.loads(out.read_text())[0]
     assert row["preset"] == "digits" and row["variant"] == "fp32" and row["img_per_s"] > 0
     assert row["gflop_per_step"] > 0 and row["tflops"] > 0
+    assert row["back_to_back_img_per_s"] == pytest.approx(4 / row["back_to_back_step_s"]) and row["back_to_back_step_s"] > 0
+    assert row["host_syncs_per_step"] is None  # counted on CUDA devices only
     assert set(row["passes_s"]) == {"generator fwd+bwd", "teacher fwd", "fake fwd", "fake fwd+bwd"}
     assert row["step_over_passes"] == pytest.approx(row["step_s"] / sum(row["passes_s"].values()))
     assert "| digits | DMD | fp32 | copy fake score, sdpa | cpu | 4 |" in r.stdout
