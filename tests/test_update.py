@@ -1,5 +1,7 @@
 """The update rule after each backward (onestep.update): a non-finite update is skipped, decided on the host (one
 read per update) or on the device (fused AdamW's found_inf, the EMA blended with weight 0; nothing read)."""
+import os
+
 import pytest
 import torch
 
@@ -127,6 +129,34 @@ def test_a_step_with_the_device_rule_reads_no_tensor_on_the_host(method, monkeyp
             runner.step()
         reads[sync] = len(count)
     assert reads == {"device": 0, "host": 2, "logs": 4}
+
+
+@pytest.mark.slow
+def test_the_training_loop_reads_nothing_each_iteration_with_the_device_rule(tmp_path):
+    """The trainer end to end (DMD2 with its GAN on real digits, EMA; CPU): with the device rule no call site reads a
+    tensor value on the host once per iteration (what remains, e.g. the final evaluation's per-sample seeds, is not in
+    the loop); with the host rule the finiteness check reads once per update. update_ratio 1: every iteration has
+both turns, so a read in either is counted at least once per iteration."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    steps = 12
+    sites = {}
+    for check in ("device", "host"):
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "count_host_reads.py"), "--preset", "smoke",
+                            "--steps", str(steps), "--log_every", "1000", "--checkpoint_every", "0", "--sample_every", "0",
+                            "--ema_decay", "0.9", "--update_ratio", "1", "--export", "false", "--output_dir", str(tmp_path),
+                            "--name", check,
+                            "--nonfinite_check", check], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 0, r.stderr[-2000:]
+        rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+        sites[check] = {row["site"]: row["count"] for row in rows if row["count"] >= steps}
+    assert all(site.startswith("onestep/streaming.py") for site in sites["device"]), sites["device"]
+    assert any(site.startswith("onestep/update.py") and n == 2 * steps for site, n in sites["host"].items()), sites["host"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -125,7 +125,9 @@ def train(cfg, backbone: torch.nn.Module | None = None):
     cond_sampler = ConditionSampler(None if cond_table is None else len(cond_table))
 
     def draw_cond(n: int, generator: torch.Generator | None = None):
-        return None if cond_table is None else to_device(cond_table[cond_sampler(n, generator).to(cond_table.device)], device)
+        if cond_table is None:
+            return None
+        return to_device(cond_table[to_device(cond_sampler(n, generator), cond_table.device)], device)
 
     loader = None
     if method.needs_real_images:
