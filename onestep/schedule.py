@@ -50,6 +50,7 @@ class Schedule:
             raise ValueError("a 'vp' schedule needs alphas_cumprod")
         self.kind, self.prediction_type = kind, prediction_type
         self.alphas_cumprod = None if alphas_cumprod is None else alphas_cumprod.double().cpu()
+        self._tables: dict[torch.device, torch.Tensor] = {}  # alphas_cumprod copied to each accelerator it is used on
         self.sigma_min, self.sigma_max, self.sigma_data, self.rho = sigma_min, sigma_max, sigma_data, rho
         self.num_train_timesteps = num_train_timesteps if kind != "vp" else len(self.alphas_cumprod)
 
@@ -93,14 +94,12 @@ class Schedule:
         return 1 - t, t
 
     def _table(self, device: torch.device) -> torch.Tensor:
-        """alphas_cumprod on `device`, copied there once (kept until the table is replaced)."""
+        """alphas_cumprod on `device`, copied there once."""
         if device.type == "cpu":
             return self.alphas_cumprod
-        cache = self.__dict__.setdefault("_tables", {})
-        hit = cache.get(device)
-        if hit is None or hit[0] is not self.alphas_cumprod:
-            hit = cache[device] = (self.alphas_cumprod, to_device(self.alphas_cumprod, device))
-        return hit[1]
+        if device not in self._tables:
+            self._tables[device] = to_device(self.alphas_cumprod, device)
+        return self._tables[device]
 
     def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x_t = alpha(t) x0 + sigma(t) eps, in float32 (float64 for float64 inputs)."""
