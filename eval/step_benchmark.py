@@ -5,7 +5,13 @@ against the sum of its network passes timed alone -- every variant measured in t
     python eval/step_benchmark.py --preset cifar --variants fp32,tf32,bf16,bf16-compile   # a GPU
     python eval/step_benchmark.py --preset sd15 --variants bf16 --fake-score copy,lora --gradient-checkpointing off,on
 
+    python eval/step_benchmark.py --simulate-memory --preset sd15 --method dmd2 --fake-score lora \
+        --gradient-checkpointing off,on --ema on,offload --optimizer adamw,adamw8bit   # no GPU needed
+
 Prints a Markdown table and one JSON line per row; --out FILE also writes the rows as JSON.
+--simulate-memory times nothing: it estimates each row's peak accelerator memory on this machine (fake tensors
+with CUDA's autocast rules, onestep/memsim.py), at the GPU's default batch size; a lower bound of the GPU's
+figure (no cuDNN / cuBLAS workspaces, no allocator rounding).
 Figures are medians over --repeats iterations after --warmup (CUDA events on a GPU). The step is
 onestep.methods.DMD's (--method dmd2: DMD2's, with its GAN head) generator and fake-score turns with the
 trainer's per-turn work (onestep/stepbench.py). On a GPU each row also carries the peak memory of each phase of
@@ -55,18 +61,27 @@ def main(argv: list[str]) -> int:
     p.add_argument("--cpu-malloc", default="reuse", choices=("reuse", "system"),
                    help="CPU: 'reuse' keeps freed memory in the process, as the trainer does (onestep/hostmem.py); "
                         "'system': glibc's defaults (the baseline; one per run, it is process-wide)")
+    p.add_argument("--simulate-memory", action="store_true",
+                   help="estimate each row's peak GPU memory without a GPU (fake tensors; variants fp32, tf32, bf16; "
+                        "no timings)")
+    p.add_argument("--steps", type=int, default=3, help="--simulate-memory: iterations simulated (the first, then "
+                                                        "the steady state)")
     p.add_argument("--out", default="", help="also write the rows to this JSON file")
     args = p.parse_args(argv)
     if args.repeats < 1 or args.warmup < 1 or args.batch_size < 0:
         p.error("--repeats and --warmup must be >= 1 and --batch-size >= 0")
+    if args.steps < 2:
+        p.error("--steps must be >= 2 (the first step, then the steady state)")
 
     import torch
 
     from onestep.errors import OnestepError
     from onestep.optim import OPTIMIZERS, check_available
-    from onestep.stepbench import PRESETS, SYNC_MODES, VARIANTS, build_workload, markdown, measure
+    from onestep.stepbench import (PRESETS, SIMULATED_VARIANTS, SYNC_MODES, VARIANTS, build_workload, markdown, measure,
+                                   memory_markdown, simulate_memory)
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    sim = args.simulate_memory
+    device = torch.device("cpu") if sim else torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible; use --device cpu")
     if args.threads:
@@ -76,15 +91,17 @@ def main(argv: list[str]) -> int:
     malloc = ("reuse" if hostmem.apply(args.cpu_malloc, device.type) else "system") if device.type == "cpu" else None
     presets = [s for s in args.preset.split(",") if s]
     variants = [v for v in args.variants.split(",") if v] or (
-        ["fp32", "tf32", "bf16", "bf16-compile"] if device.type == "cuda" else ["fp32"])
+        ["bf16"] if sim else ["fp32", "tf32", "bf16", "bf16-compile"] if device.type == "cuda" else ["fp32"])
     for s in presets:
         if s not in PRESETS:
             p.error(f"--preset: unknown preset {s!r}; choose from {', '.join(PRESETS)}")
     for v in variants:
         if v not in VARIANTS:
             p.error(f"--variants: unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
-        if v != "fp32" and device.type != "cuda":
-            p.error(f"--variants: {v!r} needs a CUDA device; on the CPU use fp32")
+        if sim and v not in SIMULATED_VARIANTS:
+            p.error(f"--variants: {v!r} cannot be simulated (compiled code is not); use {', '.join(SIMULATED_VARIANTS)}")
+        if v != "fp32" and device.type != "cuda" and not sim:
+            p.error(f"--variants: {v!r} needs a CUDA device; on the CPU use fp32 (or --simulate-memory for its memory)")
     def choices(name, value, allowed):
         items = [x for x in value.split(",") if x]
         for x in items:
@@ -111,8 +128,24 @@ def main(argv: list[str]) -> int:
             p.error(str(e))
     if device.type != "cuda" and any(o["attention"] == "xformers" for o in options):
         p.error("--attention xformers needs a CUDA device; on the CPU use sdpa")
+    if sim and (any(o["cudnn_benchmark"] or o["sync"] != "auto" for o in options) or args.device or args.threads):
+        p.error("--simulate-memory: --cudnn-benchmark, --sync, --device and --threads do not apply (drop them)")
     rows = []
     try:
+        if sim:
+            for s in presets:
+                for v in variants:
+                    for o in options:
+                        sim_opts = {k: o[k] for k in ("method", "fake_score", "gradient_checkpointing", "attention",
+                                                      "ema", "optimizer")}
+                        row = simulate_memory(s, v, batch_size=args.batch_size or None, steps=args.steps, **sim_opts)
+                        print(json.dumps(row), flush=True)
+                        rows.append(row)
+            print(memory_markdown(rows))
+            if args.out:
+                with open(args.out, "w") as f:
+                    json.dump(rows, f, indent=2)
+            return 0
         for s in presets:
             work = build_workload(s, device, args.batch_size or None)
             flops = {}

@@ -54,5 +54,5 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     for s in optimizer.state.values():
         for v in s.values():
             if torch.is_tensor(v):
-                seen[(v.device, v.data_ptr())] = v.numel() * v.element_size()
+                seen[v.untyped_storage()._cdata] = v.numel() * v.element_size()  # also counts fake tensors
     return sum(seen.values())

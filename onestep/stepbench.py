@@ -35,6 +35,7 @@ from .update import Updates, floats
 BF16_PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "L4": 121.0, "A10": 125.0,
                     "RTX 4090": 165.2, "RTX 3090": 71.0}
 VARIANTS = ("fp32", "tf32", "bf16", "bf16-compile", "bf16-reduce-overhead", "bf16-max-autotune")
+SIMULATED_VARIANTS = ("fp32", "tf32", "bf16")  # memsim runs eager code only
 COMPILE_MODES = {"bf16-compile": None, "bf16-reduce-overhead": "reduce-overhead", "bf16-max-autotune": "max-autotune"}
 METHODS = ("dmd", "dmd2")
 SYNC_MODES = ("auto", "host", "device", "logs")  # host reads per update (see StepRunner)
@@ -122,21 +123,43 @@ def _tf32(on: bool, cudnn_benchmark: bool = False):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = saved
 
 
+class CudaMemory:
+    """The CUDA allocator's peak of allocated bytes (the same interface as onestep.memsim.MemoryTracker)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    @property
+    def peak(self) -> int:
+        return torch.cuda.max_memory_allocated(self.device)
+
+    def reset_peak(self) -> None:
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+
 class StepRunner:
-    """A triad + DMD + two AdamW optimisers for one variant, with `step()` and the component passes."""
+    """A triad + DMD + two AdamW optimisers for one variant, with `step()` and the component passes.
+
+    `memory`: a peak-memory counter (CudaMemory on a CUDA device by default); an onestep.memsim.MemoryTracker
+    makes this a simulated accelerator run (fake tensors on the CPU, built inside memsim.simulated_accelerator)."""
 
     def __init__(self, work: Workload, variant: str, device: torch.device, fake_score: str = "copy",
                  gradient_checkpointing: bool = False, attention: str = "sdpa", cudnn_benchmark: bool = False,
-                 ema: bool | str = True, method: str = "dmd", optimizer: str = "adamw", sync: str = "auto"):
+                 ema: bool | str = True, method: str = "dmd", optimizer: str = "adamw", sync: str = "auto",
+                 memory=None):
         import copy
+
+        from .memsim import MemoryTracker
 
         from .methods.dmd import DMD, DMD2
         from .optim import make_optimizer
-        from .triad import Triad
+        from .triad import Triad, enable_gradient_checkpointing
 
         if variant not in VARIANTS:
             raise StepBenchError(f"variant: unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
-        if variant != "fp32" and device.type != "cuda":
+        self.simulated = isinstance(memory, MemoryTracker)
+        self.memory = memory if memory is not None else (CudaMemory(device) if device.type == "cuda" else None)
+        if variant != "fp32" and device.type != "cuda" and not self.simulated:
             raise StepBenchError(f"variant: {variant!r} needs a CUDA device; on the CPU use fp32")
         if method not in METHODS:
             raise StepBenchError(f"method: unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -167,18 +190,27 @@ class StepRunner:
 
         self.attention = set_attention(self.nets, attention)
         if gradient_checkpointing:
-            for b in self.nets[:2]:
-                b.enable_gradient_checkpointing()
+            enable_gradient_checkpointing(self.nets[:2])
         try:  # as the trainer builds them
             self.opt_g = make_optimizer(self.triad.generator_parameters(), optimizer, lr=1e-6, device=device)
             self.opt_f = make_optimizer(self.triad.critic_parameters(), optimizer, lr=1e-6, device=device)
             # the trainer's update rule; "logs": as the trainer was before, the loss terms read on the host each turn
+            if self.simulated and sync == "auto":  # as `auto` decides on an accelerator
+                from .update import device_skip_blocker
+
+                sync = "host" if device_skip_blocker([self.opt_g, self.opt_f]) else "device"
             self.updates = Updates("host" if sync == "logs" else sync, device, [self.opt_g, self.opt_f], 10**9)
         except OnestepError as e:
             raise StepBenchError(str(e)) from None
         self.sync = "logs" if sync == "logs" else ("device" if self.updates.on_device else "host")
         self.compile_seconds = None
         self.phase_peaks: dict[str, float] = {}
+        if self.simulated and ema == "offload":  # the EMA and its staging buffers live in host memory
+            self.memory.host_resident(self.triad.ema.shadow_params)
+            pairs = [(s, p) for s, p in zip(self.triad.ema.shadow_params, self.triad.raw("generator").parameters())
+                     if p.requires_grad]
+            with self.memory.host_allocations():
+                self.triad.ema._stage([s for s, _ in pairs], [p for _, p in pairs])
         if variant in COMPILE_MODES:
             mode = COMPILE_MODES[variant]
             for net in {id(n): n for n in self.nets}.values():
@@ -210,16 +242,16 @@ class StepRunner:
             self._generated = batch["generated"]
 
     def _phase(self, name: str) -> None:
-        """CUDA: the peak memory since the previous phase, kept as the largest over steps (the step's peak = their max)."""
-        if self.device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(self.device) / 2**30
+        """The peak memory since the previous phase, kept as the largest over steps (the step's peak = their max)."""
+        if self.memory is not None:
+            peak = self.memory.peak / 2**30
             self.phase_peaks[name] = max(peak, self.phase_peaks.get(name, 0.0))
-            torch.cuda.reset_peak_memory_stats(self.device)
+            self.memory.reset_peak()
 
     def step(self) -> None:
         """One iteration: generator turn, then the fake-score turn on the generator turn's samples."""
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)  # phase peaks count the step's own allocations
+        if self.memory is not None:
+            self.memory.reset_peak()  # phase peaks count the step's own allocations
         with self.tf32():
             self._update(self.method.generator_loss, self.opt_g, self.triad.generator_parameters(), True)
             self._update(self.method.fake_score_loss, self.opt_f, self.triad.critic_parameters(), False)
@@ -376,6 +408,46 @@ def measure(work: Workload, variant: str, device: torch.device, *, warmup: int =
     return row
 
 
+def simulate_memory(preset: str, variant: str = "bf16", *, batch_size: int | None = None, steps: int = 3,
+                    fake_score: str = "copy", gradient_checkpointing: bool = False, attention: str = "sdpa",
+                    ema: bool | str = True, method: str = "dmd", optimizer: str = "adamw") -> dict:
+    """Peak accelerator memory of `steps` iterations, estimated without an accelerator (onestep.memsim: fake
+    tensors, CUDA's autocast rules): the same StepRunner, phases and options as `measure`, no timings. A lower bound
+    of the GPU's `max_memory_allocated` (no workspaces, no allocator rounding)."""
+    from .memsim import simulated_accelerator
+    from .optim import state_bytes
+
+    if steps < 2:
+        raise StepBenchError(f"steps: need at least 2 (the first step, then the steady state), got {steps}")
+    if variant not in SIMULATED_VARIANTS:
+        raise StepBenchError(f"variant: {variant!r} cannot be simulated; choose from {', '.join(SIMULATED_VARIANTS)}")
+    with simulated_accelerator() as memory:
+        if preset == "digits":  # weights read from files: loaded for real, then copied to fake tensors
+            with memory.real():
+                work = build_workload(preset, torch.device("cuda"), batch_size)
+            work.teacher = memory.fake_copy(work.teacher)
+        else:
+            with memory.host_allocations():  # the workload's float32 teacher stays in host memory, as in `measure`
+                work = build_workload(preset, torch.device("cuda"), batch_size)  # the GPU's default batch size
+        runner = StepRunner(work, variant, torch.device("cpu"), fake_score, gradient_checkpointing, attention, False,
+                            ema, method, optimizer, "auto", memory=memory)
+        memory.reset_peak()
+        runner.step()
+        first_peaks, runner.phase_peaks = runner.phase_peaks, {}
+        for _ in range(steps - 1):
+            runner.step()
+        row = {"preset": work.name, "method": method, "variant": variant, "device": "simulated", "batch": work.batch_size,
+               "fake_score": fake_score, "gradient_checkpointing": gradient_checkpointing, "attention": runner.attention,
+               "cudnn_benchmark": False, "ema": ema, "optimizer": optimizer, "sync": runner.sync, "sync_option": "auto",
+               "step_s": None, "img_per_s": None, "first_step_s": None, "back_to_back_step_s": None,
+               "back_to_back_img_per_s": None, "gflop_per_step": None, "tflops": None, "peak_fraction": None,
+               "host_syncs_per_step": None, "peak_mem_gib": max(runner.phase_peaks.values()),
+               "phase_peak_gib": dict(runner.phase_peaks), "first_step_peak_gib": max(first_peaks.values()),
+               "optimizer_state_gib": (state_bytes(runner.opt_g) + state_bytes(runner.opt_f)) / 2**30,
+               "ema_device": None if runner.triad.ema is None else ("cpu" if ema == "offload" else "accelerator")}
+    return row
+
+
 def markdown(rows: list[dict]) -> str:
     """The rows as a Markdown table."""
     def f(v, fmt):
@@ -399,4 +471,23 @@ def markdown(rows: list[dict]) -> str:
                      f"{f(r['step_s'] * 1e3, '.1f')} | {f(r['tflops'], '.3f')} | {f(r['peak_fraction'], '.1%')} | "
                      f"{f(r['peak_mem_gib'], '.2f')} | {f(r.get('step_over_passes'), '.3f')} | {f(r['first_step_s'], '.1f')} | "
                      f"{f(r.get('host_syncs_per_step'), 'd')} | {f(r.get('back_to_back_img_per_s'), '.1f')} |")
+    return "\n".join(lines)
+
+
+def memory_markdown(rows: list[dict]) -> str:
+    """Peak-memory rows (measured or simulated) as a Markdown table, with the phase that holds the peak."""
+    def opts(r):
+        o = [r.get("fake_score", "copy") + " fake score"] + ["grad. ckpt"] * bool(r.get("gradient_checkpointing"))
+        o += {True: ["EMA on the device"], False: ["no EMA"], "offload": ["EMA in CPU memory"]}[r.get("ema", True)]
+        return ", ".join(o + ["8-bit AdamW" if r.get("optimizer") == "adamw8bit" else "AdamW"])
+
+    lines = ["| preset | method | variant | options | batch | device | peak GiB | first step peak GiB | "
+             "optimizer state GiB | peak phase |", "|" + "---|" * 10]
+    for r in rows:
+        phases = r.get("phase_peak_gib") or {}
+        top = max(phases, key=phases.get) if phases else "-"
+        first = r.get("first_step_peak_gib")
+        lines.append(f"| {r['preset']} | {r.get('method', 'dmd').upper()} | {r['variant']} | {opts(r)} | {r['batch']} | "
+                     f"{r['device']} | {r['peak_mem_gib']:.2f} | {'-' if first is None else format(first, '.2f')} | "
+                     f"{r['optimizer_state_gib']:.2f} | {top} |")
     return "\n".join(lines)

@@ -24,6 +24,39 @@ from .distributed import full_tensor, is_sharded, reshard
 from .gan import GANHead
 from .generator import Generator, simulate
 
+# the weights frozen right now by Triad.frozen, one list per active context (what a recomputation must see again)
+_FROZEN: list[list[nn.Parameter]] = []
+
+
+@contextlib.contextmanager
+def _frozen_again(groups: tuple) -> None:
+    """Freeze again, for one recomputation, the weights that were frozen when its forward ran."""
+    thawed = [p for group in groups for p in group if p.requires_grad]
+    for p in thawed:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in thawed:
+            p.requires_grad_(True)
+
+
+def _checkpoint(module, *args):
+    """diffusers' per-block checkpoint (non-reentrant), recomputed in the backward with the weights frozen or
+    trainable as they were in the forward: DMD2's GAN term and SiD run the critic frozen (Triad.frozen) and its
+    backward comes after the freeze is lifted, where a recomputation would otherwise save other tensors than the
+    forward did (torch.utils.checkpoint's CheckpointError)."""
+    groups = tuple(_FROZEN)
+    return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False,
+                                             context_fn=lambda: (contextlib.nullcontext(), _frozen_again(groups)))
+
+
+def enable_gradient_checkpointing(backbones) -> None:
+    """Gradient checkpointing of diffusers backbones, safe under Triad.frozen (see _checkpoint)."""
+    for b in backbones:
+        b.enable_gradient_checkpointing(_checkpoint)
+
+
 FAKE_SCORE_KINDS = ("copy", "lora")
 GAN_FEATURE_SOURCES = ("fake_score", "teacher")
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "proj_in", "proj_out")
@@ -201,9 +234,12 @@ class Triad:
             module.requires_grad_(False)
             reshard(module)
             setattr(self, n, module)
+        group = [p for n in flags for p, flag in flags[n] if flag]
+        _FROZEN.append(group)  # gradient checkpointing's recomputations of these forwards freeze them again
         try:
             yield self
         finally:
+            _FROZEN[:] = [g for g in _FROZEN if g is not group]
             for n in names:
                 for p, flag in flags.get(n, []):
                     p.requires_grad_(flag)

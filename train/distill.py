@@ -58,7 +58,7 @@ def train(cfg, backbone: torch.nn.Module | None = None):
                               run_config, save_checkpoint, save_grid)
     from onestep.sampling import sample_teacher
     from onestep.schedule import to_device
-    from onestep.triad import DEFAULT_LORA_TARGETS, Triad
+    from onestep.triad import DEFAULT_LORA_TARGETS, Triad, enable_gradient_checkpointing
     from onestep.update import Updates, floats
 
     # 1. Configuration ------------------------------------------------------------------------------
@@ -166,8 +166,7 @@ def train(cfg, backbone: torch.nn.Module | None = None):
     backbones = [triad.raw("generator").denoiser.backbone, triad.raw("fake_score").backbone, teacher.backbone]
     set_attention(backbones, cfg.attention)
     if cfg.gradient_checkpointing:
-        for b in backbones[:2]:
-            b.enable_gradient_checkpointing()
+        enable_gradient_checkpointing(backbones[:2])
     adam = dict(betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay, device=device)
     opt_g = make_optimizer(triad.generator_parameters(), cfg.optimizer, lr=cfg.lr_generator, **adam)
     # FSDP2 wraps one module per optimiser: the GAN head gets its own (same settings, stepped with the fake score's;
