@@ -28,9 +28,23 @@ from .generator import Generator, simulate
 _FROZEN: list[list[nn.Parameter]] = []
 
 
+def _set_adapters(layers, disabled: bool) -> None:
+    """peft's adapter toggle on these layers, keeping every weight's requires_grad (the toggle also flips it)."""
+    params = [p for layer in layers for p in layer.parameters()]
+    flags = [p.requires_grad for p in params]
+    for layer in layers:
+        layer.enable_adapters(not disabled)
+    for p, flag in zip(params, flags):
+        p.requires_grad_(flag)
+
+
 @contextlib.contextmanager
-def _frozen_again(groups: tuple) -> None:
-    """Freeze again, for one recomputation, the weights that were frozen when its forward ran."""
+def _as_in_forward(groups: tuple, adapters: list) -> None:
+    """For one recomputation: the LoRA adapters on or off and the weights frozen as when its forward ran."""
+    changed = {d: [layer for layer, was in adapters if was == d and layer.disable_adapters != d] for d in (False, True)}
+    for disabled, layers in changed.items():
+        if layers:
+            _set_adapters(layers, disabled)
     thawed = [p for group in groups for p in group if p.requires_grad]
     for p in thawed:
         p.requires_grad_(False)
@@ -39,20 +53,38 @@ def _frozen_again(groups: tuple) -> None:
     finally:
         for p in thawed:
             p.requires_grad_(True)
+        for disabled, layers in changed.items():
+            if layers:
+                _set_adapters(layers, not disabled)
+
+
+def _tuner_layers(module) -> list:
+    layers = getattr(module, "_onestep_tuner_layers", None)
+    if layers is None:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+        module._onestep_tuner_layers = layers  # blocks are wrapped once, before checkpointing starts
+    return layers
 
 
 def _checkpoint(module, *args):
-    """diffusers' per-block checkpoint (non-reentrant), recomputed in the backward with the weights frozen or
-    trainable as they were in the forward: DMD2's GAN term and SiD run the critic frozen (Triad.frozen) and its
-    backward comes after the freeze is lifted, where a recomputation would otherwise save other tensors than the
-    forward did (torch.utils.checkpoint's CheckpointError)."""
+    """diffusers' per-block checkpoint (non-reentrant), recomputed in the backward as its forward ran: with the
+    weights frozen or trainable and the LoRA adapters on or off as they were then. DMD2's GAN term and SiD run the
+    critic frozen (Triad.frozen), and a LoRA fake score shares its backbone with the teacher (adapters toggled per
+    call); the backward comes after the freeze is lifted and after other calls, where a recomputation would
+    otherwise compute something else than the forward did (torch.utils.checkpoint's CheckpointError, or wrong
+    gradients)."""
+    if torch.compiler.is_compiling():  # a compiled graph recomputes inside its own backward, as traced
+        return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False)
     groups = tuple(_FROZEN)
+    adapters = [(layer, layer.disable_adapters) for layer in _tuner_layers(module)]
     return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False,
-                                             context_fn=lambda: (contextlib.nullcontext(), _frozen_again(groups)))
+                                             context_fn=lambda: (contextlib.nullcontext(), _as_in_forward(groups, adapters)))
 
 
 def enable_gradient_checkpointing(backbones) -> None:
-    """Gradient checkpointing of diffusers backbones, safe under Triad.frozen (see _checkpoint)."""
+    """Gradient checkpointing of diffusers backbones, safe under Triad.frozen and LoRA toggles (see _checkpoint)."""
     for b in backbones:
         b.enable_gradient_checkpointing(_checkpoint)
 

@@ -237,3 +237,14 @@ def test_device_side_skip_check_trains_the_same_weights(cond_teacher, tmp_path):
     for name in states["host"]:
         a, b = flat(states["host"][name], []), flat(states["device"][name], [])
         assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b)), name
+
+
+@pytest.mark.parametrize("flags", [["--method", "dmd2"], ["--method", "sid", "--fake_score", "lora"]],
+                         ids=["dmd2-gan", "sid-lora"])
+def test_gradient_checkpointing_runs_with_a_frozen_critic(cond_teacher, tmp_path, flags):
+    """The smoke preset's DMD2 (GAN on real digits) and SiD on a LoRA fake score run their critic frozen with
+    gradients to its input: with checkpointing the recomputations in the backward must see it as the forward did."""
+    r = run_distill([*SMOKE, "--teacher", cond_teacher, "--output_dir", str(tmp_path), "--name", "run", "--steps", "2",
+                     "--eval_every", "0", "--gradient_checkpointing", "true", *flags])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"] == 2

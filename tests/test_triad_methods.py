@@ -339,14 +339,20 @@ def test_flow_and_edm_students_reload_with_their_own_schedule(tmp_path, kind):
     assert torch.allclose(out, ((x + 1) / 2).clamp(0, 1), atol=1e-5)
 
 
-@pytest.mark.parametrize("method_name,fake_score", [("dmd2", "copy"), ("dmd2", "lora"), ("sid", "copy")])
+@pytest.mark.parametrize("method_name,fake_score", [("dmd2", "copy"), ("dmd2", "lora"), ("sid", "copy"), ("sid", "lora")])
 def test_gradient_checkpointing_gives_the_same_gradients_through_a_frozen_critic(method_name, fake_score):
     """DMD2's GAN generator term and SiD run the fake score frozen (Triad.frozen) with gradients to its input; the
-    backward, and so checkpointing's recomputation, comes after the freeze is lifted."""
+    backward, and so checkpointing's recomputation, comes after the freeze is lifted and (a LoRA fake score) after
+    the teacher's call turned the shared backbone's adapters off."""
     from onestep.triad import enable_gradient_checkpointing
 
     def grads(checkpointing):
         triad = make_triad(fake_score, gan=method_name == "dmd2")
+        torch.manual_seed(5)
+        with torch.no_grad():  # LoRA B starts at 0: give the adapters an effect, so off and on differ in value
+            for n, p in triad.raw("fake_score").backbone.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.1)
         if checkpointing:
             enable_gradient_checkpointing([triad.raw("generator").denoiser.backbone, triad.raw("fake_score").backbone])
         method = build_method(method_name)
