@@ -33,6 +33,8 @@ stage env 60 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version,cl
 # 1. SD1.5-size UNet2DConditionModel (random weights), DMD2 at batch 8, 64x64 latents: peak memory (and the peak of
 #    each phase of the step, in the JSON) of the memory options for the <= 16 GiB goal on the LoRA fake score with
 #    gradient checkpointing: EMA on the GPU or in CPU memory, AdamW or 8-bit AdamW (needs bitsandbytes there)
+#    (simulated on the CPU with --simulate-memory, a lower bound: EMA on the GPU 19.75 GiB with AdamW, 14.47 with
+#    8-bit AdamW; EMA in CPU memory 16.55 and 11.27)
 stage sd15_lowmem 160 $bench --preset sd15 --method dmd2 --variants bf16 --fake-score lora --gradient-checkpointing on \
     --ema on,offload --optimizer adamw,adamw8bit --no-components --repeats 4 --warmup 2 --out "$out/sd15_lowmem.json"
 # 2. FID-50k of a CIFAR-size one-step generator, end to end (stand-in Inception of the same architecture: timing)
@@ -55,6 +57,7 @@ stage fsdp_smoke 90 accelerate launch --config_file train/accelerate/fsdp.yaml -
 cp runs/gpu-fsdp/metrics.json "$out/fsdp_metrics.json" 2>/dev/null
 # 4. Again, as measured before: full-copy vs LoRA fake score with and without gradient checkpointing (EMA on the
 #    GPU, AdamW), the attention backends, compile at batch 256, the default job (bf16 through mixed_precision auto)
+#    (DMD2 simulated: copy 42.94 / copy + checkpointing 30.19 / LoRA 32.03 / LoRA + checkpointing 19.75 GiB)
 stage sd15_memory 160 $bench --preset sd15 --method dmd2 --variants bf16 --fake-score copy,lora \
     --gradient-checkpointing off,on --ema on --no-components --repeats 4 --warmup 2 --out "$out/sd15_memory.json"
 stage sd15_xformers 90 $bench --preset sd15 --method dmd2 --variants bf16 --fake-score lora --gradient-checkpointing on \
