@@ -35,7 +35,7 @@ class Parser(argparse.ArgumentParser):
 
 def main(argv: list[str]) -> int:
     p = Parser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="digits", help="digits, cifar or sd15 (comma-separated for several)")
+    p.add_argument("--preset", default="digits", help="digits, cifar, sd15 or sdxl (comma-separated for several)")
     p.add_argument("--variants", default="", help="comma-separated: fp32, tf32, bf16, bf16-compile, "
                                                   "bf16-reduce-overhead, bf16-max-autotune (default: fp32 on the "
                                                   "CPU; fp32,tf32,bf16,bf16-compile on a GPU)")

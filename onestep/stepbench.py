@@ -8,9 +8,10 @@ work (autocast, zero_grad, backward, gradient clipping, finiteness check, optimi
 update rule (onestep.update; `sync`: "host" reads the finiteness before each update, "device" reads nothing,
 "auto" picks as the trainer does, "logs" also reads the loss terms each turn, as the trainer did before).
 
-Presets: "digits" (the shipped teacher), "cifar" (google/ddpm-cifar10-32's UNet2DModel config, random weights) and
+Presets: "digits" (the shipped teacher), "cifar" (google/ddpm-cifar10-32's UNet2DModel config, random weights),
 "sd15" (Stable Diffusion 1.5's UNet2DConditionModel config, random weights, 64x64 latents, 77x768 prompt
-embeddings). Variants: "fp32", "tf32", "bf16" (autocast, frozen teacher stored in bf16), "bf16-compile"
+embeddings), "sdxl" (SDXL's UNet, 2.6B parameters, 128x128 latents, 77x2048 prompt embeddings + pooled embedding
+and size ids; default batch 4 on a GPU). Variants: "fp32", "tf32", "bf16" (autocast, frozen teacher stored in bf16), "bf16-compile"
 (+ torch.compile of the three networks; its compile time is reported), "bf16-reduce-overhead" (compile with CUDA
 graphs) and "bf16-max-autotune" (compile with kernel autotuning and CUDA graphs).
 img/s is the median over single steps, each ended by a synchronisation; "back to back" runs up to 10 steps with one
@@ -40,7 +41,7 @@ COMPILE_MODES = {"bf16-compile": None, "bf16-reduce-overhead": "reduce-overhead"
 METHODS = ("dmd", "dmd2")
 SYNC_MODES = ("auto", "host", "device", "logs")  # host reads per update (see StepRunner)
 EMA_MODES = (True, False, "offload")  # kept on the device, none, or kept and updated in CPU memory
-PRESETS = ("digits", "cifar", "sd15")
+PRESETS = ("digits", "cifar", "sd15", "sdxl")
 
 CIFAR_UNET = dict(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2, block_out_channels=(128, 256, 256, 256),
                   down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
@@ -48,6 +49,12 @@ CIFAR_UNET = dict(sample_size=32, in_channels=3, out_channels=3, layers_per_bloc
                   downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6, norm_num_groups=32)
 SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
                  cross_attention_dim=768, attention_head_dim=8)
+SDXL_UNET = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+                 use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=2816)
 
 
 class StepBenchError(OnestepError):
@@ -90,6 +97,19 @@ def build_workload(preset: str, device: torch.device, batch_size: int | None = N
         null = torch.zeros(1, 77, 768)
         return Workload(preset, Denoiser(unet, sched, null_cond=null), (4, 64, 64),
                         lambda n, d: torch.randn(n, 77, 768, device=d), batch_size or (8 if gpu else 1))
+    if preset == "sdxl":  # prompt embeddings, pooled embedding and size / crop ids packed as the trainer packs them
+        from .denoiser import pack_text_time
+
+        sched = Schedule.from_scheduler_config({"_class_name": "EulerDiscreteScheduler", "beta_schedule": "scaled_linear",
+                                                "beta_start": 0.00085, "beta_end": 0.012})
+        unet = diffusers.UNet2DConditionModel(**SDXL_UNET)
+        ids = torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]])
+
+        def cond(n, d):
+            return pack_text_time(torch.randn(n, 77, 2048, device=d), torch.randn(n, 1280, device=d), ids.to(d))
+
+        null = torch.zeros_like(cond(1, torch.device("cpu")))
+        return Workload(preset, Denoiser(unet, sched, null_cond=null), (4, 128, 128), cond, batch_size or (4 if gpu else 1))
     raise StepBenchError(f"preset: unknown step-benchmark preset {preset!r}; choose from {', '.join(PRESETS)}")
 
 

@@ -137,3 +137,21 @@ def test_step_benchmark_cli_simulates_memory(tmp_path):
         r = subprocess.run([sys.executable, "eval/step_benchmark.py", "--simulate-memory", "--preset", "digits", *bad],
                            capture_output=True, text=True)
         assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_sdxl_preset_conditions_reach_its_unet():
+    """The sdxl step-benchmark preset (2.6B parameters: fake tensors only here): its packed prompt / pooled / size-id
+    condition unpacks into the UNet's added conditioning, and the teacher's x0 has the latent shape."""
+    from onestep.stepbench import build_workload
+
+    with simulated_accelerator() as mem:
+        with mem.host_allocations():
+            work = build_workload("sdxl", torch.device("cuda"))
+            assert work.batch_size == 4 and work.shape == (4, 128, 128)
+            n = sum(p.numel() for p in work.teacher.parameters())
+            assert 2.5e9 < n < 2.7e9
+            cond = work.cond(2, torch.device("cpu"))
+            with torch.no_grad():
+                x0 = work.teacher(torch.randn(2, *work.shape), torch.tensor([500, 900]), cond)
+            assert x0.shape == (2, *work.shape) and x0.dtype == torch.float32
+        assert mem.peak == 0  # everything above was declared host memory
