@@ -11,9 +11,10 @@ update rule (onestep.update; `sync`: "host" reads the finiteness before each upd
 Presets: "digits" (the shipped teacher), "cifar" (google/ddpm-cifar10-32's UNet2DModel config, random weights),
 "sd15" (Stable Diffusion 1.5's UNet2DConditionModel config, random weights, 64x64 latents, 77x768 prompt
 embeddings), "sdxl" (SDXL's UNet, 2.6B parameters, 128x128 latents, 77x2048 prompt embeddings + pooled embedding
-and size ids; default batch 4 on a GPU). Variants: "fp32", "tf32", "bf16" (autocast, frozen teacher stored in bf16), "bf16-compile"
-(+ torch.compile of the three networks; its compile time is reported), "bf16-reduce-overhead" (compile with CUDA
-graphs) and "bf16-max-autotune" (compile with kernel autotuning and CUDA graphs).
+and size ids; default batch 4 on a GPU). Variants: "fp32", "tf32", "bf16" (autocast, frozen teacher stored in
+bf16), "bf16-compile" (+ torch.compile of the three networks; its compile time is reported), "bf16-reduce-overhead"
+(compile with CUDA graphs) and "bf16-max-autotune" (compile with kernel autotuning and CUDA graphs).
+`simulate_memory` runs the step on fake tensors (onestep.memsim) to estimate its peak GPU memory without a GPU.
 img/s is the median over single steps, each ended by a synchronisation; "back to back" runs up to 10 steps with one
 synchronisation at the end, as the trainer runs (the host queues the next step's work while the device computes).
 """
