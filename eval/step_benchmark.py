@@ -132,21 +132,15 @@ def main(argv: list[str]) -> int:
         p.error("--simulate-memory: --cudnn-benchmark, --sync, --device and --threads do not apply (drop them)")
     rows = []
     try:
-        if sim:
-            for s in presets:
+        for s in presets:
+            if sim:  # the same rows, their memory estimated instead of timed
                 for v in variants:
                     for o in options:
-                        sim_opts = {k: o[k] for k in ("method", "fake_score", "gradient_checkpointing", "attention",
-                                                      "ema", "optimizer")}
-                        row = simulate_memory(s, v, batch_size=args.batch_size or None, steps=args.steps, **sim_opts)
-                        print(json.dumps(row), flush=True)
-                        rows.append(row)
-            print(memory_markdown(rows))
-            if args.out:
-                with open(args.out, "w") as f:
-                    json.dump(rows, f, indent=2)
-            return 0
-        for s in presets:
+                        kept = ("method", "fake_score", "gradient_checkpointing", "attention", "ema", "optimizer")
+                        rows.append(simulate_memory(s, v, batch_size=args.batch_size or None, steps=args.steps,
+                                                    **{k: o[k] for k in kept}))
+                        print(json.dumps(rows[-1]), flush=True)
+                continue
             work = build_workload(s, device, args.batch_size or None)
             flops = {}
             for v in variants:
@@ -163,7 +157,7 @@ def main(argv: list[str]) -> int:
     except OnestepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(markdown(rows))
+    print(memory_markdown(rows) if sim else markdown(rows))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=2)

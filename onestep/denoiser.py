@@ -82,6 +82,16 @@ def tuner_layers(module: nn.Module) -> list[nn.Module]:
     return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
 
 
+def set_adapters(layers: list[nn.Module], enabled: bool) -> None:
+    """peft's adapter toggle on these LoRA layers, keeping every weight's requires_grad (the toggle also flips it)."""
+    params = [p for layer in layers for p in layer.parameters()]
+    flags = [p.requires_grad for p in params]
+    for layer in layers:
+        layer.enable_adapters(enabled)
+    for p, flag in zip(params, flags):
+        p.requires_grad_(flag)
+
+
 class _FeaturesReady(Exception):
     """Raised by a feature hook once every feature layer has run: the rest of the backbone is not needed."""
 
@@ -111,11 +121,6 @@ class Denoiser(nn.Module):
         self._tuners = tuner_layers(backbone) if adapters is not None else []
 
     @property
-    def _adapter_params(self) -> list:
-        """The LoRA parameters as the modules hold them now (FSDP2 replaces parameters with shards in place)."""
-        return [p for layer in self._tuners for p in layer.parameters()]
-
-    @property
     def dtype(self) -> torch.dtype:
         return next(self.backbone.parameters()).dtype
 
@@ -141,12 +146,7 @@ class Denoiser(nn.Module):
         features_only=True returns just that list and stops the backbone as soon as the last of them is computed
         (DMD2's classify mode: the decoder's work, which no feature depends on, is skipped)."""
         if self._tuners and getattr(self.backbone, "_onestep_adapters", None) is not self.adapters:
-            params = self._adapter_params
-            flags = [p.requires_grad for p in params]  # peft's toggle also flips requires_grad
-            for layer in self._tuners:
-                layer.enable_adapters(self.adapters)
-            for p, flag in zip(params, flags):
-                p.requires_grad_(flag)
+            set_adapters(self._tuners, self.adapters)
             self.backbone._onestep_adapters = self.adapters  # shared by the views of one backbone: toggle on change only
         t = self.schedule.timesteps_tensor(t, x_t.shape[0], x_t.device)
         inp, timestep = self.schedule.model_input(x_t.float(), t)

@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .denoiser import Denoiser, cast_module
+from .denoiser import Denoiser, cast_module, set_adapters, tuner_layers
 from .distributed import full_tensor, is_sharded, reshard
 from .gan import GANHead
 from .generator import Generator, simulate
@@ -28,23 +28,13 @@ from .generator import Generator, simulate
 _FROZEN: list[list[nn.Parameter]] = []
 
 
-def _set_adapters(layers, disabled: bool) -> None:
-    """peft's adapter toggle on these layers, keeping every weight's requires_grad (the toggle also flips it)."""
-    params = [p for layer in layers for p in layer.parameters()]
-    flags = [p.requires_grad for p in params]
-    for layer in layers:
-        layer.enable_adapters(not disabled)
-    for p, flag in zip(params, flags):
-        p.requires_grad_(flag)
-
-
 @contextlib.contextmanager
 def _as_in_forward(groups: tuple, adapters: list) -> None:
     """For one recomputation: the LoRA adapters on or off and the weights frozen as when its forward ran."""
     changed = {d: [layer for layer, was in adapters if was == d and layer.disable_adapters != d] for d in (False, True)}
     for disabled, layers in changed.items():
         if layers:
-            _set_adapters(layers, disabled)
+            set_adapters(layers, not disabled)
     thawed = [p for group in groups for p in group if p.requires_grad]
     for p in thawed:
         p.requires_grad_(False)
@@ -55,17 +45,14 @@ def _as_in_forward(groups: tuple, adapters: list) -> None:
             p.requires_grad_(True)
         for disabled, layers in changed.items():
             if layers:
-                _set_adapters(layers, not disabled)
+                set_adapters(layers, disabled)
 
 
-def _tuner_layers(module) -> list:
-    layers = getattr(module, "_onestep_tuner_layers", None)
-    if layers is None:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
-        module._onestep_tuner_layers = layers  # blocks are wrapped once, before checkpointing starts
-    return layers
+def _block_tuners(module) -> list:
+    """The LoRA layers of a checkpointed block, found once (adapters are added before checkpointing starts)."""
+    if not hasattr(module, "_onestep_tuner_layers"):
+        module._onestep_tuner_layers = tuner_layers(module)
+    return module._onestep_tuner_layers
 
 
 def _checkpoint(module, *args):
@@ -78,7 +65,7 @@ def _checkpoint(module, *args):
     if torch.compiler.is_compiling():  # a compiled graph recomputes inside its own backward, as traced
         return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False)
     groups = tuple(_FROZEN)
-    adapters = [(layer, layer.disable_adapters) for layer in _tuner_layers(module)]
+    adapters = [(layer, layer.disable_adapters) for layer in _block_tuners(module)]
     return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False,
                                              context_fn=lambda: (contextlib.nullcontext(), _as_in_forward(groups, adapters)))
 

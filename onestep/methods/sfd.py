@@ -97,33 +97,40 @@ class SFD(SiD):
                                "--classifier; use map or random")
         self._table, self._keys, self._classifier = cond_table, list(keys), classifier
         self._forget, self._remain, self._lut = torch.tensor(forget), torch.tensor(remain), lut
+        self._copies = {}
+
+    def _on(self, name: str, device: torch.device) -> torch.Tensor:
+        """One of setup's tables on `device`, copied there once (these lookups run every step)."""
+        if (name, device) not in self._copies:
+            self._copies[name, device] = to_device(getattr(self, name), device)
+        return self._copies[name, device]
 
     def _rows(self, c: torch.Tensor) -> torch.Tensor:
         """(B,) table row of each condition (nearest row: exact for labels and cached embeddings)."""
         def flat(v: torch.Tensor) -> torch.Tensor:  # (B,) labels or (B, L, D) embeddings -> (B, K) floats
             return (v.flatten(1) if v.ndim > 1 else v[:, None]).float()
 
-        return torch.cdist(flat(c), flat(to_device(self._table, c.device))).argmin(1)
+        return torch.cdist(flat(c), flat(self._on("_table", c.device))).argmin(1)
 
     def is_forget(self, c) -> torch.Tensor:
         """(B,) bool: which samples carry a forget condition."""
         if self._table is None:
             raise RuntimeError("SFD.setup(...) must bind the run's conditions before training")
-        return torch.isin(self._rows(c), to_device(self._forget, c.device))
+        return torch.isin(self._rows(c), self._on("_forget", c.device))
 
     def override_cond(self, c: torch.Tensor, forget: torch.Tensor, x0_fake: torch.Tensor) -> torch.Tensor:
         """The teacher's conditions: c for remaining samples, the override condition for forget samples."""
         rows, dev = self._rows(c), c.device
         if self.override_mode == "map":
-            new = to_device(self._lut, dev)[rows]
+            new = self._on("_lut", dev)[rows]
         elif self.override_mode == "random":
-            new = to_device(self._remain, dev)[torch.randint(len(self._remain), (len(c),), device=dev)]
+            new = self._on("_remain", dev)[torch.randint(len(self._remain), (len(c),), device=dev)]
         else:  # classifier pseudo-label of the fake score's x0 estimate, restricted to remaining classes
             with torch.no_grad():
                 logits = self._classifier(x0_fake.clamp(-1, 1)).float()
-            labels = to_device(self._table, dev)[to_device(self._remain, dev)]
-            new = to_device(self._remain, dev)[logits[:, labels].argmax(1)]
-        return torch.where(append_dims(forget, c.ndim), to_device(self._table, dev)[new].to(c.dtype), c)
+            labels = self._on("_table", dev)[self._on("_remain", dev)]
+            new = self._on("_remain", dev)[logits[:, labels].argmax(1)]
+        return torch.where(append_dims(forget, c.ndim), self._on("_table", dev)[new].to(c.dtype), c)
 
     def _split(self, per_sample: torch.Tensor, forget: torch.Tensor, c_r: float, c_f: float, name: str, logs: dict):
         """c_r * mean over remaining samples + c_f * mean over forget samples (an empty part adds nothing)."""
