@@ -41,13 +41,16 @@ stage sd15_lowmem 160 $bench --preset sd15 --method dmd2 --variants bf16 --fake-
 #    (features in NCHW and in channels-last layout, each over 50 000 samples)
 stage fid50k 150 python3 eval/fid_speed.py --layouts nchw,nhwc --out "$out/fid50k.json"
 # 3. CIFAR-size UNet (google/ddpm-cifar10-32's config): torch.compile of the three networks (its compile time
-#    reported) at batch 512 (the trainer's rule: no host read in the step); the bf16 eager baseline with each update
-#    rule (the loss terms read each turn as before, a host read per update, none), the GPU tests (a DMD step with
-#    the device rule waits nowhere), compiled at batch 256 with the device rule and, second (warm compile cache),
-#    the old one; then CUDA graphs (compile mode reduce-overhead)
-stage cifar_compile_b512 220 $bench --preset cifar --variants bf16-compile --batch-size 512 --no-components \
-    --out "$out/cifar_compile_b512.json"
+#    reported) at batch 512 (the trainer's rule: no host read in the step), with the critic's loss on the DM
+#    direction's fake-score forward (shared_critic_pass: seven forward-equivalents instead of eight; CPU, digits:
+#    -11 to -14% step time; +8.7 GiB simulated; a worse digits-FID: not the default) and, second (the fake score's graphs already compiled), on its own forward; the bf16 eager
+#    baseline with each update rule (the loss terms read each turn as before, a host read per update, none) and
+#    with the shared pass, the GPU tests (a DMD step with the device rule waits nowhere), compiled at batch 256 with
+#    the device rule and, second (warm compile cache), the old one; then CUDA graphs (compile mode reduce-overhead)
+stage cifar_compile_b512 260 $bench --preset cifar --variants bf16-compile --batch-size 512 --no-components \
+    --critic-pass shared,separate --out "$out/cifar_compile_b512.json"
 stage cifar_base 120 $bench --preset cifar --variants bf16 --sync logs,host,device --out "$out/cifar_base.json"
+stage cifar_shared 90 $bench --preset cifar --variants bf16 --critic-pass separate,shared --out "$out/cifar_shared.json"
 stage gpu_tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_update.py
 stage cifar_compile 240 $bench --preset cifar --variants bf16-compile --sync device,logs --out "$out/cifar_compile.json"
 stage cifar_cudagraphs 200 $bench --preset cifar --variants bf16-reduce-overhead --out "$out/cifar_cudagraphs.json"

@@ -54,6 +54,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--sync", default="auto", help="where a non-finite update is skipped: auto (as the trainer: device "
                    "on a GPU with AdamW, else host), host (one read per update), device (no read), logs (host, and the "
                    "loss terms read each turn, as the trainer did before); comma-separated: a row for each")
+    p.add_argument("--critic-pass", default="separate", help="separate, shared or separate,shared: the critic's "
+                   "denoising loss on its own fake-score forward, or on the DM direction's (the shared_critic_pass "
+                   "option of dmd / dmd2: one forward fewer per iteration)")
     p.add_argument("--no-components", action="store_true", help="skip timing the passes alone")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="the card's dense bf16 peak, if not in the table")
     p.add_argument("--device", default="", help="cuda or cpu (default: cuda when available)")
@@ -112,7 +115,7 @@ def main(argv: list[str]) -> int:
     onoff = {"on": True, "off": False}
     ema_modes = {**onoff, "offload": "offload"}
     options = [dict(method=me, fake_score=fs, gradient_checkpointing=onoff[gc], attention=at, cudnn_benchmark=onoff[cb],
-                    ema=ema_modes[em], optimizer=op, sync=sy)
+                    ema=ema_modes[em], optimizer=op, sync=sy, shared_critic_pass=cp == "shared")
                for me in choices("method", args.method, ("dmd", "dmd2"))
                for fs in choices("fake-score", args.fake_score, ("copy", "lora"))
                for gc in choices("gradient-checkpointing", args.gradient_checkpointing, tuple(onoff))
@@ -120,7 +123,8 @@ def main(argv: list[str]) -> int:
                for cb in choices("cudnn-benchmark", args.cudnn_benchmark, tuple(onoff))
                for em in choices("ema", args.ema, tuple(ema_modes))
                for op in choices("optimizer", args.optimizer, OPTIMIZERS)
-               for sy in choices("sync", args.sync, SYNC_MODES)]
+               for sy in choices("sync", args.sync, SYNC_MODES)
+               for cp in choices("critic-pass", args.critic_pass, ("separate", "shared"))]
     for o in {o["optimizer"] for o in options}:
         try:  # before any row is measured
             check_available(o)
@@ -136,7 +140,8 @@ def main(argv: list[str]) -> int:
             if sim:  # the same rows, their memory estimated instead of timed
                 for v in variants:
                     for o in options:
-                        kept = ("method", "fake_score", "gradient_checkpointing", "attention", "ema", "optimizer")
+                        kept = ("method", "fake_score", "gradient_checkpointing", "attention", "ema", "optimizer",
+                                "shared_critic_pass")
                         rows.append(simulate_memory(s, v, batch_size=args.batch_size or None, steps=args.steps,
                                                     **{k: o[k] for k in kept}))
                         print(json.dumps(rows[-1]), flush=True)
@@ -145,7 +150,7 @@ def main(argv: list[str]) -> int:
             flops = {}
             for v in variants:
                 for o in options:
-                    key = (o["method"], o["fake_score"], o["gradient_checkpointing"])
+                    key = (o["method"], o["fake_score"], o["gradient_checkpointing"], o["shared_critic_pass"])
                     row = measure(work, v, device, warmup=args.warmup, repeats=args.repeats, **o,
                                   peak=args.peak_tflops or None, flops=flops.get(key),
                                   components=not args.no_components)

@@ -1,7 +1,8 @@
 """Step benchmark: the cost of one distillation iteration, and of its network passes timed alone.
 
 One DMD iteration (no GAN, update ratio 1) = generator fwd+bwd, teacher fwd, fake-score fwd (the DM direction),
-fake-score fwd+bwd (its denoising loss) and two optimizer steps: eight forward-equivalents of one network size.
+fake-score fwd+bwd (its denoising loss) and two optimizer steps: eight forward-equivalents of one network size
+(seven with `shared_critic_pass`: the critic's loss reuses the DM direction's fake-score forward).
 It runs through the same method code as the trainer (onestep.methods.DMD on a Triad; or DMD2, whose GAN head
 adds a generator term and a classification loss on the fake score's batched forward) with the trainer's per-turn
 work (autocast, zero_grad, backward, gradient clipping, finiteness check, optimizer step, EMA), with the trainer's
@@ -167,7 +168,7 @@ class StepRunner:
     def __init__(self, work: Workload, variant: str, device: torch.device, fake_score: str = "copy",
                  gradient_checkpointing: bool = False, attention: str = "sdpa", cudnn_benchmark: bool = False,
                  ema: bool | str = True, method: str = "dmd", optimizer: str = "adamw", sync: str = "auto",
-                 memory=None):
+                 memory=None, shared_critic_pass: bool = False):
         import copy
 
         from .memsim import MemoryTracker
@@ -204,7 +205,8 @@ class StepRunner:
                                         gan_head=method == "dmd2",
                                         example_cond=self.cond, frozen_dtype=torch.bfloat16 if self.bf16 else None)
         # one iteration = one generator turn + one critic turn (DMD2's TTUR repeats the critic turn)
-        self.method = DMD() if method == "dmd" else DMD2(update_ratio=1)
+        self.method = (DMD if method == "dmd" else DMD2)(update_ratio=1, shared_critic_pass=shared_critic_pass)
+        self.shared_critic_pass = shared_critic_pass
         self.nets = [self.triad.raw("generator").denoiser.backbone, self.triad.raw("fake_score").backbone,
                      self.triad.raw("teacher").backbone]
         from .attention import set_attention
@@ -243,10 +245,7 @@ class StepRunner:
     def tf32(self):
         return _tf32(self.variant != "fp32", self.cudnn_benchmark)
 
-    def _update(self, loss_fn, opt, params, generator: bool):
-        batch = {"z": self.z, "cond": self.cond, "real": self.real, "real_cond": self.cond}
-        if not generator:
-            batch["generated"] = self._generated
+    def _update(self, loss_fn, opt, params, generator: bool, batch: dict):
         turn = "generator" if generator else "fake score"
         opt.zero_grad(set_to_none=True)
         with self.autocast():
@@ -259,8 +258,6 @@ class StepRunner:
         norm = torch.nn.utils.clip_grad_norm_(params, 10.0)
         self.updates(0, turn, loss, norm, [opt], [], logs, self.triad.ema_step if generator else None)
         self._phase(f"{turn} optimizer" + (" + EMA" if generator and self.triad.ema is not None else ""))
-        if generator:
-            self._generated = batch["generated"]
 
     def _phase(self, name: str) -> None:
         """The peak memory since the previous phase, kept as the largest over steps (the step's peak = their max)."""
@@ -273,9 +270,10 @@ class StepRunner:
         """One iteration: generator turn, then the fake-score turn on the generator turn's samples."""
         if self.memory is not None:
             self.memory.reset_peak()  # phase peaks count the step's own allocations
-        with self.tf32():
-            self._update(self.method.generator_loss, self.opt_g, self.triad.generator_parameters(), True)
-            self._update(self.method.fake_score_loss, self.opt_f, self.triad.critic_parameters(), False)
+        batch = {"z": self.z, "cond": self.cond, "real": self.real, "real_cond": self.cond}  # as the trainer's: one
+        with self.tf32():  # per iteration, carrying the generator turn's samples (and shared pass) to the critic turn
+            self._update(self.method.generator_loss, self.opt_g, self.triad.generator_parameters(), True, batch)
+            self._update(self.method.fake_score_loss, self.opt_f, self.triad.critic_parameters(), False, batch)
 
     def passes(self) -> dict:
         """The iteration's network passes as callables, each timed alone on the same batch."""
@@ -309,8 +307,11 @@ class StepRunner:
                     fn()
             return run
 
-        return {k: wrap(v) for k, v in {"generator fwd+bwd": gen_fwd_bwd, "teacher fwd": teacher_fwd,
-                                         "fake fwd": fake_fwd, "fake fwd+bwd": fake_fwd_bwd}.items()}
+        parts = {"generator fwd+bwd": gen_fwd_bwd, "teacher fwd": teacher_fwd, "fake fwd": fake_fwd,
+                 "fake fwd+bwd": fake_fwd_bwd}
+        if self.shared_critic_pass:  # the critic turn's fwd+bwd is the generator turn's fake forward
+            del parts["fake fwd"]
+        return {k: wrap(v) for k, v in parts.items()}
 
     def zero_grads(self) -> None:
         self.opt_g.zero_grad(set_to_none=True)
@@ -358,12 +359,13 @@ def peak_tflops(device: torch.device, override: float | None = None) -> tuple[st
 def measure(work: Workload, variant: str, device: torch.device, *, warmup: int = 3, repeats: int = 10,
             fake_score: str = "copy", gradient_checkpointing: bool = False, attention: str = "sdpa",
             cudnn_benchmark: bool = False, ema: bool | str = True, method: str = "dmd", peak: float | None = None,
-            flops: float | None = None, components: bool = False, optimizer: str = "adamw", sync: str = "auto") -> dict:
+            flops: float | None = None, components: bool = False, optimizer: str = "adamw", sync: str = "auto",
+            shared_critic_pass: bool = False) -> dict:
     """Median step time of a variant (and, with `components`, of each pass alone, interleaved with the steps)."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
     runner = StepRunner(work, variant, device, fake_score, gradient_checkpointing, attention, cudnn_benchmark, ema, method,
-                        optimizer, sync)
+                        optimizer, sync, shared_critic_pass=shared_critic_pass)
     if device.type == "cuda":  # from here: the weights, optimiser states, gradients and activations of training
         torch.cuda.reset_peak_memory_stats(device)
     timer = Timer(device)
@@ -400,7 +402,7 @@ def measure(work: Workload, variant: str, device: torch.device, *, warmup: int =
     row = {"preset": work.name, "method": method, "variant": variant, "device": card, "batch": work.batch_size,
            "fake_score": fake_score, "gradient_checkpointing": gradient_checkpointing, "attention": runner.attention,
            "cudnn_benchmark": cudnn_benchmark, "ema": ema, "optimizer": optimizer, "sync": runner.sync,
-           "sync_option": sync, "step_s": step_s, "img_per_s": work.batch_size / step_s, "first_step_s": first,
+           "sync_option": sync, "shared_critic_pass": shared_critic_pass, "step_s": step_s, "img_per_s": work.batch_size / step_s, "first_step_s": first,
            "back_to_back_step_s": back_to_back_s, "back_to_back_img_per_s": work.batch_size / back_to_back_s,
            "gflop_per_step": None if flops is None else flops / 1e9,
            "tflops": None if flops is None else flops / step_s / 1e12}
@@ -431,7 +433,8 @@ def measure(work: Workload, variant: str, device: torch.device, *, warmup: int =
 
 def simulate_memory(preset: str, variant: str = "bf16", *, batch_size: int | None = None, steps: int = 3,
                     fake_score: str = "copy", gradient_checkpointing: bool = False, attention: str = "sdpa",
-                    ema: bool | str = True, method: str = "dmd", optimizer: str = "adamw") -> dict:
+                    ema: bool | str = True, method: str = "dmd", optimizer: str = "adamw",
+                    shared_critic_pass: bool = False) -> dict:
     """Peak accelerator memory of `steps` iterations, estimated without an accelerator (onestep.memsim: fake
     tensors, CUDA's autocast rules): the same StepRunner, phases and options as `measure`, no timings. A lower bound
     of the GPU's `max_memory_allocated` (no workspaces, no allocator rounding)."""
@@ -451,7 +454,7 @@ def simulate_memory(preset: str, variant: str = "bf16", *, batch_size: int | Non
             with memory.host_allocations():  # the workload's float32 teacher stays in host memory, as in `measure`
                 work = build_workload(preset, torch.device("cuda"), batch_size)  # the GPU's default batch size
         runner = StepRunner(work, variant, torch.device("cpu"), fake_score, gradient_checkpointing, attention, False,
-                            ema, method, optimizer, "auto", memory=memory)
+                            ema, method, optimizer, "auto", memory=memory, shared_critic_pass=shared_critic_pass)
         memory.reset_peak()
         runner.step()
         first_peaks, runner.phase_peaks = runner.phase_peaks, {}
@@ -460,6 +463,7 @@ def simulate_memory(preset: str, variant: str = "bf16", *, batch_size: int | Non
         row = {"preset": work.name, "method": method, "variant": variant, "device": "simulated", "batch": work.batch_size,
                "fake_score": fake_score, "gradient_checkpointing": gradient_checkpointing, "attention": runner.attention,
                "cudnn_benchmark": False, "ema": ema, "optimizer": optimizer, "sync": runner.sync, "sync_option": "auto",
+               "shared_critic_pass": shared_critic_pass,
                "step_s": None, "img_per_s": None, "first_step_s": None, "back_to_back_step_s": None,
                "back_to_back_img_per_s": None, "gflop_per_step": None, "tflops": None, "peak_fraction": None,
                "host_syncs_per_step": None, "peak_mem_gib": max(runner.phase_peaks.values()),
@@ -479,7 +483,8 @@ def markdown(rows: list[dict]) -> str:
         o += ["grad. ckpt"] * bool(r.get("gradient_checkpointing")) + ["no EMA"] * (not r.get("ema", True))
         o += ["EMA on CPU"] * (r.get("ema") == "offload") + ["8-bit AdamW"] * (r.get("optimizer") == "adamw8bit")
         o += ["cudnn.benchmark"] * bool(r.get("cudnn_benchmark")) + [r.get("attention", "sdpa")]
-        o += ["glibc malloc defaults"] * (r.get("cpu_malloc") == "system")
+        o += ["glibc malloc defaults"] * (r.get("cpu_malloc") == "system") + ["shared critic pass"] * bool(
+            r.get("shared_critic_pass"))
         o += [{"host": "host-read skip", "device": "device-side skip", "logs": "logs read per turn"}[r["sync"]]] * (
             r.get("sync_option", "auto") != "auto")
         return ", ".join(o)
@@ -499,6 +504,7 @@ def memory_markdown(rows: list[dict]) -> str:
     """Peak-memory rows (measured or simulated) as a Markdown table, with the phase that holds the peak."""
     def opts(r):
         o = [r.get("fake_score", "copy") + " fake score"] + ["grad. ckpt"] * bool(r.get("gradient_checkpointing"))
+        o += ["shared critic pass"] * bool(r.get("shared_critic_pass"))
         o += {True: ["EMA on the device"], False: ["no EMA"], "offload": ["EMA in CPU memory"]}[r.get("ema", True)]
         return ", ".join(o + ["8-bit AdamW" if r.get("optimizer") == "adamw8bit" else "AdamW"])
 

@@ -103,6 +103,7 @@ BAD_INPUTS = [
     (["--fake_score", "lora", "--lora_targets", "no_such_module"], "none of the LoRA target modules"),
     (["--optimizer", "sgd"], "optimizer: 'sgd' is not one of"),
     (["--offload_ema", "true", "--ema_decay", "0"], "offload_ema: this run keeps no EMA"),
+    (["--shared_critic_pass", "true", "--fake_first", "true"], "cannot run with fake_first"),
 ]
 
 

@@ -22,7 +22,8 @@ def count_calls(module):
 
 
 @pytest.mark.parametrize("options", [dict(method="dmd2"), dict(method="dmd", regression_weight=0.5, regression_pairs=8,
-                                                                regression_steps=2, regression_batch=4)])
+                                                                regression_steps=2, regression_batch=4),
+                                     dict(method="dmd2", shared_critic_pass=True)])
 def test_generator_runs_once_per_iteration(options):
     """The generator output is computed once and reused by every term: DM, GAN or regression, and the critic turn."""
     options = dict(options)
@@ -102,7 +103,22 @@ def test_cli_sync_modes_give_a_row_each(tmp_path):
     assert "copy fake score, sdpa | cpu" in r.stdout  # auto: no label
 
 
+def test_cli_shared_critic_pass_row_saves_one_forward_in_eight(tmp_path):
+    """--critic-pass separate,shared: the shared row's iteration costs 7 forward-equivalents instead of 8 (torch's flop
+    counter), and its passes alone leave out the fake score's separate forward."""
+    out = tmp_path / "rows.json"
+    r = run_cli("--batch-size", "2", "--repeats", "1", "--warmup", "1", "--threads", "1", "--critic-pass",
+                "separate,shared", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    separate, shared = json.loads(out.read_text())
+    assert (separate["shared_critic_pass"], shared["shared_critic_pass"]) == (False, True)
+    assert shared["gflop_per_step"] / separate["gflop_per_step"] == pytest.approx(7 / 8, rel=1e-3)
+    assert set(shared["passes_s"]) == {"generator fwd+bwd", "teacher fwd", "fake fwd+bwd"}
+    assert "copy fake score, sdpa, shared critic pass | cpu" in r.stdout
+
+
 @pytest.mark.parametrize("args,needle", [(["--preset", "imagenet"], "unknown preset"),
+                                         (["--critic-pass", "both"], "unknown value 'both'"),
                                          (["--variants", "bf16"], "needs a CUDA device"),
                                          (["--repeats", "0"], "--repeats"),
                                          (["--fake-score", "full"], "unknown value 'full'"),

@@ -375,3 +375,58 @@ def test_gradient_checkpointing_gives_the_same_gradients_through_a_frozen_critic
         assert any(g.abs().sum() > 0 for g in plain[turn])
         for a, b in zip(plain[turn], ckpt[turn]):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("method_name,fake_score,checkpointing", [("dmd", "copy", False), ("dmd2", "lora", False),
+                                                                  ("dmd2", "copy", True), ("dmd2", "lora", True)])
+def test_shared_critic_pass_trains_the_critic_on_the_dm_forward(method_name, fake_score, checkpointing):
+    """shared_critic_pass: the generator turn is unchanged; the critic turn makes one fake-score forward fewer and its
+    gradient is that of its loss on a fresh forward at the generator turn's (x_t, t), although the graph it reuses
+    lived through the generator's backward (and, LoRA, the teacher's calls that turn the adapters off)."""
+    from onestep.triad import enable_gradient_checkpointing
+
+    def run(shared, fresh=False):
+        triad = make_triad(fake_score, gan=method_name == "dmd2")
+        torch.manual_seed(5)
+        with torch.no_grad():  # LoRA B starts at 0: give the adapters an effect
+            for n, p in triad.raw("fake_score").backbone.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.1)
+        if checkpointing:
+            enable_gradient_checkpointing([triad.raw("generator").denoiser.backbone, triad.raw("fake_score").backbone])
+        calls = []
+        triad.raw("fake_score").register_forward_pre_hook(lambda m, a, k: calls.append((a, k)), with_kwargs=True)
+        method = build_method(method_name, shared_critic_pass=shared)
+        torch.manual_seed(3)
+        b, out = batch(), {}
+        loss, _ = method.generator_loss(triad, b)
+        loss.backward()
+        out["generator"] = [p.grad.clone() for p in triad.generator_parameters()]
+        out["critic_after_generator_turn"] = [p.grad for p in triad.critic_parameters()]
+        dm_call = calls[0][0]
+        if fresh:  # the reused prediction replaced by a new forward on the same inputs
+            b["critic_pass"] = (dm_call[1], triad.fake_score(*dm_call))
+        n_before = len(calls)
+        loss, logs = method.fake_score_loss(triad, b)
+        loss.backward()
+        out["critic"] = [p.grad.clone() for p in triad.critic_parameters()]
+        out["critic_calls"] = len(calls) - n_before
+        out["critic_loss"] = logs["loss_fake"]
+        return out
+
+    separate, shared, fresh = run(False), run(True), run(True, fresh=True)
+    for a, b in zip(separate["generator"], shared["generator"]):  # the generator's update does not change
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert all(g is None for g in shared["critic_after_generator_turn"])  # its backward left the critic alone
+    assert shared["critic_calls"] == separate["critic_calls"] - 1  # one forward fewer
+    assert any(g.abs().sum() > 0 for g in shared["critic"])
+    for a, b in zip(fresh["critic"], shared["critic"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(fresh["critic_loss"], shared["critic_loss"])
+
+
+def test_shared_critic_pass_refused_where_it_cannot_apply():
+    with pytest.raises(ValueError, match="fake_first"):
+        build_method("dmd", shared_critic_pass=True, fake_first=True)
+    with pytest.raises(ValueError, match="gndm"):
+        build_method("gndm", shared_critic_pass=True)

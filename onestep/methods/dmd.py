@@ -55,10 +55,15 @@ class DMD:
     gan_critic_weight: float = 0.0    # DMD2 lambda_cls for the discriminator loss in the critic turn
     gan_t_max: float = 1.0            # GAN inputs are noised at t ~ U[0, gan_t_max) (fraction of the schedule's range)
     fake_first: bool = False          # order within an iteration: critic before generator
+    shared_critic_pass: bool = False  # the critic turn's denoising loss reuses the generator turn's fake-score forward
+                                      # (same x_t and t, so its t ~ U[t_min, t_max]): one forward fewer per iteration
 
     def __post_init__(self):
         if self.update_ratio < 1:
             raise ValueError(f"update_ratio must be >= 1, got {self.update_ratio}")
+        if self.shared_critic_pass and self.fake_first:
+            raise ValueError("shared_critic_pass reuses the generator turn's forward in the critic turn after it; "
+                             "it cannot run with fake_first (critic first): drop one of them")
         if not 0 < self.gan_t_max <= 1:
             raise ValueError(f"gan_t_max must be in (0, 1], got {self.gan_t_max}")
         self._pairs = None
@@ -106,11 +111,17 @@ class DMD:
         x, cond = x_all[:n], None if c is None else c[:n]
         batch["generated"] = x.detach()  # the critic turn of this iteration trains on it (as DMD2's code does)
 
+        shared = self.shared_critic_pass and torch.is_grad_enabled()
         with torch.no_grad():
             t = sched.sample_t(n, self.t_min, self.t_max, device=x.device)
             x_t = sched.add_noise(x, torch.randn_like(x), t)
             x0_real = triad.teacher.guided(x_t, t, cond, self.real_guidance_scale)
+            x0_fake = None if shared else triad.fake_score(x_t, t, cond)
+        if shared:  # graded w.r.t. the fake score's weights only (x_t is detached): the critic turn's prediction
             x0_fake = triad.fake_score(x_t, t, cond)
+            batch["critic_pass"] = (t, x0_fake)
+            x0_fake = x0_fake.detach()
+        with torch.no_grad():
             grad = dm_gradient(x.detach(), x0_real, x0_fake, eps=self.norm_eps)
         loss_dm = dm_surrogate(x, grad)
         loss, logs = loss_dm, {"loss_dm": loss_dm.detach(), "dm_grad_norm": grad.flatten(1).norm(dim=1).mean().detach()}
@@ -142,10 +153,15 @@ class DMD:
         if x is None:
             with torch.no_grad():
                 x = triad.generate(z, c)
-        t = sched.sample_t(n, 0.0, 1.0, device=x.device)
-        x_t = sched.add_noise(x, torch.randn_like(x), t)
+        shared = batch.pop("critic_pass", None)  # (t, prediction) of the generator turn's fake-score forward
+        if shared is not None:
+            t, x0_pred = shared
+        else:
+            t = sched.sample_t(n, 0.0, 1.0, device=x.device)
+            x_t = sched.add_noise(x, torch.randn_like(x), t)
+            x0_pred = triad.fake_score(x_t, t, c)
         if not self.uses_gan:
-            loss = weighted_dsm(sched, t, triad.fake_score(x_t, t, c), x, self.loss_space(sched)).mean()
+            loss = weighted_dsm(sched, t, x0_pred, x, self.loss_space(sched)).mean()
             return loss, {"loss_fake": loss.detach()}
 
         # GAN: noise generated and real images at t ~ U[0, T) and classify the bottleneck features.
@@ -153,7 +169,6 @@ class DMD:
         t_g = sched.sample_t(2 * n, 0.0, self.gan_t_max, device=x.device)
         gan_in = sched.add_noise(torch.cat([x, real.float()]), torch.randn(2 * n, *x.shape[1:], device=x.device), t_g)
         gan_c = None if c is None else torch.cat([c, c_real[:n]])
-        x0_pred = triad.fake_score(x_t, t, c)
         if triad.gan_feature_source == "fake_score":  # encoder + mid-block only (DMD2's classify mode)
             feats = triad.fake_score(gan_in, t_g, gan_c, features_only=True)
         else:
