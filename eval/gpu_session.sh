@@ -34,21 +34,24 @@ stage env 60 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version,cl
 #    each phase of the step, in the JSON) of the memory options for the <= 16 GiB goal on the LoRA fake score with
 #    gradient checkpointing: EMA on the GPU or in CPU memory, AdamW or 8-bit AdamW (needs bitsandbytes there)
 #    (simulated on the CPU with --simulate-memory, a lower bound: EMA on the GPU 19.75 GiB with AdamW, 14.47 with
-#    8-bit AdamW; EMA in CPU memory 16.55 and 11.27)
-stage sd15_lowmem 160 $bench --preset sd15 --method dmd2 --variants bf16 --fake-score lora --gradient-checkpointing on \
-    --ema on,offload --optimizer adamw,adamw8bit --no-components --repeats 4 --warmup 2 --out "$out/sd15_lowmem.json"
+#    8-bit AdamW; EMA in CPU memory 16.55 and 11.27). The 8-bit rows first and in their own command: should
+#    bitsandbytes not load on that machine, the benchmark refuses before any row, and the AdamW rows still run.
+lowmem="$bench --preset sd15 --method dmd2 --variants bf16 --fake-score lora --gradient-checkpointing on --ema offload,on \
+    --no-components --repeats 4 --warmup 2"
+stage sd15_lowmem 160 bash -c "$lowmem --optimizer adamw8bit --out $out/sd15_lowmem_8bit.json;
+    $lowmem --optimizer adamw --out $out/sd15_lowmem.json"
 # 2. FID-50k of a CIFAR-size one-step generator, end to end (stand-in Inception of the same architecture: timing)
 #    (features in NCHW and in channels-last layout, each over 50 000 samples)
 stage fid50k 150 python3 eval/fid_speed.py --layouts nchw,nhwc --out "$out/fid50k.json"
 # 3. CIFAR-size UNet (google/ddpm-cifar10-32's config): torch.compile of the three networks (its compile time
-#    reported) at batch 512 (the trainer's rule: no host read in the step), with the critic's loss on the DM
-#    direction's fake-score forward (shared_critic_pass: seven forward-equivalents instead of eight; CPU, digits:
-#    -11 to -14% step time; +8.7 GiB simulated; a worse digits-FID: not the default) and, second (the fake score's graphs already compiled), on its own forward; the bf16 eager
-#    baseline with each update rule (the loss terms read each turn as before, a host read per update, none) and
-#    with the shared pass, the GPU tests (a DMD step with the device rule waits nowhere), compiled at batch 256 with
+#    reported) at batch 512 (the trainer's rule: no host read in the step) and, second (the fake score's graphs
+#    already compiled), with the critic's loss on the DM direction's fake-score forward (shared_critic_pass: seven
+#    forward-equivalents instead of eight; CPU, digits: -11 to -14% step time; +8.7 GiB simulated; a worse
+#    digits-FID, so not the default); the bf16 eager baseline with each update rule (the loss terms read each turn
+#    as before, a host read per update, none) and with the shared pass, the GPU tests (a DMD step with the device rule waits nowhere), compiled at batch 256 with
 #    the device rule and, second (warm compile cache), the old one; then CUDA graphs (compile mode reduce-overhead)
 stage cifar_compile_b512 260 $bench --preset cifar --variants bf16-compile --batch-size 512 --no-components \
-    --critic-pass shared,separate --out "$out/cifar_compile_b512.json"
+    --critic-pass separate,shared --out "$out/cifar_compile_b512.json"
 stage cifar_base 120 $bench --preset cifar --variants bf16 --sync logs,host,device --out "$out/cifar_base.json"
 stage cifar_shared 90 $bench --preset cifar --variants bf16 --critic-pass separate,shared --out "$out/cifar_shared.json"
 stage gpu_tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_update.py
