@@ -64,6 +64,9 @@ class DMD:
         if self.shared_critic_pass and self.fake_first:
             raise ValueError("shared_critic_pass reuses the generator turn's forward in the critic turn after it; "
                              "it cannot run with fake_first (critic first): drop one of them")
+        if self.shared_critic_pass and type(self).generator_loss is not DMD.generator_loss:
+            raise ValueError(f"shared_critic_pass: {type(self).__name__.lower()}'s generator turn does not share its "
+                             "fake-score forward; use false (or --method dmd / dmd2)")
         if not 0 < self.gan_t_max <= 1:
             raise ValueError(f"gan_t_max must be in (0, 1], got {self.gan_t_max}")
         self._pairs = None
@@ -116,13 +119,11 @@ class DMD:
             t = sched.sample_t(n, self.t_min, self.t_max, device=x.device)
             x_t = sched.add_noise(x, torch.randn_like(x), t)
             x0_real = triad.teacher.guided(x_t, t, cond, self.real_guidance_scale)
-            x0_fake = None if shared else triad.fake_score(x_t, t, cond)
-        if shared:  # graded w.r.t. the fake score's weights only (x_t is detached): the critic turn's prediction
+        with torch.set_grad_enabled(shared):  # shared: graded w.r.t. the fake score's weights only (x_t is detached)
             x0_fake = triad.fake_score(x_t, t, cond)
-            batch["critic_pass"] = (t, x0_fake)
-            x0_fake = x0_fake.detach()
-        with torch.no_grad():
-            grad = dm_gradient(x.detach(), x0_real, x0_fake, eps=self.norm_eps)
+        if shared:
+            batch["critic_pass"] = (t, x0_fake)  # the critic turn's prediction
+        grad = dm_gradient(x.detach(), x0_real, x0_fake.detach(), eps=self.norm_eps)
         loss_dm = dm_surrogate(x, grad)
         loss, logs = loss_dm, {"loss_dm": loss_dm.detach(), "dm_grad_norm": grad.flatten(1).norm(dim=1).mean().detach()}
 

@@ -53,9 +53,6 @@ class GNDM(DMD):
         super().__post_init__()
         if self.regression_weight > 0:
             raise ValueError("regression_weight: gndm has no DMD1 regression loss; use 0 (or --method dmd)")
-        if self.shared_critic_pass:
-            raise ValueError("shared_critic_pass: gndm's DM directions are taken without the fake score's graph; "
-                             "use false (or --method dmd / dmd2)")
         if self.group_size < 1 or self.reuse < 1:
             raise ValueError(f"group_size and reuse must be >= 1, got {self.group_size}, {self.reuse}")
         for key, allowed in CHOICES.items():
