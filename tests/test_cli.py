@@ -168,6 +168,10 @@ def test_overwrite_with_bad_input_replaces_nothing(cond_teacher, tmp_path, flags
 def test_help_lists_keys_presets_and_methods():
     r = subprocess.run([sys.executable, os.path.join(ROOT, "train", "distill.py"), "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--steps" in r.stdout and "digits-dmd" in r.stdout and "dmd2:" in r.stdout
+    methods = {line.split(":")[0].strip(): line for line in r.stdout.splitlines() if line.startswith("  ") and ": " in line}
+    # an inherited option the method refuses is not offered (gndm runs its own generator turn)
+    assert "shared_critic_pass=False" in methods["dmd2"] and "shared_critic_pass" not in methods["gndm"]
+    assert "update_ratio=" in methods["gndm"]
 
 
 @pytest.mark.slow

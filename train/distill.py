@@ -367,7 +367,8 @@ def usage() -> str:
     lines += ["", f"Presets (--preset): {', '.join(PRESETS)}", "", "Methods (--method) and their options:"]
     for m in METHODS:
         lines.append(f"  {m}: " + ", ".join(f"{k}={v.default if v.default is not dataclasses.MISSING else v.default_factory()}"
-                                          for k, v in method_options(m).items()))
+                                          for k, v in method_options(m).items()
+                                          if k not in getattr(METHODS[m], "refused_options", set)()))
     return "\n".join(lines)
 
 

@@ -64,12 +64,17 @@ class DMD:
         if self.shared_critic_pass and self.fake_first:
             raise ValueError("shared_critic_pass reuses the generator turn's forward in the critic turn after it; "
                              "it cannot run with fake_first (critic first): drop one of them")
-        if self.shared_critic_pass and type(self).generator_loss is not DMD.generator_loss:
+        if self.shared_critic_pass and "shared_critic_pass" in self.refused_options():
             raise ValueError(f"shared_critic_pass: {type(self).__name__.lower()}'s generator turn does not share its "
                              "fake-score forward; use false (or --method dmd / dmd2)")
         if not 0 < self.gan_t_max <= 1:
             raise ValueError(f"gan_t_max must be in (0, 1], got {self.gan_t_max}")
         self._pairs = None
+
+    @classmethod
+    def refused_options(cls) -> set[str]:
+        """Inherited options this method refuses (a method with its own generator turn shares no critic pass)."""
+        return set() if cls.generator_loss is DMD.generator_loss else {"shared_critic_pass"}
 
     @property
     def uses_gan(self) -> bool:
