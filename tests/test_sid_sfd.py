@@ -255,3 +255,29 @@ def test_short_digits_run_lowers_forget_class_accuracy(tmp_path):
     assert f["remaining_class_accuracy"] > 0.8 and f["remaining_fid"] > 0
     card = (tmp_path / "sfd" / "pipeline" / "README.md").read_text()
     assert "Forgotten conditions:** [3]" in card and f"{f['unlearning_accuracy']:.4g}" in card
+
+
+@pytest.mark.slow
+def test_sid_starts_its_generator_at_sigma_2_5_on_an_edm_teacher(tmp_path):
+    """METHODS.md: sigma_init 80 for DMD2, 2.5 for SiD. Through the CLI, on a tiny EDM teacher folder, the exported
+    students' one step sits where each method starts."""
+    from conftest import tiny_unet
+    from diffusers import EDMEulerScheduler
+
+    teacher = tmp_path / "edm-teacher"
+    tiny_unet(None).save_pretrained(teacher / "unet")
+    EDMEulerScheduler().save_pretrained(teacher / "scheduler")
+    from onestep.methods import default_generator_timesteps
+    from onestep.schedule import Schedule
+
+    edm = Schedule.from_scheduler(EDMEulerScheduler())
+    assert default_generator_timesteps(build_method("sfd", forget=[3]), edm) == [2.5]  # SFD is SiD's generator
+    vp = Schedule("vp", alphas_cumprod=torch.linspace(0.99, 0.01, 1000))
+    assert default_generator_timesteps(build_method("sid"), vp) == []  # VP: the top (t = 999)
+    expect = {"sid": [2.5], "dmd2": [80.0]}
+    for method in expect:
+        r = run_distill(["--preset", "smoke", "--teacher", str(teacher), "--method", method, "--steps", "1",
+                         "--classifier", "", "--output_dir", str(tmp_path), "--name", method])
+        assert r.returncode == 0, r.stderr[-2000:]
+        timesteps = json.loads((tmp_path / method / "pipeline" / "model_index.json").read_text())["timesteps"]
+        assert timesteps == expect[method], (method, timesteps)

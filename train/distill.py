@@ -50,7 +50,7 @@ def train(cfg, backbone: torch.nn.Module | None = None):
     from onestep.distributed import check_launch, clip_grad_norm, distributed_mode, prepare_sharded
     from onestep.fid import DigitsClassifier, best_of_steps, evaluate_samples, image_moments
     from onestep.loading import load_teacher
-    from onestep.methods import build_method
+    from onestep.methods import build_method, default_generator_timesteps
     from onestep.optim import make_optimizer
     from onestep.pipeline import export_pipeline, model_card, stock_call
     from onestep.prompts import read_prompts
@@ -151,7 +151,8 @@ def train(cfg, backbone: torch.nn.Module | None = None):
     try:  # options this teacher cannot serve (LoRA targets it lacks, a GAN head without a mid-block) -> one line
         triad = Triad.from_teacher(
             teacher.denoiser, fake_score=cfg.fake_score, lora_rank=cfg.lora_rank,
-            generator_timesteps=cfg.generator_timesteps, lora_targets=cfg.lora_targets or DEFAULT_LORA_TARGETS,
+            generator_timesteps=cfg.generator_timesteps or default_generator_timesteps(method, teacher.denoiser.schedule),
+            lora_targets=cfg.lora_targets or DEFAULT_LORA_TARGETS,
             gan_head=getattr(method, "uses_gan", False), gan_feature_source=cfg.gan_feature_source, sample_shape=shape,
             example_cond=example, ema_decay=cfg.ema_decay or None, frozen_dtype=frozen_dtype,
             gan_hidden=cfg.gan_hidden or None, gan_layers=cfg.gan_layers or ("mid_block",), student_backbone=backbone,

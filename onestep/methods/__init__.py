@@ -26,3 +26,10 @@ def build_method(name: str, **options):
     if bad:
         raise ValueError(f"method {name!r} has no option {bad[0]!r}; its options: {', '.join(sorted(allowed))}")
     return METHODS[name](**options)
+
+
+def default_generator_timesteps(method, schedule) -> list:
+    """The generator's t_init when none is configured: a method's own sigma_init on EDM teachers (SiD, SFD: 2.5),
+    else [] (the schedule's top: VP t = T - 1, EDM sigma_max, flow t = 1)."""
+    sigma = getattr(method, "sigma_init", None)
+    return [min(sigma, schedule.t_max)] if sigma is not None and schedule.kind == "edm" else []

@@ -26,7 +26,9 @@ def sid_loss(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor, alph
     w = (x - x0_real).abs().mean(dim=dims).clamp_min(eps).detach()
     diff = x0_real - x0_fake
     loss = (diff * ((x0_real - x) - alpha * diff)).sum(dim=dims) / w
-    return torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss))  # SiD drops non-finite samples
+    # SiD's release drops non-finite samples from the loss; their gradients stay non-finite (a sample's NaN
+    # reaches the generator through T's and F's backward too), so the trainer's non-finite check skips such an update
+    return torch.where(torch.isfinite(loss), loss, torch.zeros_like(loss))
 
 
 @dataclass
@@ -35,6 +37,8 @@ class SiD:
 
     update_ratio: int = 1             # fake-score steps per generator step (SiD: 1)
     alpha: float = 1.2                # SiD's alpha (1.2; 1.0 for AFHQ)
+    sigma_init: float = 2.5           # EDM teachers: the generator's sigma when --generator_timesteps is not given
+                                      # (SiD: 2.5; DMD / DMD2 start at the schedule's top, sigma_max = 80)
     t_min: float = 0.0                # generator-loss timesteps ~ U[t_min, t_max], fractions of the schedule's range
     t_max: float = 0.8                # (EDM: along the rho grid); SiD: t <= 800/1000, sigma <= ~24
     t_grid: str = "uniform"           # what [t_min, t_max] are fractions of on non-EDM teachers: "uniform" (the
@@ -56,6 +60,8 @@ class SiD:
             raise ValueError(f"t_min, t_max must satisfy 0 <= t_min <= t_max <= 1, got {self.t_min}, {self.t_max}")
         if self.t_grid not in T_GRID_CHOICES:
             raise ValueError(f"t_grid must be one of {', '.join(T_GRID_CHOICES)}, got {self.t_grid!r}")
+        if not self.sigma_init > 0:
+            raise ValueError(f"sigma_init must be > 0, got {self.sigma_init}")
         if self.fake_t not in FAKE_T_CHOICES:
             raise ValueError(f"fake_t must be one of {', '.join(FAKE_T_CHOICES)}, got {self.fake_t!r}")
         if self.p_std <= 0 or self.weight_eps <= 0:
