@@ -61,7 +61,8 @@ class NASAAttnProcessor:
         z = attend(encoder_hidden_states, attention_mask)
         if self.strength:
             neg = self.negative.to(encoder_hidden_states)
-            neg = neg.expand(batch, -1, -1) if len(neg) == 1 else neg.repeat_interleave(batch // len(neg), dim=0)
+            # per prompt: laid out as the pipeline lays out its prompts in each half of a guided batch
+            neg = neg.expand(batch, -1, -1) if len(neg) == 1 else neg.repeat(batch // len(neg), 1, 1)
             z = z - self.strength * attend(neg, None)
         hidden_states = z.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim).to(query.dtype)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))  # linear projection, dropout
@@ -102,7 +103,9 @@ class NASA:
         n_prompts = 1 if isinstance(prompt, str) or prompt is None else len(prompt)
         if isinstance(negative_prompt, list) and len(negative_prompt) not in (1, n_prompts):
             raise ValueError(f"give one negative prompt or one per prompt ({n_prompts}), got {len(negative_prompt)}")
-        negative = self.pipe.encode_prompt(prompt=negative_prompt, device=self.pipe._execution_device,
-                                           num_images_per_prompt=1, do_classifier_free_guidance=False)[0]
+        per_prompt = isinstance(negative_prompt, list) and len(negative_prompt) > 1  # each prompt's images in turn
+        negative = self.pipe.encode_prompt(
+            prompt=negative_prompt, device=self.pipe._execution_device, do_classifier_free_guidance=False,
+            num_images_per_prompt=(kwargs.get("num_images_per_prompt") or 1) if per_prompt else 1)[0]
         with negative_steering(self.pipe.unet, negative, strength):
             return self.pipe(prompt, **kwargs)

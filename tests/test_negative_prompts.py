@@ -109,3 +109,19 @@ def test_nasa_processor_subtracts_the_negative_attention(sd_teacher):
         expected = attn.to_out[0](softmax_attention(pos) - alpha * softmax_attention(neg.expand(2, -1, -1)))
         out = NASAAttnProcessor(neg, alpha)(attn, x, encoder_hidden_states=pos)
     assert torch.allclose(out, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0], ids=["one-step", "guided"])
+def test_nasa_pairs_each_prompt_with_its_own_negative(guidance, sd_teacher, tmp_path):
+    """One negative per prompt, several images per prompt, with or without the pipeline's CFG batch (uncond half,
+    cond half): each image equals the one its prompt and negative give alone."""
+    pipe, kwargs = exported(sd_teacher, tmp_path, False)
+    kwargs = {**kwargs, "guidance_scale": guidance, "output_type": "pt"}
+    negatives = ["blurry", "a red square", "low quality, noise"]
+    z = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    both = NASA(pipe)(PROMPTS, negative_prompt=negatives, strength=0.5, num_images_per_prompt=2, latents=z,
+                      **kwargs).images
+    for i, (prompt, negative) in enumerate(zip(PROMPTS, negatives)):
+        alone = NASA(pipe)(prompt, negative_prompt=negative, strength=0.5, num_images_per_prompt=2,
+                           latents=z[2 * i:2 * i + 2], **kwargs).images
+        assert torch.allclose(both[2 * i:2 * i + 2], alone, atol=1e-5), (guidance, i)
