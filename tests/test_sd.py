@@ -197,7 +197,10 @@ def test_lora_fake_score_adds_only_adapters_and_never_changes_the_teacher(teache
     assert not torch.allclose(triad.fake_score(x, t, c), out_before)  # while the LoRA fake score moved
 
 
-def test_pgsb_draws_one_kappa_per_sample_shared_by_both_branches(teacher, monkeypatch):
+@pytest.mark.parametrize("draw,shared", [("sample", True), ("batch", True), ("sample", False)])
+def test_pgsb_draws_one_kappa_per_sample_shared_by_both_branches(teacher, monkeypatch, draw, shared):
+    """SNOOPI's choice (the default): a kappa per sample, the same draw for both branches; the options draw one per
+    batch, or give the fake branch a draw of its own."""
     from onestep.denoiser import Denoiser
 
     triad, scales = make_triad(teacher), []
@@ -208,11 +211,15 @@ def test_pgsb_draws_one_kappa_per_sample_shared_by_both_branches(teacher, monkey
         return original(self, x_t, t, cond, scale, uncond)
 
     monkeypatch.setattr(Denoiser, "guided", spy)
-    method = build_method("vsd", random_guidance=True, kappa_min=1.5, kappa_max=2.5)
-    method.generator_loss(triad, sd_batch(teacher, 4))
+    method = build_method("vsd", random_guidance=True, kappa_min=1.5, kappa_max=2.5, kappa_draw=draw,
+                          kappa_shared=shared)
+    loss, _ = method.generator_loss(triad, sd_batch(teacher, 4))
+    assert torch.isfinite(loss)
     (who_t, k_t), (who_f, k_f) = scales
     assert (who_t, who_f) == (False, True)  # teacher (adapters off), then the LoRA fake score
-    assert k_t is k_f and k_t.shape == (4,) and ((k_t >= 1.5) & (k_t <= 2.5)).all() and k_t.unique().numel() == 4
+    for k in (k_t, k_f):
+        assert k.shape == (4,) and ((k >= 1.5) & (k <= 2.5)).all() and k.unique().numel() == (4 if draw == "sample" else 1)
+    assert (k_t is k_f) == shared and (shared or not torch.equal(k_t, k_f))
 
 
 def test_fake_score_condition_dropout_uses_the_empty_prompt(teacher):

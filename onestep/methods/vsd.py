@@ -31,9 +31,12 @@ class VSD:
 
     update_ratio: int = 1              # fake-score steps per generator step (SwiftBrush: 1)
     real_guidance_scale: float = 4.5   # kappa: CFG scale of the teacher and fake branches (SwiftBrush SD2.1: 4.5)
-    random_guidance: bool = False      # PG-SB: kappa ~ U(kappa_min, kappa_max) per sample, shared by both branches
+    random_guidance: bool = False      # PG-SB: kappa ~ U(kappa_min, kappa_max), by default per sample and shared by both
+                                       # branches
     kappa_min: float = 0.5
     kappa_max: float = 4.0
+    kappa_draw: str = "sample"         # PG-SB: one kappa per "sample" (SNOOPI) or one per "batch"
+    kappa_shared: bool = True          # PG-SB: the fake branch uses the teacher's draw (SNOOPI); false: a draw of its own
     fake_guidance: bool = True         # guide the fake branch with the same kappa (METHODS §2); off: conditional only
     t_min: float = 0.02                # generator timesteps ~ U[t_min, t_max] as fractions of the schedule's range
     t_max: float = 0.98
@@ -50,6 +53,8 @@ class VSD:
         if self.random_guidance and not 0 <= self.kappa_min <= self.kappa_max:
             raise ValueError(f"kappa_min, kappa_max must satisfy 0 <= kappa_min <= kappa_max, got "
                              f"{self.kappa_min}, {self.kappa_max}")
+        if self.kappa_draw not in ("sample", "batch"):
+            raise ValueError(f"kappa_draw must be 'sample' or 'batch', got {self.kappa_draw!r}")
         if not 0 <= self.cond_dropout <= 1:
             raise ValueError(f"cond_dropout must be in [0, 1], got {self.cond_dropout}")
 
@@ -69,10 +74,11 @@ class VSD:
         return NATIVE_LOSS_SPACE[schedule.kind] if self.fake_loss_space == "auto" else self.fake_loss_space
 
     def guidance_scale(self, n: int, device) -> float | torch.Tensor:
-        """kappa: the fixed scale, or PG-SB's per-sample draw (B,) from U(kappa_min, kappa_max)."""
+        """kappa: the fixed scale, or PG-SB's draw (B,) from U(kappa_min, kappa_max), per sample or one per batch."""
         if not self.random_guidance:
             return self.real_guidance_scale
-        return self.kappa_min + (self.kappa_max - self.kappa_min) * torch.rand(n, device=device)
+        u = torch.rand(n if self.kappa_draw == "sample" else 1, device=device).expand(n)
+        return self.kappa_min + (self.kappa_max - self.kappa_min) * u
 
     # ---- generator turn --------------------------------------------------------------------------
     def generator_loss(self, triad, batch: dict) -> tuple[torch.Tensor, dict]:
@@ -82,9 +88,10 @@ class VSD:
         with torch.no_grad(), triad.frozen("fake_score"):  # unwrapped: .guided, and no DDP reducer on the fake score
             t = sched.sample_t(n, self.t_min, self.t_max, device=x.device)
             x_t = sched.add_noise(x, torch.randn_like(x), t)
-            kappa = self.guidance_scale(n, x.device)  # one draw, shared by both branches
+            kappa = self.guidance_scale(n, x.device)  # one draw, shared by both branches (kappa_shared)
             x0_real = triad.teacher.guided(x_t, t, c, kappa)
-            x0_fake = triad.fake_score.guided(x_t, t, c, kappa if self.fake_guidance else 1.0)
+            kappa_f = kappa if self.kappa_shared else self.guidance_scale(n, x.device)
+            x0_fake = triad.fake_score.guided(x_t, t, c, kappa_f if self.fake_guidance else 1.0)
             grad = vsd_gradient(sched, t, x0_real, x0_fake)
         loss = dm_surrogate(x, grad)
         logs = {"loss_vsd": loss.detach(), "vsd_grad_norm": grad.flatten(1).norm(dim=1).mean().detach()}
