@@ -220,11 +220,54 @@ def test_regression_pairs_come_from_the_teacher_ode():
     assert "loss_reg" in logs and torch.isfinite(loss)
 
 
+@pytest.mark.parametrize("t_frac", [0.0, 0.3])
+def test_teacher_feature_distance_grades_the_generator_through_the_frozen_teacher(t_frac):
+    """regression_distance "teacher": zero between equal images, the gradient reaches the generated images (and the
+    generator) through the teacher, whose weights get no gradient and do not change."""
+    from onestep.regression import regression_distance
+
+    triad = make_triad()
+    before = snapshot(triad.teacher)
+    c = torch.tensor([1, 2, 3])
+    y = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    torch.manual_seed(0)
+    assert regression_distance("teacher", triad, y.clone(), y, c, t_frac) == 0
+    x = triad.generate(torch.randn(3, 1, 8, 8), c)
+    d = regression_distance("teacher", triad, x, y, c, t_frac)
+    assert d > 0 and d.requires_grad
+    d.backward()
+    assert grads_of(triad.raw("generator")) and not any(p.grad is not None for p in triad.teacher.parameters())
+    assert all(torch.equal(v, snapshot(triad.teacher)[k]) for k, v in before.items())
+    method = build_method("dmd", regression_weight=1.0, regression_pairs=8, regression_steps=2, regression_batch=4,
+                          regression_distance="teacher", regression_feature_t=t_frac)
+    from onestep.data import ConditionSampler
+
+    method.prepare(triad, ConditionSampler(10), (1, 8, 8), "cpu", seed=0)
+    loss, logs = method.generator_loss(triad, batch())
+    assert logs["loss_reg"] > 0 and torch.isfinite(loss)
+    for bad in ({"regression_distance": "lpips"}, {"regression_feature_t": 1.5}):
+        with pytest.raises(ValueError, match="regression_distance must be one of mse, teacher"):
+            build_method("dmd", **bad)
+
+
 def test_unknown_method_and_option_refused():
     with pytest.raises(ValueError, match="unknown method"):
         build_method("nope")
     with pytest.raises(ValueError, match="no option"):
         build_method("dmd", not_an_option=1)
+
+
+def test_gan_start_runs_dm_alone_then_dm_and_gan():
+    """gan_start N: the first N iterations train by DM and denoising alone (the GAN head untouched), then both terms."""
+    triad = make_triad(gan=True)
+    method = build_method("dmd2", gan_start=2)
+    head = triad.raw("gan_head")
+    for step in range(3):
+        b = {**batch(), "step": step}
+        (g_loss, g_logs), (f_loss, f_logs) = method.generator_loss(triad, b), method.fake_score_loss(triad, b)
+        head.zero_grad(set_to_none=True)
+        f_loss.backward()
+        assert ("loss_gan_g" in g_logs) == ("loss_gan_d" in f_logs) == bool(grads_of(head)) == (step >= 2), step
 
 
 def test_gan_head_learns_to_separate_features():

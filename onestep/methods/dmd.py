@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..sampling import sample_teacher
+from ..regression import DISTANCES, regression_distance, regression_pairs
 from ..schedule import append_dims, to_device
 
 NATIVE_LOSS_SPACE = {"vp": "epsilon", "edm": "edm", "flow": "flow"}
@@ -51,22 +51,29 @@ class DMD:
     regression_pairs: int = 512       # how many pairs to precompute with the teacher's ODE sampler
     regression_steps: int = 50        # teacher sampler steps (DDIM, deterministic) per pair
     regression_batch: int = 16        # pairs per generator step
+    regression_distance: str = "mse"  # d: "mse", or "teacher": the MSE of the teacher's mid-block features on both
+                                      # noised to regression_feature_t (a feature distance; onestep/regression.py)
+    regression_feature_t: float = 0.0  # "teacher": that noise level, a fraction of the schedule's range
     gan_generator_weight: float = 0.0  # DMD2 lambda_gen for the non-saturating generator GAN loss; 0 = no GAN
     gan_critic_weight: float = 0.0    # DMD2 lambda_cls for the discriminator loss in the critic turn
     gan_t_max: float = 1.0            # GAN inputs are noised at t ~ U[0, gan_t_max) (fraction of the schedule's range)
+    gan_start: int = 0                # iterations of DM alone before the GAN terms join (MSD: DM, then DM + GAN)
     fake_first: bool = False          # order within an iteration: critic before generator
     shared_critic_pass: bool = False  # the critic turn's denoising loss reuses the generator turn's fake-score forward
                                       # (same x_t and t, so its t ~ U[t_min, t_max]): one forward fewer per iteration
 
     def __post_init__(self):
-        if self.update_ratio < 1:
-            raise ValueError(f"update_ratio must be >= 1, got {self.update_ratio}")
+        if self.update_ratio < 1 or self.gan_start < 0:
+            raise ValueError(f"update_ratio must be >= 1 and gan_start >= 0, got {self.update_ratio}, {self.gan_start}")
         if self.shared_critic_pass and self.fake_first:
             raise ValueError("shared_critic_pass reuses the generator turn's forward in the critic turn after it; "
                              "it cannot run with fake_first (critic first): drop one of them")
         if self.shared_critic_pass and "shared_critic_pass" in self.refused_options():
             raise ValueError(f"shared_critic_pass: {type(self).__name__.lower()}'s generator turn does not share its "
                              "fake-score forward; use false (or --method dmd / dmd2)")
+        if self.regression_distance not in DISTANCES or not 0 <= self.regression_feature_t <= 1:
+            raise ValueError(f"regression_distance must be one of {', '.join(DISTANCES)} and regression_feature_t in "
+                             f"[0, 1], got {self.regression_distance!r}, {self.regression_feature_t}")
         if not 0 < self.gan_t_max <= 1:
             raise ValueError(f"gan_t_max must be in (0, 1], got {self.gan_t_max}")
         self._pairs = None
@@ -93,17 +100,9 @@ class DMD:
     # ---- optional precomputation ---------------------------------------------------------------
     def prepare(self, triad, cond_sampler, sample_shape, device, seed: int = 0) -> None:
         """DMD1: draw regression pairs (z, y = teacher ODE(z)) with a fixed seed (identical on every process)."""
-        if self.regression_weight <= 0:
-            return
-        g = torch.Generator().manual_seed(seed)
-        z = torch.randn(self.regression_pairs, *sample_shape, generator=g)
-        c = cond_sampler(self.regression_pairs, generator=g)
-        ys = []
-        for i in range(0, len(z), 256):
-            ci = None if c is None else c[i:i + 256].to(device)
-            ys.append(sample_teacher(triad.teacher, z[i:i + 256].to(device), ci, self.regression_steps,
-                                     self.real_guidance_scale).cpu())
-        self._pairs = (z, c, torch.cat(ys))
+        if self.regression_weight > 0:
+            self._pairs = regression_pairs(triad, cond_sampler, sample_shape, device, seed, self.regression_pairs,
+                                           self.regression_steps, self.real_guidance_scale)
 
     # ---- generator turn --------------------------------------------------------------------------
     def generator_loss(self, triad, batch: dict) -> tuple[torch.Tensor, dict]:
@@ -133,10 +132,11 @@ class DMD:
         loss, logs = loss_dm, {"loss_dm": loss_dm.detach(), "dm_grad_norm": grad.flatten(1).norm(dim=1).mean().detach()}
 
         if reg:
-            loss_reg = F.mse_loss(x_all[n:], y_ref.float())
+            loss_reg = regression_distance(self.regression_distance, triad, x_all[n:], y_ref, c_ref,
+                                           self.regression_feature_t)
             loss = loss + self.regression_weight * loss_reg
             logs["loss_reg"] = loss_reg.detach()
-        if self.gan_generator_weight > 0:
+        if self.gan_generator_weight > 0 and batch.get("step", 0) >= self.gan_start:
             loss_gan = self.gan_generator_term(triad, x, cond)
             loss = loss + self.gan_generator_weight * loss_gan
             logs["loss_gan_g"] = loss_gan.detach()
@@ -166,9 +166,9 @@ class DMD:
             t = sched.sample_t(n, 0.0, 1.0, device=x.device)
             x_t = sched.add_noise(x, torch.randn_like(x), t)
             x0_pred = triad.fake_score(x_t, t, c)
-        if not self.uses_gan:
-            loss = weighted_dsm(sched, t, x0_pred, x, self.loss_space(sched)).mean()
-            return loss, {"loss_fake": loss.detach()}
+        loss_fake = weighted_dsm(sched, t, x0_pred, x, self.loss_space(sched)).mean()
+        if not self.uses_gan or batch.get("step", 0) < self.gan_start:
+            return loss_fake, {"loss_fake": loss_fake.detach()}
 
         # GAN: noise generated and real images at t ~ U[0, T) and classify the bottleneck features.
         real, c_real = batch["real"][:n], batch.get("real_cond")
@@ -180,7 +180,6 @@ class DMD:
         else:
             with torch.no_grad():
                 feats = triad.teacher(gan_in, t_g, gan_c, features_only=True)
-        loss_fake = weighted_dsm(sched, t, x0_pred, x, self.loss_space(sched)).mean()
         logits = triad.gan_head(feats)
         loss_cls = F.softplus(logits[:n]).mean() + F.softplus(-logits[n:]).mean()
         loss = loss_fake + self.gan_critic_weight * loss_cls
