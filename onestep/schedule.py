@@ -181,9 +181,9 @@ class Schedule:
             return ((a**2 + s**2) / s) ** 2
         if space == "flow":
             return ((a + s) / s) ** 2
-        if space == "edm":
-            sd = self.sigma_data
-            return (s**2 + sd**2) / (s * sd) ** 2
+        if space == "edm":  # EDM's lambda(sigma) = 1/sigma^2 + 1/sigma_data^2 at sigma = sigma_t/alpha_t
+            sd, sig = self.sigma_data, s / a
+            return (sig**2 + sd**2) / (sig * sd) ** 2
         raise ValueError(f"unknown loss space {space!r}; use one of {PREDICTION_TYPES}")
 
     # ---- timestep sampling ----------------------------------------------------------------------
@@ -231,10 +231,9 @@ class Schedule:
 
     def sample_t_lognormal(self, n: int, p_mean: float = -1.2, p_std: float = 1.2, device=None,
                            generator: torch.Generator | None = None) -> torch.Tensor:
-        """EDM's training distribution ln(sigma) ~ N(p_mean, p_std^2) (EDM schedules only)."""
-        if self.kind != "edm":
-            raise ValueError("log-normal sigma sampling needs an EDM schedule")
-        return to_device((p_mean + p_std * torch.randn(n, generator=generator)).exp(), device)
+        """EDM's training distribution ln(sigma) ~ N(p_mean, p_std^2), each sigma taken to the time with the same
+        sigma/alpha (EDM: sigma itself; VP: the nearest integer t, so at most the last timestep's; flow: sigma/(1+sigma))."""
+        return to_device(self.t_for_sigma((p_mean + p_std * torch.randn(n, generator=generator).double()).exp()), device)
 
     def snr(self, t: torch.Tensor) -> torch.Tensor:
         """Signal-to-noise ratio alpha^2 / sigma^2."""

@@ -93,6 +93,27 @@ def test_karras_times_have_the_edm_noise_to_signal_ratio(kind):
         assert torch.allclose(x, sched.sample_t(8, 0.1, 0.7))  # an EDM teacher's own grid: the same times
 
 
+@pytest.mark.parametrize("kind", ["vp", "flow"])
+def test_edm_weight_and_lognormal_times_on_other_schedules(kind):
+    """EDM's loss space on a VP / flow teacher: x_t / alpha is EDM's noisy input at sigma = sigma_t / alpha_t, so the
+    weighted x0-MSE equals the MSE of EDM's F-prediction there; the log-normal fake-score times are those with
+    ln(sigma / alpha) ~ N(-1.2, 1.2^2)."""
+    sched, t = schedules()[kind]
+    edm = Schedule("edm", prediction_type="edm")
+    a, s = sched.alpha_sigma(t, torch.float64)
+    x0 = torch.randn(16, 2, 3, 3, dtype=torch.float64)
+    x_t = sched.add_noise(x0, torch.randn_like(x0), t).double()
+    x0_hat = x0 + 0.1 * torch.randn_like(x0)
+    y, sig = x_t / a.view(-1, 1, 1, 1), s / a
+    direct = (edm.from_x0(x0_hat, y, sig, "edm") - edm.from_x0(x0, y, sig, "edm")).square().mean((1, 2, 3))
+    weighted = sched.loss_weight(t, "edm").double() * (x0_hat - x0).square().mean((1, 2, 3))
+    assert torch.allclose(direct, weighted, rtol=1e-4)
+    ts = sched.sample_t_lognormal(20000, -1.2, 1.2, generator=torch.Generator().manual_seed(0))
+    a, s = sched.alpha_sigma(ts, torch.float64)
+    log_ratio = (s / a).log()
+    assert abs(log_ratio.mean() + 1.2) < 0.05 and abs(log_ratio.std() - 1.2) < 0.05
+
+
 def test_unknown_scheduler_and_prediction_refused():
     with pytest.raises(ValueError, match="prediction_type"):
         Schedule("vp", prediction_type="foo", alphas_cumprod=torch.ones(3))

@@ -12,7 +12,6 @@ from typing import Callable
 
 import torch
 
-from ..errors import OnestepError
 from .dmd import NATIVE_LOSS_SPACE, weighted_dsm
 
 FAKE_T_CHOICES = ("auto", "lognormal", "generator", "full")
@@ -45,8 +44,9 @@ class SiD:
                                       # teacher's own timesteps), "karras" (SiD's EDM grid sigma_min 0.002 .. sigma_max
                                       # 80, rho 7, each sigma taken to the time with the same sigma/alpha)
     weight_eps: float = 1e-5          # clamp of w = mean_chw|x - f_T|
-    fake_t: str = "auto"              # fake-loss timesteps: "lognormal" (EDM only: ln sigma ~ N(p_mean, p_std^2)),
-                                      # "generator" (U[t_min, t_max]), "full" (U over the whole range);
+    fake_t: str = "auto"              # fake-loss timesteps: "lognormal" (ln sigma ~ N(p_mean, p_std^2); VP / flow: the
+                                      # times with that sigma/alpha), "generator" (U[t_min, t_max]), "full" (U over
+                                      # the whole range);
                                       # auto: lognormal for EDM teachers, generator otherwise (SFD's DDPM release)
     p_mean: float = -1.2              # EDM's log-normal sigma distribution of the fake loss
     p_std: float = 1.2
@@ -76,12 +76,6 @@ class SiD:
 
     def loss_space(self, schedule) -> str:
         return NATIVE_LOSS_SPACE[schedule.kind] if self.fake_loss_space == "auto" else self.fake_loss_space
-
-    def prepare(self, triad, cond_sampler, sample_shape, device, seed: int = 0) -> None:
-        """Check the options against the teacher's schedule (one-line error before training)."""
-        kind = triad.teacher.schedule.kind
-        if self.fake_t == "lognormal" and kind != "edm":
-            raise OnestepError(f"fake_t: 'lognormal' needs an EDM teacher, this one is {kind}; use generator or full")
 
     # ---- timesteps -----------------------------------------------------------------------------
     def generator_t(self, schedule, n: int, device) -> torch.Tensor:
