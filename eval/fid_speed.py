@@ -79,7 +79,11 @@ def main(argv: list[str]) -> int:
     from onestep.stepbench import build_workload
     from onestep.streaming import GeneratorSource, stream_features
 
-    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if not a.device and not torch.cuda.is_available():
+        print(f"error: no CUDA device here; FID-{a.num_samples} on the CPU takes hours (~9 img/s on 2 cores): pass "
+              "--device cpu with a small --num-samples, e.g. 500, to time it there", file=sys.stderr)
+        return 2
+    device = torch.device(a.device or "cuda")
 
     def make_extractor(layout: str) -> Extractor:  # a fresh network each time: channels_last converts in place
         if a.inception_weights:

@@ -5,6 +5,10 @@
 #   GPU_SESSION_ONLY="cifar_base gpu_tests" bash eval/gpu_session.sh    # only these stages (e.g. a second call)
 # Each stage has its own time limit, so a slow one cannot take the others with it; logs and JSON rows go to OUTDIR.
 set -u
+if [[ -z "${GPU_SESSION_ALLOW_CPU:-}" ]] && ! python3 -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+    echo "error: no CUDA device here; this script measures a GPU (GPU_SESSION_ALLOW_CPU=1 runs its stages anyway)" >&2
+    exit 2
+fi
 out=${1:-${OUT:-gpu-session}}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"

@@ -154,8 +154,11 @@ PRESETS: dict[str, dict] = {
     "digits-sid": {"method": "sid", "generator_timesteps": [300], "adam_beta1": 0.0, "ema_decay": 0.99,
                    "lr_generator": 2e-4, "lr_fake": 4e-4, "clip_sample": 1.0, "batch_size": 128,
                    "lr_scheduler": "cosine", "steps": 3000, "method_args": {"t_max": 0.5}},
-    # DMD (2023): the regression loss on teacher ODE pairs, no GAN.
-    "digits-dmd": {"method": "dmd", "generator_timesteps": [300], "method_args": {"regression_weight": 0.25}},
+    # DMD (2023): the regression loss on teacher ODE pairs, no GAN. Its distance: the teacher's mid-block features
+    # (the paper's LPIPS is a feature distance too): digits-FID 0.721 / 0.734 at seeds 0 / 1 against 0.833 / 1.078
+    # with pixel MSE (2000 samples, 1200 iterations).
+    "digits-dmd": {"method": "dmd", "generator_timesteps": [300],
+                   "method_args": {"regression_weight": 0.25, "regression_distance": "teacher"}},
     # GNDM: the digits preset's DMD2 settings, 16 conditions x 4 samples per batch.
     "digits-gndm": {"method": "gndm", "generator_timesteps": [300], "ema_decay": 0.99, "lr_generator": 2e-4,
                     "lr_fake": 4e-4, "method_args": {"update_ratio": 3, "t_min": 0.001, "gan_generator_weight": 0.1,

@@ -107,3 +107,5 @@ def test_fid_speed_times_the_stream_and_refuses_bad_counts(tmp_path):
     assert 0 <= figures["fid_between_variants_max"] < 1e-3
     r = subprocess.run([sys.executable, script, "--num-samples", "0"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.startswith("error: --num-samples")
+    r = subprocess.run([sys.executable, script], cwd=ROOT, env=env, capture_output=True, text=True)  # no GPU, no --device
+    assert r.returncode == 2 and r.stderr.startswith("error: no CUDA device") and "--device cpu" in r.stderr

@@ -351,8 +351,11 @@ def train(cfg, backbone: torch.nn.Module | None = None):
         with open(os.path.join(run_dir, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=2)
         s, t = metrics["student"], metrics["teacher"]
-        print(f"done: student FID {s['fid'] if s['fid'] is None else round(s['fid'], 3)} (1 step), teacher FID "
-              f"{t['fid'] if t['fid'] is None else round(t['fid'], 3)} ({t['nfe']} steps); run folder {run_dir}")
+        fid = "no FID (digits-FID needs --classifier and a 1x8x8 teacher)" if s["fid"] is None else \
+            f"student FID {s['fid']:.3f} ({s['nfe']} step{'s' * (s['nfe'] > 1)})"
+        if t["fid"] is not None:
+            fid += f", teacher FID {t['fid']:.3f} ({t['nfe']} steps)"
+        print(f"done: {fid}; run folder {run_dir}")
     for tracker in accelerator.trackers:  # end_training() less the process group, which main() ends
         tracker.finish()
     return student
