@@ -105,6 +105,8 @@ def main(argv=None) -> None:
             print(f"{m.model} {m.path} steps {m.steps}: FID {rows[-1]['fid']:.3f}", file=sys.stderr)
     if acc.is_main_process:
         write(a, rows, reference)
+    acc.wait_for_everyone()
+    acc.end_training()  # with the process group, so that none is torn down at interpreter exit
 
 
 def write(a, rows: list[dict], reference) -> None:

@@ -147,9 +147,9 @@ class Schedule:
             return pred
         if p == "flow":  # u = eps - x0
             return (x_t - s * pred) / (a + s)
-        if p == "edm":  # D = c_skip x + c_out F
-            sd = self.sigma_data
-            return sd**2 / (s**2 + sd**2) * x_t + s * sd / (s**2 + sd**2).sqrt() * pred
+        if p == "edm":  # D = c_skip y + c_out F at EDM's y = x_t / alpha, sigma = sigma_t / alpha (EDM: alpha = 1)
+            sd, y, s = self.sigma_data, x_t / a, s / a
+            return sd**2 / (s**2 + sd**2) * y + s * sd / (s**2 + sd**2).sqrt() * pred
         raise ValueError(f"unknown prediction_type {p!r}")
 
     def from_x0(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, prediction_type: str | None = None):
@@ -166,8 +166,8 @@ class Schedule:
         if p == "flow":
             return eps - x0
         if p == "edm":
-            sd = self.sigma_data
-            return (x0 - sd**2 / (s**2 + sd**2) * x_t) / (s * sd / (s**2 + sd**2).sqrt())
+            sd, y, s = self.sigma_data, x_t / a, s / a
+            return (x0 - sd**2 / (s**2 + sd**2) * y) / (s * sd / (s**2 + sd**2).sqrt())
         raise ValueError(f"unknown prediction_type {p!r}")
 
     def loss_weight(self, t: torch.Tensor, space: str = "epsilon") -> torch.Tensor:

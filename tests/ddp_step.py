@@ -74,3 +74,5 @@ for role, params, ref_params in (("generator", triad.generator_parameters(), ref
 if acc.is_main_process:
     with open(os.path.join(sys.argv[1], "ddp_step.json"), "w") as f:
         json.dump(report, f)
+acc.wait_for_everyone()
+torch.distributed.destroy_process_group()  # before exit: a process group torn down at interpreter exit can abort
