@@ -395,8 +395,9 @@ def train_students(cfg, train: Callable) -> dict | None:
     with open(os.path.join(run_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     fid = metrics["student"]["fid"]
-    print(f"done: {router.num_students} students, routed FID {fid if fid is None else round(fid, 3)} (1 step each); "
-          f"run folder {run_dir}")
+    nfe = metrics["student"]["nfe"]
+    print(f"done: {router.num_students} students, routed FID {'not computed' if fid is None else round(fid, 3)} "
+          f"({nfe} step{'s' * (nfe > 1)} each); run folder {run_dir}")
     state.wait_for_everyone()
     return metrics
 

@@ -351,7 +351,7 @@ def train(cfg, backbone: torch.nn.Module | None = None):
         with open(os.path.join(run_dir, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=2)
         s, t = metrics["student"], metrics["teacher"]
-        fid = "no FID (digits-FID needs --classifier and a 1x8x8 teacher)" if s["fid"] is None else \
+        fid = "no digits-FID (--classifier off, or not a 1x8x8 teacher)" if s["fid"] is None else \
             f"student FID {s['fid']:.3f} ({s['nfe']} step{'s' * (s['nfe'] > 1)})"
         if t["fid"] is not None:
             fid += f", teacher FID {t['fid']:.3f} ({t['nfe']} steps)"
