@@ -198,7 +198,7 @@ def test_lora_fake_score_adds_only_adapters_and_never_changes_the_teacher(teache
 
 
 @pytest.mark.parametrize("draw,shared", [("sample", True), ("batch", True), ("sample", False)])
-def test_pgsb_draws_one_kappa_per_sample_shared_by_both_branches(teacher, monkeypatch, draw, shared):
+def test_pgsb_draws_kappa_per_sample_or_batch_shared_or_not(teacher, monkeypatch, draw, shared):
     """SNOOPI's choice (the default): a kappa per sample, the same draw for both branches; the options draw one per
     batch, or give the fake branch a draw of its own."""
     from onestep.denoiser import Denoiser
