@@ -61,6 +61,14 @@ def prepare_run_dir(path: str, *, overwrite: bool, resume: bool) -> None:
     _make_run_dir(path)
 
 
+def refuse_existing(parser, out: str, marker: str, overwrite: bool) -> None:
+    """The asset scripts: stop (one line, exit 2) before any work when `out` already holds what they write
+    (`marker` exists) and --overwrite is not given; by default that is the shipped asset the presets' figures use."""
+    if os.path.exists(marker) and not overwrite:
+        parser.exit(2, f"error: {out} already holds one (the shipped asset, by default); pass --out NEW_FOLDER, or "
+                       "--overwrite to replace it\n")
+
+
 def clear_run_dir(path: str) -> None:
     """--overwrite: remove the replaced run's outputs (checkpoints, logs, samples, exported pipelines)."""
     for sub in RUN_OUTPUTS:

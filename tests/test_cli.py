@@ -253,3 +253,33 @@ def test_gradient_checkpointing_runs_with_a_frozen_critic(cond_teacher, tmp_path
                      "--eval_every", "0", "--gradient_checkpointing", "true", *flags])
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"] == 2
+
+
+@pytest.mark.parametrize("script, args, marker", [
+    ("train_teacher.py", ["--steps", "2", "--batch_size", "8"], "unet/diffusion_pytorch_model.safetensors"),
+    ("train_digits_classifier.py", ["--epochs", "1"], "diffusion_pytorch_model.safetensors"),
+])
+def test_asset_scripts_write_a_loadable_asset_and_never_replace_one_silently(script, args, marker, tmp_path):
+    """The scripts that reproduce assets/: a fresh folder gets the asset; an existing one (by default the shipped
+    asset) is refused in one line with nothing rewritten, unless --overwrite; a bad value stops before any work."""
+    cmd = [sys.executable, os.path.join(ROOT, "train", script), "--out", str(tmp_path / "a")]
+    r = subprocess.run(cmd + args, capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    written = tmp_path / "a" / marker
+    before = written.read_bytes()
+    if script == "train_teacher.py":
+        from onestep.loading import load_teacher
+
+        assert load_teacher(str(tmp_path / "a")).num_classes == 10
+    else:
+        from onestep.fid import DigitsClassifier
+
+        DigitsClassifier.from_pretrained(str(tmp_path / "a"))
+    r = subprocess.run(cmd + args + ["--seed", "1"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: ") and "--overwrite" in r.stderr
+    assert written.read_bytes() == before
+    r = subprocess.run(cmd + args + ["--seed", "1", "--overwrite"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and written.read_bytes() != before
+    bad = ["--steps", "0"] if script == "train_teacher.py" else ["--epochs", "0"]
+    r = subprocess.run(cmd[:-1] + [str(tmp_path / "b")] + bad, capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "must be > 0" in r.stderr and not (tmp_path / "b").exists()

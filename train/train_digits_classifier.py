@@ -1,6 +1,6 @@
 """Train the shipped digits classifier whose penultimate features define digits-FID.
 
-    python train/train_digits_classifier.py --out assets/digits-classifier
+    python train/train_digits_classifier.py --out assets/digits-classifier --overwrite
 
 Trained on the digits train split with one-pixel shifts; reports held-out accuracy and writes
 `assets/digits-classifier/` (config.json + safetensors).
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from onestep.data import load_digits  # noqa: E402
 from onestep.fid import DigitsClassifier, quantize  # noqa: E402
+from onestep.runs import refuse_existing  # noqa: E402
 
 
 def shift(x: torch.Tensor) -> torch.Tensor:
@@ -32,7 +33,11 @@ def main() -> None:
     p.add_argument("--out", default="assets/digits-classifier")
     p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace the classifier already in --out")
     a = p.parse_args()
+    if a.epochs <= 0:
+        p.exit(2, f"error: --epochs must be > 0, got {a.epochs}\n")
+    refuse_existing(p, a.out, os.path.join(a.out, "config.json"), a.overwrite)
     torch.manual_seed(a.seed)
     x, y = load_digits("train")
     xt, yt = load_digits("test")

@@ -1,6 +1,6 @@
 """Train the embedded digits teacher: a class-conditional diffusers UNet2DModel (DDPM, eps, 1000 steps).
 
-    python train/train_teacher.py --out assets/digits-teacher
+    python train/train_teacher.py --out assets/digits-teacher --overwrite
 
 Reproduces `assets/digits-teacher/` (unet/ + scheduler/, safetensors). Labels are dropped to the
 null class (index 10) with probability `--label_dropout` so classifier-free guidance works.
@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from onestep.data import DIGITS_CLASSES, load_digits  # noqa: E402
+from onestep.runs import refuse_existing  # noqa: E402
 
 
 def build_unet() -> UNet2DModel:
@@ -44,7 +45,14 @@ def main() -> None:
     p.add_argument("--ema_decay", type=float, default=0.999)
     p.add_argument("--label_dropout", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace the teacher already in --out")
     a = p.parse_args()
+    bad = [f"--{k} must be > 0, got {v}" for k, v in (("steps", a.steps), ("batch_size", a.batch_size), ("lr", a.lr))
+           if not v > 0] + [f"--{k} must be in [0, 1), got {v}" for k, v in
+                            (("ema_decay", a.ema_decay), ("label_dropout", a.label_dropout)) if not 0 <= v < 1]
+    if bad:
+        p.exit(2, f"error: {bad[0]}\n")
+    refuse_existing(p, a.out, os.path.join(a.out, "unet"), a.overwrite)
 
     torch.manual_seed(a.seed)
     x, y = load_digits("train")
