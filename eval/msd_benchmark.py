@@ -4,7 +4,8 @@
 
 Each row is one `train/distill.py --students K` run (the digits preset, DMD2) with `--steps` iterations *per student*
 (fairness rule: every student gets the single student's iterations; K students cost K times the training, never more
-per sample at inference: one forward of one student). `--reference DIR` adds an exported single student trained for
+per sample at inference: one forward of one student); the shared-fake-score rows train the K students jointly for
+K x --steps iterations, each splitting the batch among them (the same samples per student). `--reference DIR` adds an exported single student trained for
 as many iterations as the K = 5 students together (e.g. the default run, runs/digits-dmd2/pipeline), scored the same
 way. Digits-FID over --eval_samples samples (default 10 000; sample i: noise seed i, class i mod 10). Writes
 OUT/msd_benchmark.md and .json; CPU seconds are each run's own (os.wait4), so parallel jobs do not inflate them.
@@ -25,12 +26,19 @@ ROWS = {  # name: (label, K, further distill.py options)
     "k5": ("K = 5", 5, []),
     "k5-confusion": ("K = 5, confusion router", 5, ["--router", "confusion"]),
     "k5-small": ("K = 5, smaller students", 5, ["--student_channels", "{channels}", "--tsm_steps", "{tsm}"]),
+    # one fake score for the K students, trained jointly: K x --steps iterations, each splitting the batch among the
+    # students, so every student sees as many samples as one with its own fake score does
+    "k5-shared": ("K = 5, one shared fake score", 5, ["--shared_fake_score", "--steps", "{joint}"]),
+    "k5-small-shared": ("K = 5, smaller students, one shared fake score", 5,
+                        ["--student_channels", "{channels}", "--tsm_steps", "{tsm}", "--shared_fake_score", "--steps",
+                         "{joint}"]),
 }
 
 
 def launch(name: str, args, out: str) -> subprocess.Popen:
     label, k, options = ROWS[name]
-    extra = ["--students", str(k)] + [a.format(channels=args.student_channels, tsm=args.tsm_steps) for a in options]
+    extra = ["--students", str(k)] + [a.format(channels=args.student_channels, tsm=args.tsm_steps, joint=args.steps * k)
+                                      for a in options]
     cmd = [sys.executable, os.path.join(ROOT, "train", "distill.py"), "--steps", str(args.steps), "--cpu_threads", "1",
            "--eval_samples", str(args.eval_samples), "--teacher_eval_steps", "1", "--sample_every", "0",
            "--checkpoint_every", "0", "--output_dir", out, "--name", name, "--overwrite", "--seed", str(args.seed), *extra]
@@ -128,8 +136,9 @@ def main() -> None:
     for name in names:
         m = json.load(open(os.path.join(args.out, name, "metrics.json")))
         sample, k, gen = sampler(os.path.join(args.out, name, "pipeline"))
-        rows.append({"row": ROWS[name][0], "students": k, "iterations_per_student": m["steps"],
-                     "iterations_total": m["steps"] * k, "parameters_per_student": sum(p.numel() for p in gen.parameters()),
+        joint = bool(m.get("shared_fake_score"))  # one run of m["steps"] iterations, each batch split among the K
+        rows.append({"row": ROWS[name][0], "students": k, "iterations_per_student": m["steps"] // k if joint else m["steps"],
+                     "iterations_total": m["steps"] if joint else m["steps"] * k, "parameters_per_student": sum(p.numel() for p in gen.parameters()),
                      "nfe": 1, "fid": m["student"]["fid"], "class_accuracy": m["student"]["class_accuracy"],
                      "cpu_seconds": cpu.get(name), "seconds_per_image": seconds_per_image(sample)})
     if args.reference:

@@ -79,6 +79,8 @@ class Config:
                                          # block_out_channels, e.g. [32, 32, 32] (empty: the teacher's size and weights)
     student_fake_score: str = "student"  # smaller students' fake score (full copy): "student" (the small architecture,
                                          # from the TSM-trained student) or "teacher" (a copy of the teacher)
+    shared_fake_score: bool = False      # one fake score (and GAN head) for all K students, trained jointly as one
+                                         # routed generator (each batch split among them); default: one per student
     tsm_steps: int = 1000                # smaller students: Teacher Score Matching iterations before distillation
     tsm_lr: float = 1e-3                 # TSM learning rate (AdamW)
     tsm_pool: int = 1024                 # TSM's clean inputs: this many teacher samples (25-step DDIM) per student
@@ -384,6 +386,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"student_channels: channel counts must be >= 1, got {cfg.student_channels}")
     if any(s < 1 for s in cfg.teacher_eval_steps):
         raise ConfigError(f"teacher_eval_steps: sampler step counts must be >= 1, got {cfg.teacher_eval_steps}")
+    if cfg.shared_fake_score and cfg.students < 2:
+        raise ConfigError("shared_fake_score: shares one fake score among --students K > 1; drop it for one student")
     if cfg.backtrack and not 0.0 <= cfg.record_cond_dropout <= 1.0:
         raise ConfigError(f"record_cond_dropout: must be in [0, 1], got {cfg.record_cond_dropout!r}")
     if cfg.backtrack and (cfg.backtrack_nodes - 1) * cfg.backtrack_interval >= cfg.steps:

@@ -135,7 +135,7 @@ def recording_identity(triad, settings: RecordingSettings, draw_cond) -> dict:
     conds = draw_cond(256, generator=torch.Generator().manual_seed(0))
     conds = hashlib.sha256(b"" if conds is None else conds.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return {"format": FORMAT, "teacher": weights_sha256(triad.teacher.backbone),
-            "generator": weights_sha256(gen.denoiser.backbone, gen.timesteps, gen.schedule),
+            "generator": weights_sha256(getattr(gen.denoiser, "backbone", gen.denoiser), gen.timesteps, gen.schedule),
             "conditions": conds.hexdigest(),
             "network": "lora" if fake.adapters else "copy", "trained_tensors": len(names),
             "trained_parameters": sum(p.numel() for n, p in fake.backbone.named_parameters() if n in names),

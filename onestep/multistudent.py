@@ -6,7 +6,8 @@ teacher's samples are confused between, as the digits classifier sees them ("con
 their embeddings (mean over tokens, unit length), routed to the nearest centroid at inference ("kmeans").
 Smaller students (another `block_out_channels` of the teacher's architecture) first learn the teacher's denoiser by
 Teacher Score Matching, then distribution matching. `train_students` runs the K students one after another through
-the single-student loop, each on its own conditions, in <run>/student_k/, then evaluates and exports them together.
+the single-student loop, each on its own conditions with its own fake score, in <run>/student_k/, or (a shared fake
+score) all K at once as one routed generator (`RoutedDenoiser`) in <run>/students/, then evaluates and exports them.
 """
 from __future__ import annotations
 
@@ -87,6 +88,43 @@ def routed_sample(samplers: Sequence[Callable], router: Router, z: torch.Tensor,
         out = x.new_empty((len(z), *x.shape[1:])) if out is None else out
         out[m] = x
     return out
+
+
+class RoutedDenoiser(torch.nn.Module):
+    """K student denoisers behind a router, as one denoiser D(x_t, t, cond): each sample through the student its
+    condition routes to, the outputs in input order. A student that serves no sample of the batch gets a zero
+    gradient (its true gradient; not None), so every parameter takes part in each backward, as DDP expects.
+    MSD with a shared fake score trains the K students so, jointly, as one generator (`--shared_fake_score`)."""
+
+    def __init__(self, students: Sequence[torch.nn.Module], router: Router):
+        super().__init__()
+        if len(students) != router.num_students:
+            raise ValueError(f"{len(students)} students for a router of {router.num_students}")
+        self.students, self.router = torch.nn.ModuleList(students), router
+
+    @property
+    def schedule(self):
+        return self.students[0].schedule
+
+    @property
+    def backbones(self) -> list:
+        return [d.backbone for d in self.students]
+
+    def forward(self, x_t: torch.Tensor, t, cond) -> torch.Tensor:
+        idx = self.router.route(cond).to(x_t.device)
+        per_sample = torch.is_tensor(t) and t.ndim > 0 and t.shape[0] == len(x_t) > 1
+        parts, order, idle = [], [], []
+        for k, student in enumerate(self.students):
+            m = (idx == k).nonzero().squeeze(1)
+            if len(m):
+                parts.append(student(x_t[m], t[m] if per_sample else t, cond[m.to(cond.device)]))
+                order.append(m)
+            else:
+                idle += [p for p in student.parameters() if p.requires_grad]
+        out = torch.cat(parts)[torch.argsort(torch.cat(order))]
+        if idle and torch.is_grad_enabled():
+            out = out + 0.0 * sum(p.reshape(-1)[0] for p in idle)
+        return out
 
 
 # ---- partitions ------------------------------------------------------------------------------------
@@ -257,6 +295,12 @@ def teacher_score_matching(student, teacher, cond_rows: torch.Tensor | None, sha
             "loss_last": float(np.mean(losses[-tenth:])) if losses else None}
 
 
+def shared_config(cfg, run_dir: str):
+    """The joint run of all K students behind the router (one fake score), in <run>/students/."""
+    return dataclasses.replace(cfg, name="students", output_dir=run_dir, students=1, student_channels=[],
+                               shared_fake_score=False, classifier="", export=False, eval_every=0)
+
+
 def student_config(cfg, router: Router, k: int, run_dir: str):
     """The single-student run of student k: its own conditions, in <run>/student_k/, no FID or export of its own."""
     restrict = {"prompts": os.path.join(run_dir, f"student_{k}", "prompts.txt")} if router.kind == "kmeans" else \
@@ -276,13 +320,14 @@ def train_students(cfg, train: Callable) -> dict | None:
 
     import yaml
     from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
+    from accelerate.utils import DistributedType, parse_flag_from_env
 
     from . import hostmem
     from .config import ConfigError
     from .data import read_image_folder
     from .denoiser import Denoiser
     from .fid import DigitsClassifier
+    from .generator import Generator
     from .loading import load_teacher
     from .pipeline_multi import export_multi_pipeline, model_card_multi
     from .prompts import read_prompts
@@ -293,6 +338,10 @@ def train_students(cfg, train: Callable) -> dict | None:
                           f"checkpoint), got {cfg.resume!r}")
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as Accelerator() reads the launcher
     device, main = state.device, state.is_main_process
+    if cfg.shared_fake_score and (state.distributed_type == DistributedType.FSDP
+                                  or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"):
+        raise ConfigError("shared_fake_score: the routed students are not sharded; launch with DDP "
+                          "(train/accelerate/ddp.yaml) or drop --shared_fake_score for one fake score per student")
     hostmem.configure_cpu(cfg, device.type, state.num_processes)
     run_dir = os.path.join(cfg.output_dir, cfg.name or f"{cfg.preset}-{cfg.method}-k{cfg.students}")
     if main:
@@ -327,40 +376,61 @@ def train_students(cfg, train: Callable) -> dict | None:
         check_channels(teacher.backbone, cfg.student_channels)
     if main and cfg.overwrite and not cfg.resume:  # the checks above passed: now the replaced run goes
         clear_run_dir(run_dir)
-        for old in glob.glob(os.path.join(run_dir, "student_*")):
+        for old in glob.glob(os.path.join(run_dir, "student_*")) + glob.glob(os.path.join(run_dir, "students")):
             shutil.rmtree(old)
     if main:
         router.save(run_dir)
         with open(os.path.join(run_dir, "config.yaml"), "w") as f:
             yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
-        for k, g in enumerate(router.groups if text else []):  # each text student's own prompts
+        for k, g in enumerate(router.groups if text and not cfg.shared_fake_score else []):  # each text student's own prompts
             os.makedirs(os.path.join(run_dir, f"student_{k}"), exist_ok=True)
             with open(os.path.join(run_dir, f"student_{k}", "prompts.txt"), "w", encoding="utf-8") as f:
                 f.write("".join(teacher.prompts[i] + "\n" for i in g))
     state.wait_for_everyone()
     router = router if main else Router.load(run_dir)  # every process: the main process's router
 
-    # 2. The students, one after another: TSM for smaller ones, then the single-student loop on their conditions
-    students, report = [], []
+    # 2. The students: TSM for smaller ones, then the single-student loop on their conditions, one student after
+    #    another, or (--shared_fake_score) all K at once behind the router with one fake score, in <run>/students/
+    shared = {"train_seconds": 0.0} if cfg.shared_fake_score else None
+    sub_name = lambda k: "students" if shared else f"student_{k}"  # noqa: E731
+
+    def tsm(rows, seed: int, name: str):  # a fresh smaller backbone, TSM-trained on rows (unless resuming)
+        backbone = small_backbone(teacher.backbone, cfg.student_channels, seed=seed)
+        if not cfg.tsm_steps or resolve_resume(os.path.join(run_dir, name), cfg.resume) is not None:
+            return backbone, None
+        t0, den = time.time(), Denoiser(backbone, teacher.denoiser.schedule, null_cond=teacher.denoiser.null_cond,
+                                        prediction_type=teacher.denoiser.prediction_type)
+        r = teacher_score_matching(den, teacher.denoiser, rows, shape, steps=cfg.tsm_steps, lr=cfg.tsm_lr,
+                                   batch_size=cfg.batch_size, pool=cfg.tsm_pool, seed=seed, device=device)
+        return backbone, {**r, "seconds": round(time.time() - t0, 1)}
+
+    students, report, backbones = [], [], []
     for k, g in enumerate(router.groups):
-        sub = student_config(cfg, router, k, run_dir)
         entry = {"student": k, "conditions": [teacher.prompts[i] for i in g] if text else g}
         backbone = None
         if cfg.student_channels:
-            backbone = small_backbone(teacher.backbone, cfg.student_channels, seed=cfg.seed + k)
-            if cfg.tsm_steps and resolve_resume(os.path.join(run_dir, sub.name), cfg.resume) is None:
-                t0, den = time.time(), Denoiser(backbone, teacher.denoiser.schedule, null_cond=teacher.denoiser.null_cond,
-                                                prediction_type=teacher.denoiser.prediction_type)
-                rows = teacher.prompt_embeds[g] if text else torch.tensor(g)
-                entry["tsm"] = teacher_score_matching(den, teacher.denoiser, rows, shape, steps=cfg.tsm_steps,
-                                                      lr=cfg.tsm_lr, batch_size=cfg.batch_size, pool=cfg.tsm_pool,
-                                                      seed=cfg.seed + k, device=device)
-                entry["tsm"]["seconds"] = round(time.time() - t0, 1)
+            backbone, r = tsm(teacher.prompt_embeds[g] if text else torch.tensor(g), cfg.seed + k, sub_name(k))
+            entry.update({"tsm": r} if r else {})
+        report.append(entry)
+        if shared:
+            backbones.append(backbone)
+            continue
         t0 = time.time()
-        students.append(train(sub, backbone))
+        students.append(train(student_config(cfg, router, k, run_dir), backbone))
         entry.update(train_seconds=round(time.time() - t0, 1),  # FSDP: the student is on the main process only
                      parameters=students[-1] and count_parameters(students[-1]))
-        report.append(entry)
+    if shared:
+        fake = None  # a full-copy fake score: the teacher's weights, or for smaller students one more TSM-trained one
+        if cfg.student_channels and cfg.fake_score != "lora" and cfg.student_fake_score == "student":
+            fake, r = tsm(teacher.prompt_embeds if text else torch.tensor(classes), cfg.seed + router.num_students,
+                          "students")
+            shared.update({"tsm": r} if r else {})
+        t0 = time.time()
+        joint = train(shared_config(cfg, run_dir), backbones if cfg.student_channels else None, router, fake)
+        shared["train_seconds"] = round(time.time() - t0, 1)
+        students = [Generator(d, joint.timesteps, joint.clip_sample) for d in joint.denoiser.students] if main else []
+        for entry, s in zip(report, students):
+            entry["parameters"] = count_parameters(s)
     if not main:
         state.wait_for_everyone()
         return None
@@ -376,7 +446,9 @@ def train_students(cfg, train: Callable) -> dict | None:
                "teacher": {"fid": None, "nfe": None}, "student": {"fid": None, "nfe": gens[0].num_steps},
                "parameters": {"teacher": count_parameters(teacher.backbone), "student": report[0]["parameters"]},
                "feature_extractor": None, "num_samples": cfg.eval_samples, "per_student": report,
-               "train_seconds": round(sum(r["train_seconds"] + r.get("tsm", {}).get("seconds", 0) for r in report), 1),
+               "shared_fake_score": shared,
+               "train_seconds": round(sum(r.get("train_seconds", 0) + (r.get("tsm") or {}).get("seconds", 0)
+                                          for r in [*report, shared or {}]), 1),
                "processes": state.num_processes, "text_to_image": text}
     if classifier is not None:
         student_scores, metrics["teacher"] = digits_scores(sample, teacher, classifier, classes, cfg, device)

@@ -70,6 +70,12 @@ def _checkpoint(module, *args):
                                              context_fn=lambda: (contextlib.nullcontext(), _as_in_forward(groups, adapters)))
 
 
+def generator_backbones(generator) -> list:
+    """The generator's diffusers backbone(s): one, or the K students' behind a router."""
+    den = generator.denoiser
+    return list(den.backbones) if hasattr(den, "backbones") else [den.backbone]
+
+
 def enable_gradient_checkpointing(backbones) -> None:
     """Gradient checkpointing of diffusers backbones, safe under Triad.frozen and LoRA toggles (see _checkpoint)."""
     for b in backbones:
@@ -180,18 +186,30 @@ class Triad:
                      example_cond=None, ema_decay: float | None = None, frozen_dtype: torch.dtype | None = None,
                      gan_hidden: int | None = None, gan_layers: Sequence[str] = ("mid_block",),
                      student_backbone: nn.Module | None = None, clip_sample: float | None = None,
-                     fake_from_teacher: bool = False, offload_ema: bool = False) -> "Triad":
+                     fake_from_teacher: bool = False, offload_ema: bool = False, router=None,
+                     fake_backbone: nn.Module | None = None) -> "Triad":
         """Generator and fake score initialised from the teacher's weights (DMD, SiD, VSD all start so), or from
         `student_backbone` (another architecture, e.g. a smaller UNet after Teacher Score Matching; a LoRA fake
-        score stays on the teacher's weights, and so does a full copy with `fake_from_teacher`)."""
+        score stays on the teacher's weights, and so does a full copy with `fake_from_teacher`).
+        With a `router` (multi-student, one shared fake score): the generator is K students behind it
+        (`RoutedDenoiser`), from the K backbones in `student_backbone` (a list; None: K copies of the teacher), and
+        a full-copy fake score starts from `fake_backbone` (None: the teacher)."""
         if fake_score not in FAKE_SCORE_KINDS:
             raise ValueError(f"fake_score must be one of {FAKE_SCORE_KINDS}, got {fake_score!r}")
         sched, null, pt = teacher.schedule, teacher.null_cond, teacher.prediction_type
         base = teacher.backbone.requires_grad_(False).eval()
         init = base if student_backbone is None else student_backbone
         trained_copy = lambda net: copy.deepcopy(net).float().requires_grad_(True).train()  # noqa: E731
-        generator = Generator(Denoiser(trained_copy(init), sched, null_cond=null, prediction_type=pt),
-                              generator_timesteps, clip_sample)
+        if router is None:
+            student = Denoiser(trained_copy(init), sched, null_cond=null, prediction_type=pt)
+        else:
+            from .multistudent import RoutedDenoiser
+
+            inits = init if isinstance(init, (list, tuple)) else [init] * router.num_students
+            student = RoutedDenoiser([Denoiser(trained_copy(b), sched, null_cond=null, prediction_type=pt)
+                                      for b in inits], router)
+            init = base if fake_backbone is None else fake_backbone
+        generator = Generator(student, generator_timesteps, clip_sample)
         if fake_score == "copy":
             fake = Denoiser(trained_copy(base if fake_from_teacher else init), sched, null_cond=null, prediction_type=pt)
             if frozen_dtype is not None:

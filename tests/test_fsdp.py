@@ -144,6 +144,7 @@ def test_fsdp_sd_dmd2_run_trains_as_ddp_does(tmp_path):
     (["--ema_decay", "0.9", "--offload_ema", "true"], {}, "FSDP does not support --offload_ema"),
     ([], {"FSDP_VERSION": "1"}, "FSDP version 1 is not supported"),
     ([], {"FSDP_AUTO_WRAP_POLICY": "SIZE_BASED_WRAP"}, "use TRANSFORMER_BASED_WRAP"),
+    (["--students", "2", "--shared_fake_score"], {}, "shared_fake_score: the routed students are not sharded"),
 ])
 def test_fsdp_refuses_what_it_cannot_shard_in_one_line(cond_teacher, tmp_path, flags, env, message):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_FSDP": "true",  # as fsdp.yaml

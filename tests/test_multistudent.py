@@ -1,4 +1,5 @@
 """Multi-student distillation: routers, Teacher Score Matching, the multi-student export, and runs end to end."""
+import glob
 import json
 import os
 import subprocess
@@ -14,9 +15,9 @@ from safetensors.torch import load_file
 
 from onestep.config import ConfigError, load_config
 from onestep.denoiser import Denoiser
-from onestep.multistudent import (Router, RoutingError, affinity_groups, balanced_groups, build_router,
-                                  count_parameters, routed_sample, small_backbone, teacher_score_matching,
-                                  train_students)
+from onestep.multistudent import (RoutedDenoiser, Router, RoutingError, affinity_groups, balanced_groups,
+                                  build_router, count_parameters, routed_sample, small_backbone,
+                                  teacher_score_matching, train_students)
 from onestep.pipeline import OneStepPipeline
 from onestep.pipeline_multi import MultiStudentPipeline
 from onestep.schedule import Schedule
@@ -170,6 +171,43 @@ def test_mixed_batch_equals_each_sample_through_its_own_student_and_round_trips(
     assert sorted(set(router.route(ys).tolist())) == [0, 1, 2]  # every student drew some of them
 
 
+def test_routed_students_are_one_generator_with_one_shared_fake_score():
+    """--shared_fake_score's triad: K students behind the router as one generator, each sample through its own
+    student (also with per-sample times), gradients only into the students that served the batch (zero for the
+    others), one fake score
+    that starts as the teacher, which never changes."""
+    teacher = Denoiser(tiny_unet(), schedule(), null_cond=torch.tensor(10))
+    before = {k: v.clone() for k, v in teacher.backbone.state_dict().items()}
+    router = Router("balanced", [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]])
+    triad = Triad.from_teacher(teacher, router=router, generator_timesteps=[999])
+    gen = triad.raw("generator")
+    students = gen.denoiser.students
+    assert isinstance(gen.denoiser, RoutedDenoiser) and len(students) == 2
+    with torch.no_grad():  # the students differ, so that routing shows
+        for p in students[1].backbone.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    fake = triad.raw("fake_score")
+    assert fake.backbone is not teacher.backbone and all(
+        torch.equal(v, before[k]) for k, v in fake.backbone.state_dict().items())
+    labels = torch.tensor([7, 0, 4, 9, 5, 2])
+    z = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([999.0, 500, 250, 999, 100, 700])
+    for tt in (999, t):
+        out = gen.denoiser(z, tt, labels)
+        for i, c in enumerate(labels.tolist()):
+            own = students[router.route(torch.tensor([c])).item()]
+            alone = own(z[i:i + 1], tt if isinstance(tt, int) else tt[i:i + 1], labels[i:i + 1])
+            assert torch.allclose(out[i:i + 1], alone, rtol=1e-4, atol=1e-4)
+            other = students[1 - router.route(torch.tensor([c])).item()](z[i:i + 1], 999, labels[i:i + 1])
+            assert (other - out[i:i + 1]).abs().max() > 1e-2 * out[i:i + 1].abs().max()
+    gen(z[labels < 5], 999, labels[labels < 5]).square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in students[0].parameters() if p.ndim > 1)
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in students[1].parameters())  # zero, for DDP
+    assert all(p.grad is None for p in teacher.parameters()) and triad.generator_parameters()
+    assert len(triad.generator_parameters()) == 2 * len([p for p in teacher.backbone.parameters()])
+    assert all(torch.equal(v, before[k]) for k, v in teacher.backbone.state_dict().items())
+
+
 # ---- smaller students ----------------------------------------------------------------------------------
 def test_small_backbone_is_the_teachers_architecture_with_fewer_channels():
     teacher = tiny_unet()
@@ -305,6 +343,42 @@ def test_smaller_students_with_tsm_and_the_confusion_router_under_two_process_dd
 
 
 @pytest.mark.slow
+def test_students_with_one_shared_fake_score_train_jointly_under_two_process_ddp(cond_teacher, tmp_path):
+    """--shared_fake_score: smaller students (TSM each, and one more for the fake score) trained in one run behind
+    the router, batch 2 per process so that a student often serves no sample on a process (DDP's unused
+    parameters); every student moves, the replicas agree, and the export holds each student's weights."""
+    r = run_distill([*SMOKE, "--teacher", cond_teacher, "--output_dir", str(tmp_path), "--name", "shared", "--students",
+                     "3", "--shared_fake_score", "--student_channels", "4,8", "--tsm_steps", "4", "--tsm_pool", "16",
+                     "--batch_size", "2", "--steps", "6", "--update_ratio", "1", "--ema_decay", "0",
+                     "--checkpoints_total_limit", "3"],
+                    env_extra={"ACCELERATE_USE_CPU": "1"}, launcher=["--multi_gpu", "--num_processes", "2"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "shared"
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["shared_fake_score"]["tsm"]["steps"] == 4 and all(s["tsm"]["steps"] == 4 for s in m["per_student"])
+    assert not any((run / f"student_{k}").exists() for k in range(3))
+    joint = json.loads((run / "students" / "metrics.json").read_text())
+    assert joint["processes"] == 2 and joint["replica_weight_spread"] == 0.0 and joint["steps"] == 6
+    state = checkpoint(run / "students", 6)
+    fake = {k for k in state if k.startswith("fake_score.") or not k.startswith("denoiser.")}
+    assert {k.split(".")[2] for k in state if k.startswith("denoiser.students.")} == {"0", "1", "2"}
+    assert not any(".students." in k for k in fake)  # one fake score, not one per student
+    first = checkpoint(run / "students", 2)
+    multi = MultiStudentPipeline.from_pretrained(str(run / "pipeline"))
+    for k, pipe in enumerate(multi.pipes):
+        mine = {n.removeprefix(f"denoiser.students.{k}.backbone."): v for n, v in state.items()
+                if n.startswith(f"denoiser.students.{k}.backbone.")}
+        exported = pipe.unet.state_dict()
+        assert mine.keys() == exported.keys() and all(torch.equal(mine[n], exported[n]) for n in mine)
+        assert any(not torch.equal(first[f"denoiser.students.{k}.backbone.{n}"], mine[n]) for n in mine)
+
+
+def test_shared_fake_score_needs_several_students():  # and FSDP refuses it: tests/test_fsdp.py
+    with pytest.raises(ConfigError, match="shared_fake_score: shares one fake score among --students K > 1"):
+        load_config(["--shared_fake_score"])
+
+
+@pytest.mark.slow
 def test_text_students_route_prompts_by_kmeans_end_to_end(tmp_path):
     from test_sd import save_tiny_sd
 
@@ -331,6 +405,34 @@ def test_text_students_route_prompts_by_kmeans_end_to_end(tmp_path):
     for i, p in enumerate(prompts):
         alone = pipe(prompt=p, latents=z[i:i + 1], output_type="pt").images
         assert torch.allclose(mixed[i:i + 1], alone, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_text_students_share_one_lora_fake_score(tmp_path):
+    """--shared_fake_score on a text teacher with VSD's LoRA fake score: one run routes each prompt's samples to its
+    student by the k-means router, the students train, and the export routes as the training did."""
+    from test_sd import save_tiny_sd
+
+    sd = save_tiny_sd(str(tmp_path / "sd"))
+    prompts = ["a photo of a cat", "a photo of a cat, close up", "a red car on a road", "a red car, side view"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    r = run_distill(["--preset", "sd15-vsd", "--teacher", sd, "--prompts", str(tmp_path / "prompts.txt"), "--steps", "2",
+                     "--batch_size", "4", "--output_dir", str(tmp_path), "--name", "text", "--students", "2",
+                     "--shared_fake_score", "--sample_every", "0", "--checkpoint_every", "0", "--cpu_threads", "1"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / "text"
+    assert not (run / "student_0").exists() and (run / "students" / "metrics.json").exists()
+    state = checkpoint(run / "students", 2)
+    fake = load_file(str(run / "students" / "checkpoints" / "step_0000002" / "model_1.safetensors"))
+    assert any(".students.1." in k for k in state) and any("lora_" in k for k in fake)  # one LoRA critic
+    assert not any("students" in k for k in fake)
+    teacher_unet = load_file(glob.glob(str(tmp_path / "sd" / "unet" / "*.safetensors"))[0])
+    pipe = MultiStudentPipeline.from_pretrained(str(run / "pipeline"))
+    m = json.loads((run / "metrics.json").read_text())
+    route = pipe.router.route(pipe._encode(prompts)).tolist()
+    assert [p in m["router"]["groups"][k] for p, k in zip(prompts, route)] == [True] * 4
+    exported = load_file(glob.glob(str(run / "pipeline" / "student_0" / "unet" / "*.safetensors"))[0])
+    assert exported.keys() == teacher_unet.keys() and any(not torch.equal(exported[k], teacher_unet[k]) for k in exported)
 
 
 def test_model_card_without_a_teacher_fid_lists_the_students_row_only():

@@ -36,9 +36,10 @@ def main(argv: list[str]) -> None:
     PartialState().destroy_process_group()
 
 
-def train(cfg, backbone: torch.nn.Module | None = None):
+def train(cfg, backbone=None, router=None, fake_backbone=None):
     """Distil, evaluate and export one student as `cfg` says; returns it (a Generator, EMA weights where kept).
-    backbone: the generator / fake-score architecture (e.g. a smaller TSM-trained UNet; default: the teacher's)."""
+    backbone: the generator / fake-score architecture (e.g. a smaller TSM-trained UNet; default: the teacher's).
+    router: K students (backbone: their K backbones) trained jointly behind it with one fake score (fake_backbone)."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
     from tqdm import tqdm
@@ -58,7 +59,7 @@ def train(cfg, backbone: torch.nn.Module | None = None):
                               run_config, save_checkpoint, save_grid)
     from onestep.sampling import sample_teacher
     from onestep.schedule import to_device
-    from onestep.triad import DEFAULT_LORA_TARGETS, Triad, enable_gradient_checkpointing
+    from onestep.triad import DEFAULT_LORA_TARGETS, Triad, enable_gradient_checkpointing, generator_backbones
     from onestep.update import Updates, floats
 
     # 1. Configuration ------------------------------------------------------------------------------
@@ -157,17 +158,17 @@ def train(cfg, backbone: torch.nn.Module | None = None):
             example_cond=example, ema_decay=cfg.ema_decay or None, frozen_dtype=frozen_dtype,
             gan_hidden=cfg.gan_hidden or None, gan_layers=cfg.gan_layers or ("mid_block",), student_backbone=backbone,
             clip_sample=cfg.clip_sample or None, fake_from_teacher=cfg.student_fake_score == "teacher",
-            offload_ema=cfg.offload_ema)
+            offload_ema=cfg.offload_ema, router=router, fake_backbone=fake_backbone)
     except ValueError as e:
         raise ConfigError(f"{e} (teacher {cfg.teacher!r})") from None
     triad.teacher.guidance_uncond = teacher.negative_cond  # --negative_prompt: the real score's CFG branch only
     if main_proc and cfg.overwrite and not cfg.resume:  # the checks above passed: now the replaced run goes
         clear_run_dir(run_dir)
     accelerator.wait_for_everyone()
-    backbones = [triad.raw("generator").denoiser.backbone, triad.raw("fake_score").backbone, teacher.backbone]
+    backbones = [*generator_backbones(triad.raw("generator")), triad.raw("fake_score").backbone, teacher.backbone]
     set_attention(backbones, cfg.attention)
     if cfg.gradient_checkpointing:
-        enable_gradient_checkpointing(backbones[:2])
+        enable_gradient_checkpointing(backbones[:-1])
     adam = dict(betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay, device=device)
     opt_g = make_optimizer(triad.generator_parameters(), cfg.optimizer, lr=cfg.lr_generator, **adam)
     # FSDP2 wraps one module per optimiser: the GAN head gets its own (same settings, stepped with the fake score's;
