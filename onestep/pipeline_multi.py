@@ -190,9 +190,11 @@ def model_card_multi(metrics: dict, run_dir_name: str) -> str:
     k, student, teacher = metrics["students"], metrics.get("student", {}), metrics.get("teacher", {})
     call = "pipe(prompt=[\"a photo of a cat\", \"a red car\"]).images" if metrics.get("text_to_image") else \
         "pipe(class_labels=[0, 1, 2, 3]).images"
+    together = ("of the students together (one shared fake score; each batch split among them)"
+                if metrics.get("shared_fake_score") else "per student")
     lines = ["---", "library_name: diffusers", "tags: [onestep, distillation, one-step, multi-student]", "---", "",
              f"# {k} one-step students distilled with onestep ({metrics.get('method')}, multi-student)", "",
-             f"Teacher: `{metrics.get('teacher_path')}`; {metrics.get('steps')} training iterations per student. Each "
+             f"Teacher: `{metrics.get('teacher_path')}`; {metrics.get('steps')} training iterations {together}. Each "
              f"sample is made by the one student its condition routes to ({metrics['router']['kind']} router): one "
              "network evaluation per sample.", "",
              "```python", "from onestep.pipeline_multi import MultiStudentPipeline",

@@ -357,6 +357,7 @@ def test_students_with_one_shared_fake_score_train_jointly_under_two_process_ddp
     m = json.loads((run / "metrics.json").read_text())
     assert m["shared_fake_score"]["tsm"]["steps"] == 4 and all(s["tsm"]["steps"] == 4 for s in m["per_student"])
     assert not any((run / f"student_{k}").exists() for k in range(3))
+    assert "6 training iterations of the students together" in (run / "pipeline" / "README.md").read_text()
     joint = json.loads((run / "students" / "metrics.json").read_text())
     assert joint["processes"] == 2 and joint["replica_weight_spread"] == 0.0 and joint["steps"] == 6
     state = checkpoint(run / "students", 6)
