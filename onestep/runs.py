@@ -247,7 +247,44 @@ def _tidy(run_dir: str) -> None:
             os.replace(d, d[:-4])
 
 
-def load_checkpoint(accelerator, folder: str, config: dict, data=None) -> int:
+def adapter_only_checkpoints(accelerator, module, key: str = "lora_") -> bool:
+    """A LoRA fake score sits on the frozen teacher: its checkpoint file keeps the adapters only (not the teacher's
+    weights under them, which every run loads from the teacher: for SD1.5 about 1.7 GB less per checkpoint). On load,
+    each network's file must hold exactly the keys that network saves (the adapter network: at least its adapters,
+    so that older full checkpoints still load); `load_checkpoint(..., strict=False)` then loads around the absent
+    teacher weights. Returns whether it applies (not under FSDP, which saves its own sharded state)."""
+    if accelerator.distributed_type.value == "FSDP":
+        return False
+
+    def saved_keys(model) -> set:
+        keys = set(model.state_dict())
+        return {k for k in keys if key in k} if accelerator.unwrap_model(model) is module else keys
+
+    def on_save(models, weights, output_dir):
+        for i, model in enumerate(models):
+            if accelerator.unwrap_model(model) is module:
+                weights[i] = {k: v for k, v in weights[i].items() if key in k}
+
+    def on_load(models, input_dir):
+        from safetensors import safe_open
+
+        for i, model in enumerate(models):
+            path = os.path.join(input_dir, "model.safetensors" if i == 0 else f"model_{i}.safetensors")
+            if not os.path.isfile(path):
+                continue  # accelerate reports it
+            with safe_open(path, "pt") as f:
+                have, want = set(f.keys()), saved_keys(model)
+            adapters = accelerator.unwrap_model(model) is module
+            if not want <= have or (not adapters and have != want):
+                missing = sorted(want - have) or sorted(have - want)
+                raise ValueError(f"{os.path.basename(path)} lacks or adds {len(missing)} tensors, e.g. {missing[0]}")
+
+    accelerator.register_save_state_pre_hook(on_save)
+    accelerator.register_load_state_pre_hook(on_load)
+    return True
+
+
+def load_checkpoint(accelerator, folder: str, config: dict, data=None, strict: bool = True) -> int:
     """Restore a verified checkpoint into this run (models, EMA, optimisers, schedulers, RNG states, registered
     objects, the data position); return its step. Refuses a checkpoint of another run shape, warns on other changes."""
     with open(os.path.join(folder, MANIFEST)) as f:
@@ -261,7 +298,7 @@ def load_checkpoint(accelerator, folder: str, config: dict, data=None) -> int:
         raise CheckpointError(f"resume: checkpoint {folder} was written with other {show}; these define what it "
                               "holds: resume with its values or start a new run (--name NEW)")
     try:
-        accelerator.load_state(folder, load_kwargs={"weights_only": True})
+        accelerator.load_state(folder, load_kwargs={"weights_only": True}, **({} if strict else {"strict": False}))
     except Exception as e:  # another architecture, another set of networks or optimisers
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise CheckpointError(f"resume: checkpoint {folder} does not fit this run's networks ({type(e).__name__}: "

@@ -425,8 +425,7 @@ def test_text_students_share_one_lora_fake_score(tmp_path):
     assert not (run / "student_0").exists() and (run / "students" / "metrics.json").exists()
     state = checkpoint(run / "students", 2)
     fake = load_file(str(run / "students" / "checkpoints" / "step_0000002" / "model_1.safetensors"))
-    assert any(".students.1." in k for k in state) and any("lora_" in k for k in fake)  # one LoRA critic
-    assert not any("students" in k for k in fake)
+    assert any(".students.1." in k for k in state) and fake and all("lora_" in k for k in fake)  # one LoRA critic
     teacher_unet = load_file(glob.glob(str(tmp_path / "sd" / "unet" / "*.safetensors"))[0])
     pipe = MultiStudentPipeline.from_pretrained(str(run / "pipeline"))
     m = json.loads((run / "metrics.json").read_text())

@@ -138,6 +138,21 @@ def test_resume_continues_the_same_trajectory(cond_teacher, tmp_path, monkeypatc
     assert any(not torch.equal(gen[k], a[f"model.safetensors:{k}"]) for k in gen)  # it did train after step 3
 
 
+def test_lora_fake_score_checkpoints_hold_the_adapters_only_and_resume_exactly(cond_teacher, tmp_path, monkeypatch):
+    """A LoRA fake score's checkpoint file keeps its adapters, not the teacher's weights under them, and a run
+    resumed from it continues bit for bit (the teacher's weights come from the teacher)."""
+    args = [*EXACT, "--teacher", cond_teacher, "--output_dir", str(tmp_path), "--steps", "8", "--checkpoint_every", "3",
+            "--checkpoints_total_limit", "0", "--fake_score", "lora", "--lora_rank", "4"]
+    straight_and_resumed(monkeypatch, args)
+    folder = tmp_path / "straight" / "checkpoints" / "step_0000003"
+    fake, gen = load_file(str(folder / "model_1.safetensors")), load_file(str(folder / "model.safetensors"))
+    assert fake and all("lora_" in k for k in fake) and not any("lora_" in k for k in gen)
+    assert (folder / "model_1.safetensors").stat().st_size < (folder / "model.safetensors").stat().st_size / 3
+    a, b = final_state(str(tmp_path / "straight"), 8), final_state(str(tmp_path / "resumed"), 8)
+    assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert any(not torch.equal(fake[k], a[f"model_1.safetensors:{k}"]) for k in fake)  # the adapters trained on
+
+
 def brightness(images, cond):
     """A differentiable reward for GNDM runs here: mean intensity."""
     return images.mean(dim=(1, 2, 3))

@@ -55,8 +55,8 @@ def train(cfg, backbone=None, router=None, fake_backbone=None):
     from onestep.optim import make_optimizer
     from onestep.pipeline import export_pipeline, model_card, stock_call
     from onestep.prompts import read_prompts
-    from onestep.runs import (RealBatches, clear_run_dir, load_checkpoint, plot_curve, prepare_run_dir, resolve_resume,
-                              run_config, save_checkpoint, save_grid)
+    from onestep.runs import (RealBatches, adapter_only_checkpoints, clear_run_dir, load_checkpoint, plot_curve,
+                              prepare_run_dir, resolve_resume, run_config, save_checkpoint, save_grid)
     from onestep.sampling import sample_teacher
     from onestep.schedule import to_device
     from onestep.triad import DEFAULT_LORA_TARGETS, Triad, enable_gradient_checkpointing, generator_backbones
@@ -200,6 +200,7 @@ def train(cfg, backbone=None, router=None, fake_backbone=None):
         b.compile(mode=None if cfg.compile == "default" else cfg.compile)
     if loader is not None:
         loader = accelerator.prepare(loader)
+    slim = triad.raw("fake_score").adapters and adapter_only_checkpoints(accelerator, triad.raw("fake_score"))
     if triad.ema is not None:
         accelerator.register_for_checkpointing(triad.ema)
     if hasattr(method, "state_dict") and hasattr(method, "load_state_dict"):  # a method or wrapper with its own state
@@ -217,7 +218,7 @@ def train(cfg, backbone=None, router=None, fake_backbone=None):
     real_iter = RealBatches(loader) if loader is not None else None  # endless; its position is checkpointed
     start = 0
     if resume_from:  # models, EMA, optimisers, schedulers, per-process RNG states, data position, method state
-        start = load_checkpoint(accelerator, resume_from, run_config(cfg), real_iter)
+        start = load_checkpoint(accelerator, resume_from, run_config(cfg), real_iter, strict=not slim)
     else:  # fresh, per-process noise; a resumed run continues the RNG streams it saved
         set_seed(cfg.seed, device_specific=True)
     if main_proc:
