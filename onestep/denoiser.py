@@ -125,6 +125,11 @@ class Denoiser(nn.Module):
         return next(self.backbone.parameters()).dtype
 
     @property
+    def backbones(self) -> list:
+        """The diffusers backbones behind this denoiser: its one (a routed multi-student denoiser has several)."""
+        return [self.backbone]
+
+    @property
     def class_conditional(self) -> bool:
         cfg = getattr(self.backbone, "config", {})
         return cfg.get("num_class_embeds") is not None or cfg.get("class_embed_type") is not None

@@ -80,14 +80,22 @@ class Router:
 
 def routed_sample(samplers: Sequence[Callable], router: Router, z: torch.Tensor, cond) -> torch.Tensor:
     """Each sample through its own student (`samplers[k](z, cond)`); the outputs in input order."""
-    idx = router.route(cond).to(z.device)
-    out = None
-    for k in idx.unique().tolist():
-        m = (idx == k).nonzero().squeeze(1)
-        x = samplers[k](z[m], cond[m.to(cond.device)])
-        out = x.new_empty((len(z), *x.shape[1:])) if out is None else out
-        out[m] = x
-    return out
+    return _dispatch(router.route(cond).to(z.device), len(samplers),
+                     lambda k, m: samplers[k](z[m], cond[m.to(cond.device)]))[0]
+
+
+def _dispatch(idx: torch.Tensor, k: int, call: Callable) -> tuple[torch.Tensor, list[int]]:
+    """`call(j, m)` for each student j on the batch rows m routed to it; the outputs in input order, and the students
+    that got no row."""
+    parts, order, idle = [], [], []
+    for j in range(k):
+        m = (idx == j).nonzero().squeeze(1)
+        if len(m):
+            parts.append(call(j, m))
+            order.append(m)
+        else:
+            idle.append(j)
+    return torch.cat(parts)[torch.argsort(torch.cat(order))], idle
 
 
 class RoutedDenoiser(torch.nn.Module):
@@ -108,23 +116,14 @@ class RoutedDenoiser(torch.nn.Module):
 
     @property
     def backbones(self) -> list:
-        return [d.backbone for d in self.students]
+        return [b for d in self.students for b in d.backbones]
 
     def forward(self, x_t: torch.Tensor, t, cond) -> torch.Tensor:
-        idx = self.router.route(cond).to(x_t.device)
         per_sample = torch.is_tensor(t) and t.ndim > 0 and t.shape[0] == len(x_t) > 1
-        parts, order, idle = [], [], []
-        for k, student in enumerate(self.students):
-            m = (idx == k).nonzero().squeeze(1)
-            if len(m):
-                parts.append(student(x_t[m], t[m] if per_sample else t, cond[m.to(cond.device)]))
-                order.append(m)
-            else:
-                idle += [p for p in student.parameters() if p.requires_grad]
-        out = torch.cat(parts)[torch.argsort(torch.cat(order))]
-        if idle and torch.is_grad_enabled():
-            out = out + 0.0 * sum(p.reshape(-1)[0] for p in idle)
-        return out
+        out, idle = _dispatch(self.router.route(cond).to(x_t.device), len(self.students), lambda k, m: self.students[k](
+            x_t[m], t[m] if per_sample else t, cond[m.to(cond.device)]))
+        touch = [p.reshape(-1)[0] for k in idle for p in self.students[k].parameters() if p.requires_grad]
+        return out + 0.0 * sum(touch) if touch and torch.is_grad_enabled() else out
 
 
 # ---- partitions ------------------------------------------------------------------------------------

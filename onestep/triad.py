@@ -70,12 +70,6 @@ def _checkpoint(module, *args):
                                              context_fn=lambda: (contextlib.nullcontext(), _as_in_forward(groups, adapters)))
 
 
-def generator_backbones(generator) -> list:
-    """The generator's diffusers backbone(s): one, or the K students' behind a router."""
-    den = generator.denoiser
-    return list(den.backbones) if hasattr(den, "backbones") else [den.backbone]
-
-
 def enable_gradient_checkpointing(backbones) -> None:
     """Gradient checkpointing of diffusers backbones, safe under Triad.frozen and LoRA toggles (see _checkpoint)."""
     for b in backbones:

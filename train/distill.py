@@ -59,7 +59,7 @@ def train(cfg, backbone=None, router=None, fake_backbone=None):
                               prepare_run_dir, resolve_resume, run_config, save_checkpoint, save_grid)
     from onestep.sampling import sample_teacher
     from onestep.schedule import to_device
-    from onestep.triad import DEFAULT_LORA_TARGETS, Triad, enable_gradient_checkpointing, generator_backbones
+    from onestep.triad import DEFAULT_LORA_TARGETS, Triad, enable_gradient_checkpointing
     from onestep.update import Updates, floats
 
     # 1. Configuration ------------------------------------------------------------------------------
@@ -165,7 +165,7 @@ def train(cfg, backbone=None, router=None, fake_backbone=None):
     if main_proc and cfg.overwrite and not cfg.resume:  # the checks above passed: now the replaced run goes
         clear_run_dir(run_dir)
     accelerator.wait_for_everyone()
-    backbones = [*generator_backbones(triad.raw("generator")), triad.raw("fake_score").backbone, teacher.backbone]
+    backbones = [*triad.raw("generator").denoiser.backbones, triad.raw("fake_score").backbone, teacher.backbone]
     set_attention(backbones, cfg.attention)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(backbones[:-1])
