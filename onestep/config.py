@@ -423,6 +423,9 @@ def _check_numbers(cfg: Config, method) -> None:
         raise ConfigError(f"seed: must be in 0..{2**32 - 1}, got {cfg.seed!r}")
     if any(t < 0 for t in cfg.generator_timesteps):
         raise ConfigError(f"generator_timesteps: must be >= 0, got {cfg.generator_timesteps}")
+    if len(cfg.generator_timesteps) > 1 and options.get("regression_weight", 0) > 0:
+        raise ConfigError(f"regression_weight: DMD1's regression pairs one-step outputs with the teacher's ODE from the "
+                          f"same noise; a {len(cfg.generator_timesteps)}-step student re-noises: use one timestep or 0")
     for key, v in options.items():
         if isinstance(v, float) and key.endswith(("t_min", "t_max")) and not 0.0 <= v <= 1.0:
             raise ConfigError(f"{key}: a fraction of the teacher's time range, must be in [0, 1], got {v!r}")

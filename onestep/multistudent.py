@@ -308,6 +308,15 @@ def student_config(cfg, router: Router, k: int, run_dir: str):
                                classifier="", export=False, eval_every=0, **restrict)
 
 
+def own_real_images(data, router: Router, k: int):
+    """The real images (with per-image conditions) whose condition routes to student k: each student's critic sees
+    real pairs of its own conditions only, as its samples are."""
+    from .data import RealImages
+
+    keep = router.route(data.conds).cpu() == k
+    return RealImages(data.samples[keep], conds=data.conds[keep])
+
+
 # ---- the multi-student run ---------------------------------------------------------------------------
 def train_students(cfg, train: Callable) -> dict | None:
     """MSD in one command: route the conditions, train student k with `train(cfg_k, backbone)` (the single-student
@@ -415,7 +424,7 @@ def train_students(cfg, train: Callable) -> dict | None:
             backbones.append(backbone)
             continue
         t0 = time.time()
-        students.append(train(student_config(cfg, router, k, run_dir), backbone))
+        students.append(train(student_config(cfg, router, k, run_dir), backbone, own=(router, k)))
         entry.update(train_seconds=round(time.time() - t0, 1),  # FSDP: the student is on the main process only
                      parameters=students[-1] and count_parameters(students[-1]))
     if shared:

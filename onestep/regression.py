@@ -27,7 +27,7 @@ def regression_pairs(triad, cond_sampler, sample_shape, device, seed: int, n: in
     ys = []
     for i in range(0, n, 256):
         ci = None if c is None else c[i:i + 256].to(device)
-        ys.append(sample_teacher(triad.teacher, z[i:i + 256].to(device), ci, steps, guidance_scale).cpu())
+        ys.append(sample_teacher(triad.raw("teacher"), z[i:i + 256].to(device), ci, steps, guidance_scale).cpu())
     return z, c, torch.cat(ys)
 
 
@@ -39,10 +39,11 @@ def regression_distance(kind: str, triad, x: torch.Tensor, y: torch.Tensor, cond
         return F.mse_loss(x.float(), y.float())
     if kind != "teacher":
         raise ValueError(f"regression_distance must be one of {', '.join(DISTANCES)}, got {kind!r}")
-    sched = triad.teacher.schedule
+    teacher = triad.raw("teacher")  # the teacher itself, also while DisBack makes an intermediate node the DM target
+    sched = teacher.schedule
     t = sched.sample_t(x.shape[0], t_frac, t_frac, device=x.device)  # one time: the fraction t_frac
     noise = torch.randn_like(x, dtype=torch.float32)
     with torch.no_grad():
-        target = triad.teacher(sched.add_noise(y.float(), noise, t), t, cond, features_only=True)
-    feats = triad.teacher(sched.add_noise(x.float(), noise, t), t, cond, features_only=True)
+        target = teacher(sched.add_noise(y.float(), noise, t), t, cond, features_only=True)
+    feats = teacher(sched.add_noise(x.float(), noise, t), t, cond, features_only=True)
     return sum(F.mse_loss(f, g) for f, g in zip(feats, target)) / len(feats)

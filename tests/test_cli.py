@@ -104,6 +104,8 @@ BAD_INPUTS = [
     (["--optimizer", "sgd"], "optimizer: 'sgd' is not one of"),
     (["--offload_ema", "true", "--ema_decay", "0"], "offload_ema: this run keeps no EMA"),
     (["--shared_critic_pass", "true", "--fake_first", "true"], "cannot run with fake_first"),
+    (["--method", "dmd", "--regression_weight", "0.25", "--generator_timesteps", "999,499"],
+     "regression_weight: DMD1's regression pairs one-step outputs"),
 ]
 
 

@@ -10,6 +10,8 @@ from diffusers import DDPMScheduler
 from onestep.denoiser import Denoiser
 from onestep.disback import DisBack, RecordingError, RecordingSettings, load_node, record_degradation
 from onestep.methods import build_method
+from onestep.regression import regression_distance
+from onestep.sampling import sample_teacher
 from onestep.schedule import Schedule
 from onestep.triad import Triad
 
@@ -192,6 +194,26 @@ def test_backtracking_trains_with_each_method(tmp_path, base, fake_score):
     after = teacher.backbone.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in teacher_before.items())
     assert m.extra_metrics()["disback"]["switches"] == [[3, 0]]
+
+
+def test_dmd_regression_pairs_and_feature_distance_stay_the_teachers_while_backtracking(tmp_path):
+    triad = make_triad()
+    teacher = triad.teacher
+    m = DisBack(build_method("dmd", regression_weight=0.25, regression_distance="teacher", regression_pairs=4,
+                             regression_steps=2), nodes=2, interval=3, recording=FAST, record_dir=str(tmp_path))
+    m.prepare(triad, draw_cond, SHAPE, "cpu")
+    assert triad.teacher is not teacher  # the DM target is a node
+    z, c, y = m._pairs
+    assert torch.equal(y, sample_teacher(teacher, z, c, 2, 1.0))  # pairs of the teacher's ODE, not of the node
+    x = torch.randn(4, *SHAPE)
+    torch.manual_seed(0)
+    during = regression_distance("teacher", triad, x, y, c, 0.1)
+    node, triad.teacher = triad.teacher, teacher
+    torch.manual_seed(0)
+    assert torch.equal(during, regression_distance("teacher", triad, x, y, c, 0.1))  # the teacher's features
+    triad.teacher = node
+    torch.manual_seed(0)
+    assert not torch.equal(during, regression_distance("teacher", make_triad(teacher_seed=1), x, y, c, 0.1))
 
 
 @pytest.mark.slow

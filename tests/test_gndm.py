@@ -94,6 +94,7 @@ def test_method_advantages_combine_rewards_and_stay_standardised():
 # ---- reduction to DMD ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("options,gan,timesteps", [({}, False, None), ({"real_guidance_scale": 2.0}, False, None),
                                                    ({"gan_generator_weight": 0.1}, True, None),
+                                                   ({"gan_generator_weight": 0.1, "gan_start": 5}, True, None),
                                                    ({}, False, [999, 499])])
 def test_group_size_one_without_rewards_is_dmds_update(options, gan, timesteps):
     triad = perturbed_triad(gan=gan, timesteps=timesteps)
@@ -268,8 +269,9 @@ def test_bad_options_are_refused(options, message):
 def test_group_size_must_divide_the_batch_and_reuse_needs_a_few_step_student():
     with pytest.raises(OnestepError, match="group_size: 4 does not divide the 6 samples"):
         gndm(make_triad(), group_size=4).generator_loss(make_triad(), batch(6))
-    with pytest.raises(OnestepError, match="reuse: 2 reuses rollouts"):
-        gndm(make_triad(), reuse=2)
+    for key, value in (("reuse", 2), ("pg_weight", 1.0)):
+        with pytest.raises(OnestepError, match=f"{key}: {value} acts through the likelihood ratios"):
+            gndm(make_triad(), **{key: value})
 
 
 def test_cli_refuses_a_wrong_shape_reward_with_one_line(tmp_path):

@@ -14,9 +14,10 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from onestep.config import ConfigError, load_config
+from onestep.data import RealImages
 from onestep.denoiser import Denoiser
 from onestep.multistudent import (RoutedDenoiser, Router, RoutingError, affinity_groups, balanced_groups,
-                                  build_router, count_parameters, routed_sample, small_backbone,
+                                  build_router, count_parameters, own_real_images, routed_sample, small_backbone,
                                   teacher_score_matching, train_students)
 from onestep.pipeline import OneStepPipeline
 from onestep.pipeline_multi import MultiStudentPipeline
@@ -103,6 +104,18 @@ def test_kmeans_router_finds_the_prompt_clusters_and_routes_new_prompts_to_the_n
     assert router.route(new).tolist() == [student_of[c] for c in new_truth]
     with pytest.raises(RoutingError, match="fewer than 3 distinct"):
         build_router("kmeans", 3, prompt_embeds=embeds[:1].expand(5, -1, -1))
+
+
+def test_each_kmeans_student_keeps_the_real_pairs_routed_to_it():
+    embeds, _ = clusters()
+    router = build_router("kmeans", 3, prompt_embeds=embeds, seed=1)
+    captions, _ = clusters(n_per=3, seed=5)  # real images' caption embeddings, other draws of the same clusters
+    data = RealImages(torch.arange(len(captions), dtype=torch.float32).view(-1, 1, 1, 1), conds=captions)
+    kept = [own_real_images(data, router, k) for k in range(3)]
+    assert sorted(int(i) for d in kept for i in d.samples.flatten()) == list(range(len(captions)))  # a partition
+    for k, d in enumerate(kept):
+        assert len(d) == 3 and torch.equal(d.conds, captions[d.samples.flatten().long()])  # pairs stay pairs
+        assert (router.route(d.conds) == k).all()
 
 
 def test_router_kind_must_fit_the_conditions():
@@ -406,6 +419,30 @@ def test_text_students_route_prompts_by_kmeans_end_to_end(tmp_path):
     for i, p in enumerate(prompts):
         alone = pipe(prompt=p, latents=z[i:i + 1], output_type="pt").images
         assert torch.allclose(mixed[i:i + 1], alone, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_text_students_gan_sees_the_real_images_of_its_own_prompts(tmp_path):
+    """DMD2's GAN on k-means students: each student's critic gets the captioned real images routed to it (captions
+    equal to the prompts: two of the four each), so a batch of 3 is more than any student has."""
+    from PIL import Image
+    from test_sd import save_tiny_sd
+
+    sd = save_tiny_sd(str(tmp_path / "sd"))
+    prompts = ["a photo of a cat", "a photo of a cat, close up", "a red car on a road", "a red car, side view"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, p in enumerate(prompts):
+        Image.new("RGB", (16, 16), (60 * i, 0, 0)).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(p + "\n")
+    r = run_distill(["--preset", "sd15-dmd2", "--teacher", sd, "--prompts", str(tmp_path / "prompts.txt"), "--steps", "2",
+                     "--dataset", str(data), "--gan_generator_weight", "5e-3", "--gan_critic_weight", "1e-2",
+                     "--batch_size", "3", "--output_dir", str(tmp_path), "--name", "text", "--students", "2",
+                     "--sample_every", "0", "--checkpoint_every", "0", "--cpu_threads", "1"])
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert r.returncode != 0 and len(lines) == 1, r.stderr[-3000:]  # (accelerate launch exits 1 on the 2)
+    assert "2 real images of student_0 (its conditions), fewer than one batch (3 per process" in lines[0], lines
 
 
 @pytest.mark.slow

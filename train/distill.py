@@ -36,10 +36,11 @@ def main(argv: list[str]) -> None:
     PartialState().destroy_process_group()
 
 
-def train(cfg, backbone=None, router=None, fake_backbone=None):
+def train(cfg, backbone=None, router=None, fake_backbone=None, own=None):
     """Distil, evaluate and export one student as `cfg` says; returns it (a Generator, EMA weights where kept).
     backbone: the generator / fake-score architecture (e.g. a smaller TSM-trained UNet; default: the teacher's).
-    router: K students (backbone: their K backbones) trained jointly behind it with one fake score (fake_backbone)."""
+    router: K students (backbone: their K backbones) trained jointly behind it with one fake score (fake_backbone).
+    own: (router, k) for student k trained alone: real captioned images whose caption routes to another are left out."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
     from tqdm import tqdm
@@ -52,6 +53,7 @@ def train(cfg, backbone=None, router=None, fake_backbone=None):
     from onestep.fid import DigitsClassifier, best_of_steps, evaluate_samples, image_moments
     from onestep.loading import load_teacher
     from onestep.methods import build_method, default_generator_timesteps
+    from onestep.multistudent import own_real_images
     from onestep.optim import make_optimizer
     from onestep.pipeline import export_pipeline, model_card, stock_call
     from onestep.prompts import read_prompts
@@ -134,6 +136,7 @@ def train(cfg, backbone=None, router=None, fake_backbone=None):
     if method.needs_real_images:
         if folder is not None:  # encoded once into the teacher's sample space (VAE latents), with caption embeddings
             data = folder_dataset(folder, teacher)
+            data = own_real_images(data, *own) if own and data.conds is not None else data
         elif cfg.dataset != "digits" or shape != (1, 8, 8):
             raise ConfigError(f"dataset: method {cfg.method!r} needs real images; this teacher makes {shape}: pass "
                               "--dataset FOLDER (images, optional captions) or turn the GAN off "
@@ -143,7 +146,8 @@ def train(cfg, backbone=None, router=None, fake_backbone=None):
             keep = torch.isin(y_real, torch.tensor(classes)) if classes else torch.ones_like(y_real, dtype=torch.bool)
             data = RealImages(x_real[keep], y_real[keep])
         if len(data) < cfg.batch_size * accelerator.num_processes:
-            raise ConfigError(f"dataset: {len(data)} real images, fewer than one batch ({cfg.batch_size} per process "
+            raise ConfigError(f"dataset: {len(data)} real images{f' of {cfg.name} (its conditions)' if own else ''}, "
+                              f"fewer than one batch ({cfg.batch_size} per process "
                               f"x {accelerator.num_processes}); add images or lower --batch_size")
         loader = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, shuffle=True, drop_last=True)
 

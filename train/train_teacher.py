@@ -16,13 +16,13 @@ import time
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, UNet2DModel
-from diffusers.training_utils import EMAModel
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from onestep.data import DIGITS_CLASSES, load_digits  # noqa: E402
+from onestep.data import DIGITS_CLASSES, load_digits  # noqa: E402  (first: onestep quietens bitsandbytes' import)
 from onestep.runs import refuse_existing  # noqa: E402
+from diffusers import DDPMScheduler, UNet2DModel  # noqa: E402
+from diffusers.training_utils import EMAModel  # noqa: E402
 
 
 def build_unet() -> UNet2DModel:

@@ -68,11 +68,12 @@ class GNDM(DMD):
 
     # ---- binding to the run ----------------------------------------------------------------------
     def prepare(self, triad, cond_sampler, sample_shape, device, seed: int = 0) -> None:
-        """Keep the sample shape; refuse sample reuse for one-step students (no stochastic chain to reweight)."""
+        """Keep the sample shape; refuse reuse / pg_weight for one-step students (no stochastic chain to reweight)."""
         self._shape, self._device = tuple(sample_shape), device
-        if self.reuse > 1 and triad.raw("generator").num_steps == 1:
-            raise OnestepError(f"reuse: {self.reuse} reuses rollouts through the likelihood ratios of a few-step "
-                               "student; this one has one step: use reuse 1 or --generator_timesteps 999,499")
+        for key, off in (("reuse", 1), ("pg_weight", 0)):  # both act through a few-step student's re-noising chain
+            if getattr(self, key) != off and triad.raw("generator").num_steps == 1:
+                raise OnestepError(f"{key}: {getattr(self, key)} acts through the likelihood ratios of a few-step "
+                                   f"student; this one has one step: use {key} {off} or --generator_timesteps 999,499")
 
     def setup(self, cond_table, keys: list, classifier=None) -> None:
         """Build the external rewards for this run's conditions and check each returns one score per image."""
@@ -174,7 +175,7 @@ class GNDM(DMD):
         term = self._reward_set.gradient_term(scores)  # None unless a reward is differentiable here
         if term is not None:
             loss, logs["loss_reward"] = loss + self.reward_gradient_weight * term, term.detach()
-        if self.gan_generator_weight > 0:  # DMD2's non-saturating GAN term, as in DMD
+        if self.gan_generator_weight > 0 and batch.get("step", 0) >= self.gan_start:  # DMD2's GAN term, as in DMD
             loss_gan = self.gan_generator_term(triad, x, c)
             loss, logs["loss_gan_g"] = loss + self.gan_generator_weight * loss_gan, loss_gan.detach()
         return loss, logs

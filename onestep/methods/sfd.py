@@ -5,7 +5,8 @@ Each batch splits by condition into remaining (c_r) and forget (c_f) samples; ea
     generator: c_gr * L_SiD(G(z, c_r); T|c_r, F|c_r) + c_gf * L_SiD(G(z, c_f); T|c_o, F|c_f)
 so the teacher, queried with the override ("safe") condition c_o, pulls p_G(.|c_f) toward p_T(.|c_o).
 Conditions are class labels or, for text teachers, rows of the prompt-embedding table (forget / override prompts
-must be lines of the prompts file). A forget term whose coefficient is 0 is not computed at all.
+must be lines of the prompts file). A part whose coefficient is 0 is left out of the loss (its samples are still
+generated and graded with the batch).
 """
 from __future__ import annotations
 
