@@ -80,12 +80,15 @@ def load_reference(spec: str, extractor: Extractor, batch_size: int = 250, keep:
         parts = spec.split(":")[1:]
         if len(parts) not in (2, 3):
             raise BenchmarkError(f"--reference {spec!r}: expected cleanfid:NAME:RES[:SPLIT], e.g. cleanfid:cifar10:32:train")
+        if extractor.name != "inception_v3":
+            raise BenchmarkError(f"--reference {spec!r}: clean-fid's statistics are Inception-v3 features, not "
+                                 f"{extractor.name!r} ones; use --features inception")
         ref = cleanfid_reference(parts[0], parts[1], extractor.mode, parts[2] if len(parts) == 3 else "train")
         ref.check(extractor, spec)
         return ref
     if spec.endswith(".npz"):
         return Reference.load(spec, extractor)
-    source = FolderSource(spec, extractor.channels)
+    source = FolderSource(spec, extractor.channels, extractor.resize)
     return compute_reference(source, extractor, f"folder:{os.path.abspath(spec)}", batch_size, keep, accelerator)
 
 

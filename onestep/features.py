@@ -45,11 +45,12 @@ class Extractor:
     num_classes: int | None = None                               # the head's classes
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     channels_last: bool = False  # inputs in NHWC layout (see `channels_last`)
+    weights: str = ""  # a fingerprint of the network's weights, where two networks share a name (see `fingerprint`)
 
     @property
     def meta(self) -> dict:
         """What a reference file must match."""
-        return {"extractor": self.name, "mode": self.mode}
+        return {"extractor": self.name, "mode": self.mode, **({"weights": self.weights} if self.weights else {})}
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -79,8 +80,8 @@ def match_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
     if x.shape[1] == 1 and channels == 3:
         return x.expand(-1, 3, -1, -1)
     if x.shape[1] == 3 and channels == 1:
-        w = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-        return (x * w).sum(1, keepdim=True).round()
+        w = torch.tensor([19595, 38470, 7471], device=x.device).view(1, 3, 1, 1)  # PIL's fixed-point weights (/ 2^16)
+        return (((x.round().long() * w).sum(1, keepdim=True) + 0x8000) >> 16).to(x.dtype)
     raise FeatureError(f"images have {x.shape[1]} channels; this extractor takes {channels}")
 
 
@@ -91,7 +92,18 @@ def digits_extractor(classifier, device="cpu") -> Extractor:
     net = DigitsClassifier.from_pretrained(classifier) if isinstance(classifier, str) else classifier
     net = net.to(device).eval()
     return Extractor("digits", "native", 1, lambda x: net.features(x / 127.5 - 1), head=net.head,
-                     num_classes=net.config.num_classes, device=torch.device(device))
+                     num_classes=net.config.num_classes, device=torch.device(device), weights=fingerprint(net))
+
+
+def fingerprint(net: torch.nn.Module) -> str:
+    """The first 16 hex digits of a SHA-256 over a network's state dict (names, dtypes, shapes, values)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(net.state_dict().items()):
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def callable_extractor(fn: Callable[[torch.Tensor], torch.Tensor], name: str, channels: int = 3,
@@ -103,7 +115,8 @@ def callable_extractor(fn: Callable[[torch.Tensor], torch.Tensor], name: str, ch
 def channels_last(extractor: Extractor) -> Extractor:
     """The extractor with its network's weights and its inputs in channels-last (NHWC) layout, where convolutions may
     run faster (a GPU's tensor cores); the features change only by the convolutions' rounding. Converts the
-    network in place; it must be an nn.Module (clean-fid's Inception wrappers are)."""
+    network in place; it must be an nn.Module (the Inception of `inception_extractor` is one when built from a weights
+    file; clean-fid's own loader, without one, returns a plain function)."""
     if not isinstance(extractor.fn, torch.nn.Module):
         raise FeatureError(f"channels_last: the {extractor.name} extractor's network is not an nn.Module")
     extractor.fn.to(memory_format=torch.channels_last)

@@ -47,8 +47,24 @@ class Generator(nn.Module):
 
     def sample(self, z: torch.Tensor, cond: Cond = None, num_steps: int | None = None,
                noise: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-        """Run all (or the first num_steps) steps from noise z; `noise(x)` draws the re-noising noise."""
-        return simulate(self, self.schedule, self.timesteps, z, cond, (num_steps or self.num_steps) - 1, noise)
+        """Run all (or the first num_steps) steps from noise z; `noise(x)` draws the re-noising noise (default:
+        `noise_from(z)`, so a sample depends on its own z only, not on the batch around it)."""
+        k = (num_steps or self.num_steps) - 1
+        return simulate(self, self.schedule, self.timesteps, z, cond, k, noise or (noise_from(z) if k else None))
+
+
+def noise_from(z: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Re-noising noise for a few-step chain, row by row from a generator seeded by a hash of that row of z: sample i
+    gets the same chain whatever its batch, batch size, process or routing (evaluation seeds only z per sample)."""
+    import hashlib
+
+    rows = z.detach().float().flatten(1).cpu().numpy()
+    gens = [torch.Generator().manual_seed(int.from_bytes(hashlib.blake2b(r.tobytes(), digest_size=8).digest(), "little"))
+            for r in rows]
+
+    def draw(x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens]).to(x.device, x.dtype)
+    return draw
 
 
 def simulate(net: Callable, schedule, timesteps: Sequence, z: torch.Tensor, cond: Cond, k: int,

@@ -127,7 +127,8 @@ class MultiStudentPipeline:
             cond = self._encode([prompt] if isinstance(prompt, str) else list(prompt))
         route = self.router.route(cond)
 
-        # 2. Noise for the whole batch first, so sample i does not depend on the routing
+        # 2. Noise for the whole batch first, so sample i's starting noise does not depend on the routing (few-step
+        #    students draw their re-noising noise from `generator` student by student, as diffusers pipelines do)
         shape = (len(cond), *self._sample_shape())
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)

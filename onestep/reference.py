@@ -57,6 +57,9 @@ class Reference:
     def check(self, extractor: Extractor, where: str = "reference") -> None:
         """Refuse statistics made with another extractor or mode."""
         want, got = extractor.meta, {k: self.meta.get(k) for k in extractor.meta}
+        if want != got and got["extractor"] == want["extractor"] and got["mode"] == want["mode"]:
+            raise ReferenceError(f"{where} was computed with other weights of the {want['extractor']!r} extractor "
+                                 f"(fingerprint {got['weights']}, not {want['weights']}); recompute it")
         if want != got:
             raise ReferenceError(f"{where} was computed with extractor {got['extractor']!r} mode {got['mode']!r}, "
                                  f"not {want['extractor']!r} mode {want['mode']!r}; recompute it or pick that extractor")
@@ -83,6 +86,7 @@ def cleanfid_stats_path(name: str, res: int | str, mode: str, split: str, kid: b
     """Where clean-fid keeps its named statistics (its package `stats/` folder), by its naming rule."""
     import cleanfid
 
+    res = "na" if split == "custom" else res  # clean-fid's rule for custom statistics (make_custom_stats)
     fname = f"{name}_{mode}_{split}_{res}{'_kid' if kid else ''}.npz".lower()
     return os.path.join(os.path.dirname(cleanfid.__file__), "stats", fname)
 

@@ -71,9 +71,13 @@ class TensorSource:
 
 
 class FolderSource:
-    """Image files under a folder (recursive, clean-fid's extensions and sorted order), read as grey or RGB."""
+    """Image files under a folder (recursive, clean-fid's extensions and sorted order, .npy arrays included), read
+    as grey or RGB 8-bit levels. Images of different sizes go through `resize` one by one (the extractor's per-image
+    resizer: clean-fid's folder mode does the same), so a folder of photos of any sizes streams as clean-fid reads it."""
 
-    def __init__(self, path: str, channels: int = 3):
+    levels = True  # returns the 8-bit values themselves (floats in [0, 255]): resized images are not re-quantised
+
+    def __init__(self, path: str, channels: int = 3, resize: Callable[[np.ndarray], np.ndarray] | None = None):
         from cleanfid.utils import EXTENSIONS
 
         if not os.path.isdir(path):
@@ -81,7 +85,7 @@ class FolderSource:
         self.files = sorted(f for ext in EXTENSIONS for f in glob.glob(os.path.join(path, f"**/*.{ext}"), recursive=True))
         if not self.files:
             raise SourceError(f"no images ({', '.join(sorted(EXTENSIONS))}) under {path!r}")
-        self.channels = channels
+        self.channels, self.resize = channels, resize
 
     def __len__(self) -> int:
         return len(self.files)
@@ -89,13 +93,25 @@ class FolderSource:
     def labels(self, idx: torch.Tensor) -> None:
         return None
 
-    def __call__(self, idx: torch.Tensor) -> torch.Tensor:
+    def _read(self, path: str) -> np.ndarray:
+        """(H, W, C) float32 8-bit levels."""
         from PIL import Image
 
-        mode = "L" if self.channels == 1 else "RGB"
-        arrays = [np.asarray(Image.open(self.files[int(i)]).convert(mode)) for i in idx]
-        x = torch.from_numpy(np.stack(arrays)).float().reshape(len(idx), *arrays[0].shape[:2], -1)
-        return x.permute(0, 3, 1, 2) / 127.5 - 1
+        im = Image.fromarray(np.load(path)) if path.endswith(".npy") else Image.open(path)
+        return np.asarray(im.convert("L" if self.channels == 1 else "RGB"), dtype=np.float32).reshape(*im.size[::-1], -1)
+
+    def __call__(self, idx: torch.Tensor) -> torch.Tensor:
+        arrays = [self._read(self.files[int(i)]) for i in idx]
+        if len({a.shape for a in arrays}) > 1 and self.resize is not None:
+            arrays = [np.asarray(self.resize(a), dtype=np.float32) for a in arrays]
+            arrays = [a.reshape(*a.shape[:2], -1) for a in arrays]
+        if len({a.shape for a in arrays}) > 1:
+            i, j = next((i, j) for i in range(len(arrays)) for j in range(i) if arrays[i].shape != arrays[j].shape)
+            raise SourceError(f"images of different sizes ({os.path.basename(self.files[int(idx[j])])} "
+                              f"{arrays[j].shape[1]}x{arrays[j].shape[0]}, {os.path.basename(self.files[int(idx[i])])} "
+                              f"{arrays[i].shape[1]}x{arrays[i].shape[0]}) for an extractor that takes them as they "
+                              "are; resize them to one size first")
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
 
 
 def pipeline_source(path: str, num_samples: int, seed: int = 0, device="cpu") -> GeneratorSource:
@@ -160,7 +176,7 @@ def stream_features(source, extractor: Extractor, batch_size: int = 250, keep: i
     for idx in mine.split(batch_size):  # nothing in the loop waits for the device but the kept features' copies
         with clock:
             x = source(idx)
-        f = extractor(to_uint8_levels(x))
+        f = extractor(x if getattr(source, "levels", False) else to_uint8_levels(x))
         stats, shape = stats or FeatureStats(f.shape[1]), tuple(x.shape[1:])
         stats.update(f)
         if bool((idx < keep).any()):

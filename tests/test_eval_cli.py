@@ -76,6 +76,7 @@ def test_two_processes_give_the_one_process_result(bench, student, tmp_path):
     (["--teacher", "assets/digits-teacher", "--features", "inception", "--inception-weights", "/no/inception.pt"],
      "/no/inception.pt does not exist"),
     (["--num-samples", "1"], "--num-samples must be >= 2"),
+    (["--teacher", "assets/digits-teacher", "--reference", "cleanfid:cifar10:32"], "clean-fid's statistics are Inception"),
     (["--frobnicate"], "unrecognized arguments"),
 ])
 def test_bad_input_is_one_error_line_and_exit_2(bench, args, message, tmp_path, capsys):

@@ -53,6 +53,20 @@ def test_reference_file_round_trips_and_refuses_another_extractor(tmp_path):
     np.savez(tmp_path / "bare.npz", mu=ref.mu, sigma=ref.sigma)
     with pytest.raises(ReferenceError, match="no onestep metadata"):
         Reference.load(str(tmp_path / "bare.npz"), ex)
+    from onestep.fid import DigitsClassifier
+
+    torch.manual_seed(0)
+    untrained = digits_extractor(DigitsClassifier())
+    with pytest.raises(ReferenceError, match=f"other weights of the 'digits' extractor .fingerprint {ex.weights}, not"):
+        Reference.load(path, untrained)  # same name and mode, another network: its features are another space
+    assert digits_extractor(CLASSIFIER).weights == ex.weights  # the same weights, loaded again
+
+
+def test_clean_fid_custom_statistics_follow_clean_fids_naming():
+    from onestep.reference import cleanfid_stats_path
+
+    assert cleanfid_stats_path("mine", 32, "clean", "custom").endswith("stats/mine_clean_custom_na.npz")
+    assert cleanfid_stats_path("cifar10", 32, "clean", "train").endswith("stats/cifar10_clean_train_32.npz")
 
 
 def test_missing_clean_fid_statistics_say_where_to_put_them():

@@ -51,6 +51,36 @@ def test_generator_source_sample_i_is_fixed_by_its_index(ex):
     assert torch.allclose(src(torch.tensor([7])), shifted_tanh(z7[None], torch.tensor([7])))
 
 
+@torch.no_grad()
+def test_few_step_students_sample_i_depends_on_its_index_only(ex):
+    """A 2-step student re-noises between its steps: that noise too is the sample's own (drawn from its z), so batch
+    size, the global seed and the routing of the other samples change nothing."""
+    from conftest import tiny_unet
+    from diffusers import DDPMScheduler
+
+    from onestep.denoiser import Denoiser
+    from onestep.generator import Generator
+    from onestep.multistudent import Router, routed_sample
+    from onestep.schedule import Schedule
+
+    sched = Schedule.from_scheduler_config(dict(DDPMScheduler().config))
+    gens = [Generator(Denoiser(tiny_unet(seed=s), sched, null_cond=10), [999, 499]).eval() for s in (0, 1)]
+    src = GeneratorSource(gens[0].sample, 30, (1, 8, 8), num_classes=10, seed=3)
+    torch.manual_seed(0)
+    small = stream_features(src, ex, batch_size=4, keep=30).features
+    torch.manual_seed(1)
+    large = stream_features(src, ex, batch_size=30, keep=30).features
+    assert np.allclose(small, large, atol=1e-5)
+    z = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    router = Router("balanced", [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]])
+    samplers = [g.sample for g in gens]
+    alone = gens[0].sample(z[:1], torch.tensor([2]))
+    for other in (3, 7):  # the second sample routed to the same student, then to the other one
+        mixed = routed_sample(samplers, router, z[:2], torch.tensor([2, other]))
+        assert torch.allclose(mixed[:1], alone, atol=1e-6)
+    assert not torch.allclose(alone, gens[0].sample(z[1:2], torch.tensor([2])))  # another z, another chain
+
+
 def test_fid_equals_clean_fid_folder_mode_on_the_same_features(ex, tmp_path):
     """PNG folders through clean-fid's compute_fid == our streaming statistics (folder and in-memory)."""
     from cleanfid import fid as cfid
@@ -77,6 +107,39 @@ def test_folder_source_reports_missing_or_empty_folders(tmp_path):
         FolderSource(str(tmp_path))
 
 
+def test_folders_of_mixed_sizes_are_resized_image_by_image_as_clean_fid_does(tmp_path):
+    """Photos of several sizes (and .npy arrays, as clean-fid reads them): each image resized on its own by the
+    extractor's resizer, unquantised, then its features: the FID clean-fid's folder mode computes."""
+    from cleanfid import fid as cfid
+    from cleanfid.resize import make_resizer
+
+    from onestep.features import Extractor
+    from onestep.streaming import SourceError
+
+    rng = np.random.default_rng(0)
+    for d, n in (("a", 40), ("b", 30)):
+        (tmp_path / d).mkdir()
+        for i in range(n):
+            h, w = [(12, 20), (16, 16), (24, 18)][i % 3]
+            im = rng.integers(0, 256, (h, w, 3), dtype=np.uint8) // (1 + (d == "b"))
+            np.save(tmp_path / d / f"{i:03d}.npy", im) if i % 5 == 0 else Image.fromarray(im).save(tmp_path / d / f"{i:03d}.png")
+    proj = torch.randn(3 * 16 * 16, 8, generator=torch.Generator().manual_seed(0))
+
+    def feats(x):
+        return x.flatten(1) @ proj / 255
+
+    resize = make_resizer("PIL", False, "bicubic", (16, 16))
+    ex = Extractor("proj", "native", 3, feats, resize=resize)
+    ours = frechet_distance(*[stream_features(FolderSource(str(tmp_path / d), 3, resize), ex, 7).stats.moments()
+                              for d in "ab"])
+    theirs = cfid.compute_fid(str(tmp_path / "a"), str(tmp_path / "b"), mode="clean", custom_feat_extractor=feats,
+                              custom_fn_resize=resize, device=torch.device("cpu"), num_workers=0, batch_size=7,
+                              verbose=False)
+    assert ours == pytest.approx(theirs, rel=1e-4) and ours > 1
+    with pytest.raises(SourceError, match=r"images of different sizes \(000.npy 20x12, 001.png 16x16\) for an "):
+        FolderSource(str(tmp_path / "a"), 3)(torch.arange(3))  # no resizer: one line, not a stacking error
+
+
 @pytest.mark.parametrize("h,w", [(8, 8), (32, 32), (28, 40), (320, 300)])
 def test_batched_clean_resize_equals_clean_fids_per_image_resizer(h, w):
     """The GPU path of the 'clean' Inception mode: the same 299x299 images as clean-fid's PIL resizer (up- and
@@ -92,3 +155,11 @@ def test_batched_clean_resize_equals_clean_fids_per_image_resizer(h, w):
     assert out.shape == ref.shape == (3, 3, 299, 299) and out.dtype == torch.float32
     assert (out - ref).abs().max() < 1e-3  # in 8-bit units: float32 rounding, not a different filter
     assert (out - torch.nn.functional.interpolate(x, (299, 299), mode="bicubic")).abs().max() > 0.5  # torch's differs
+
+
+def test_rgb_to_grey_is_pils_conversion():
+    from onestep.features import match_channels
+
+    im = np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    ours = match_channels(torch.from_numpy(im).permute(2, 0, 1)[None].float(), 1)[0, 0].numpy()
+    assert np.array_equal(ours, np.asarray(Image.fromarray(im).convert("L")))
