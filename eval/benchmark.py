@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -42,8 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     f = p.add_argument_group("features and reference")
     f.add_argument("--features", choices=["digits", "inception"], default="digits",
                    help="digits: the shipped digits network (+ class metrics); inception: clean-fid's Inception-v3")
-    f.add_argument("--mode", choices=["clean", "legacy_tensorflow", "legacy_pytorch"], default="clean",
-                   help="clean-fid mode of the Inception features (resizing and weights)")
+    f.add_argument("--mode", choices=["clean", "legacy_tensorflow", "legacy_pytorch"], default=None,
+                   help="clean-fid mode of the Inception features (resizing and weights; default clean)")
     f.add_argument("--inception-weights", default=None, metavar="FILE",
                    help="local Inception weights (inception-2015-12-05.pt; legacy_pytorch: "
                         "pt_inception-2015-12-05-6726825d.pth); default $ONESTEP_INCEPTION_WEIGHTS, else clean-fid's")
@@ -61,6 +62,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.num_samples < 2 or a.batch_size < 1 or a.keep < 0:
         p.error("--num-samples must be >= 2, --batch-size >= 1 and --keep >= 0")
+    if not (math.isfinite(a.guidance) and a.guidance >= 0):
+        p.error(f"--guidance must be a finite number >= 0 (1: no guidance), got {a.guidance}")
+    if not 0 <= a.seed < 2**32:
+        p.error(f"--seed must be in 0..{2**32 - 1}, got {a.seed}")
+    if a.mode is not None and a.features != "inception":
+        p.error("--mode is the clean-fid mode of the Inception features; add --features inception or drop --mode")
+    if os.path.exists(a.out) and not os.path.isdir(a.out):
+        p.error(f"--out {a.out!r} is a file; pass a folder")
+    a.mode = a.mode or "clean"
     return a
 
 
@@ -72,7 +82,7 @@ def build(a, device):
     steps = parse_steps(a.steps)
     for path in a.pipeline:
         if not os.path.isdir(path):
-            raise FileNotFoundError(f"pipeline folder {path!r} does not exist")
+            raise FileNotFoundError(f"pipeline folder {path!r} " + ("is a file" if os.path.exists(path) else "does not exist"))
     if a.features == "digits":
         if not os.path.isfile(os.path.join(a.classifier, "config.json")):
             raise FileNotFoundError(f"digits classifier {a.classifier!r} does not exist")

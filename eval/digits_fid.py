@@ -38,7 +38,8 @@ def cleanfid_row(m, a, reference, net) -> dict:
 
 
 def main() -> None:
-    from onestep.benchmark import evaluate_model, load_reference, parse_steps, pipeline_model, teacher_models
+    from onestep.benchmark import (check_eval_args, evaluate_model, load_reference, parse_steps, pipeline_model,
+                                   teacher_models)
     from onestep.errors import OnestepError
     from onestep.features import digits_extractor
 
@@ -46,7 +47,7 @@ def main() -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--teacher", help="teacher folder or hub id")
     src.add_argument("--pipeline", help="an exported OneStepPipeline folder")
-    p.add_argument("--steps", default="1,2,4,10,25,50,100", help="teacher sampler step counts (DDIM, trailing)")
+    p.add_argument("--steps", default=None, help="teacher sampler step counts (DDIM, trailing; default 1,2,4,10,25,50,100)")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale of the teacher")
     p.add_argument("--num_samples", type=int, default=2000)
     p.add_argument("--classifier", default="assets/digits-classifier")
@@ -56,15 +57,17 @@ def main() -> None:
     a = p.parse_args()
 
     try:
+        check_eval_args(a.num_samples, a.guidance, a.seed, a.json, a.pipeline)
+        if a.pipeline and (a.steps or a.guidance != 1.0):
+            raise OnestepError("--steps and --guidance set the teacher's sampler; a pipeline runs its own steps")
         if not os.path.isfile(os.path.join(a.classifier, "config.json")):
             raise FileNotFoundError(f"digits classifier {a.classifier!r} does not exist")
         extractor = digits_extractor(a.classifier)
         reference = load_reference("digits:all", extractor, keep=0)
         if a.teacher:
-            models = teacher_models(a.teacher, parse_steps(a.steps), a.num_samples, a.guidance, a.seed)
+            models = teacher_models(a.teacher, parse_steps(a.steps or "1,2,4,10,25,50,100"), a.num_samples, a.guidance,
+                                    a.seed)
         else:
-            if not os.path.isdir(a.pipeline):
-                raise FileNotFoundError(f"pipeline folder {a.pipeline!r} does not exist")
             models = [pipeline_model(a.pipeline, a.num_samples, a.seed)]
     except (OnestepError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -72,7 +75,7 @@ def main() -> None:
     if a.cleanfid:
         from onestep.fid import DigitsClassifier
 
-        net = DigitsClassifier.from_pretrained(a.classifier).eval()
+        net = DigitsClassifier.load(a.classifier)
         rows = [cleanfid_row(m, a, reference, net) for m in models]
     else:
         rows = [evaluate_model(m, extractor, reference) for m in models]

@@ -18,6 +18,7 @@ import torch
 
 
 def main() -> None:
+    from onestep.benchmark import check_eval_args
     from onestep.forgetting import forgetting_metrics
     from onestep.errors import OnestepError
     from onestep.fid import DigitsClassifier
@@ -26,7 +27,7 @@ def main() -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--pipeline", help="an exported OneStepPipeline folder (class-conditional digits)")
     src.add_argument("--teacher", help="a class-conditional digits teacher folder")
-    p.add_argument("--steps", type=int, default=100, help="teacher sampler steps (DDIM, trailing)")
+    p.add_argument("--steps", type=int, default=None, help="teacher sampler steps (DDIM, trailing; default 100)")
     p.add_argument("--forget", required=True, help="forgotten classes, e.g. 3 or 3,5")
     p.add_argument("--num_samples", type=int, default=2000, help="samples of the forget classes and of the rest")
     p.add_argument("--classifier", default="assets/digits-classifier")
@@ -37,13 +38,23 @@ def main() -> None:
         try:
             forget = [int(v) for v in a.forget.split(",") if v.strip()]
         except ValueError:
-            raise OnestepError(f"--forget: expected class labels like 3 or 3,5, got {a.forget!r}") from None
-        for path, what in ((a.classifier, "digits classifier"), (a.pipeline or a.teacher, "model folder")):
-            if not os.path.isdir(path):
-                raise OnestepError(f"{what} {path!r} does not exist")
+            forget = []
+        if not forget:
+            raise OnestepError(f"--forget: expected class labels like 3 or 3,5, got {a.forget!r}")
+        check_eval_args(a.num_samples, json_path=a.json, folder=a.pipeline or a.teacher)
+        if a.pipeline and a.steps is not None:
+            raise OnestepError("--steps sets the teacher's sampler; a pipeline runs its own steps")
+        a.steps = 100 if a.steps is None else a.steps
+        if a.steps < 1:
+            raise OnestepError(f"--steps must be >= 1, got {a.steps}")
+        if not os.path.isdir(a.classifier):
+            raise OnestepError(f"digits classifier {a.classifier!r} does not exist")
         if a.pipeline:
             from onestep.pipeline import OneStepPipeline
 
+            from diffusers.utils import logging as dlog
+
+            dlog.disable_progress_bar()  # bad input below must stay one line
             pipe = OneStepPipeline.from_pretrained(a.pipeline)
             num_classes, sample = pipe.config.num_classes, pipe.student().eval().sample
         else:
@@ -56,10 +67,12 @@ def main() -> None:
         if not num_classes or any(not 0 <= f < num_classes for f in forget):
             raise OnestepError(f"--forget: {forget} must be class labels of this class-conditional model "
                                f"(0..{(num_classes or 1) - 1})")
+        if len(set(forget)) >= num_classes:
+            raise OnestepError(f"--forget: {forget} leaves no class to remain; forget fewer classes")
     except (OnestepError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    classifier = DigitsClassifier.from_pretrained(a.classifier).eval()
+    classifier = DigitsClassifier.load(a.classifier)
     remaining = [c for c in range(num_classes) if c not in forget]
     with torch.no_grad():
         r = forgetting_metrics(sample, classifier, forget, remaining, a.num_samples, (1, 8, 8))

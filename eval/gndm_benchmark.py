@@ -115,7 +115,7 @@ def main() -> None:
     from onestep.fid import DigitsClassifier
 
     torch.set_num_threads(1)
-    clf = DigitsClassifier.from_pretrained(a.classifier).eval()
+    clf = DigitsClassifier.load(a.classifier)
     results = {v: [score(os.path.join(a.out, f"{v}-s{s}"), a.eval_samples, clf) for s in a.seeds] for v in variants}
     md = table(results, a)
     print(md)

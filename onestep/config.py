@@ -273,6 +273,10 @@ def apply(values: dict, cfg: dict, source: str) -> None:
             if method in METHODS and key in method_options(method):
                 cfg["method_args"][key] = value
                 continue
+            owners = [m for m in METHODS if key in method_options(m)]
+            if owners:
+                raise ConfigError(f"{key}: method {method!r} has no option {key!r} (an option of {', '.join(owners)}); "
+                                  f"drop it or pass --method {owners[0]}")
             raise ConfigError(f"unknown config key {key!r} in {source}; see `accelerate launch train/distill.py "
                               "--help` for the keys")
 
@@ -393,6 +397,13 @@ def validate(cfg: Config) -> None:
     if cfg.backtrack and (cfg.backtrack_nodes - 1) * cfg.backtrack_interval >= cfg.steps:
         raise ConfigError(f"backtrack_interval: {cfg.backtrack_nodes - 1} target nodes x {cfg.backtrack_interval} iterations "
                           f"do not end on the teacher within --steps {cfg.steps}; lower backtrack_interval or backtrack_nodes")
+    if cfg.overwrite and cfg.resume:
+        raise ConfigError("overwrite: --overwrite replaces a run and --resume continues it; pass one of them")
+    if cfg.classifier and not os.path.isdir(cfg.classifier):
+        raise ConfigError(f"classifier: {cfg.classifier!r} is not a folder; pass the digits classifier "
+                          "(assets/digits-classifier) or --classifier '' for no digits-FID")
+    if cfg.backtrack and cfg.record_dir and os.path.exists(cfg.record_dir) and not os.path.isdir(cfg.record_dir):
+        raise ConfigError(f"record_dir: {cfg.record_dir!r} is a file; pass a folder for the DisBack recording")
     if cfg.backtrack and cfg.gan_feature_source == "teacher":
         raise ConfigError("gan_feature_source: 'teacher' would give the GAN head the moving backtracking target's features "
                           "under --backtrack; use fake_score")
@@ -403,6 +414,9 @@ def validate(cfg: Config) -> None:
     except (ValueError, TypeError) as e:
         raise ConfigError(f"method: {e}") from None
     _check_numbers(cfg, method)
+    if getattr(method, "group_size", 1) > 1 and cfg.batch_size % method.group_size:
+        raise ConfigError(f"group_size: {method.group_size} does not divide --batch_size {cfg.batch_size} (the samples per "
+                          "process); pick a divisor")
 
 
 def _check_numbers(cfg: Config, method) -> None:

@@ -89,7 +89,7 @@ def digits_extractor(classifier, device="cpu") -> Extractor:
     """The shipped digits network's penultimate features (1x8x8 digits, no resize); its head classifies."""
     from .fid import DigitsClassifier
 
-    net = DigitsClassifier.from_pretrained(classifier) if isinstance(classifier, str) else classifier
+    net = DigitsClassifier.load(classifier) if isinstance(classifier, str) else classifier
     net = net.to(device).eval()
     return Extractor("digits", "native", 1, lambda x: net.features(x / 127.5 - 1), head=net.head,
                      num_classes=net.config.num_classes, device=torch.device(device), weights=fingerprint(net))
@@ -99,10 +99,10 @@ def fingerprint(net: torch.nn.Module) -> str:
     """The first 16 hex digits of a SHA-256 over a network's state dict (names, dtypes, shapes, values)."""
     import hashlib
 
-    h = hashlib.sha256()
-    for name, t in sorted(net.state_dict().items()):
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    items = sorted(net.state_dict().items())
+    h = hashlib.sha256("".join(f"{name}:{t.dtype}:{tuple(t.shape)};" for name, t in items).encode())
+    if items:  # one copy to the host for all values
+        h.update(torch.cat([t.detach().contiguous().view(-1).view(torch.uint8) for _, t in items]).cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -197,6 +197,16 @@ def _build_inception(mode: str, path: str | None, device: torch.device):
             raise FeatureError(missing_weights_message(mode, None) + f" [{type(e).__name__}]") from None
     if not os.path.isfile(path):
         raise FeatureError(missing_weights_message(mode, path))
+    try:
+        return _inception_from_file(mode, path, device)
+    except (RuntimeError, ValueError, OSError, KeyError) as e:  # not the file clean-fid's loader expects
+        raise FeatureError(f"Inception weights for mode {mode!r}: {path} is not {PT_NAME if mode == 'legacy_pytorch' else TS_NAME} "
+                           f"({type(e).__name__}); download {weights_url(mode)} and pass that file") from None
+
+
+def _inception_from_file(mode: str, path: str, device: torch.device):
+    from cleanfid.features import build_feature_extractor
+
     with tempfile.TemporaryDirectory() as tmp:  # a private folder where the file has the name clean-fid expects
         if mode == "legacy_pytorch":
             os.makedirs(os.path.join(tmp, "checkpoints"))

@@ -36,6 +36,25 @@ class DigitsClassifier(ModelMixin, ConfigMixin):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 
+    @classmethod
+    def load(cls, path: str) -> "DigitsClassifier":
+        """from_pretrained (safetensors, local only) with one line for a path that holds no digits classifier."""
+        import json
+        import os
+
+        from .errors import OnestepError
+
+        try:
+            with open(os.path.join(path, "config.json")) as f:
+                if json.load(f).get("_class_name") != cls.__name__:
+                    raise ValueError(f"its config.json is not a {cls.__name__}'s")
+            return cls.from_pretrained(path, use_safetensors=True, local_files_only=True).eval()
+        except (OSError, ValueError, RuntimeError, TypeError, AttributeError) as e:
+            line = str(e).splitlines()[0] if str(e) else type(e).__name__
+            reason = line if len(line) <= 100 else line[:100] + "..."
+            raise OnestepError(f"classifier: {path!r} holds no readable digits classifier ({reason}); pass "
+                               "assets/digits-classifier (train/train_digits_classifier.py makes it)") from None
+
 
 def quantize(x: torch.Tensor) -> torch.Tensor:
     """Round images in [-1, 1] to the 256 levels an 8-bit PNG would store, back in [-1, 1]."""

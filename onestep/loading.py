@@ -97,6 +97,9 @@ def resolve_teacher_path(spec: str) -> str:
     """A local folder as is; a hub id ("org/name") from the local hub cache, downloading only when online."""
     if os.path.isdir(spec):
         return spec
+    if os.path.exists(spec):
+        raise TeacherError(f"teacher path {spec!r} is a file; pass a diffusers model folder (with unet/ or "
+                           "config.json) or a hub id like google/ddpm-cifar10-32")
     is_hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+", spec) and not spec.startswith(".") and not os.path.isdir(spec.split("/")[0])
     if not is_hub_id:
         raise TeacherError(f"teacher path {spec!r} does not exist; pass a diffusers model folder or a hub id like "
@@ -119,12 +122,27 @@ def resolve_teacher_path(spec: str) -> str:
     except Exception:
         pass
     try:
+        _reach_hub()
         return fetch(local_only=False)
     except Exception as e:  # offline, unknown repo, no safetensors...
         raise TeacherError(
             f"could not get teacher {spec!r} from the hub ({type(e).__name__}); on a machine with network run "
             f"`huggingface-cli download {spec} --local-dir DIR` (safetensors weights), copy DIR here and pass "
             "--teacher DIR") from None
+
+
+def _reach_hub(timeout: float = 3.0) -> None:
+    """Fail at once where the hub cannot be reached (instead of the hub client's retries), unless it is offline
+    by choice (HF_HUB_OFFLINE, which the download then reports)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return
+    url = urlparse(constants.ENDPOINT)
+    socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout).close()
 
 
 def _read_json(path: str) -> dict:
@@ -144,6 +162,11 @@ def load_teacher(spec: str, dtype: torch.dtype = torch.float32, device="cpu", *,
     import diffusers
 
     root = resolve_teacher_path(spec)
+    index = _read_json(os.path.join(root, "model_index.json")) if os.path.isfile(os.path.join(root, "model_index.json")) else {}
+    if index.get("_class_name") in ("OneStepPipeline", "MultiStudentPipeline") or os.path.isfile(
+            os.path.join(root, "multistudent.json")):
+        raise TeacherError(f"teacher {spec!r} is an exported one-step student, not a multi-step teacher; pass the "
+                           "teacher it was distilled from (its README.md names it)")
     sub = next((s for s in BACKBONE_SUBFOLDERS if os.path.isfile(os.path.join(root, s, "config.json"))), None)
     model_dir = os.path.join(root, sub) if sub else root
     if not os.path.isfile(os.path.join(model_dir, "config.json")):

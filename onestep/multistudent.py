@@ -370,7 +370,7 @@ def train_students(cfg, train: Callable) -> dict | None:
         raise ConfigError(f"classes: label {bad[0]} is out of range 0..{teacher.num_classes - 1} for this teacher")
     classifier = None
     if cfg.classifier and shape == (1, 8, 8):
-        classifier = DigitsClassifier.from_pretrained(cfg.classifier).to(device).eval()
+        classifier = DigitsClassifier.load(cfg.classifier).to(device)
 
     def affinity() -> torch.Tensor:
         if classifier is None or classifier.config.num_classes != teacher.num_classes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -46,10 +47,16 @@ class Reference:
         """Read a file written by `save`; refuse it if it was made with another extractor or mode."""
         if not os.path.isfile(path):
             raise ReferenceError(f"reference statistics {path!r} do not exist")
-        with np.load(path) as z:
-            if "meta" not in z:
-                raise ReferenceError(f"{path} has no onestep metadata (extractor, mode); recompute it")
-            ref = cls(z["mu"], z["sigma"], json.loads(str(z["meta"])), z["features"] if "features" in z else None)
+        try:
+            with np.load(path) as z:
+                if "meta" not in z:
+                    raise ReferenceError(f"{path} has no onestep metadata (extractor, mode); recompute it")
+                ref = cls(z["mu"], z["sigma"], json.loads(str(z["meta"])), z["features"] if "features" in z else None)
+        except OnestepError:
+            raise
+        except (ValueError, OSError, KeyError, zipfile.BadZipFile) as e:
+            raise ReferenceError(f"{path} is not reference statistics written by onestep ({type(e).__name__}); "
+                                 "recompute them (eval/benchmark.py --reference FOLDER --out DIR)") from None
         if extractor is not None:
             ref.check(extractor, path)
         return ref

@@ -170,7 +170,13 @@ def resolve_resume(run_dir: str, resume: str) -> str | None:
     if not resume:
         return None
     if resume != "latest":
-        verify_checkpoint(resume)
+        if os.path.isdir(resume) and not any(n == MANIFEST or _STATE_FILE.match(n) for n in os.listdir(resume)):
+            raise CheckpointError(f"resume: {resume} is not a onestep checkpoint (no {MANIFEST}); pass --resume latest "
+                                  "or a run's checkpoints/step_N folder")
+        try:
+            verify_checkpoint(resume)
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}; --resume latest takes the run's newest intact checkpoint") from None
         return resume
     found = [d for d in glob.glob(os.path.join(run_dir, "checkpoints", CHECKPOINT_PREFIX + "*"))
              if _step_of(d) is not None and os.path.isdir(d)]
@@ -289,6 +295,9 @@ def load_checkpoint(accelerator, folder: str, config: dict, data=None, strict: b
     objects, the data position); return its step. Refuses a checkpoint of another run shape, warns on other changes."""
     with open(os.path.join(folder, MANIFEST)) as f:
         manifest = json.load(f)
+    if int(manifest["step"]) > int(config.get("steps", manifest["step"])):
+        raise CheckpointError(f"steps: {config['steps']} is below the {manifest['step']} iterations checkpoint "
+                              f"{os.path.basename(folder)} holds; pass --steps {manifest['step']} or more")
     saved, now = _hashed(manifest.get("config", {})), _hashed(config)
     differs = manifest.get("config_hash") != config_hash(config)
     changed = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)] if differs else []

@@ -119,9 +119,12 @@ class Schedule:
         return {"vp": self.num_train_timesteps - 1, "edm": self.sigma_max, "flow": 1.0}[self.kind]
 
     def timesteps_tensor(self, t, n: int, device=None) -> torch.Tensor:
-        """A (n,) tensor of time t in this schedule's dtype (long for VP, float otherwise)."""
+        """A (n,) tensor of time t (a number, a 0-d tensor or (n,) times) in this schedule's dtype (long for VP, float
+        otherwise)."""
         dtype = torch.long if self.kind == "vp" else torch.float32
-        return torch.full((n,), t, dtype=dtype, device=device) if not torch.is_tensor(t) else t.to(device, dtype)
+        if not torch.is_tensor(t):
+            return torch.full((n,), t, dtype=dtype, device=device)
+        return t.to(device, dtype).expand(n) if t.ndim == 0 else t.to(device, dtype)
 
     # ---- what the backbone sees -----------------------------------------------------------------
     def model_input(self, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

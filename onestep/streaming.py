@@ -97,7 +97,10 @@ class FolderSource:
         """(H, W, C) float32 8-bit levels."""
         from PIL import Image
 
-        im = Image.fromarray(np.load(path)) if path.endswith(".npy") else Image.open(path)
+        try:
+            im = Image.fromarray(np.load(path)) if path.endswith(".npy") else Image.open(path)
+        except (OSError, ValueError, TypeError) as e:
+            raise SourceError(f"cannot read image {path!r} ({type(e).__name__}); remove or replace unreadable files") from None
         return np.asarray(im.convert("L" if self.channels == 1 else "RGB"), dtype=np.float32).reshape(*im.size[::-1], -1)
 
     def __call__(self, idx: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,10 @@ def student_from_checkpoint(run_dir: str, step: int):
     """Rebuild the trained generator from the run's last accelerate checkpoint."""
     from onestep.loading import load_teacher
 
-    teacher = load_teacher(os.path.join(run_dir, "pipeline"))  # same architecture and schedule
+    import yaml
+
+    with open(os.path.join(run_dir, "config.yaml")) as f:
+        teacher = load_teacher(yaml.safe_load(f)["teacher"])  # the student's architecture and schedule
     state = load_file(os.path.join(run_dir, "checkpoints", f"step_{step:07d}", "model.safetensors"))
     backbone = teacher.denoiser.backbone
     backbone.load_state_dict({k.removeprefix("denoiser.backbone."): v for k, v in state.items()})
@@ -106,6 +109,11 @@ BAD_INPUTS = [
     (["--shared_critic_pass", "true", "--fake_first", "true"], "cannot run with fake_first"),
     (["--method", "dmd", "--regression_weight", "0.25", "--generator_timesteps", "999,499"],
      "regression_weight: DMD1's regression pairs one-step outputs"),
+    (["--method", "dmd", "--forget", "3"], "forget: method 'dmd' has no option 'forget' (an option of sfd)"),
+    (["--overwrite", "--resume", "latest"], "overwrite: --overwrite replaces a run and --resume continues it"),
+    (["--classifier", "/no/such/classifier"], "classifier: '/no/such/classifier' is not a folder"),
+    (["--method", "gndm", "--group_size", "3"], "group_size: 3 does not divide --batch_size"),
+    (["--teacher", "README.md"], "teacher path 'README.md' is a file"),
 ]
 
 
@@ -124,6 +132,32 @@ def test_bad_input_gives_one_line_error(args, message, cond_teacher, tmp_path):
     assert not (tmp_path / "smoke-dmd2" / "config.yaml").exists()
 
 
+def test_a_failed_overwrite_leaves_the_old_run_in_place(cond_teacher, tmp_path):
+    """--overwrite clears the old run only once everything has loaded: a classifier folder holding no classifier, an
+    exported student as teacher, stop with one line and the old run's files as they were."""
+    old = tmp_path / "smoke-dmd2"
+    for f in ("config.yaml", "metrics.json", "checkpoints/step_0000004/model.safetensors", "pipeline/model_index.json"):
+        (old / f).parent.mkdir(parents=True, exist_ok=True)
+        (old / f).write_text(f)
+    garbage = tmp_path / "garbage"
+    garbage.mkdir()
+    (garbage / "config.json").write_text('{"not": "a model"}')
+    (garbage / "diffusion_pytorch_model.safetensors").write_bytes(os.urandom(100))
+    student = tmp_path / "student"
+    student.mkdir()
+    (student / "model_index.json").write_text('{"_class_name": "OneStepPipeline"}')
+    for args, message in ((["--classifier", str(garbage)], "holds no readable digits classifier"),
+                          (["--teacher", str(student)], "is an exported one-step student, not a multi-step teacher")):
+        args = args if "--teacher" in args else [*args, "--teacher", cond_teacher]
+        cmd = [sys.executable, os.path.join(ROOT, "train", "distill.py"), *SMOKE, "--output_dir", str(tmp_path),
+               "--overwrite", *args]
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert r.returncode == 2 and len(lines) == 1 and message in lines[0], r.stderr[-2000:]
+        assert sorted(str(p.relative_to(old)) for p in old.rglob("*") if p.is_file()) == [
+            "checkpoints/step_0000004/model.safetensors", "config.yaml", "metrics.json", "pipeline/model_index.json"]
+
+
 def test_bad_input_under_accelerate_launch(tmp_path):
     r = run_distill(["--steps", "x", "--output_dir", str(tmp_path)])
     assert r.returncode != 0 and "error: steps: expected an integer, got 'x'" in r.stderr
@@ -135,6 +169,30 @@ def test_hub_teacher_offline_says_what_to_place_where(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     assert r.returncode == 2 and "huggingface-cli download google/ddpm-cifar10-32" in r.stderr
+
+
+def test_an_unreachable_hub_fails_at_once_without_the_download_retries(tmp_path, monkeypatch):
+    """Without HF_HUB_OFFLINE and without a network the hub is tried once (a connection to its endpoint) before the
+    download, whose client would retry for tens of seconds: here a refused local port stands for the hub."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from onestep.loading import TeacherError, resolve_teacher_path
+
+    calls = []
+    real = huggingface_hub.snapshot_download
+
+    def recorded(*a, **k):
+        calls.append(k.get("local_files_only"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", recorded)
+    with pytest.raises(TeacherError, match="could not get teacher 'someone/some-teacher' from the hub"):
+        resolve_teacher_path("someone/some-teacher")
+    assert False not in calls  # the local cache was looked at; no download was attempted
 
 
 def test_existing_run_folder_is_not_overwritten(cond_teacher, tmp_path):

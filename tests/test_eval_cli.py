@@ -77,6 +77,10 @@ def test_two_processes_give_the_one_process_result(bench, student, tmp_path):
      "/no/inception.pt does not exist"),
     (["--num-samples", "1"], "--num-samples must be >= 2"),
     (["--teacher", "assets/digits-teacher", "--reference", "cleanfid:cifar10:32"], "clean-fid's statistics are Inception"),
+    (["--teacher", "assets/digits-teacher", "--guidance", "nan"], "--guidance must be a finite number >= 0"),
+    (["--teacher", "assets/digits-teacher", "--mode", "legacy_pytorch"], "--mode is the clean-fid mode of the Inception"),
+    (["--teacher", "assets/digits-teacher", "--seed", "-1"], "--seed must be in 0..4294967295"),
+    (["--pipeline", "README.md"], "pipeline folder 'README.md' is a file"),
     (["--frobnicate"], "unrecognized arguments"),
 ])
 def test_bad_input_is_one_error_line_and_exit_2(bench, args, message, tmp_path, capsys):

@@ -60,6 +60,9 @@ def test_reference_file_round_trips_and_refuses_another_extractor(tmp_path):
     with pytest.raises(ReferenceError, match=f"other weights of the 'digits' extractor .fingerprint {ex.weights}, not"):
         Reference.load(path, untrained)  # same name and mode, another network: its features are another space
     assert digits_extractor(CLASSIFIER).weights == ex.weights  # the same weights, loaded again
+    (tmp_path / "noise.npz").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ReferenceError, match="noise.npz is not reference statistics written by onestep"):
+        Reference.load(str(tmp_path / "noise.npz"), ex)
 
 
 def test_clean_fid_custom_statistics_follow_clean_fids_naming():

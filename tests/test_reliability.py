@@ -136,6 +136,10 @@ def test_resume_continues_the_same_trajectory(cond_teacher, tmp_path, monkeypatc
     assert int(b["custom_checkpoint_1.pkl:0"]) == 4  # generator turns at steps 0, 2, 4, 6: two of them after the crash
     gen = load_file(str(tmp_path / "straight" / "checkpoints" / "step_0000003" / "model.safetensors"))
     assert any(not torch.equal(gen[k], a[f"model.safetensors:{k}"]) for k in gen)  # it did train after step 3
+    config = (tmp_path / "resumed" / "config.yaml").read_text()
+    with pytest.raises(runs.CheckpointError, match="steps: 2 is below the 8 iterations checkpoint step_0000008 holds"):
+        distill_main()([*args, "--name", "resumed", "--resume", "latest", "--steps", "2"])  # a shorter run: refused
+    assert (tmp_path / "resumed" / "config.yaml").read_text() == config
 
 
 def test_lora_fake_score_checkpoints_hold_the_adapters_only_and_resume_exactly(cond_teacher, tmp_path, monkeypatch):

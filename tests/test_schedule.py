@@ -119,3 +119,23 @@ def test_unknown_scheduler_and_prediction_refused():
         Schedule("vp", prediction_type="foo", alphas_cumprod=torch.ones(3))
     with pytest.raises(ValueError, match="scheduler"):
         Schedule.from_scheduler_config({"_class_name": "NoSuchScheduler"})
+
+
+@torch.no_grad()
+def test_teacher_sampling_with_guidance_runs_cond_and_uncond_at_the_schedulers_time():
+    """DDIM hands each step's time as a 0-d tensor; guidance batches cond and uncond at it (once crashed)."""
+    from conftest import tiny_unet
+
+    from onestep.denoiser import Denoiser
+    from onestep.sampling import sample_teacher
+
+    sched = Schedule.from_scheduler(DDPMScheduler(num_train_timesteps=1000))
+    assert sched.timesteps_tensor(torch.tensor(999), 3).tolist() == [999] * 3
+    teacher = Denoiser(tiny_unet(), sched, null_cond=10)
+    z, y = torch.randn(3, 1, 8, 8), torch.tensor([1, 2, 3])
+    plain, guided = (sample_teacher(teacher, z, y, 2, s) for s in (1.0, 2.0))
+    t = torch.tensor(999)  # the first step's x0 under guidance: x0_u + 2 (x0_c - x0_u)
+    x = sched.prior(z, sched.t_max)
+    x0_c, x0_u = teacher(x, t, y), teacher(x, t, torch.full_like(y, 10))
+    assert torch.allclose(teacher.guided(x, t, y, 2.0), x0_u + 2 * (x0_c - x0_u), rtol=1e-5, atol=1e-3)
+    assert guided.shape == plain.shape and torch.isfinite(guided).all() and not torch.allclose(guided, plain)

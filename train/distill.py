@@ -166,9 +166,6 @@ def train(cfg, backbone=None, router=None, fake_backbone=None, own=None):
     except ValueError as e:
         raise ConfigError(f"{e} (teacher {cfg.teacher!r})") from None
     triad.teacher.guidance_uncond = teacher.negative_cond  # --negative_prompt: the real score's CFG branch only
-    if main_proc and cfg.overwrite and not cfg.resume:  # the checks above passed: now the replaced run goes
-        clear_run_dir(run_dir)
-    accelerator.wait_for_everyone()
     backbones = [*triad.raw("generator").denoiser.backbones, triad.raw("fake_score").backbone, teacher.backbone]
     set_attention(backbones, cfg.attention)
     if cfg.gradient_checkpointing:
@@ -211,12 +208,15 @@ def train(cfg, backbone=None, router=None, fake_backbone=None, own=None):
         accelerator.register_for_checkpointing(method)
     classifier = reference = None  # the digits feature / classifier net (FID, and e.g. SFD's pseudo-labels)
     if cfg.classifier and shape == (1, 8, 8):
-        classifier = DigitsClassifier.from_pretrained(cfg.classifier).to(device).eval()
+        classifier = DigitsClassifier.load(cfg.classifier).to(device)
         reference = image_moments([load_digits("all")[0].to(device)], classifier.features)
     if hasattr(method, "prepare"):  # e.g. DMD's regression pairs
         method.prepare(triad, draw_cond, shape, device, seed=cfg.seed)
     if hasattr(method, "setup"):  # e.g. SFD: which rows of the condition table it forgets (labels or prompts)
         method.setup(cond_table, teacher.prompts if teacher.text_conditional else classes, classifier)
+    if main_proc and cfg.overwrite:  # every check above passed: now the replaced run goes
+        clear_run_dir(run_dir)
+    accelerator.wait_for_everyone()
 
     # 5. Resume -------------------------------------------------------------------------------------
     real_iter = RealBatches(loader) if loader is not None else None  # endless; its position is checkpointed
