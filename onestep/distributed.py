@@ -73,7 +73,7 @@ def check_launch(torch_version: str = torch.__version__) -> None:
                           f"{torch_version}); upgrade torch or launch with DDP (train/accelerate/ddp.yaml)")
 
 
-def distributed_mode(accelerator, cfg) -> bool:
+def distributed_mode(accelerator, cfg, gan: bool = False) -> bool:
     """Whether this run is sharded (FSDP2); refuses in one line what the trainer cannot serve, and says so where
     accelerate runs an FSDP config unsharded (on CPUs)."""
     from .config import ConfigError
@@ -93,7 +93,9 @@ def distributed_mode(accelerator, cfg) -> bool:
                           "(train/accelerate/fsdp.yaml)")
     refused = [(cfg.backtrack, "--backtrack (DisBack; use DDP)"),
                (cfg.offload_ema, "--offload_ema (under FSDP the EMA is sharded like the generator; drop the flag)"),
-               (cfg.compile, "--compile (use DDP to compile)")]
+               (cfg.compile, "--compile (use DDP to compile)"),
+               (gan and accelerator.mixed_precision == "fp16", "mixed_precision fp16 with a GAN head (its optimiser and "
+                "the fake score's share one gradient scaler per turn; use bf16)")]
     for bad, what in refused:
         if bad:
             raise ConfigError(f"accelerate config: FSDP does not support {what}")

@@ -290,9 +290,11 @@ def adapter_only_checkpoints(accelerator, module, key: str = "lora_") -> bool:
     return True
 
 
-def load_checkpoint(accelerator, folder: str, config: dict, data=None, strict: bool = True) -> int:
+def load_checkpoint(accelerator, folder: str, config: dict, data=None, strict: bool = True, turns=(), ema=None) -> int:
     """Restore a verified checkpoint into this run (models, EMA, optimisers, schedulers, RNG states, registered
-    objects, the data position); return its step. Refuses a checkpoint of another run shape, warns on other changes."""
+    objects, the data position); return its step. Refuses a checkpoint of another run shape, warns on other changes.
+    turns: (optimiser, its LR schedule, configured learning rate); these and `ema` take this run's learning rates,
+    Adam betas, weight decay and EMA decay, which accelerate's load would have put back to the checkpoint's."""
     with open(os.path.join(folder, MANIFEST)) as f:
         manifest = json.load(f)
     if int(manifest["step"]) > int(config.get("steps", manifest["step"])):
@@ -320,6 +322,7 @@ def load_checkpoint(accelerator, folder: str, config: dict, data=None, strict: b
         _warn(f"resume: the configuration differs from checkpoint {os.path.basename(folder)}'s in {show}; "
               "continuing with the new values")
     step, saved_by = int(manifest["step"]), manifest.get("processes", accelerator.num_processes)
+    reapply_hyperparameters(turns, config, saved_by, accelerator.num_processes, ema)
     if saved_by != accelerator.num_processes:  # per-process RNG states do not map onto this run's processes
         from accelerate.utils import set_seed
 
@@ -327,6 +330,26 @@ def load_checkpoint(accelerator, folder: str, config: dict, data=None, strict: b
         _warn(f"resume: checkpoint {os.path.basename(folder)} was written by {saved_by} processes, this run has "
               f"{accelerator.num_processes}: the noise streams restart from seed + {step}, so the trajectory differs")
     return step
+
+
+def reapply_hyperparameters(turns, config: dict, saved_by: int, processes: int, ema=None) -> None:
+    """After a load: the configured optimiser settings and EMA decay, and each LR schedule (stepped once per process
+    and iteration) moved to the same iteration when the checkpoint was written by another number of processes."""
+    for opt, sched, lr in turns:
+        if opt is None:
+            continue
+        s = getattr(sched, "scheduler", sched)
+        if saved_by != processes:
+            s.last_epoch = s.last_epoch * processes // saved_by
+            s._step_count = s.last_epoch + 1
+        s.base_lrs = [lr] * len(opt.param_groups)
+        factors = [f(s.last_epoch) for f in s.lr_lambdas] if hasattr(s, "lr_lambdas") else [1.0] * len(s.base_lrs)
+        for g, f in zip(opt.param_groups, factors):
+            g.update(initial_lr=lr, lr=lr * f, betas=(config["adam_beta1"], config["adam_beta2"]),
+                     weight_decay=config["weight_decay"])
+        s._last_lr = [g["lr"] for g in opt.param_groups]
+    if ema is not None and config.get("ema_decay"):
+        ema.decay = config["ema_decay"]
 
 
 class RealBatches:

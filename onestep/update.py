@@ -92,6 +92,8 @@ class Updates:
         if not bool(finite):  # skip: nothing updated
             for opt in opts:
                 opt.zero_grad(set_to_none=True)
+            for scaler in {id(s): s for s in (getattr(o, "scaler", None) for o in opts) if s is not None}.values():
+                scaler.update()  # fp16: the turn's unscale ends here, and an overflow lowers the scale, as a step would
             self.skipped, self.streak = self.skipped + 1, self.streak + 1
             self.check()
             return False

@@ -531,3 +531,9 @@ def test_resume_with_changed_hyperparameters_or_process_count_warns_and_continue
     assert len(warnings) == 2 and "lr_fake (0.0002 there, 0.001 now)" in warnings[0], warnings
     assert "written by 2 processes, this run has 1" in warnings[1]
     assert json.loads(open(run / "checkpoints" / "step_0000003" / runs.MANIFEST).read())["step"] == 3
+    # the new learning rate is the one the optimiser ran with (accelerate's load put the saved one back); the LR
+    # schedule written by "2 processes" (2 steps per iteration) is at the same iteration under 1: 2 // 2 + 1
+    step3 = run / "checkpoints" / "step_0000003"
+    fake = torch.load(step3 / "optimizer_1.bin", weights_only=True)["param_groups"][0]
+    sched = torch.load(step3 / "scheduler_1.bin", weights_only=True)
+    assert fake["lr"] == fake["initial_lr"] == 1e-3 and sched["base_lrs"] == [1e-3] and sched["last_epoch"] == 2

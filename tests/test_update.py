@@ -176,3 +176,29 @@ def test_a_dmd_step_on_a_gpu_makes_the_host_wait_only_where_asked():
         torch.cuda.synchronize()
         syncs[sync] = count_host_syncs(runner.step, cuda)
     assert syncs["device"] == 0 and syncs["host"] >= 2 and syncs["logs"] > syncs["host"], syncs
+
+
+def test_a_skipped_fp16_update_ends_the_scalers_turn_and_lowers_its_scale():
+    """mixed_precision fp16 (host rule): an overflow's skipped update still closes the gradient scaler's turn, as a
+    skipped optimizer step would (the next turn's unscale once raised 'unscale_() has already been called'), and
+    halves the scale; the next finite turn updates the weights."""
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    Accelerator(cpu=True)  # accelerate's state, which its optimizer wrapper reads
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    opt = AcceleratedOptimizer(torch.optim.AdamW(net.parameters(), lr=1e-2), scaler=scaler)
+    updates = Updates("host", CPU, [opt], max_streak=3)
+    before = [p.detach().clone() for p in net.parameters()]
+    for i, big in enumerate((1e35, 1.0)):  # the first turn's scaled gradient overflows float32
+        loss = net(torch.full((2, 4), big)).square().mean()
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt.optimizer)  # as accelerate's clip_grad_norm_ does
+        norm = torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        applied = updates(i, "generator", loss, norm, [opt], [], {})
+        assert applied == (i == 1)
+        if i == 0:
+            assert scaler.get_scale() == 2.0**15 and all(torch.equal(a, p) for a, p in zip(before, net.parameters()))
+    assert not all(torch.equal(a, p) for a, p in zip(before, net.parameters()))

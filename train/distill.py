@@ -84,7 +84,7 @@ def train(cfg, backbone=None, router=None, fake_backbone=None, own=None):
         project_dir=run_dir, logging_dir=os.path.join(run_dir, "logs")),
         dataloader_config=DataLoaderConfiguration(non_blocking=True))  # real batches: no host wait per copy
     device, main_proc = accelerator.device, accelerator.is_main_process
-    fsdp = distributed_mode(accelerator, cfg)  # FSDP2 (onestep/distributed.py); DeepSpeed refused
+    fsdp = distributed_mode(accelerator, cfg, getattr(method, "uses_gan", False))  # FSDP2 (onestep/distributed.py); DeepSpeed refused
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
         torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
@@ -222,7 +222,8 @@ def train(cfg, backbone=None, router=None, fake_backbone=None, own=None):
     real_iter = RealBatches(loader) if loader is not None else None  # endless; its position is checkpointed
     start = 0
     if resume_from:  # models, EMA, optimisers, schedulers, per-process RNG states, data position, method state
-        start = load_checkpoint(accelerator, resume_from, run_config(cfg), real_iter, strict=not slim)
+        start = load_checkpoint(accelerator, resume_from, run_config(cfg), real_iter, strict=not slim, ema=triad.ema,
+                                turns=[(opt_g, sched_g, cfg.lr_generator), (opt_f, sched_f, cfg.lr_fake), (opt_h, sched_h, cfg.lr_fake)])
     else:  # fresh, per-process noise; a resumed run continues the RNG streams it saved
         set_seed(cfg.seed, device_specific=True)
     if main_proc:
