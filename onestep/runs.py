@@ -34,7 +34,7 @@ HASH_IGNORED = ("name", "output_dir", "overwrite", "resume", "cpu_threads", "cpu
                 "eval_every", "eval_samples", "teacher_eval_steps", "classifier", "checkpoint_every",
                 "checkpoints_total_limit", "export", "preset", "max_nonfinite_steps", "nonfinite_check", "record_dir")
 # keys that define what a checkpoint's state means: resuming with other values is refused (others: a warning)
-RESUME_FIXED = ("method", "dataset", "classes", "prompts", "batch_size", "generator_timesteps", "fake_score",
+RESUME_FIXED = ("method", "dataset", "classes", "prompts", "prompts_sha256", "batch_size", "generator_timesteps", "fake_score",
                 "lora_rank", "lora_targets", "gan_feature_source", "gan_hidden", "gan_layers", "students",
                 "student_channels", "backtrack")
 
@@ -90,7 +90,10 @@ def run_config(cfg) -> dict:
     """The configuration a manifest records: every key, the method's options with their declared types."""
     from .config import method_kwargs
 
-    return {**dataclasses.asdict(cfg), "method_args": method_kwargs(cfg)}
+    out = {**dataclasses.asdict(cfg), "method_args": method_kwargs(cfg)}
+    if cfg.prompts and os.path.isfile(cfg.prompts):  # the conditions are the file's lines: an edited file is another run
+        out["prompts_sha256"] = file_sha256(cfg.prompts)
+    return out
 
 
 def _hashed(config: dict) -> dict:
@@ -303,7 +306,7 @@ def load_checkpoint(accelerator, folder: str, config: dict, data=None, strict: b
     saved, now = _hashed(manifest.get("config", {})), _hashed(config)
     differs = manifest.get("config_hash") != config_hash(config)
     changed = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)] if differs else []
-    fixed = [k for k in changed if k in RESUME_FIXED]
+    fixed = [k for k in changed if k in RESUME_FIXED and k in saved]  # (a key a checkpoint predates: a warning)
     show = ", ".join(f"{k} ({saved.get(k)!r} there, {now.get(k)!r} now)" for k in (fixed or changed)) or "values"
     if fixed:
         raise CheckpointError(f"resume: checkpoint {folder} was written with other {show}; these define what it "

@@ -333,6 +333,14 @@ def test_sd_dmd2_run_end_to_end_with_the_gan_off(sd_teacher, tmp_path, extra):
     assert f"fake_score: {'lora' if extra else 'copy'}" in (run / "config.yaml").read_text()
     teacher, student = student_from_checkpoint(str(run), sd_teacher, 2)
     assert not torch.equal(student.denoiser.backbone.conv_in.weight, teacher_weights(sd_teacher)["conv_in.weight"])
+    if not extra:  # the prompts are the conditions: resuming after the file's lines changed is another run
+        (tmp_path / "prompts.txt").write_text("a different prompt\n")
+        cmd = [sys.executable, os.path.join(ROOT, "train", "distill.py"), "--preset", "sd15-dmd2", "--teacher", sd_teacher,
+               "--prompts", str(tmp_path / "prompts.txt"), "--output_dir", str(tmp_path), "--name", "run", "--steps", "3",
+               "--batch_size", "2", "--update_ratio", "2", "--lora_rank", "4", "--resume", "latest", "--cpu_threads", "1"]
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert r.returncode == 2 and len(lines) == 1 and "other prompts_sha256 (" in lines[0], r.stderr[-2000:]
 
 
 def teacher_weights(folder):
