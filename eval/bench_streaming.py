@@ -40,7 +40,9 @@ def write_pngs(source, folder: str, batch_size: int) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from onestep.cli import Parser
+
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--pipeline", default="runs/digits-dmd2/pipeline", help="exported OneStepPipeline (default %(default)s)")
     src.add_argument("--teacher", help="a teacher, sampled with 1 DDIM step, instead of a pipeline")
@@ -48,6 +50,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--classifier", default="assets/digits-classifier")
     a = p.parse_args()
+    if a.num_samples < 2 or a.batch_size < 1:
+        p.error(f"--num-samples must be >= 2 and --batch-size >= 1, got {a.num_samples} and {a.batch_size}")
 
     import torch
     from cleanfid.fid import compute_fid

@@ -26,13 +26,9 @@ import os
 import sys
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit status 2
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def parse_args(argv=None) -> argparse.Namespace:
+    from onestep.cli import Parser
+
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("models (none: only compute OUT/reference.npz)")
     g.add_argument("--teacher", action="append", default=[], help="teacher folder or hub id (repeatable)")

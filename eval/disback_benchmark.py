@@ -11,7 +11,6 @@ Options it does not know go to every run.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -143,7 +142,9 @@ def plot(r: dict, path: str) -> None:
 
 
 def main(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    from onestep.cli import Parser, first_error, output_problem
+
+    p = Parser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--steps", type=int, default=450, help="iterations per run")
     p.add_argument("--eval_every", type=int, default=45)
@@ -163,12 +164,25 @@ def main(argv: list[str]) -> None:
     p.add_argument("--plot", default="", help="also write the plot here (e.g. assets/disback-convergence.png)")
     p.add_argument("--report_only", action="store_true", help="summarise finished runs, start none")
     a, extra = p.parse_known_args(argv)
-    a.seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
-    a.targets = [float(t) for t in a.targets.split(",") if t.strip()]
+    try:
+        a.seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
+        a.targets = [float(t) for t in a.targets.split(",") if t.strip()]
+    except ValueError:
+        p.error(f"--seeds takes integers like 0,1,2 and --targets numbers like 2,1.5; got {a.seeds!r}, {a.targets!r}")
+    from onestep.config import PRESETS
+
+    first_error(p, [not a.seeds and "--seeds: give at least one",
+                    len(set(a.seeds)) < len(a.seeds) and f"--seeds: {a.seeds} repeats a seed (the same run twice)",
+                    not all(0 < t < float("inf") for t in a.targets) and f"--targets must be FIDs > 0, got {a.targets}",
+                    min(a.steps, a.jobs, a.update_ratio) < 1 and "--steps, --jobs and --update_ratio must be >= 1",
+                    a.eval_samples < 2 and f"--eval_samples must be >= 2, got {a.eval_samples}",
+                    a.nodes < 2 and f"--nodes must be >= 2, got {a.nodes}",
+                    a.switch not in ("fixed", "plateau") and f"--switch: {a.switch!r} is not one of fixed, plateau",
+                    a.preset not in PRESETS and f"--preset: unknown preset {a.preset!r}; choose from {', '.join(PRESETS)}",
+                    a.report_only and extra and f"{extra[0]}: unknown option (with --report_only no run is started)",
+                    a.plot and output_problem("--plot", a.plot, "file"), lambda: output_problem("--out", a.out)])
     a.out = os.path.abspath(a.out)
     if not a.base_name:
-        from onestep.config import PRESETS
-
         method = PRESETS.get(a.preset, {}).get("method", "dmd2")
         a.base_name = {"dmd": "DMD", "dmd2": "DMD2", "sid": "SiD", "vsd": "VSD"}.get(method, method)
     os.makedirs(a.out, exist_ok=True)

@@ -60,6 +60,15 @@ def main(argv: list[str]) -> int:
     if min(a.num_samples, a.batch_size) < 1 or a.baseline_samples < 0:
         print("error: --num-samples and --batch-size must be >= 1, --baseline-samples >= 0", file=sys.stderr)
         return 2
+    from onestep.cli import output_problem
+
+    weights = a.inception_weights and os.path.isdir(a.inception_weights) and \
+        f"--inception-weights {a.inception_weights!r} is a folder; pass the inception-2015-12-05.pt file"
+    bad = next((x for x in [a.device not in ("", "cuda", "cpu") and f"--device: unknown device {a.device!r}; use cuda or cpu",
+                            weights, a.out and output_problem("--out", a.out, "file")] if x), None)
+    if bad:
+        print(f"error: {bad}", file=sys.stderr)
+        return 2
 
     layouts = [x for x in a.layouts.split(",") if x]
     generators = [x for x in a.generator.split(",") if x]
@@ -82,6 +91,9 @@ def main(argv: list[str]) -> int:
     if not a.device and not torch.cuda.is_available():
         print(f"error: no CUDA device here; FID-{a.num_samples} on the CPU takes hours (~9 img/s on 2 cores): pass "
               "--device cpu with a small --num-samples, e.g. 500, to time it there", file=sys.stderr)
+        return 2
+    if a.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda: no CUDA device is visible; use --device cpu", file=sys.stderr)
         return 2
     device = torch.device(a.device or "cuda")
 

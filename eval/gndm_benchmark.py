@@ -89,7 +89,9 @@ def table(results: dict, a) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from onestep.cli import Parser, first_error, output_problem
+
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=400, help="training iterations of every run")
     p.add_argument("--seeds", default="0,1,2", help="training seeds, e.g. 0,1,2")
     p.add_argument("--variants", default="dmd2,gndm,gndmr", help=f"a subset of {', '.join(VARIANTS)}")
@@ -108,6 +110,11 @@ def main() -> None:
     bad = [v for v in variants if v not in VARIANTS]
     if bad or not a.seeds:
         p.error(f"--variants: {bad[0]!r} is not one of {', '.join(VARIANTS)}" if bad else "--seeds: give at least one")
+    first_error(p, [len(set(a.seeds)) < len(a.seeds) and f"--seeds: {a.seeds} repeats a seed (the same run twice)",
+                    min(a.steps, a.jobs) < 1 and "--steps and --jobs must be >= 1",
+                    a.eval_samples < 2 and f"--eval_samples must be >= 2, got {a.eval_samples}",
+                    not os.path.isdir(a.classifier) and f"--classifier {a.classifier!r} is not a folder",
+                    lambda: output_problem("--out", a.out)])
     train_all([(v, s) for s in a.seeds for v in variants], a)  # seed by seed: partial results stay paired
 
     import torch

@@ -102,7 +102,9 @@ def score_reference(folder: str, eval_samples: int) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from onestep.cli import Parser, first_error, output_problem
+
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", default="k1,k2,k5,k5-small", help=f"comma-separated, of {', '.join(ROWS)}")
     p.add_argument("--steps", type=int, default=240, help="training iterations per student")
     p.add_argument("--student_channels", default="32,32,32", help="block_out_channels of the smaller students")
@@ -118,8 +120,11 @@ def main() -> None:
     args = p.parse_args()
     names = [n for n in args.rows.split(",") if n]
     bad = [n for n in names if n not in ROWS]
-    if bad:
-        raise SystemExit(f"--rows: unknown row {bad[0]!r}; choose from {', '.join(ROWS)}")
+    first_error(p, [bad and f"--rows: unknown row {bad[0]!r}; choose from {', '.join(ROWS)}",
+                    not names and f"--rows: give at least one of {', '.join(ROWS)}",
+                    min(args.steps, args.jobs) < 1 and "--steps and --jobs must be >= 1",
+                    args.eval_samples < 2 and f"--eval_samples must be >= 2, got {args.eval_samples}",
+                    lambda: output_problem("--out", args.out)])
     os.makedirs(args.out, exist_ok=True)
     cpu_file = os.path.join(args.out, "cpu_seconds.json")
     cpu = json.load(open(cpu_file)) if args.skip_training and os.path.isfile(cpu_file) else {}

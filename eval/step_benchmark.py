@@ -19,7 +19,6 @@ the step (forward, backward, optimizer of each turn) in its JSON.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -27,13 +26,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit status 2
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def main(argv: list[str]) -> int:
+    from onestep.cli import Parser
+
     p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="digits", help="digits, cifar, sd15 or sdxl (comma-separated for several)")
     p.add_argument("--variants", default="", help="comma-separated: fp32, tf32, bf16, bf16-compile, "
@@ -75,6 +70,14 @@ def main(argv: list[str]) -> int:
         p.error("--repeats and --warmup must be >= 1 and --batch-size >= 0")
     if args.steps < 2:
         p.error("--steps must be >= 2 (the first step, then the steady state)")
+    from onestep.cli import first_error, output_problem
+
+    first_error(p, [args.device not in ("", "cuda", "cpu") and f"--device: unknown device {args.device!r}; use cuda or cpu",
+                    args.threads < 0 and f"--threads must be >= 0 (0: torch's default), got {args.threads}",
+                    args.peak_tflops != 0 and not 0 < args.peak_tflops < float("inf")
+                    and f"--peak-tflops must be a finite number > 0 (0: the table's), got {args.peak_tflops}",
+                    not [s for s in args.preset.split(",") if s] and "--preset: give at least one of digits, cifar, sd15, sdxl",
+                    args.out and output_problem("--out", args.out, "file")])
 
     import torch
 

@@ -343,3 +343,33 @@ def test_asset_scripts_write_a_loadable_asset_and_never_replace_one_silently(scr
     bad = ["--steps", "0"] if script == "train_teacher.py" else ["--epochs", "0"]
     r = subprocess.run(cmd[:-1] + [str(tmp_path / "b")] + bad, capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "must be > 0" in r.stderr and not (tmp_path / "b").exists()
+
+
+SCRIPT_BAD_INPUTS = [
+    ("train/train_teacher.py", ["--out", "", "--steps", "1"], "--out is empty; pass a folder"),
+    ("train/train_teacher.py", ["--out", "README.md"], "--out 'README.md' is a file; pass a folder"),
+    ("train/train_teacher.py", ["--out", "{tmp}/t", "--lr", "inf"], "--lr must be a finite number > 0"),
+    ("train/train_digits_classifier.py", ["--out", "README.md"], "is a file; pass a folder"),
+    ("eval/step_benchmark.py", ["--device", "gpu"], "--device: unknown device 'gpu'"),
+    ("eval/step_benchmark.py", ["--peak-tflops", "nan"], "--peak-tflops must be a finite number > 0"),
+    ("eval/step_benchmark.py", ["--out", "{tmp}/no/x.json"], "its folder does not exist"),
+    ("eval/fid_speed.py", ["--device", "cpu", "--num-samples", "4", "--out", "{tmp}"], "is a folder; pass a file path"),
+    ("eval/bench_streaming.py", ["--num-samples", "0"], "--num-samples must be >= 2"),
+    ("eval/msd_benchmark.py", ["--rows", "k1", "--jobs", "0", "--out", "{tmp}/m"], "--steps and --jobs must be >= 1"),
+    ("eval/gndm_benchmark.py", ["--seeds", "0,0", "--out", "{tmp}/g"], "--seeds: [0, 0] repeats a seed"),
+    ("eval/disback_benchmark.py", ["--seeds", "0", "--jobs", "0", "--out", "{tmp}/d"], "--jobs and --update_ratio must"),
+    ("eval/disback_benchmark.py", ["--seeds", "0", "--report_only", "--bogus", "3", "--out", "{tmp}/d"],
+     "--bogus: unknown option"),
+]
+
+
+@pytest.mark.parametrize("script,args,message", SCRIPT_BAD_INPUTS,
+                         ids=[f"{s.split('/')[1][:-3]}-{i}" for i, (s, _, _) in enumerate(SCRIPT_BAD_INPUTS)])
+def test_the_other_scripts_refuse_bad_input_in_one_line_before_any_work(script, args, message, tmp_path):
+    """The asset and benchmark scripts: one line, exit 2, nothing started (a --jobs 0 once waited forever)."""
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    r = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
+    assert not (tmp_path / "t" / "unet").exists() and not (tmp_path / "g" / "dmd2-s0").exists()

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from onestep.data import load_digits  # noqa: E402
 from onestep.fid import DigitsClassifier, quantize  # noqa: E402
+from onestep.cli import Parser, first_error, output_problem  # noqa: E402
 from onestep.runs import refuse_existing  # noqa: E402
 
 
@@ -29,14 +30,13 @@ def shift(x: torch.Tensor) -> torch.Tensor:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="assets/digits-classifier")
     p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace the classifier already in --out")
     a = p.parse_args()
-    if a.epochs <= 0:
-        p.exit(2, f"error: --epochs must be > 0, got {a.epochs}\n")
+    first_error(p, [a.epochs <= 0 and f"--epochs must be > 0, got {a.epochs}", lambda: output_problem("--out", a.out)])
     refuse_existing(p, a.out, os.path.join(a.out, "config.json"), a.overwrite)
     torch.manual_seed(a.seed)
     x, y = load_digits("train")

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from onestep.data import DIGITS_CLASSES, load_digits  # noqa: E402  (first: onestep quietens bitsandbytes' import)
+from onestep.cli import Parser, first_error, output_problem  # noqa: E402
 from onestep.runs import refuse_existing  # noqa: E402
 from diffusers import DDPMScheduler, UNet2DModel  # noqa: E402
 from diffusers.training_utils import EMAModel  # noqa: E402
@@ -37,7 +38,7 @@ def build_unet() -> UNet2DModel:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="assets/digits-teacher")
     p.add_argument("--steps", type=int, default=8000)
     p.add_argument("--batch_size", type=int, default=128)
@@ -47,11 +48,11 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace the teacher already in --out")
     a = p.parse_args()
-    bad = [f"--{k} must be > 0, got {v}" for k, v in (("steps", a.steps), ("batch_size", a.batch_size), ("lr", a.lr))
-           if not v > 0] + [f"--{k} must be in [0, 1), got {v}" for k, v in
-                            (("ema_decay", a.ema_decay), ("label_dropout", a.label_dropout)) if not 0 <= v < 1]
-    if bad:
-        p.exit(2, f"error: {bad[0]}\n")
+    bad = [f"--{k} must be > 0, got {v}" for k, v in (("steps", a.steps), ("batch_size", a.batch_size)) if not v > 0]
+    bad += [f"--lr must be a finite number > 0, got {a.lr}"] if not 0 < a.lr < float("inf") else []
+    bad += [f"--{k} must be in [0, 1), got {v}" for k, v in (("ema_decay", a.ema_decay), ("label_dropout", a.label_dropout))
+            if not 0 <= v < 1]
+    first_error(p, [*bad, lambda: output_problem("--out", a.out)])
     refuse_existing(p, a.out, os.path.join(a.out, "unet"), a.overwrite)
 
     torch.manual_seed(a.seed)
