@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from onestep.cli import Parser
+    from onestep.cli import Parser, eval_args_problem, first_error
 
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("models (none: only compute OUT/reference.npz)")
@@ -58,10 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.num_samples < 2 or a.batch_size < 1 or a.keep < 0:
         p.error("--num-samples must be >= 2, --batch-size >= 1 and --keep >= 0")
-    if not (math.isfinite(a.guidance) and a.guidance >= 0):
-        p.error(f"--guidance must be a finite number >= 0 (1: no guidance), got {a.guidance}")
-    if not 0 <= a.seed < 2**32:
-        p.error(f"--seed must be in 0..{2**32 - 1}, got {a.seed}")
+    first_error(p, [eval_args_problem(guidance=a.guidance, seed=a.seed)])
     if a.mode is not None and a.features != "inception":
         p.error("--mode is the clean-fid mode of the Inception features; add --features inception or drop --mode")
     if os.path.exists(a.out) and not os.path.isdir(a.out):

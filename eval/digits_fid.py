@@ -38,8 +38,8 @@ def cleanfid_row(m, a, reference, net) -> dict:
 
 
 def main() -> None:
-    from onestep.benchmark import (check_eval_args, evaluate_model, load_reference, parse_steps, pipeline_model,
-                                   teacher_models)
+    from onestep.benchmark import evaluate_model, load_reference, parse_steps, pipeline_model, teacher_models
+    from onestep.cli import eval_args_problem
     from onestep.errors import OnestepError
     from onestep.features import digits_extractor
 
@@ -57,7 +57,9 @@ def main() -> None:
     a = p.parse_args()
 
     try:
-        check_eval_args(a.num_samples, a.guidance, a.seed, a.json, a.pipeline)
+        problem = eval_args_problem(a.num_samples, a.guidance, a.seed, a.json, a.pipeline)
+        if problem:
+            raise OnestepError(problem)
         if a.pipeline and (a.steps or a.guidance != 1.0):
             raise OnestepError("--steps and --guidance set the teacher's sampler; a pipeline runs its own steps")
         if not os.path.isfile(os.path.join(a.classifier, "config.json")):

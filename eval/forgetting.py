@@ -18,7 +18,7 @@ import torch
 
 
 def main() -> None:
-    from onestep.benchmark import check_eval_args
+    from onestep.cli import eval_args_problem
     from onestep.forgetting import forgetting_metrics
     from onestep.errors import OnestepError
     from onestep.fid import DigitsClassifier
@@ -41,7 +41,9 @@ def main() -> None:
             forget = []
         if not forget:
             raise OnestepError(f"--forget: expected class labels like 3 or 3,5, got {a.forget!r}")
-        check_eval_args(a.num_samples, json_path=a.json, folder=a.pipeline or a.teacher)
+        problem = eval_args_problem(a.num_samples, json_path=a.json, folder=a.pipeline or a.teacher)
+        if problem:
+            raise OnestepError(problem)
         if a.pipeline and a.steps is not None:
             raise OnestepError("--steps sets the teacher's sampler; a pipeline runs its own steps")
         a.steps = 100 if a.steps is None else a.steps

@@ -44,24 +44,6 @@ def parse_steps(text: str) -> list[int]:
     return steps
 
 
-def check_eval_args(num_samples: int | None = None, guidance: float | None = None, seed: int | None = None,
-                    json_path: str | None = None, folder: str | None = None) -> None:
-    """The evaluation scripts' shared values, checked before any work (BenchmarkError: one line)."""
-    import math
-
-    if num_samples is not None and num_samples < 2:
-        raise BenchmarkError(f"--num_samples must be >= 2 (a covariance needs two samples), got {num_samples}")
-    if guidance is not None and not (math.isfinite(guidance) and guidance >= 0):
-        raise BenchmarkError(f"--guidance must be a finite number >= 0 (1: no guidance), got {guidance}")
-    if seed is not None and not 0 <= seed < 2**32:
-        raise BenchmarkError(f"--seed must be in 0..{2**32 - 1}, got {seed}")
-    if json_path and (os.path.isdir(json_path) or not os.path.isdir(os.path.dirname(os.path.abspath(json_path)))):
-        raise BenchmarkError(f"--json {json_path!r}: " + ("is a folder; pass a file name" if os.path.isdir(json_path)
-                                                        else "its folder does not exist; create it first"))
-    if folder and not os.path.isdir(folder):
-        raise BenchmarkError(f"model folder {folder!r} " + ("is a file" if os.path.exists(folder) else "does not exist"))
-
-
 def teacher_models(path: str, steps: list[int], num_samples: int, guidance: float = 1.0, seed: int = 0,
                    device="cpu") -> list[Model]:
     """A teacher (onestep.loading.load_teacher) sampled with DDIM at each step count."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -40,3 +41,19 @@ def first_error(parser: argparse.ArgumentParser, problems) -> None:
         problem = problem() if callable(problem) else problem
         if problem:
             parser.error(problem)
+
+
+def eval_args_problem(num_samples: int | None = None, guidance: float | None = None, seed: int | None = None,
+                      json_path: str | None = None, folder: str | None = None) -> str | None:
+    """What is wrong with the evaluation scripts' shared values (None: nothing), before any work."""
+    if num_samples is not None and num_samples < 2:
+        return f"--num_samples must be >= 2 (a covariance needs two samples), got {num_samples}"
+    if guidance is not None and not (math.isfinite(guidance) and guidance >= 0):
+        return f"--guidance must be a finite number >= 0 (1: no guidance), got {guidance}"
+    if seed is not None and not 0 <= seed < 2**32:
+        return f"--seed must be in 0..{2**32 - 1}, got {seed}"
+    if json_path and (problem := output_problem("--json", json_path, "file")):
+        return problem
+    if folder and not os.path.isdir(folder):
+        return f"model folder {folder!r} " + ("is a file" if os.path.exists(folder) else "does not exist")
+    return None

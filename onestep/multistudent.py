@@ -382,7 +382,7 @@ def train_students(cfg, train: Callable) -> dict | None:
                           affinity=affinity, seed=cfg.seed)
     if cfg.student_channels:
         check_channels(teacher.backbone, cfg.student_channels)
-    if main and cfg.overwrite and not cfg.resume:  # the checks above passed: now the replaced run goes
+    if main and cfg.overwrite:  # the checks above passed (--resume with it is refused): now the replaced run goes
         clear_run_dir(run_dir)
         for old in glob.glob(os.path.join(run_dir, "student_*")) + glob.glob(os.path.join(run_dir, "students")):
             shutil.rmtree(old)

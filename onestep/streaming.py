@@ -108,10 +108,10 @@ class FolderSource:
         if len({a.shape for a in arrays}) > 1 and self.resize is not None:
             arrays = [np.asarray(self.resize(a), dtype=np.float32) for a in arrays]
             arrays = [a.reshape(*a.shape[:2], -1) for a in arrays]
-        if len({a.shape for a in arrays}) > 1:
-            i, j = next((i, j) for i in range(len(arrays)) for j in range(i) if arrays[i].shape != arrays[j].shape)
-            raise SourceError(f"images of different sizes ({os.path.basename(self.files[int(idx[j])])} "
-                              f"{arrays[j].shape[1]}x{arrays[j].shape[0]}, {os.path.basename(self.files[int(idx[i])])} "
+        i = next((i for i, a in enumerate(arrays) if a.shape != arrays[0].shape), None)
+        if i is not None:  # the first image whose size differs from the batch's first
+            raise SourceError(f"images of different sizes ({os.path.basename(self.files[int(idx[0])])} "
+                              f"{arrays[0].shape[1]}x{arrays[0].shape[0]}, {os.path.basename(self.files[int(idx[i])])} "
                               f"{arrays[i].shape[1]}x{arrays[i].shape[0]}) for an extractor that takes them as they "
                               "are; resize them to one size first")
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
