@@ -56,10 +56,20 @@ class DataError(OnestepError):
 
 class RealImages(torch.utils.data.Dataset):
     """Real samples (N, C, H, W) and their conditions as {"real", "real_cond"} items: one condition per sample, or
-    (uncaptioned images of a text teacher) a random row of `cond_table` each time a sample is drawn."""
+    (uncaptioned images of a text teacher) a random row of `cond_table`, drawn anew each epoch from (seed, epoch)
+    alone, so a resumed run (and every DataLoader worker or process) pairs each image with the same prompt."""
 
-    def __init__(self, samples: torch.Tensor, conds: torch.Tensor | None = None, cond_table: torch.Tensor | None = None):
-        self.samples, self.conds, self.cond_table = samples, conds, cond_table
+    def __init__(self, samples: torch.Tensor, conds: torch.Tensor | None = None, cond_table: torch.Tensor | None = None,
+                 seed: int = 0):
+        self.samples, self.conds, self.cond_table, self.seed = samples, conds, cond_table, seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw this epoch's prompt for every uncaptioned image (called by onestep.runs.RealBatches)."""
+        self.epoch = epoch
+        if self.conds is None and self.cond_table is not None:
+            g = torch.Generator().manual_seed(hash((self.seed, epoch)) & (2**63 - 1))
+            self.prompt_rows = torch.randint(len(self.cond_table), (len(self.samples),), generator=g)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -69,7 +79,7 @@ class RealImages(torch.utils.data.Dataset):
         if self.conds is not None:
             item["real_cond"] = self.conds[i]
         elif self.cond_table is not None:
-            item["real_cond"] = self.cond_table[int(torch.randint(len(self.cond_table), ()))]
+            item["real_cond"] = self.cond_table[int(self.prompt_rows[i])]
         return item
 
 
@@ -140,10 +150,10 @@ def load_images(paths: list[str], size: int, channels: int = 3) -> torch.Tensor:
     return torch.stack(out)
 
 
-def folder_dataset(folder: ImageFolder, teacher, chunk: int = 16) -> RealImages:
+def folder_dataset(folder: ImageFolder, teacher, chunk: int = 16, seed: int = 0) -> RealImages:
     """A folder's images encoded once into the teacher's sample space (VAE latents for latent teachers), with
     their captions' cached embeddings (teacher.caption_embeds) as conditions; uncaptioned images of a text teacher
-    draw a random training prompt each time (so the condition never tells real from generated)."""
+    draw a random training prompt each epoch (so the condition never tells real from generated)."""
     if teacher.num_classes:
         raise DataError("dataset: a folder of images has no class labels for this class-conditional teacher; use "
                         "--dataset digits or a text-to-image / unconditional teacher")
@@ -160,4 +170,4 @@ def folder_dataset(folder: ImageFolder, teacher, chunk: int = 16) -> RealImages:
         return RealImages(samples)
     if folder.captions is not None:
         return RealImages(samples, conds=teacher.caption_embeds)
-    return RealImages(samples, cond_table=teacher.prompt_embeds)
+    return RealImages(samples, cond_table=teacher.prompt_embeds, seed=seed)

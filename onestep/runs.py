@@ -356,9 +356,10 @@ def reapply_hyperparameters(turns, config: dict, saved_by: int, processes: int, 
 
 
 class RealBatches:
-    """Endless batches of a (prepared) DataLoader with a checkpointable position: the RNG states its current epoch
-    drew its order from, and the number of that epoch's batches taken. Taking batches draws nothing extra, so a
-    fresh run sees the loader's own order; a resumed one replays the epoch's order and continues where it was."""
+    """Endless batches of a (prepared) DataLoader with a checkpointable position: the epoch's number, the RNG
+    states it drew its order from, and the number of its batches taken. Taking batches draws nothing extra, so a
+    fresh run sees the loader's own order; a resumed one replays the epoch's order and continues where it was.
+    A dataset with `set_epoch` (onestep.data.RealImages) is told each epoch's number."""
 
     def __init__(self, loader):
         batches = loader.batch_sampler  # DDP: accelerate's BatchSamplerShard around the loader's BatchSampler
@@ -367,7 +368,7 @@ class RealBatches:
         self.loader = loader
         self.sampler_generator = getattr(getattr(batches, "sampler", None), "generator", None)  # DDP: synchronised
         self.epoch_rng = self.epoch_generator = None
-        self.offset, self._restored = 0, False
+        self.epoch, self.offset, self._restored = -1, 0, False
         self._batches = self._iterate()
 
     def __iter__(self):
@@ -380,6 +381,8 @@ class RealBatches:
         it = self._replay() if self._restored else None
         while True:
             if it is None:
+                self.epoch += 1
+                self._set_epoch()
                 self.epoch_rng = torch.get_rng_state()
                 self.epoch_generator = None if self.sampler_generator is None else self.sampler_generator.get_state()
                 self.offset, it = 0, iter(self.loader)
@@ -390,6 +393,7 @@ class RealBatches:
 
     def _replay(self):
         """The saved epoch's iterator, advanced past the batches already taken (the live RNG state is kept)."""
+        self._set_epoch()
         live = torch.get_rng_state()
         torch.set_rng_state(self.epoch_rng)
         if self.epoch_generator is not None and self.sampler_generator is not None:
@@ -400,10 +404,14 @@ class RealBatches:
         torch.set_rng_state(live)
         return it
 
+    def _set_epoch(self) -> None:
+        if hasattr(self.loader.dataset, "set_epoch"):
+            self.loader.dataset.set_epoch(self.epoch)
+
     def state_dict(self) -> dict:
         if self.epoch_rng is None:
             return {}
-        out = {"epoch_rng": self.epoch_rng, "offset": torch.tensor(self.offset)}
+        out = {"epoch_rng": self.epoch_rng, "offset": torch.tensor(self.offset), "epoch": torch.tensor(self.epoch)}
         if self.epoch_generator is not None:
             out["epoch_generator"] = self.epoch_generator
         return out
@@ -413,6 +421,7 @@ class RealBatches:
         if "epoch_rng" in state and int(state["offset"]) > 0:
             self.epoch_rng, self.epoch_generator = state["epoch_rng"], state.get("epoch_generator")
             self.offset, self._restored = int(state["offset"]), True
+            self.epoch = int(state.get("epoch", 0))  # checkpoints from before the epoch was saved: epoch 0
 
 
 def flatten_state(tree: dict, prefix: str = "") -> dict:

@@ -90,8 +90,11 @@ def test_uncaptioned_images_draw_a_training_prompt(sd_teacher, tmp_path):
     write_images(tmp_path / "data", None)
     teacher = load_teacher(sd_teacher, prompts=PROMPTS)
     data = folder_dataset(read_image_folder(str(tmp_path / "data")), teacher)
-    torch.manual_seed(0)
-    drawn = torch.stack([data[i % 4]["real_cond"] for i in range(24)])
+    drawn = []
+    for epoch in range(6):  # a new draw each epoch, from (seed, epoch) alone
+        data.set_epoch(epoch)
+        drawn += [data[i]["real_cond"] for i in range(4)]
+    drawn = torch.stack(drawn)
     rows = [next(j for j in range(len(PROMPTS)) if torch.equal(c, teacher.prompt_embeds[j])) for c in drawn]
     assert set(rows) == set(range(len(PROMPTS)))  # every training prompt, never the null condition
 

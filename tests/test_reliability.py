@@ -209,6 +209,35 @@ def test_real_batches_resume_mid_epoch_replays_the_same_stream():
     assert not all(torch.equal(next(plain)[0], y) for y in expected[:2])  # the position is what makes them equal
 
 
+def test_uncaptioned_real_images_keep_their_prompts_across_a_resume():
+    """Uncaptioned images of a text teacher draw a prompt per epoch from (seed, epoch): after a restore, in a process
+    with another RNG history, the batches and their prompts equal the uninterrupted stream's, and epochs differ."""
+    from onestep.data import RealImages
+
+    data = RealImages(torch.arange(12.0).reshape(12, 1, 1, 1), cond_table=torch.arange(5.0).reshape(5, 1) * 10, seed=3)
+    loader = torch.utils.data.DataLoader(data, batch_size=4, shuffle=True, drop_last=True)  # 3 batches per epoch
+    torch.manual_seed(0)
+    stream = runs.RealBatches(loader)
+    for _ in range(4):
+        next(stream)
+        torch.rand(5)
+    state, live = stream.state_dict(), torch.get_rng_state()
+    assert int(state["epoch"]) == 1 and int(state["offset"]) == 1
+    expected = [next(stream) for _ in range(6)]
+
+    torch.manual_seed(123)
+    fresh = RealImages(data.samples, cond_table=data.cond_table, seed=3)
+    restored = runs.RealBatches(torch.utils.data.DataLoader(fresh, batch_size=4, shuffle=True, drop_last=True))
+    restored.load_state_dict(state)
+    torch.set_rng_state(live)
+    got = [next(restored) for _ in range(6)]
+    assert all(torch.equal(g[k], e[k]) for g, e in zip(got, expected) for k in ("real", "real_cond"))
+    prompts = [{int(r): float(c) for r, c in zip(b["real"].flatten(), b["real_cond"].flatten())} for b in expected]
+    epoch1, epoch2 = {**prompts[0], **prompts[1]}, {**prompts[2], **prompts[3], **prompts[4]}
+    assert any(epoch1[i] != epoch2[i] for i in epoch1.keys() & epoch2.keys())  # a new draw each epoch
+    assert len(set(epoch2.values())) > 1  # a prompt per image, not one per epoch
+
+
 def _writes(ckpt_dir: str) -> set:
     """Checkpoint writes in progress (step_N.tmp folders), each identified by name, inode and creation time."""
     out = set()

@@ -135,7 +135,7 @@ def train(cfg, backbone=None, router=None, fake_backbone=None, own=None):
     loader = None
     if method.needs_real_images:
         if folder is not None:  # encoded once into the teacher's sample space (VAE latents), with caption embeddings
-            data = folder_dataset(folder, teacher)
+            data = folder_dataset(folder, teacher, seed=cfg.seed)
             data = own_real_images(data, *own) if own and data.conds is not None else data
         elif cfg.dataset != "digits" or shape != (1, 8, 8):
             raise ConfigError(f"dataset: method {cfg.method!r} needs real images; this teacher makes {shape}: pass "
