@@ -9,7 +9,8 @@
 
 Every model draws the same samples: sample i from noise seed + i, class i % K, quantised to 8 bits as a
 PNG would store it, and streamed through the feature extractor into float64 moments (no files). Columns:
-FID; KID, precision and recall (k = 3 nearest-neighbour manifolds) on the first --keep samples; class
+FID; KID, precision and recall (k = 3 nearest-neighbour manifolds) on --keep samples (each model's first;
+of a folder reference, a seeded random subset, since files sorted by name are often sorted by class); class
 accuracy and class-coverage entropy (1.0 = all classes equally often) with the digits classifier;
 sampling seconds per image. Writes OUT/benchmark.md, OUT/benchmark.json, OUT/benchmark.png (FID vs NFE
 and vs seconds per image) and OUT/reference.npz (reuse it with --reference OUT/reference.npz; loading
@@ -57,6 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.num_samples < 2 or a.batch_size < 1 or a.keep < 0:
         p.error("--num-samples must be >= 2, --batch-size >= 1 and --keep >= 0")
+    if a.keep and min(a.keep, a.num_samples) <= 3:
+        p.error(f"--keep {a.keep} with --num-samples {a.num_samples}: KID and precision / recall (k = 3 nearest "
+                "neighbours) need more than 3 features of each model; raise both above 3, or --keep 0 for FID only")
     first_error(p, [eval_args_problem(guidance=a.guidance, seed=a.seed)])
     if a.mode is not None and a.features != "inception":
         p.error("--mode is the clean-fid mode of the Inception features; add --features inception or drop --mode")

@@ -14,10 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import resource
-import subprocess
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARMS = ("base", "disback")
@@ -36,29 +33,17 @@ def run_command(arm: str, seed: int, a, extra: list[str]) -> list[str]:
 
 
 def run_all(a, extra: list[str]) -> None:
-    """Run the missing (arm, seed) runs, `jobs` at a time, at most one DisBack run at a time."""
-    todo = [(arm, s) for s in a.seeds for arm in ARMS if not os.path.isfile(os.path.join(a.out, f"{arm}-s{s}", "metrics.json"))]
-    running: list[tuple[str, subprocess.Popen]] = []
-    while todo or running:
-        busy = {arm for arm, _ in running}
-        ready = [job for job in todo if not (job[0] == "disback" and "disback" in busy)]
-        if ready and len(running) < a.jobs:
-            arm, seed = ready[0]
-            todo.remove((arm, seed))
-            log = open(os.path.join(a.out, f"{arm}-s{seed}.log"), "w")
-            env = {**os.environ, "OMP_NUM_THREADS": str(a.cpu_threads), "HF_HUB_OFFLINE": "1"}
-            print(f"start {arm} seed {seed}", flush=True)
-            running.append((arm, subprocess.Popen(run_command(arm, seed, a, extra), cwd=ROOT, env=env, stdout=log,
-                                                   stderr=subprocess.STDOUT)))
-            continue
-        time.sleep(2)
-        for job in [j for j in running if j[1].poll() is not None]:
-            running.remove(job)
-            if job[1].returncode:
-                raise SystemExit(f"error: a {job[0]} run failed (exit {job[1].returncode}); see the .log files in {a.out}")
-    use = resource.getrusage(resource.RUSAGE_CHILDREN)
+    """Run the missing (arm, seed) runs, `jobs` at a time, at most one DisBack run at a time; the first failure
+    stops the others."""
+    from onestep.launch import Job, run_jobs
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(a.cpu_threads), "HF_HUB_OFFLINE": "1"}
+    jobs = [Job(f"{arm}-s{s}", run_command(arm, s, a, extra), os.path.join(a.out, f"{arm}-s{s}.log"), env, ROOT)
+            for s in a.seeds for arm in ARMS if not os.path.isfile(os.path.join(a.out, f"{arm}-s{s}", "metrics.json"))]
+    cpu = run_jobs(jobs, a.jobs, may_start=lambda job, running: not (
+        job.name.startswith("disback-") and any(r.startswith("disback-") for r in running)))
     with open(os.path.join(a.out, "cpu_seconds.json"), "w") as f:  # CPU time of the runs this call started
-        json.dump({"cpu_seconds": round(use.ru_utime + use.ru_stime, 1), "jobs": a.jobs}, f)
+        json.dump({"cpu_seconds": round(sum(cpu.values()), 1), "jobs": a.jobs}, f)
 
 
 def first_reaching(curve: list[dict], fid: float) -> int | None:

@@ -15,9 +15,7 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {
@@ -38,27 +36,13 @@ def run_command(variant: str, seed: int, a) -> list[str]:
 
 
 def train_all(runs: list[tuple[str, int]], a) -> None:
-    """Run the missing runs, at most a.jobs at a time; stop at the first failure."""
-    todo = [r for r in runs if not os.path.exists(os.path.join(a.out, f"{r[0]}-s{r[1]}", "metrics.json"))]
-    active: list[tuple[subprocess.Popen, str]] = []
+    """Run the missing runs, at most a.jobs at a time; the first failure stops the others."""
+    from onestep.launch import Job, run_jobs
+
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",  # the onestep beside this script
            "PYTHONPATH": os.pathsep.join([ROOT, *filter(None, [os.environ.get("PYTHONPATH")])])}
-    while todo or active:
-        while todo and len(active) < a.jobs:
-            variant, seed = todo.pop(0)
-            name = f"{variant}-s{seed}"
-            os.makedirs(a.out, exist_ok=True)
-            log = open(os.path.join(a.out, f"{name}.log"), "w")
-            print(f"start {name}: {' '.join(run_command(variant, seed, a)[1:])}", flush=True)
-            active.append((subprocess.Popen(run_command(variant, seed, a), cwd=ROOT, env=env, stdout=log,
-                                            stderr=subprocess.STDOUT), name))
-        time.sleep(2)
-        for proc, name in list(active):
-            if proc.poll() is not None:
-                active.remove((proc, name))
-                if proc.returncode:
-                    raise SystemExit(f"error: run {name} failed (exit {proc.returncode}); see {a.out}/{name}.log")
-                print(f"done {name}", flush=True)
+    run_jobs([Job(f"{v}-s{s}", run_command(v, s, a), os.path.join(a.out, f"{v}-s{s}.log"), env, ROOT) for v, s in runs
+              if not os.path.exists(os.path.join(a.out, f"{v}-s{s}", "metrics.json"))], a.jobs)
 
 
 def score(run_dir: str, num_samples: int, classifier) -> dict:

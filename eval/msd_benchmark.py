@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -35,31 +34,24 @@ ROWS = {  # name: (label, K, further distill.py options)
 }
 
 
-def launch(name: str, args, out: str) -> subprocess.Popen:
+def job(name: str, args, out: str):
+    """The training run of one row."""
+    from onestep.launch import Job
+
     label, k, options = ROWS[name]
     extra = ["--students", str(k)] + [a.format(channels=args.student_channels, tsm=args.tsm_steps, joint=args.steps * k)
                                       for a in options]
     cmd = [sys.executable, os.path.join(ROOT, "train", "distill.py"), "--steps", str(args.steps), "--cpu_threads", "1",
            "--eval_samples", str(args.eval_samples), "--teacher_eval_steps", "1", "--sample_every", "0",
            "--checkpoint_every", "0", "--output_dir", out, "--name", name, "--overwrite", "--seed", str(args.seed), *extra]
-    log = open(os.path.join(out, f"{name}.log"), "w")
-    print(" ".join(cmd[1:]), flush=True)
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return Job(name, cmd, os.path.join(out, f"{name}.log"), {**os.environ, "OMP_NUM_THREADS": "1"}, ROOT)
 
 
 def run_all(names: list[str], args, out: str) -> dict:
-    """Run the rows, at most args.jobs at a time; returns {name: CPU seconds}."""
-    pending, running, cpu = list(names), {}, {}
-    while pending or running:
-        while pending and len(running) < args.jobs:
-            name = pending.pop(0)
-            running[launch(name, args, out).pid] = name
-        pid, status, usage = os.wait4(-1, 0)
-        name = running.pop(pid)
-        if os.waitstatus_to_exitcode(status) != 0:
-            raise SystemExit(f"run {name} failed; see {os.path.join(out, name + '.log')}")
-        cpu[name] = round(usage.ru_utime + usage.ru_stime, 1)
-    return cpu
+    """Run the rows, at most args.jobs at a time (the first failure stops the others); returns {name: CPU seconds}."""
+    from onestep.launch import run_jobs
+
+    return run_jobs([job(name, args, out) for name in names], args.jobs)
 
 
 def seconds_per_image(sample, n: int = 1000, batch: int = 250) -> float:

@@ -82,7 +82,8 @@ def match_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
     if x.shape[1] == 3 and channels == 1:
         w = torch.tensor([19595, 38470, 7471], device=x.device).view(1, 3, 1, 1)  # PIL's fixed-point weights (/ 2^16)
         return (((x.round().long() * w).sum(1, keepdim=True) + 0x8000) >> 16).to(x.dtype)
-    raise FeatureError(f"images have {x.shape[1]} channels; this extractor takes {channels}")
+    raise FeatureError(f"images have {x.shape[1]} channels; this extractor takes {channels} (1 and 3 convert); save "
+                       "them as RGB or greyscale")
 
 
 def digits_extractor(classifier, device="cpu") -> Extractor:

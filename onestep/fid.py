@@ -94,6 +94,11 @@ class FeatureStats:
 
     def moments(self) -> tuple[np.ndarray, np.ndarray]:
         """(mean, unbiased covariance), as numpy's np.cov(rowvar=False) would give."""
+        if self.n < 2:
+            from .errors import OnestepError
+
+            raise OnestepError(f"feature statistics of {self.n} image(s): a covariance needs at least 2; add images "
+                               "or samples")
         return self.mean.cpu().numpy(), (self.m2 / (self.n - 1)).cpu().numpy()
 
 
@@ -113,6 +118,16 @@ def image_moments(images: Iterable[torch.Tensor], extractor: Callable[[torch.Ten
         stats = stats or FeatureStats(f.shape[1])
         stats.update(f)
     return stats.moments()
+
+
+def digits_moments(classifier: DigitsClassifier, classes=None, device="cpu"):
+    """The FID reference: feature moments of the 1797 digits, or of those of `classes` (a run on some classes)."""
+    from .data import load_digits
+
+    x, y = load_digits("all")
+    if classes:
+        x = x[torch.isin(y, torch.as_tensor(list(classes)))]
+    return image_moments([x.to(device)], classifier.features)
 
 
 class CleanFIDFeatures(nn.Module):
@@ -164,16 +179,22 @@ def best_of_steps(runs: dict) -> dict:
 
 def evaluate_samples(sample: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor], classifier: DigitsClassifier,
                      reference: tuple[np.ndarray, np.ndarray], num_samples: int, sample_shape, num_classes: int | None,
-                     batch_size: int = 250, seed: int = 0, device="cpu") -> dict:
-    """Digits-FID, class accuracy and coverage entropy of `sample(z, labels)`; sample i: noise seed + i, label i % K."""
+                     batch_size: int = 250, seed: int = 0, device="cpu", class_ids=None) -> dict:
+    """Digits-FID, class accuracy and coverage entropy of `sample(z, labels)`; sample i: noise seed + i, label
+    i % K, or with `class_ids` (a run on some classes; K = len(class_ids)) label class_ids[i % K]."""
     from .features import digits_extractor
     from .metrics import class_metrics
     from .streaming import GeneratorSource, stream_features
 
+    ids = None if class_ids is None else torch.as_tensor(class_ids, dtype=torch.long).reshape(-1)
+    if ids is not None:
+        num_classes, plain = len(ids), sample
+        sample = lambda z, y: plain(z, None if y is None else ids.to(y.device)[y])  # noqa: E731
     src = GeneratorSource(sample, num_samples, sample_shape, num_classes, seed, device)
     r = stream_features(src, digits_extractor(classifier, device), batch_size)
     out = {"fid": frechet_distance(r.stats.moments(), reference), "num_samples": num_samples}
     if num_classes:
-        m = class_metrics(r.predictions, r.labels, classifier.config.num_classes)
+        labels = r.labels if ids is None else ids.numpy()[r.labels]
+        m = class_metrics(r.predictions, labels, classifier.config.num_classes, None if ids is None else ids.tolist())
         out.update(class_accuracy=m["class_accuracy"], coverage_entropy=m["coverage_entropy"])
     return out

@@ -207,8 +207,7 @@ def load_teacher(spec: str, dtype: torch.dtype = torch.float32, device="cpu", *,
     if name == "UNet2DModel" and cfg.get("num_class_embeds"):
         null_class = extra.get("null_class")
         num_classes = extra.get("num_classes", cfg["num_class_embeds"] - (1 if null_class is not None else 0))
-    size = cfg.get("sample_size", 32)
-    size = size if isinstance(size, int) else size[0]
+    size = square_size(cfg.get("sample_size", 32), root)
     shape = (cfg.get("in_channels", 3), size, size)
     if text:
         return _load_text_teacher(root, backbone, schedule, sched_cfg, prompts, frozen_dtype or dtype, device,
@@ -216,6 +215,16 @@ def load_teacher(spec: str, dtype: torch.dtype = torch.float32, device="cpu", *,
     null_cond = null_class
     denoiser = Denoiser(backbone, schedule, null_cond=null_cond)
     return Teacher(denoiser, sched_cfg, root, shape, num_classes, null_class, {"backbone": name, **extra})
+
+
+def square_size(sample_size, root: str) -> int:
+    """A UNet config's sample_size as one side; non-square samples are refused (a student draws square noise)."""
+    if isinstance(sample_size, int):
+        return sample_size
+    if len(sample_size) != 2 or sample_size[0] != sample_size[1]:
+        raise TeacherError(f"teacher {root!r} makes non-square samples (sample_size {list(sample_size)}); onestep "
+                           "distils teachers of square samples (its students draw square noise)")
+    return int(sample_size[0])
 
 
 def _is_sdxl(index: dict, unet_cfg: dict) -> bool:
@@ -290,7 +299,7 @@ def _load_text_teacher(root, unet, schedule, sched_cfg, prompts, frozen_dtype, d
     if vae.config.latent_channels != unet.config.in_channels:
         raise TeacherError(f"the UNet of {root!r} takes {unet.config.in_channels} channels but the VAE makes "
                            f"{vae.config.latent_channels}; onestep distils text-to-image UNets (not inpainting ones)")
-    size = unet.config.sample_size if isinstance(unet.config.sample_size, int) else unet.config.sample_size[0]
+    size = square_size(unet.config.sample_size, root)
     shape = (unet.config.in_channels, size, size)  # the latent; images are 2^(len(VAE blocks)-1) times larger
     image_size = size * 2 ** (len(vae.config.block_out_channels) - 1)
 

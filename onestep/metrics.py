@@ -4,12 +4,21 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .errors import OnestepError
+
+
+class MetricsError(OnestepError):
+    """Too few features for a metric, with a message that says how to get more."""
+
 
 def kid(real: np.ndarray, fake: np.ndarray, num_subsets: int = 100, max_subset_size: int = 1000,
         seed: int = 0) -> float:
     """KID by clean-fid's `kernel_distance` (float32 features, as clean-fid gives it), subsets drawn from `seed`."""
     from cleanfid.fid import kernel_distance
 
+    if min(len(real), len(fake)) < 2:
+        raise MetricsError(f"KID: {len(real)} reference and {len(fake)} generated feature rows; it needs at least 2 of "
+                           "each (keep more samples' features: --keep)")
     state = np.random.get_state()
     np.random.seed(seed)
     try:
@@ -20,6 +29,9 @@ def kid(real: np.ndarray, fake: np.ndarray, num_subsets: int = 100, max_subset_s
 
 def knn_radii(x: torch.Tensor, k: int = 3, chunk: int = 1024) -> torch.Tensor:
     """Distance from each row of x to its k-th nearest other row (the radius of its k-NN ball)."""
+    if len(x) <= k:
+        raise MetricsError(f"precision / recall: {len(x)} feature rows, but the k-NN radius needs more than k = {k}; "
+                           f"keep more samples' features (--keep > {k})")
     return torch.cat([torch.cdist(c, x).kthvalue(k + 1, dim=1).values for c in x.split(chunk)])
 
 
@@ -38,18 +50,21 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3, chunk: int 
     return precision, recall
 
 
-def class_metrics(predictions: np.ndarray, labels: np.ndarray | None, num_classes: int) -> dict:
-    """Class accuracy (overall and per class, when labels are known) and class-coverage entropy.
+def class_metrics(predictions: np.ndarray, labels: np.ndarray | None, num_classes: int,
+                  classes: list[int] | None = None) -> dict:
+    """Class accuracy (overall and per class of `classes`, when labels are known) and class-coverage entropy.
 
-    Coverage entropy: entropy of the predicted-class histogram over log(num_classes); 1.0 = every class
-    equally often, lower = some classes missing or over-produced (mode collapse shows here first).
+    `classes`: the classes the generator was asked for (default: all `num_classes`). Coverage entropy: entropy of
+    the histogram of predictions among them over log(len(classes)); 1.0 = every class equally often, lower = some
+    missing or over-produced (mode collapse shows here first); predictions outside them count against the accuracy
+    only; None for a single class.
     """
-    hist = np.bincount(predictions, minlength=num_classes)[:num_classes] / len(predictions)
-    p = hist[hist > 0]
-    out = {"coverage_entropy": float(-(p * np.log(p)).sum() / np.log(num_classes))}
+    classes = list(range(num_classes)) if classes is None else [int(c) for c in classes]
+    counts = np.bincount(predictions, minlength=num_classes)[classes]
+    p = counts[counts > 0] / max(int(counts.sum()), 1)
+    out = {"coverage_entropy": float((p * np.log(1 / p)).sum() / np.log(len(classes))) if len(classes) > 1 else None}
     if labels is not None:
         hit = predictions == labels
         out["class_accuracy"] = float(hit.mean())
-        out["per_class_accuracy"] = [float(hit[labels == c].mean()) if (labels == c).any() else None
-                                     for c in range(num_classes)]
+        out["per_class_accuracy"] = [float(hit[labels == c].mean()) if (labels == c).any() else None for c in classes]
     return out

@@ -486,16 +486,14 @@ def train_students(cfg, train: Callable) -> dict | None:
 def digits_scores(sample: Callable, teacher, classifier, classes: list[int], cfg, device) -> tuple[dict, dict]:
     """Digits-FID and class metrics of `sample(z, labels)` and of the teacher at each of cfg.teacher_eval_steps (the
     best kept), as the single-student run scores them (sample i: noise seed i, class classes[i mod C])."""
-    from .data import load_digits
-    from .fid import best_of_steps, evaluate_samples, image_moments
+    from .fid import best_of_steps, digits_moments, evaluate_samples
     from .sampling import sample_teacher
 
-    reference = image_moments([load_digits("all")[0].to(device)], classifier.features)
-    class_ids = torch.tensor(classes, device=device)
+    reference = digits_moments(classifier, classes, device)  # the digits of the run's classes
 
     def evaluate(fn) -> dict:
-        return evaluate_samples(lambda z, y: fn(z, class_ids[y]), classifier, reference, cfg.eval_samples,
-                                teacher.sample_shape, len(classes), device=device)
+        return evaluate_samples(fn, classifier, reference, cfg.eval_samples, teacher.sample_shape, len(classes),
+                                device=device, class_ids=classes)
 
     runs = {n: {**evaluate(lambda z, y, n=n: sample_teacher(teacher.denoiser, z, y, n)), "nfe": n}
             for n in cfg.teacher_eval_steps}

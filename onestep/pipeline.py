@@ -6,6 +6,7 @@ eps-model is exactly the student's output (up to LCM's boundary scalings, c_skip
 `onestep.nasa` adds negative-prompt steering (NASA) to such a stock pipeline at inference.
 """
 import json
+import os
 from typing import Optional
 
 import torch
@@ -66,22 +67,25 @@ class OneStepPipeline(DiffusionPipeline):
             raise ValueError(f"num_inference_steps must be in 1..{gen.num_steps} for this student, got {steps}")
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(f"a list of generators needs one per image: {len(generator)} for a batch of {batch_size}")
 
         # 2. Prepare noise
-        cfg = self.unet.config
+        cfg, device = self.unet.config, self._execution_device
         size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
         shape = (batch_size, cfg.in_channels, size, size)
         if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
 
-        # 3. Run the student (re-noising between steps for few-step students)
+        # 3. Run the student. A few-step student's re-noising between steps is drawn from `generator`, or without
+        #    one from each image's own starting noise (onestep.generator.noise_from: what evaluation measures)
         def noise(x):
             return randn_tensor(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
-        labels = None if labels is None else labels.to(self.device)
-        image = gen.sample(latents.to(self.device), labels, steps, noise)
+        labels = None if labels is None else labels.to(device)
+        image = gen.sample(latents.to(device), labels, steps, None if generator is None else noise)
 
         # 4. Post-process
         image = self.image_processor.postprocess(image.clamp(-1, 1), output_type=output_type)
@@ -157,26 +161,38 @@ def export_pipeline(generator: Generator, scheduler_config: dict, out_dir: str, 
     if (num_classes is None and sch.kind == "vp" and generator.num_steps == 1
             and int(generator.timesteps[0]) == sch.num_train_timesteps - 1):
         ddim = DDIMScheduler.from_config(scheduler_config, timestep_spacing="trailing", set_alpha_to_one=True,
-                                         clip_sample=True, clip_sample_range=generator.clip_sample or 1.0)
+                                         clip_sample=True, clip_sample_range=generator.clip_sample or 1.0,
+                                         thresholding=False)  # the student's clip, not the teacher's thresholding
         diffusers.DDIMPipeline(unet=unet, scheduler=ddim).save_pretrained(out_dir + "-ddim", safe_serialization=True)
         written.append(out_dir + "-ddim")
     return written
 
 
+def _exported_class(metrics: dict) -> str:
+    """The pipeline class of the run's first export folder ("" if unknown)."""
+    try:
+        with open(os.path.join(metrics["export"][0], "model_index.json")) as f:
+            return str(json.load(f).get("_class_name", ""))
+    except (KeyError, IndexError, TypeError, OSError, ValueError):
+        return ""
+
+
 def model_card(metrics: dict, run_dir_name: str, has_ddim: bool) -> str:
     """A README.md for the export folder: what it is, how to load it, what was measured."""
     student, teacher = metrics.get("student", {}), metrics.get("teacher", {})
-    cond = metrics.get("num_classes")
+    cond, nfe = metrics.get("num_classes"), student.get("nfe") or 1
     call = "pipe(class_labels=[0, 1, 2, 3]).images" if cond else "pipe(batch_size=4).images"
     lines = [
         "---", "library_name: diffusers", "tags: [onestep, distillation, one-step]", "---", "",
-        f"# One-step student distilled with onestep ({metrics.get('method')})", "",
+        f"# {'One' if nfe == 1 else nfe}-step student distilled with onestep ({metrics.get('method')})", "",
         f"Teacher: `{metrics.get('teacher_path')}`; {metrics.get('steps')} training iterations.", "",
     ]
     if metrics.get("pipeline_call"):  # a stock text-to-image pipeline: no onestep import
-        lines += ["Stock diffusers, no onestep import, one network evaluation (guidance is distilled in: keep "
-                  "`guidance_scale` at 1):", "", "```python", "from diffusers import DiffusionPipeline",
-                  f"pipe = DiffusionPipeline.from_pretrained(\"{run_dir_name}/pipeline\")",
+        xl = "XL" in _exported_class(metrics)  # SDXL: no invisible watermark over the student's own pixels
+        lines += [f"Stock diffusers, no onestep import, {nfe} network evaluation{'s' * (nfe > 1)} (guidance is "
+                  "distilled in: keep `guidance_scale` at 1):", "", "```python", "from diffusers import DiffusionPipeline",
+                  f"pipe = DiffusionPipeline.from_pretrained(\"{run_dir_name}/pipeline\""
+                  f"{', add_watermarker=False' if xl else ''})",
                   f"image = {metrics['pipeline_call']}.images[0]", "```", "",
                   "Negative prompts at inference (NASA, training-free; needs onestep): "
                   "`NASA(pipe)(\"a photo of a cat\", negative_prompt=\"blurry\", strength=0.04, ...)` with "
@@ -192,7 +208,7 @@ def model_card(metrics: dict, run_dir_name: str, has_ddim: bool) -> str:
     if metrics.get("feature_extractor"):  # FID was measured
         lines += ["| model | NFE | FID | class accuracy |", "|---|---|---|---|",
                   f"| teacher | {teacher.get('nfe')} | {format_figure(teacher.get('fid'))} | {format_figure(teacher.get('class_accuracy'))} |",
-                  f"| student | 1 | {format_figure(student.get('fid'))} | {format_figure(student.get('class_accuracy'))} |", "",
+                  f"| student | {nfe} | {format_figure(student.get('fid'))} | {format_figure(student.get('class_accuracy'))} |", "",
                   f"FID features: {metrics.get('feature_extractor')}, {metrics.get('num_samples')} samples.", ""]
     forgot = metrics.get("forgetting")
     if forgot:  # a forgetting method (SFD): what was forgotten, and how well

@@ -79,7 +79,10 @@ class MultiStudentPipeline:
             return cls(router, [OneStepPipeline.from_pretrained(os.path.join(folder, f"student_{i}")) for i in range(k)])
         from diffusers import DiffusionPipeline, UNet2DConditionModel
 
-        base = DiffusionPipeline.from_pretrained(os.path.join(folder, "student_0"))
+        with open(os.path.join(folder, "student_0", "model_index.json")) as f:
+            xl = "XL" in json.load(f).get("_class_name", "")
+        base = DiffusionPipeline.from_pretrained(os.path.join(folder, "student_0"),  # SDXL: the students' own pixels
+                                                 **({"add_watermarker": False} if xl else {}))
         unets = [base.unet] + [UNet2DConditionModel.from_pretrained(os.path.join(folder, f"student_{i}", "unet"))
                                for i in range(1, k)]
         return cls(router, base=base, unets=unets, stock_call=layout["stock_call_kwargs"])
@@ -103,7 +106,7 @@ class MultiStudentPipeline:
 
     @property
     def device(self) -> torch.device:
-        return self.pipes[0].device if self.pipes else self.base.device
+        return self.pipes[0]._execution_device if self.pipes else self.base._execution_device
 
     def students(self) -> list[Generator]:
         """The class-conditional students as onestep Generators (index k: student k)."""
@@ -111,7 +114,7 @@ class MultiStudentPipeline:
 
     @torch.no_grad()
     def __call__(self, class_labels=None, prompt: str | list[str] | None = None, latents: torch.Tensor | None = None,
-                 generator: torch.Generator | None = None, num_inference_steps: int | None = None,
+                 generator: torch.Generator | list | None = None, num_inference_steps: int | None = None,
                  output_type: str = "pil", return_dict: bool = True):
         """One image per class label (or prompt), each made by its own student; images in input order."""
         # 1. Check inputs and route
@@ -126,9 +129,12 @@ class MultiStudentPipeline:
                 raise ValueError("these students are text-to-image: pass prompt")
             cond = self._encode([prompt] if isinstance(prompt, str) else list(prompt))
         route = self.router.route(cond)
+        if isinstance(generator, list) and len(generator) != len(cond):
+            raise ValueError(f"a list of generators needs one per image: {len(generator)} for {len(cond)} images")
 
-        # 2. Noise for the whole batch first, so sample i's starting noise does not depend on the routing (few-step
-        #    students draw their re-noising noise from `generator` student by student, as diffusers pipelines do)
+        # 2. Noise for the whole batch first, so sample i's starting noise does not depend on the routing. Few-step
+        #    students re-noise from `generator` student by student as diffusers pipelines do (a list: each image's
+        #    own, routing-independent), without one from each image's own starting noise (routing-independent)
         shape = (len(cond), *self._sample_shape())
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
@@ -139,7 +145,8 @@ class MultiStudentPipeline:
         images = None
         for k in route.unique().tolist():
             m = (route == k).nonzero().squeeze(1)
-            x = self._run(k, cond[m], latents[m.to(latents.device)], generator, num_inference_steps)
+            gen = [generator[i] for i in m.tolist()] if isinstance(generator, list) else generator
+            x = self._run(k, cond[m], latents[m.to(latents.device)], gen, num_inference_steps)
             images = x.new_empty((len(cond), *x.shape[1:])) if images is None else images
             images[m.to(x.device)] = x
 
@@ -189,15 +196,17 @@ class MultiStudentPipeline:
 def model_card_multi(metrics: dict, run_dir_name: str) -> str:
     """A README.md for the multi-student export: the students, their conditions, how to call them, what was measured."""
     k, student, teacher = metrics["students"], metrics.get("student", {}), metrics.get("teacher", {})
+    nfe = student.get("nfe") or 1
     call = "pipe(prompt=[\"a photo of a cat\", \"a red car\"]).images" if metrics.get("text_to_image") else \
         "pipe(class_labels=[0, 1, 2, 3]).images"
     together = ("of the students together (one shared fake score; each batch split among them)"
                 if metrics.get("shared_fake_score") else "per student")
     lines = ["---", "library_name: diffusers", "tags: [onestep, distillation, one-step, multi-student]", "---", "",
-             f"# {k} one-step students distilled with onestep ({metrics.get('method')}, multi-student)", "",
+             f"# {k} {'one' if nfe == 1 else nfe}-step students distilled with onestep ({metrics.get('method')}, "
+             "multi-student)", "",
              f"Teacher: `{metrics.get('teacher_path')}`; {metrics.get('steps')} training iterations {together}. Each "
-             f"sample is made by the one student its condition routes to ({metrics['router']['kind']} router): one "
-             "network evaluation per sample.", "",
+             f"sample is made by the one student its condition routes to ({metrics['router']['kind']} router): {nfe} "
+             f"network evaluation{'s' * (nfe > 1)} per sample.", "",
              "```python", "from onestep.pipeline_multi import MultiStudentPipeline",
              f"pipe = MultiStudentPipeline.from_pretrained(\"{run_dir_name}/pipeline\")", f"images = {call}", "```", "",
              "| student | conditions | parameters |", "|---|---|---|"]
@@ -205,7 +214,7 @@ def model_card_multi(metrics: dict, run_dir_name: str) -> str:
               for r in metrics["per_student"]]
     lines += ["", f"Teacher parameters: {metrics['parameters']['teacher']:,}.", ""]
     if metrics.get("feature_extractor"):
-        rows = [("teacher", teacher.get("nfe"), teacher), (f"{k} students", 1, student)]
+        rows = [("teacher", teacher.get("nfe"), teacher), (f"{k} students", nfe, student)]
         lines += ["| model | NFE | FID | class accuracy |", "|---|---|---|---|"]
         lines += [f"| {name} | {nfe} | {format_figure(r['fid'])} | {format_figure(r.get('class_accuracy', 0))} |"
                   for name, nfe, r in rows if r.get("fid") is not None]  # no teacher row under --teacher_eval_steps []

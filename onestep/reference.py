@@ -46,11 +46,14 @@ class Reference:
     def load(cls, path: str, extractor: Extractor | None = None) -> "Reference":
         """Read a file written by `save`; refuse it if it was made with another extractor or mode."""
         if not os.path.isfile(path):
-            raise ReferenceError(f"reference statistics {path!r} do not exist")
+            raise ReferenceError(f"reference statistics {path!r} do not exist; make them with eval/benchmark.py "
+                                 "--reference FOLDER --out DIR (writes DIR/reference.npz), or pass a folder or digits")
         try:
             with np.load(path) as z:
                 if "meta" not in z:
-                    raise ReferenceError(f"{path} has no onestep metadata (extractor, mode); recompute it")
+                    raise ReferenceError(f"{path} has no onestep metadata (extractor, mode); recompute it from the "
+                                         "images (eval/benchmark.py --reference FOLDER --out DIR), or for clean-fid's "
+                                         "statistics pass --reference cleanfid:NAME:RES[:SPLIT]")
                 ref = cls(z["mu"], z["sigma"], json.loads(str(z["meta"])), z["features"] if "features" in z else None)
         except OnestepError:
             raise
@@ -77,7 +80,7 @@ def compute_reference(source, extractor: Extractor, description: str, batch_size
     """Moments (and the first `keep` features) of a source's images under `extractor`."""
     r = stream_features(source, extractor, batch_size, keep, accelerator)
     mu, sigma = r.stats.moments()
-    meta = {**extractor.meta, "image_size": list(r.image_shape), "count": r.stats.n, "source": description}
+    meta = {**extractor.meta, "image_size": None if r.image_shape is None else list(r.image_shape), "count": r.stats.n, "source": description}
     return Reference(mu, sigma, meta, r.features)
 
 

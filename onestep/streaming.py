@@ -39,6 +39,7 @@ class GeneratorSource:
     seed: int = 0
     device: str | torch.device = "cpu"
     steps: int = 1  # the generator's own steps per sample (network evaluations), for reports
+    iid = True  # samples in index order are independent draws: the first `keep` are a fair subset
 
     def __len__(self) -> int:
         return self.num_samples
@@ -106,6 +107,7 @@ class FolderSource:
     def __call__(self, idx: torch.Tensor) -> torch.Tensor:
         arrays = [self._read(self.files[int(i)]) for i in idx]
         if len({a.shape for a in arrays}) > 1 and self.resize is not None:
+            self.resized = True  # a folder of several sizes (StreamResult.image_shape: None)
             arrays = [np.asarray(self.resize(a), dtype=np.float32) for a in arrays]
             arrays = [a.reshape(*a.shape[:2], -1) for a in arrays]
         i = next((i for i, a in enumerate(arrays) if a.shape != arrays[0].shape), None)
@@ -157,16 +159,27 @@ def to_uint8_levels(x: torch.Tensor) -> torch.Tensor:
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round()
 
 
+def kept(source, keep: int) -> torch.Tensor:
+    """Which samples' features to keep (bool, one per sample): the first `keep` of a source of independent draws
+    (a generator), else a random subset of `keep` seeded by 0 (folders and tensors are often sorted by class)."""
+    n = len(source)
+    if keep <= 0 or keep >= n or getattr(source, "iid", False):
+        return torch.arange(n) < keep
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[torch.randperm(n, generator=torch.Generator().manual_seed(0))[:keep]] = True
+    return mask
+
+
 @dataclass
 class StreamResult:
-    """Gathered over all processes; `features` holds the first `keep` samples' features in index order."""
+    """Gathered over all processes; `features` holds the kept samples' features (`kept`) in index order."""
 
     stats: FeatureStats
     features: np.ndarray | None
     predictions: np.ndarray | None  # predicted class of every sample (extractors with a head)
     labels: np.ndarray | None       # the source's label of every sample, if any
     sample_seconds: float           # time inside the source (sampling), summed over processes
-    image_shape: tuple              # (C, H, W) of the source's images
+    image_shape: tuple | None       # (C, H, W) of the source's images (None: several sizes)
 
 
 @torch.no_grad()
@@ -174,24 +187,27 @@ def stream_features(source, extractor: Extractor, batch_size: int = 250, keep: i
                     accelerator=None) -> StreamResult:
     """Run `source` through `extractor` batch by batch into float64 moments; gather across processes."""
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-    mine = torch.arange(rank, len(source), world)
-    stats, kept, preds, clock = None, [], [], _SourceClock(extractor.device)
+    if len(source) < world:  # every process knows: none waits in a gather that another never reaches
+        raise SourceError(f"{len(source)} samples across {world} processes; use more samples or fewer processes")
+    mine, keep_mask = torch.arange(rank, len(source), world), kept(source, keep)
+    stats, feats, preds, clock, shapes = None, [], [], _SourceClock(extractor.device), set()
     for idx in mine.split(batch_size):  # nothing in the loop waits for the device but the kept features' copies
         with clock:
             x = source(idx)
         f = extractor(x if getattr(source, "levels", False) else to_uint8_levels(x))
-        stats, shape = stats or FeatureStats(f.shape[1]), tuple(x.shape[1:])
+        stats = stats or FeatureStats(f.shape[1])
+        shapes.add(tuple(x.shape[1:]))
         stats.update(f)
-        if bool((idx < keep).any()):
-            kept.append(f[to_device(idx < keep, f.device)].cpu())
+        if bool(keep_mask[idx].any()):
+            feats.append(f[to_device(keep_mask[idx], f.device)].cpu())
         if extractor.head is not None:
             preds.append(extractor.head(f).argmax(1))
-    if stats is None:  # more processes than samples
-        raise SourceError(f"no samples for process {rank}: {len(source)} samples across {world} processes")
-    feats = torch.cat(kept) if kept else torch.empty(0, stats.dim)
+    feats = torch.cat(feats) if feats else torch.empty(0, stats.dim)
     pred, seconds = (torch.cat(preds).cpu() if preds else None), clock.seconds()
     if accelerator is not None and world > 1:
-        stats, feats, pred, seconds = _gather(accelerator, stats, mine, keep, feats, pred, seconds)
+        stats, feats, pred, seconds = _gather(accelerator, stats, mine, keep_mask, feats, pred, seconds)
+    # one size, else None (a folder of several sizes; this process's batches stand for all)
+    shape = shapes.pop() if len(shapes) == 1 and not getattr(source, "resized", False) else None
     labels = source.labels(torch.arange(len(source)))
     return StreamResult(stats, feats.double().numpy() if keep else None, None if pred is None else pred.numpy(),
                         None if labels is None else labels.numpy(), seconds, shape)
@@ -225,7 +241,7 @@ class _SourceClock:
         return sum(a.elapsed_time(b) for a, b in self.events) / 1000
 
 
-def _gather(accelerator, stats: FeatureStats, mine: torch.Tensor, keep: int, feats, pred, seconds):
+def _gather(accelerator, stats: FeatureStats, mine: torch.Tensor, keep_mask: torch.Tensor, feats, pred, seconds):
     """Merge the moments of all processes (in rank order); gather kept features and predictions in index order."""
     dev, d = accelerator.device, stats.dim
     flat = torch.cat([torch.tensor([float(stats.n)], dtype=torch.float64), stats.mean.cpu(), stats.m2.cpu().ravel()])
@@ -235,7 +251,7 @@ def _gather(accelerator, stats: FeatureStats, mine: torch.Tensor, keep: int, fea
         stats.merge(int(row[0]), row[1:1 + d], row[1 + d:].view(d, d))
     seconds = accelerator.reduce(torch.tensor([seconds], dtype=torch.float64, device=dev), "sum").item()
     pred = None if pred is None else _gather_ordered(accelerator, mine, pred)
-    feats = _gather_ordered(accelerator, mine[mine < keep], feats)
+    feats = _gather_ordered(accelerator, mine[keep_mask[mine]], feats)
     return stats, feats, pred, seconds
 
 

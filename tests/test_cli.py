@@ -195,6 +195,23 @@ def test_an_unreachable_hub_fails_at_once_without_the_download_retries(tmp_path,
     assert False not in calls  # the local cache was looked at; no download was attempted
 
 
+def test_a_teacher_of_non_square_samples_is_refused(tmp_path):
+    import json
+
+    from conftest import save_teacher
+
+    from onestep.loading import TeacherError, load_teacher
+
+    folder = save_teacher(str(tmp_path / "t"))
+    cfg_file = tmp_path / "t" / "unet" / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg_file.write_text(json.dumps({**cfg, "sample_size": [8, 16]}))
+    with pytest.raises(TeacherError, match=r"non-square samples \(sample_size \[8, 16\]\)"):
+        load_teacher(folder)
+    cfg_file.write_text(json.dumps({**cfg, "sample_size": [8, 8]}))
+    assert load_teacher(folder).sample_shape == (1, 8, 8)
+
+
 def test_existing_run_folder_is_not_overwritten(cond_teacher, tmp_path):
     run = tmp_path / "kept"
     run.mkdir()

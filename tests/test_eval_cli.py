@@ -76,6 +76,8 @@ def test_two_processes_give_the_one_process_result(bench, student, tmp_path):
     (["--teacher", "assets/digits-teacher", "--features", "inception", "--inception-weights", "/no/inception.pt"],
      "/no/inception.pt does not exist"),
     (["--num-samples", "1"], "--num-samples must be >= 2"),
+    (["--teacher", "assets/digits-teacher", "--keep", "3"], "need more than 3 features of each model"),
+    (["--teacher", "assets/digits-teacher", "--num-samples", "3"], "raise both above 3, or --keep 0"),
     (["--teacher", "assets/digits-teacher", "--reference", "cleanfid:cifar10:32"], "clean-fid's statistics are Inception"),
     (["--teacher", "assets/digits-teacher", "--guidance", "nan"], "--guidance must be a finite number >= 0"),
     (["--teacher", "assets/digits-teacher", "--mode", "legacy_pytorch"], "--mode is the clean-fid mode of the Inception"),

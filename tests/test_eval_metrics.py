@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from onestep.features import FeatureError, callable_extractor, digits_extractor, inception_extractor
-from onestep.metrics import class_metrics, kid, precision_recall
+from onestep.metrics import MetricsError, class_metrics, kid, precision_recall
 from onestep.reference import Reference, ReferenceError, cleanfid_reference, digits_reference
 
 CLASSIFIER = "assets/digits-classifier"
@@ -37,6 +37,19 @@ def test_coverage_entropy_drops_for_a_collapsed_generator():
     assert uniform["coverage_entropy"] == pytest.approx(1.0) and uniform["class_accuracy"] == 1.0
     assert collapsed["coverage_entropy"] < uniform["coverage_entropy"]
     assert collapsed["per_class_accuracy"][0] == 1.0 and collapsed["per_class_accuracy"][7] == 0.0
+
+
+def test_class_metrics_over_some_classes_and_too_few_features_for_kid_or_knn():
+    labels = np.array([3, 5, 7] * 20)
+    m = class_metrics(np.where(labels == 7, 1, labels), labels, 10, classes=[3, 5, 7])  # class 7 comes out as 1
+    assert m["class_accuracy"] == pytest.approx(2 / 3) and m["per_class_accuracy"] == [1.0, 1.0, 0.0]
+    assert m["coverage_entropy"] == pytest.approx(np.log(2) / np.log(3))  # 3 and 5 equally often, 7 never
+    assert class_metrics(labels, labels, 10, classes=[3, 5, 7])["coverage_entropy"] == pytest.approx(1.0)
+    assert class_metrics(labels[:1], labels[:1], 10, classes=[3])["coverage_entropy"] is None
+    with pytest.raises(MetricsError, match="--keep"):
+        precision_recall(blobs(3, 0), blobs(50, 1))
+    with pytest.raises(MetricsError, match="--keep"):
+        kid(blobs(1, 0), blobs(50, 1))
 
 
 def test_reference_file_round_trips_and_refuses_another_extractor(tmp_path):

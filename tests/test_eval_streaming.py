@@ -7,7 +7,8 @@ from PIL import Image
 from onestep.data import load_digits
 from onestep.features import digits_extractor
 from onestep.fid import frechet_distance
-from onestep.streaming import FolderSource, GeneratorSource, TensorSource, stream_features, to_uint8_levels
+from onestep.streaming import (FolderSource, GeneratorSource, SourceError, TensorSource, stream_features,
+                               to_uint8_levels)
 
 CLASSIFIER = "assets/digits-classifier"
 
@@ -49,6 +50,23 @@ def test_generator_source_sample_i_is_fixed_by_its_index(ex):
     assert np.array_equal(small.labels, np.arange(50) % 10)
     z7 = torch.randn(1, 8, 8, generator=torch.Generator().manual_seed(5 + 7))
     assert torch.allclose(src(torch.tensor([7])), shifted_tanh(z7[None], torch.tensor([7])))
+
+
+def test_kept_features_are_a_generators_first_samples_and_a_random_subset_of_sorted_data(ex):
+    """Generated samples are independent draws, so the first `keep` serve KID and precision / recall; images sorted
+    by class (a folder sorted by name) give a seeded random subset over every class instead, at any batch size."""
+    x, y = load_digits("all")
+    order = torch.argsort(y, stable=True)
+    data = TensorSource(x[order], y[order])
+    a = stream_features(data, ex, batch_size=64, keep=200)
+    b = stream_features(data, ex, batch_size=500, keep=200)
+    assert a.features.shape[0] == 200 and np.allclose(a.features, b.features, atol=1e-6)
+    from onestep.streaming import kept
+    mask = kept(data, 200)
+    assert int(mask.sum()) == 200 and len(set(y[order][mask].tolist())) == 10  # the first 200 are only 0s and 1s
+    assert torch.equal(kept(GeneratorSource(shifted_tanh, 300, (1, 8, 8)), 200), torch.arange(300) < 200)
+    with pytest.raises(SourceError, match="fewer processes"):
+        stream_features(data, ex, accelerator=type("Acc", (), {"process_index": 0, "num_processes": 1800})())
 
 
 @torch.no_grad()

@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from onestep.data import load_digits
-from onestep.fid import (DigitsClassifier, FeatureStats, cleanfid_sample_features, evaluate_samples, frechet_distance,
-                         image_moments, quantize)
+from onestep.errors import OnestepError
+from onestep.fid import (DigitsClassifier, FeatureStats, cleanfid_sample_features, digits_moments, evaluate_samples,
+                         frechet_distance, image_moments, quantize)
 
 CLASSIFIER = "assets/digits-classifier"
 
@@ -101,3 +102,28 @@ def test_best_of_steps_keeps_the_lowest_fid_and_handles_no_runs():
     runs = {10: {"fid": 0.7, "nfe": 10}, 100: {"fid": 0.2, "nfe": 100}, 50: {"fid": 0.25, "nfe": 50}}
     assert best_of_steps(runs) == {"fid": 0.2, "nfe": 100, "by_steps": {"10": 0.7, "100": 0.2, "50": 0.25}}
     assert best_of_steps({}) == {"fid": None, "nfe": None}
+
+
+def test_a_run_on_some_classes_is_scored_on_those_classes(net):
+    """Sample i asks for class_ids[i % K]: a "generator" returning real digits of the asked class scores as
+    accurate and covering over those K classes, against the digits of those classes."""
+    x, y = load_digits("all")
+    ids = [3, 5, 7]
+    first = {c: torch.nonzero(y == c).squeeze(1) for c in ids}
+
+    def real_digits(z, labels):  # the k-th sample of class c: the (k mod count)-th digit c
+        k = (z.flatten(1)[:, 0].abs() * 1e4).long()
+        return torch.stack([x[first[int(c)][int(i) % len(first[int(c)])]] for c, i in zip(labels, k)])
+
+    ref = digits_moments(net, ids)
+    r = evaluate_samples(real_digits, net, ref, 300, (1, 8, 8), len(ids), class_ids=ids)
+    assert r["class_accuracy"] > 0.95 and r["coverage_entropy"] > 0.99
+    assert r["fid"] < 0.5 * frechet_distance(image_moments([x], net.features), ref)  # the classes' own reference
+    assert digits_moments(net, list(range(10)))[0] == pytest.approx(image_moments([x], net.features)[0])
+
+
+def test_moments_of_fewer_than_two_features_are_refused():
+    stats = FeatureStats(4)
+    stats.update(torch.randn(1, 4))
+    with pytest.raises(OnestepError, match="at least 2"):
+        stats.moments()

@@ -184,6 +184,43 @@ def test_mixed_batch_equals_each_sample_through_its_own_student_and_round_trips(
     assert sorted(set(router.route(ys).tolist())) == [0, 1, 2]  # every student drew some of them
 
 
+@torch.no_grad()
+def test_generator_lists_follow_each_image_and_without_one_few_step_noise_comes_from_its_latents():
+    pipes = [OneStepPipeline(unet=tiny_unet(seed=20 + i), scheduler=DDPMScheduler(), timesteps=[999, 500],
+                             num_classes=10, null_class=10) for i in range(2)]
+    router = Router("balanced", [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]])
+    pipe = MultiStudentPipeline(router, pipes)
+    labels = torch.tensor([7, 1, 8])
+    z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def gens():
+        return [torch.Generator().manual_seed(100 + i) for i in range(3)]
+
+    mixed = pipe(class_labels=labels, latents=z, generator=gens(), output_type="pt").images
+    for i, c in enumerate(labels.tolist()):  # image i re-noises from generator i, whichever student makes it
+        own = pipes[router.route(torch.tensor([c])).item()]
+        alone = own(class_labels=[c], latents=z[i:i + 1], generator=[gens()[i]], output_type="pt").images
+        assert torch.allclose(mixed[i:i + 1], alone, atol=1e-5)
+    plain = pipe(class_labels=labels, latents=z, output_type="pt").images  # no generator: each image's own noise
+    assert torch.equal(plain, pipe(class_labels=labels, latents=z, output_type="pt").images)
+    expected = pipes[0].student().sample(z[1:2], labels[1:2])  # what evaluation measures (label 1: student 0)
+    assert torch.allclose(plain[1:2], (expected.clamp(-1, 1) + 1) / 2, atol=1e-5)
+    with pytest.raises(ValueError, match="one per image"):
+        pipe(class_labels=labels, latents=z, generator=gens()[:2])
+    with pytest.raises(ValueError, match="one per image"):
+        pipes[0](class_labels=[1, 2], generator=gens())
+
+
+def test_model_cards_give_a_few_step_students_steps():
+    from onestep.pipeline import model_card
+
+    metrics = {"method": "dmd", "steps": 4, "teacher_path": "t", "num_classes": 10, "feature_extractor": "digits",
+               "num_samples": 8, "teacher": {"fid": 0.2, "nfe": 100}, "student": {"fid": 0.5, "nfe": 2}}
+    card = model_card(metrics, "runs/x", False)
+    assert "# 2-step student" in card and "| student | 2 | 0.5 |" in card
+    assert "# One-step student" in model_card({**metrics, "student": {"fid": 0.5, "nfe": 1}}, "runs/x", False)
+
+
 def test_routed_students_are_one_generator_with_one_shared_fake_score():
     """--shared_fake_score's triad: K students behind the router as one generator, each sample through its own
     student (also with per-sample times), gradients only into the students that served the batch (zero for the

@@ -169,6 +169,7 @@ def test_sdxl_vsd_run_exports_a_stock_sdxl_pipeline_that_reproduces_the_student(
     assert not torch.equal(teacher.backbone.conv_in.weight, teacher_weights(sdxl_teacher)["conv_in.weight"])
     student = Generator(teacher.denoiser)
     assert_stock_reproduces(run, m, teacher, student, tmp_path, "StableDiffusionXLPipeline")
+    assert "add_watermarker=False)" in (run / "pipeline" / "README.md").read_text()  # the student's own pixels
 
 
 def test_fp16_keeps_a_force_upcast_vae_in_float32(sdxl_teacher):

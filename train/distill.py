@@ -50,7 +50,7 @@ def train(cfg, backbone=None, router=None, fake_backbone=None, own=None):
     from onestep.config import ConfigError, method_kwargs
     from onestep.data import ConditionSampler, RealImages, folder_dataset, load_digits, read_image_folder
     from onestep.distributed import check_launch, clip_grad_norm, distributed_mode, prepare_sharded
-    from onestep.fid import DigitsClassifier, best_of_steps, evaluate_samples, image_moments
+    from onestep.fid import DigitsClassifier, best_of_steps, digits_moments, evaluate_samples
     from onestep.loading import load_teacher
     from onestep.methods import build_method, default_generator_timesteps
     from onestep.multistudent import own_real_images
@@ -209,7 +209,7 @@ def train(cfg, backbone=None, router=None, fake_backbone=None, own=None):
     classifier = reference = None  # the digits feature / classifier net (FID, and e.g. SFD's pseudo-labels)
     if cfg.classifier and shape == (1, 8, 8):
         classifier = DigitsClassifier.load(cfg.classifier).to(device)
-        reference = image_moments([load_digits("all")[0].to(device)], classifier.features)
+        reference = digits_moments(classifier, classes, device)  # the digits of the run's classes
     if hasattr(method, "prepare"):  # e.g. DMD's regression pairs
         method.prepare(triad, draw_cond, shape, device, seed=cfg.seed)
     if hasattr(method, "setup"):  # e.g. SFD: which rows of the condition table it forgets (labels or prompts)
@@ -235,12 +235,9 @@ def train(cfg, backbone=None, router=None, fake_backbone=None, own=None):
     # Evaluation helpers (main process; digits-FID needs the shipped feature net and an 8x8 teacher).
     eval_labels = len(classes) or None
 
-    def label_map(y):
-        return None if y is None else class_ids[y]
-
-    def evaluate(sample_fn) -> dict:
-        return evaluate_samples(lambda z, y: sample_fn(z, label_map(y)), classifier, reference, cfg.eval_samples,
-                                shape, eval_labels, device=device)
+    def evaluate(sample_fn) -> dict:  # sample i: class classes[i % len(classes)]
+        return evaluate_samples(sample_fn, classifier, reference, cfg.eval_samples, shape, eval_labels, device=device,
+                                class_ids=classes or None)
 
     def save_samples(step: int, gen) -> None:
         cols = min(len(cond_table), 10 if classes else 8) if cond_table is not None else 8  # one column per class / prompt
