@@ -7,7 +7,7 @@
         --inception-weights ~/inception-2015-12-05.pt --reference cleanfid:cifar10:32:train
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 eval/benchmark.py ...  # 2 processes
 
-Every model draws the same samples: sample i from noise seed + i, class i % K, quantised to 8 bits as a
+Every model draws the same samples: sample i from noise seed i (--seed 0) or a hash of (SEED, i), class i % K, quantised to 8 bits as a
 PNG would store it, and streamed through the feature extractor into float64 moments (no files). Columns:
 FID; KID, precision and recall (k = 3 nearest-neighbour manifolds) on --keep samples (each model's first;
 of a folder reference, a seeded random subset, since files sorted by name are often sorted by class); class
@@ -51,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     e = p.add_argument_group("evaluation")
     e.add_argument("--num-samples", type=int, default=2000, help="samples per model (default %(default)s)")
     e.add_argument("--batch-size", type=int, default=250, help="affects speed only (default %(default)s)")
-    e.add_argument("--seed", type=int, default=0, help="sample i uses noise seed SEED + i")
+    e.add_argument("--seed", type=int, default=0, help="sample i uses noise seed i (0, the default) or a hash of (SEED, i)")
     e.add_argument("--keep", type=int, default=10_000,
                    help="features kept for KID and precision / recall (0: FID only); default %(default)s")
     e.add_argument("--out", default="runs/benchmark", help="output folder (default %(default)s)")

@@ -4,7 +4,7 @@
     python eval/digits_fid.py --pipeline runs/digits-dmd2/pipeline
 
 Features: the shipped digits classifier's penultimate layer; reference: all 1797 digits; sample i: noise
-seed + i, class i % 10. With --cleanfid the samples go through clean-fid's own generator path instead
+seed i (--seed 0) or a hash of (SEED, i), class i % 10. With --cleanfid the samples go through clean-fid's own generator path instead
 (`get_model_features` with the digits network as `custom_feat_extractor`, clean-fid's seeded noise,
 uint8 images); the two paths give the same FID on the same samples (tests/test_fid.py). Prints a Markdown table and writes it as JSON with --json. The short form of
 eval/benchmark.py (which adds KID, precision / recall, coverage entropy, timings and a plot).
@@ -51,7 +51,7 @@ def main() -> None:
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale of the teacher")
     p.add_argument("--num_samples", type=int, default=2000)
     p.add_argument("--classifier", default="assets/digits-classifier")
-    p.add_argument("--seed", type=int, default=0, help="sample i uses noise seed SEED + i")
+    p.add_argument("--seed", type=int, default=0, help="sample i uses noise seed i (0, the default) or a hash of (SEED, i)")
     p.add_argument("--cleanfid", action="store_true", help="run the samples through clean-fid's generator path")
     p.add_argument("--json", help="write the results here")
     a = p.parse_args()

@@ -180,7 +180,7 @@ def best_of_steps(runs: dict) -> dict:
 def evaluate_samples(sample: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor], classifier: DigitsClassifier,
                      reference: tuple[np.ndarray, np.ndarray], num_samples: int, sample_shape, num_classes: int | None,
                      batch_size: int = 250, seed: int = 0, device="cpu", class_ids=None) -> dict:
-    """Digits-FID, class accuracy and coverage entropy of `sample(z, labels)`; sample i: noise seed + i, label
+    """Digits-FID, class accuracy and coverage entropy of `sample(z, labels)`; sample i: noise sample_seed(seed, i), label
     i % K, or with `class_ids` (a run on some classes; K = len(class_ids)) label class_ids[i % K]."""
     from .features import digits_extractor
     from .metrics import class_metrics

@@ -2,7 +2,7 @@
 
 Unlearning accuracy UA = 1 - classifier accuracy on samples of the forgotten classes; the mean classifier
 probability of the forgotten class on them; and digits-FID of the remaining classes against the real digits
-of those classes. Sample i draws its noise from seed + i, as every other onestep evaluation does.
+of those classes. Sample i draws its noise from `streaming.sample_seed(seed, i)`, as every other onestep evaluation does.
 """
 from __future__ import annotations
 

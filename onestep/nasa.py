@@ -100,12 +100,15 @@ class NASA:
                  strength: float = 0.04, **kwargs):
         if strength < 0:
             raise ValueError(f"NASA strength must be >= 0, got {strength}")
-        n_prompts = 1 if isinstance(prompt, str) or prompt is None else len(prompt)
+        embeds = kwargs.get("prompt_embeds")
+        n_prompts = (len(embeds) if prompt is None and embeds is not None else
+                     1 if isinstance(prompt, str) or prompt is None else len(prompt))
         if isinstance(negative_prompt, list) and len(negative_prompt) not in (1, n_prompts):
             raise ValueError(f"give one negative prompt or one per prompt ({n_prompts}), got {len(negative_prompt)}")
         per_prompt = isinstance(negative_prompt, list) and len(negative_prompt) > 1  # each prompt's images in turn
         negative = self.pipe.encode_prompt(
             prompt=negative_prompt, device=self.pipe._execution_device, do_classifier_free_guidance=False,
-            num_images_per_prompt=(kwargs.get("num_images_per_prompt") or 1) if per_prompt else 1)[0]
+            num_images_per_prompt=(kwargs.get("num_images_per_prompt") or 1) if per_prompt else 1,
+            clip_skip=kwargs.get("clip_skip"))[0]  # the negative encoded as the call encodes its prompts
         with negative_steering(self.pipe.unet, negative, strength):
             return self.pipe(prompt, **kwargs)

@@ -127,6 +127,9 @@ class MultiStudentPipeline:
         else:
             if prompt is None or class_labels is not None:
                 raise ValueError("these students are text-to-image: pass prompt")
+            if num_inference_steps is not None:
+                raise ValueError(f"text-to-image students run the steps they were exported with ({self.stock_call}); "
+                                 "call without num_inference_steps")
             cond = self._encode([prompt] if isinstance(prompt, str) else list(prompt))
         route = self.router.route(cond)
         if isinstance(generator, list) and len(generator) != len(cond):

@@ -1,13 +1,14 @@
 """Streaming feature statistics: images from a source, batch by batch, into float64 moments (no PNG round-trip).
 
-A source maps sample indices to images in [-1, 1]: a generator callable (sample i: noise from seed + i,
-label i % K), an exported OneStepPipeline folder, a folder of images or an image tensor. Images are
+A source maps sample indices to images in [-1, 1]: a generator callable (sample i: noise seed i, or under
+evaluation seed s > 0 a hash of (s, i); label i % K), an exported OneStepPipeline folder, a folder of images or an image tensor. Images are
 quantised to 8 bits as saving them would. Indices are split across processes (rank r takes r, r + P, ...)
 and the results gathered with accelerate, so nothing depends on the batch size or the process count.
 """
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import time
 from dataclasses import dataclass
@@ -28,9 +29,18 @@ class SourceError(OnestepError):
     """An image source that cannot be read (missing folder, no images)."""
 
 
+def sample_seed(seed: int, i) -> int:
+    """The noise seed of sample i under evaluation seed `seed`: i for seed 0, else a 32-bit hash of (seed, i) (torch's
+    CPU generator keeps 32 bits of a seed), so two seeds draw different samples (seed + i would share all but one)."""
+    if int(seed) == 0:
+        return int(i)
+    return int.from_bytes(hashlib.blake2b(f"{int(seed)}:{int(i)}".encode(), digest_size=4).digest(), "little")
+
+
 @dataclass
 class GeneratorSource:
-    """`sample(z, labels)` -> images in [-1, 1]; sample i draws z from seed + i and has label i % num_classes."""
+    """`sample(z, labels)` -> images in [-1, 1]; sample i draws z from `sample_seed(seed, i)` and has label
+    i % num_classes."""
 
     sample: Sample
     num_samples: int
@@ -48,8 +58,8 @@ class GeneratorSource:
         return idx % self.num_classes if self.num_classes else None
 
     def __call__(self, idx: torch.Tensor) -> torch.Tensor:
-        z = torch.stack([torch.randn(*self.sample_shape, generator=torch.Generator().manual_seed(self.seed + int(i)))
-                         for i in idx])
+        z = torch.stack([torch.randn(*self.sample_shape,
+                                     generator=torch.Generator().manual_seed(sample_seed(self.seed, i))) for i in idx])
         y = self.labels(idx)
         return self.sample(to_device(z, self.device), None if y is None else to_device(y, self.device))
 

@@ -7,7 +7,7 @@ from PIL import Image
 from onestep.data import load_digits
 from onestep.features import digits_extractor
 from onestep.fid import frechet_distance
-from onestep.streaming import (FolderSource, GeneratorSource, SourceError, TensorSource, stream_features,
+from onestep.streaming import (FolderSource, GeneratorSource, SourceError, TensorSource, sample_seed, stream_features,
                                to_uint8_levels)
 
 CLASSIFIER = "assets/digits-classifier"
@@ -48,8 +48,10 @@ def test_generator_source_sample_i_is_fixed_by_its_index(ex):
     large = stream_features(src, ex, batch_size=50, keep=50)
     assert np.allclose(small.features, large.features, atol=1e-6)
     assert np.array_equal(small.labels, np.arange(50) % 10)
-    z7 = torch.randn(1, 8, 8, generator=torch.Generator().manual_seed(5 + 7))
+    z7 = torch.randn(1, 8, 8, generator=torch.Generator().manual_seed(sample_seed(5, 7)))
     assert torch.allclose(src(torch.tensor([7])), shifted_tanh(z7[None], torch.tensor([7])))
+    a, b = (GeneratorSource(lambda z, y: z, 10, (1, 8, 8), seed=s)(torch.arange(10)) for s in (5, 6))
+    assert not any(torch.equal(p, q) for p in a for q in b)  # two seeds share no sample's noise
 
 
 def test_kept_features_are_a_generators_first_samples_and_a_random_subset_of_sorted_data(ex):

@@ -22,7 +22,7 @@ from onestep.multistudent import (RoutedDenoiser, Router, RoutingError, affinity
 from onestep.pipeline import OneStepPipeline
 from onestep.pipeline_multi import MultiStudentPipeline
 from onestep.schedule import Schedule
-from onestep.streaming import pipeline_source
+from onestep.streaming import pipeline_source, sample_seed
 from onestep.triad import Triad
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: one thread (conftest.py)
@@ -177,7 +177,7 @@ def test_mixed_batch_equals_each_sample_through_its_own_student_and_round_trips(
     # the evaluation's pipeline source (eval/benchmark.py --pipeline) samples the saved folder through the router
     src = pipeline_source(str(tmp_path / "p"), num_samples=20, seed=5)
     idx = torch.arange(20)
-    zs = torch.stack([torch.randn(1, 8, 8, generator=torch.Generator().manual_seed(5 + i)) for i in range(20)])
+    zs = torch.stack([torch.randn(1, 8, 8, generator=torch.Generator().manual_seed(sample_seed(5, i))) for i in range(20)])
     ys = src.labels(idx)
     with torch.no_grad():
         assert torch.equal(src(idx), routed_sample([g.sample for g in gens], router, zs, ys))
@@ -457,6 +457,10 @@ def test_text_students_route_prompts_by_kmeans_end_to_end(tmp_path):
     for i, p in enumerate(prompts):
         alone = pipe(prompt=p, latents=z[i:i + 1], output_type="pt").images
         assert torch.allclose(mixed[i:i + 1], alone, atol=1e-5)
+    gens = [torch.Generator().manual_seed(i) for i in range(4)]  # one per image, each to the student it routes to
+    assert pipe(prompt=prompts, latents=z, generator=gens, output_type="pt").images.shape == (4, 3, 16, 16)
+    with pytest.raises(ValueError, match="call without num_inference_steps"):
+        pipe(prompt=prompts, num_inference_steps=2)
 
 
 @pytest.mark.slow

@@ -125,3 +125,8 @@ def test_nasa_pairs_each_prompt_with_its_own_negative(guidance, sd_teacher, tmp_
         alone = NASA(pipe)(prompt, negative_prompt=negative, strength=0.5, num_images_per_prompt=2,
                            latents=z[2 * i:2 * i + 2], **kwargs).images
         assert torch.allclose(both[2 * i:2 * i + 2], alone, atol=1e-5), (guidance, i)
+    if guidance == 1.0:  # prompts given as embeddings: one negative per embedded prompt as well
+        embeds = pipe.encode_prompt(PROMPTS, "cpu", 1, False)[0]
+        given = NASA(pipe)(prompt_embeds=embeds, negative_prompt=negatives, strength=0.5, num_images_per_prompt=2,
+                           latents=z, **kwargs).images
+        assert torch.allclose(given, both, atol=1e-5)
