@@ -245,6 +245,8 @@ def _convert(key: str, value, typ):
                 raise ValueError
             return value
         if origin is str:
+            if isinstance(value, (list, tuple, dict)):
+                raise ValueError
             return "" if value is None else str(value)
     except (ValueError, TypeError, yaml.YAMLError):
         pass
@@ -310,18 +312,24 @@ def load_config(argv: list[str]) -> Config:
     """defaults <- preset <- YAML file <- CLI overrides, then validated."""
     overrides, config_file, preset = parse_cli(argv)
     file_values = {}
+    if config_file == "" or preset == "":
+        raise ConfigError(f"{'config' if config_file == '' else 'preset'}: empty; pass a "
+                          f"{'YAML file' if config_file == '' else 'preset name: ' + ', '.join(PRESETS)} or drop the option")
     if config_file:
         try:
-            with open(config_file) as f:
+            with open(config_file, encoding="utf-8") as f:
                 file_values = yaml.safe_load(f) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file {config_file!r} does not exist") from None
+        except (IsADirectoryError, UnicodeDecodeError, PermissionError) as e:
+            raise ConfigError(f"config file {config_file!r} cannot be read as text ({type(e).__name__}); pass a YAML "
+                              "file of key: value lines") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {config_file!r} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(file_values, dict):
             raise ConfigError(f"config file {config_file!r} must hold a mapping of keys to values")
     preset = preset or file_values.pop("preset", None) or "digits"
-    if preset not in PRESETS:
+    if not isinstance(preset, str) or preset not in PRESETS:
         raise ConfigError(f"preset: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     cfg = dataclasses.asdict(Config())
     cfg["preset"] = preset
@@ -390,6 +398,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"student_channels: channel counts must be >= 1, got {cfg.student_channels}")
     if any(s < 1 for s in cfg.teacher_eval_steps):
         raise ConfigError(f"teacher_eval_steps: sampler step counts must be >= 1, got {cfg.teacher_eval_steps}")
+    if not cfg.output_dir:
+        raise ConfigError("output_dir: empty; pass the folder that holds run folders (default runs)")
+    if cfg.eval_samples < 2:
+        raise ConfigError(f"eval_samples: FID needs at least 2 samples, got {cfg.eval_samples}")
+    for key, cap in (("lora_rank", 4096), ("gan_hidden", 65536)):
+        if getattr(cfg, key) > cap:
+            raise ConfigError(f"{key}: at most {cap}, got {getattr(cfg, key)} (a network that size does not fit in memory)")
     if cfg.shared_fake_score and cfg.students < 2:
         raise ConfigError("shared_fake_score: shares one fake score among --students K > 1; drop it for one student")
     if cfg.backtrack and not 0.0 <= cfg.record_cond_dropout <= 1.0:
@@ -419,6 +434,21 @@ def validate(cfg: Config) -> None:
                           "process); pick a divisor")
 
 
+def check_teacher_fit(cfg: Config, teacher) -> None:
+    """The options that depend on the loaded teacher: its time range, its sample space, its sampler's step count."""
+    schedule = teacher.denoiser.schedule
+    if any(t > schedule.t_max for t in cfg.generator_timesteps):
+        raise ConfigError(f"generator_timesteps: {cfg.generator_timesteps} exceed this teacher's largest time {schedule.t_max}")
+    if cfg.clip_sample and teacher.text_conditional:
+        raise ConfigError("clip_sample: latents have no fixed range to clamp to; use --clip_sample 0 with this teacher")
+    steps = {"teacher_eval_steps": max(cfg.teacher_eval_steps, default=1),
+             "regression_steps": cfg.method_args.get("regression_steps", 1)}
+    for key, n in steps.items():
+        if n > schedule.num_train_timesteps:
+            raise ConfigError(f"{key}: {n} sampler steps; this teacher's schedule has {schedule.num_train_timesteps} "
+                              "timesteps, the most a DDIM sampler can take")
+
+
 def _check_numbers(cfg: Config, method) -> None:
     """Finite numbers everywhere (method options too) and the ranges the checks above leave open: method options
     named *t_min / *t_max are fractions of the schedule's range in [0, 1] (min <= max); *_weight / *_coef are >= 0."""
@@ -429,8 +459,8 @@ def _check_numbers(cfg: Config, method) -> None:
             if isinstance(v, float) and not math.isfinite(v):
                 what = "finite numbers" if isinstance(value, list) else "a finite number"
                 raise ConfigError(f"{key}: must be {what}, got {value!r}")
-    if cfg.steps > 10**9:
-        raise ConfigError(f"steps: must be at most 1e9 iterations, got {cfg.steps!r}")
+    if cfg.steps > 10**7:
+        raise ConfigError(f"steps: must be at most 1e7 iterations (10 million), got {cfg.steps!r}")
     if cfg.log_every < 1:
         raise ConfigError(f"log_every: must be > 0, got {cfg.log_every!r}")
     if not 0 <= cfg.seed < 2**32:
@@ -440,7 +470,15 @@ def _check_numbers(cfg: Config, method) -> None:
     if len(cfg.generator_timesteps) > 1 and options.get("regression_weight", 0) > 0:
         raise ConfigError(f"regression_weight: DMD1's regression pairs one-step outputs with the teacher's ODE from the "
                           f"same noise; a {len(cfg.generator_timesteps)}-step student re-noises: use one timestep or 0")
+    from .schedule import PREDICTION_TYPES
+
+    if options.get("fake_loss_space", "auto") not in ("auto", *PREDICTION_TYPES):
+        raise ConfigError(f"fake_loss_space: {options['fake_loss_space']!r} is not one of auto, {', '.join(PREDICTION_TYPES)}")
     for key, v in options.items():
+        if key in ("regression_pairs", "regression_steps", "regression_batch") and v < 1:
+            raise ConfigError(f"{key}: must be >= 1, got {v!r}")
+        if (key == "norm_eps" and v <= 0) or (key.endswith("guidance_scale") and v < 0):
+            raise ConfigError(f"{key}: must be {'> 0' if key == 'norm_eps' else '>= 0'}, got {v!r}")
         if isinstance(v, float) and key.endswith(("t_min", "t_max")) and not 0.0 <= v <= 1.0:
             raise ConfigError(f"{key}: a fraction of the teacher's time range, must be in [0, 1], got {v!r}")
         if isinstance(v, float) and key.endswith(("_weight", "_coef")) and v < 0:

@@ -88,6 +88,14 @@ def _folder_lock(folder: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _check_record_folder(folder: str) -> None:
+    """A recording folder that exists or can be created."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise RecordingError(f"record_dir: cannot create {folder!r} ({type(e).__name__}); pass a writable folder") from None
+
+
 def _save_atomic(tensors: dict, path: str) -> None:
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path + ".tmp")
     os.replace(path + ".tmp", path)
@@ -148,9 +156,13 @@ def open_recording(folder: str, identity: dict) -> Recording | None:
     path = os.path.join(folder, "index.json")
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        index = json.load(f)
-    old = index.get("identity", {})
+    try:
+        with open(path, encoding="utf-8") as f:
+            index = json.load(f)
+        old = index.get("identity", {})
+    except (ValueError, AttributeError) as e:
+        raise RecordingError(f"record_dir: {path} is not a DisBack recording index ({type(e).__name__}); remove the "
+                             "folder or pass another --record_dir") from None
     if old.get("teacher") != identity["teacher"]:
         raise RecordingError(f"record_dir: {folder} holds a recording made for another teacher (weights sha256 "
                              f"{str(old.get('teacher'))[:12]}, this teacher {identity['teacher'][:12]}; a teacher stored "
@@ -281,6 +293,7 @@ class DisBack:
         identity = recording_identity(triad, self.recording, cond_sampler)
         key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
         folder = self.record_dir or os.path.join(self.cache_root, key)
+        _check_record_folder(folder)
         open_recording(folder, identity)  # every process refuses a foreign recording before any waits
         rank = torch.distributed.get_rank() if _distributed() else 0
         if rank == 0:

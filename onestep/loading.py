@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +23,8 @@ from .schedule import Schedule
 BACKBONE_SUBFOLDERS = ("unet", "transformer")
 SUPPORTED_BACKBONES = ("UNet2DModel", "UNet2DConditionModel")
 PIPELINE_SKIP = ("safety_checker", "feature_extractor", "image_encoder")  # pipeline parts a teacher never needs
+PIPELINE_PARTS = BACKBONE_SUBFOLDERS + ("scheduler", "vae", "text_encoder", "text_encoder_2", "tokenizer",
+                                        "tokenizer_2")  # model_index.json entries that must be [library, class]
 
 
 class TeacherError(OnestepError):
@@ -146,8 +149,119 @@ def _reach_hub(timeout: float = 3.0) -> None:
 
 
 def _read_json(path: str) -> dict:
-    with open(path) as f:
-        return json.load(f)
+    """A teacher folder's JSON file as a dict; a file that is unreadable, not JSON or not a JSON object is one
+    TeacherError line naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise TeacherError(f"teacher: {path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); fix "
+                           "that file or re-save the teacher with save_pretrained") from None
+    except UnicodeDecodeError as e:
+        raise TeacherError(f"teacher: {path} is not valid JSON (not UTF-8 text at byte {e.start}); fix that file or "
+                           "re-save the teacher with save_pretrained") from None
+    except OSError as e:
+        raise TeacherError(f"teacher: cannot read {path} ({type(e).__name__}: {_first_line(e)}); fix that file or "
+                           "re-save the teacher with save_pretrained") from None
+    if not isinstance(data, dict):
+        raise TeacherError(f"teacher: {path} holds a JSON {type(data).__name__}, not an object ({{...}}); fix that "
+                           "file or re-save the teacher with save_pretrained")
+    return data
+
+
+def _first_line(e, limit: int = 150) -> str:
+    line = (str(e).strip().splitlines() or [""])[0].strip()
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+@contextmanager
+def _loading(component: str, folder: str):
+    """Report a component that cannot be loaded (truncated / mismatched weights, a broken config or tokenizer) as
+    one TeacherError line; onestep's own errors pass unchanged."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except OnestepError:
+        raise
+    except (OSError, ValueError, SafetensorError, RuntimeError, TypeError, KeyError, OverflowError,
+            AttributeError) as e:  # OSError is EnvironmentError, ValueError covers json.JSONDecodeError
+        cause = e  # a corrupt weights file: the loaders re-raise safetensors' own error as a vaguer one
+        while cause is not None and not isinstance(cause, SafetensorError):
+            cause = cause.__cause__ or cause.__context__
+        cause = cause or e
+        reason = _first_line(str(cause).replace(folder + os.sep, ""))
+        if "above report" in reason:  # transformers' size-mismatch error points at a table it logged (silenced here)
+            reason = "the weights' shapes do not fit its config.json"
+        raise TeacherError(f"teacher: cannot load {component} from {folder} ({type(cause).__name__}: {reason}); "
+                           "re-save it with save_pretrained(safe_serialization=True) or fix that file") from None
+
+
+def _check_weights(folder: str, weights: str, fix: str) -> None:
+    """`weights` (safetensors, or its shard index) in `folder`, else one TeacherError line saying what is there."""
+    files = os.listdir(folder)
+    if weights in files or weights + ".index.json" in files:
+        return
+    found = sorted(f for f in files if f.endswith(".safetensors"))
+    if not found:
+        raise TeacherError(f"no .safetensors weights in {folder}; onestep loads only safetensors ({fix})")
+    raise TeacherError(f"teacher: {folder} holds {', '.join(found)} but no {weights}; rename the weights file to "
+                       f"{weights} or re-save it with save_pretrained(safe_serialization=True)")
+
+
+def _read_index(root: str) -> dict:
+    """model_index.json of a pipeline folder ({} if none), its components checked to be [library, class] pairs."""
+    path = os.path.join(root, "model_index.json")
+    if not os.path.isfile(path):
+        return {}
+    index = _read_json(path)
+    for key, value in index.items():
+        if key not in PIPELINE_PARTS and not os.path.isdir(os.path.join(root, key)):
+            continue  # pipeline options (_class_name, force_zeros_for_empty_prompt, timesteps, ...)
+        pair = isinstance(value, (list, tuple)) and len(value) == 2
+        if not (pair and all(v is None or isinstance(v, str) for v in value)):
+            raise TeacherError(f"teacher: {path}: entry {key!r} is {json.dumps(value)}, not a [library, class] pair "
+                               f"(e.g. [\"transformers\", \"CLIPTextModel\"]); fix that file or re-save the pipeline "
+                               "with save_pretrained")
+    return index
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_scheduler_config(cfg: dict, path: str) -> None:
+    """The keys a schedule is built from, checked before diffusers sees them."""
+    steps = cfg.get("num_train_timesteps", 1000)
+    if not _is_int(steps) or steps < 1:
+        raise TeacherError(f"teacher: {path}: num_train_timesteps must be an integer >= 1, got {steps!r}; fix that "
+                           "file (the teacher's training schedule, e.g. 1000)")
+    for key in ("beta_start", "beta_end"):
+        value = cfg.get(key, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TeacherError(f"teacher: {path}: {key} must be a number, got {json.dumps(value)}; fix that file "
+                               "(e.g. beta_start 0.0001, beta_end 0.02)")
+
+
+def _class_labels(extra: dict, num_embeds: int, path: str) -> tuple[int, int | None]:
+    """(num_classes, null_class) of a class-conditional UNet: labels 0..num_classes-1 and the null class (if any,
+    another label) must be rows of its class embedding (num_embeds rows)."""
+    null_class = extra.get("null_class")
+    num_classes = extra.get("num_classes", num_embeds - (1 if null_class is not None else 0))
+    problem = None
+    if null_class is not None and (not _is_int(null_class) or not 0 <= null_class < num_embeds):
+        problem = f"null_class must be null or an integer in 0..{num_embeds - 1}, got {null_class!r}"
+    elif not _is_int(num_classes) or num_classes < 1:
+        problem = f"num_classes must be an integer >= 1, got {num_classes!r}"
+    elif num_classes + (1 if null_class is not None else 0) > num_embeds:
+        problem = f"{num_classes} classes" + (" and a null class" if null_class is not None else "") + " do not fit"
+    elif null_class is not None and null_class < num_classes:
+        problem = f"null_class {null_class} is one of the labels 0..{num_classes - 1}"
+    if problem:
+        raise TeacherError(f"teacher: {path}: {problem} (the UNet has num_class_embeds {num_embeds}); fix that file "
+                           f"(e.g. {{\"num_classes\": {num_embeds - 1}, \"null_class\": {num_embeds - 1}}}) or delete "
+                           f"it to use all {num_embeds} classes without a null class")
+    return num_classes, null_class
 
 
 def load_teacher(spec: str, dtype: torch.dtype = torch.float32, device="cpu", *, prompts: list[str] | None = None,
@@ -162,7 +276,7 @@ def load_teacher(spec: str, dtype: torch.dtype = torch.float32, device="cpu", *,
     import diffusers
 
     root = resolve_teacher_path(spec)
-    index = _read_json(os.path.join(root, "model_index.json")) if os.path.isfile(os.path.join(root, "model_index.json")) else {}
+    index = _read_index(root)
     if index.get("_class_name") in ("OneStepPipeline", "MultiStudentPipeline") or os.path.isfile(
             os.path.join(root, "multistudent.json")):
         raise TeacherError(f"teacher {spec!r} is an exported one-step student, not a multi-step teacher; pass the "
@@ -183,30 +297,29 @@ def load_teacher(spec: str, dtype: torch.dtype = torch.float32, device="cpu", *,
         raise TeacherError(f"prompts: teacher {spec!r} is not a text-to-image model; remove --prompts")
     elif negative_prompt:
         raise TeacherError(f"negative_prompt: teacher {spec!r} is not a text-to-image model; remove --negative_prompt")
-    if not any(f.endswith(".safetensors") for f in os.listdir(model_dir)):
-        raise TeacherError(f"no .safetensors weights in {model_dir}; onestep loads only safetensors (convert a .bin "
-                           "with diffusers' save_pretrained(safe_serialization=True))")
-    backbone = getattr(diffusers, name).from_pretrained(model_dir, use_safetensors=True, torch_dtype=dtype)
+    _check_weights(model_dir, "diffusion_pytorch_model.safetensors",
+                   "convert a .bin with diffusers' save_pretrained(safe_serialization=True)")
+    with _loading(sub or "the model", model_dir):
+        backbone = getattr(diffusers, name).from_pretrained(model_dir, use_safetensors=True, torch_dtype=dtype)
     backbone = backbone.to(device).eval().requires_grad_(False)
 
-    sched_cfg = None
-    for cand in (os.path.join(root, "scheduler", "scheduler_config.json"), os.path.join(root, "scheduler_config.json")):
-        if os.path.isfile(cand):
-            sched_cfg = _read_json(cand)
-            break
-    if sched_cfg is None:
+    sched_path = next((c for c in (os.path.join(root, "scheduler", "scheduler_config.json"),
+                                   os.path.join(root, "scheduler_config.json")) if os.path.isfile(c)), None)
+    if sched_path is None:
         raise TeacherError(f"no scheduler config in {root}: add scheduler/scheduler_config.json (the teacher's "
                            "training schedule) next to the model")
+    sched_cfg = _read_json(sched_path)
+    _check_scheduler_config(sched_cfg, sched_path)
     try:
         schedule = Schedule.from_scheduler_config(sched_cfg)
-    except ValueError as e:
-        raise TeacherError(f"teacher scheduler: {e}") from None
+    except (ValueError, TypeError, NotImplementedError) as e:
+        raise TeacherError(f"teacher scheduler ({sched_path}): {_first_line(e)}") from None
 
-    extra = _read_json(os.path.join(root, "onestep.json")) if os.path.isfile(os.path.join(root, "onestep.json")) else {}
+    extra_path = os.path.join(root, "onestep.json")
+    extra = _read_json(extra_path) if os.path.isfile(extra_path) else {}
     num_classes = null_class = None
-    if name == "UNet2DModel" and cfg.get("num_class_embeds"):
-        null_class = extra.get("null_class")
-        num_classes = extra.get("num_classes", cfg["num_class_embeds"] - (1 if null_class is not None else 0))
+    if name == "UNet2DModel" and backbone.config.num_class_embeds:
+        num_classes, null_class = _class_labels(extra, backbone.config.num_class_embeds, extra_path)
     size = square_size(cfg.get("sample_size", 32), root)
     shape = (cfg.get("in_channels", 3), size, size)
     if text:
@@ -233,8 +346,7 @@ def _is_sdxl(index: dict, unet_cfg: dict) -> bool:
 
 def _check_text_pipeline(root: str, unet_cfg: dict) -> None:
     """A UNet2DConditionModel teacher must come as a whole Stable Diffusion 1.x / 2.x or SDXL pipeline folder."""
-    index_path = os.path.join(root, "model_index.json")
-    index = _read_json(index_path) if os.path.isfile(index_path) else {}
+    index = _read_index(root)
     added = unet_cfg.get("addition_embed_type")
     if added not in (None, "text_time"):
         raise TeacherError(f"the UNet of {root!r} takes added conditioning {added!r}, which onestep does not support; "
@@ -249,31 +361,39 @@ def _check_text_pipeline(root: str, unet_cfg: dict) -> None:
                 "text_encoder/, tokenizer/ and scheduler/")
         raise TeacherError(f"{kind}; {root!r} lacks {', '.join(m + '/' for m in missing)}")
     for k in parts:
-        if k.startswith(("vae", "text_encoder")) and not any(
-                f.endswith(".safetensors") for f in os.listdir(os.path.join(root, k))):
-            raise TeacherError(f"no .safetensors weights in {os.path.join(root, k)}; onestep loads only safetensors "
-                               "(re-save the pipeline with save_pretrained(safe_serialization=True))")
+        if k.startswith(("vae", "text_encoder")):
+            _check_weights(os.path.join(root, k), "diffusion_pytorch_model.safetensors" if k == "vae" else
+                           "model.safetensors", "re-save the pipeline with save_pretrained(safe_serialization=True)")
 
 
 def _load_text_part(root: str, index: dict, name: str, default: str, device, dtype):
     """A tokenizer or text encoder of a pipeline folder, by the class model_index.json names (transformers only)."""
     import transformers
 
-    cls_name = (index.get(name) or [None, default])[1]
+    cls_name = (index.get(name) or [None, None])[1] or default
     ok = cls_name.endswith(("Tokenizer", "TokenizerFast")) if name.startswith("tokenizer") else "TextModel" in cls_name
     if not ok or not (hasattr(transformers, cls_name) or hasattr(transformers, cls_name.removesuffix("Fast"))):
         raise TeacherError(f"{name} class {cls_name!r} of {root!r} is not supported; onestep reads CLIP text encoders "
                            "and tokenizers (Stable Diffusion 1.x / 2.x, SDXL)")
+    folder = os.path.join(root, name)
+    for f in sorted(os.listdir(folder)):  # its configs and vocabularies: a broken one is named
+        if f.endswith(".json"):
+            _read_json(os.path.join(folder, f))
     if name.startswith("tokenizer"):
         cls = getattr(transformers, cls_name.removesuffix("Fast"), None) or getattr(transformers, cls_name)
-        return cls.from_pretrained(os.path.join(root, name))
-    bars = transformers.utils.logging.is_progress_bar_enabled()
-    transformers.utils.logging.disable_progress_bar()  # keep stderr to errors (a bad input is one line)
+        with _loading(name, folder):
+            return cls.from_pretrained(folder)
+    logs = transformers.utils.logging
+    bars, verbosity = logs.is_progress_bar_enabled(), logs.get_verbosity()
+    logs.disable_progress_bar()  # keep stderr to errors (a bad input is one line, not a load report above it)
+    logs.set_verbosity_error()
     try:
-        model = getattr(transformers, cls_name).from_pretrained(os.path.join(root, name), use_safetensors=True)
+        with _loading(name, folder):
+            model = getattr(transformers, cls_name).from_pretrained(folder, use_safetensors=True)
     finally:
+        logs.set_verbosity(verbosity)
         if bars:
-            transformers.utils.logging.enable_progress_bar()
+            logs.enable_progress_bar()
     return model.to(device, dtype).eval().requires_grad_(False)
 
 
@@ -286,15 +406,17 @@ def _load_text_teacher(root, unet, schedule, sched_cfg, prompts, frozen_dtype, d
     from .denoiser import pack_text_time, text_time_pooled_dim, unpack_text_time
     from .prompts import DEFAULT_PROMPTS, encode_prompts, encode_prompts_xl
 
-    index_path = os.path.join(root, "model_index.json")
-    index = _read_json(index_path) if os.path.isfile(index_path) else {}
+    index = _read_index(root)
     xl = _is_sdxl(index, dict(unet.config))
-    vae_cfg = _read_json(os.path.join(root, "vae", "config.json"))
+    vae_dir = os.path.join(root, "vae")
+    vae_cfg = _read_json(os.path.join(vae_dir, "config.json"))
     if frozen_dtype == torch.float16 and vae_cfg.get("force_upcast", True):  # overflows in fp16 (the SDXL VAE)
         vae_dtype = torch.float32
     else:
         vae_dtype = frozen_dtype
-    vae = diffusers.AutoencoderKL.from_pretrained(os.path.join(root, "vae"), use_safetensors=True, torch_dtype=vae_dtype)
+    with _loading("vae", vae_dir):
+        vae = diffusers.AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True, torch_dtype=vae_dtype)
+        scale, shift = latent_normalisation(vae.config)  # scaling_factor, latents_mean / latents_std
     vae = vae.to(device).eval().requires_grad_(False)
     if vae.config.latent_channels != unet.config.in_channels:
         raise TeacherError(f"the UNet of {root!r} takes {unet.config.in_channels} channels but the VAE makes "
@@ -333,7 +455,6 @@ def _load_text_teacher(root, unet, schedule, sched_cfg, prompts, frozen_dtype, d
     # the text encoders are freed on return (run once): the export reloads them from the teacher folder
 
     denoiser = Denoiser(unet, schedule, null_cond=null.to(device))
-    scale, shift = latent_normalisation(vae.config)
     return Teacher(denoiser, sched_cfg, root, shape, info={"backbone": "UNet2DConditionModel", "text": True, "sdxl": xl,
                                                             "image_size": image_size},
                    prompts=prompts, prompt_embeds=embeds, vae=vae, latent_scale=scale, latent_shift=shift, negative_cond=negative,

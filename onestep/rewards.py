@@ -180,7 +180,13 @@ class RewardSet:
         blank, cond = torch.zeros(2, *sample_shape, device=device), None if cond_table is None else cond_table[[0, 0]]
         with torch.no_grad():
             for name, fn in fns.items():
-                check_scores(name, fn(blank, None if cond is None else cond.to(device)), 2)
+                try:
+                    scores = fn(blank, None if cond is None else cond.to(device))
+                except Exception as e:  # a user's function: its own error, as one line
+                    raise RewardError(f"reward {name!r} failed on a test batch of 2 blank images ({type(e).__name__}: "
+                                      f"{str(e).splitlines()[0][:150] if str(e) else ''}); a reward is a function "
+                                      "(images, cond) -> one score per image") from None
+                check_scores(name, scores, 2)
         return cls(fns, weights, decay, eps)
 
     def __call__(self, images: torch.Tensor, cond, grad: bool = False) -> tuple[dict, dict]:

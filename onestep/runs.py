@@ -58,7 +58,20 @@ def prepare_run_dir(path: str, *, overwrite: bool, resume: bool) -> None:
     if used and not (overwrite or resume):
         raise RunError(f"run folder {path} already holds a run; pass --overwrite to replace it, --resume latest "
                        "to continue it, or --name NEW for a new folder")
+    if not os.path.exists(path):
+        _created.append(path)
     _make_run_dir(path)
+
+
+_created: list[str] = []  # run folders this process created
+
+
+def remove_unused_run_dirs() -> None:
+    """After bad input stopped the run: remove the run folders this process created that hold no file."""
+    for path in _created:
+        if all(not files for _, _, files in os.walk(path)):
+            shutil.rmtree(path, ignore_errors=True)
+    _created.clear()
 
 
 def refuse_existing(parser, out: str, marker: str, overwrite: bool) -> None:
@@ -315,8 +328,10 @@ def load_checkpoint(accelerator, folder: str, config: dict, data=None, strict: b
         accelerator.load_state(folder, load_kwargs={"weights_only": True}, **({} if strict else {"strict": False}))
     except Exception as e:  # another architecture, another set of networks or optimisers
         first = (str(e).strip().splitlines() or [""])[0][:200]
+        teacher = saved.get("teacher")
         raise CheckpointError(f"resume: checkpoint {folder} does not fit this run's networks ({type(e).__name__}: "
-                              f"{first})") from None
+                              f"{first}); resume with the teacher and network options it was written with"
+                              f"{f' (teacher {teacher!r})' if teacher else ''}, or start a new run (--name NEW)") from None
     if data is not None and os.path.isfile(os.path.join(folder, DATA_STATE)):
         from safetensors.torch import load_file
 

@@ -1,6 +1,7 @@
 """The main job as users run it: `accelerate launch train/distill.py ...` end to end, and bad input."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -390,3 +391,16 @@ def test_the_other_scripts_refuse_bad_input_in_one_line_before_any_work(script, 
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
     assert not (tmp_path / "t" / "unet").exists() and not (tmp_path / "g" / "dmd2-s0").exists()
+
+
+def test_prompt_files_that_cannot_be_read_say_so_in_one_line(tmp_path):
+    from onestep.prompts import PromptError, read_prompts
+
+    (tmp_path / "bin").write_bytes(b"\xff\xfe\x00\x81 not text")
+    (tmp_path / "blank").write_text("\n  \n")
+    (tmp_path / "ok").write_text("a cat\n\n  a dog  \n")
+    for path, message in (("bin", "cannot be read as UTF-8 text (UnicodeDecodeError)"), ("blank", "holds no prompts"),
+                          (".", "is a folder"), ("none", "does not exist")):
+        with pytest.raises(PromptError, match=re.escape(message)):
+            read_prompts(str(tmp_path / path))
+    assert read_prompts(str(tmp_path / "ok")) == ["a cat", "a dog"]

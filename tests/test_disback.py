@@ -287,3 +287,18 @@ def test_state_dict_carries_the_base_methods_own_state(tmp_path):
     assert b.node == 0 and b.history == [[2, 0]] and b.base._reward_set.var == {"r": 0.25}
     assert torch.equal(b.base._roll["xs"], a.base._roll["xs"]) and b.base._roll["uses"] == 1
     assert b.base._roll["logs"] == {"x": 1.0} and b.base._roll["cond"] is None
+
+
+def test_recording_folders_that_cannot_be_used_are_refused_in_one_line(tmp_path):
+    from onestep.disback import RecordingError, _check_record_folder, open_recording
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RecordingError, match="record_dir: cannot create .*pass a writable folder"):
+        _check_record_folder(str(tmp_path / "file" / "sub"))
+    (tmp_path / "rec").mkdir()
+    (tmp_path / "rec" / "index.json").write_text("{not json")
+    with pytest.raises(RecordingError, match="is not a DisBack recording index"):
+        open_recording(str(tmp_path / "rec"), {"teacher": "abc"})
+    (tmp_path / "rec" / "index.json").write_text("[1, 2]")
+    with pytest.raises(RecordingError, match="is not a DisBack recording index"):
+        open_recording(str(tmp_path / "rec"), {"teacher": "abc"})

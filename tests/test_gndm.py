@@ -154,6 +154,12 @@ def test_wrong_reward_output_shape_is_refused_clearly():
         gndm(triad, rewards=["test_gndm:wrong_shape"])  # checked in setup, before training
 
 
+def test_a_reward_that_raises_on_the_test_batch_is_refused_in_one_line():
+    with pytest.raises(RewardError, match=r"reward 'os.path.join' failed on a test batch of 2 blank images "
+                                          r"\(TypeError: .*one score per image$"):
+        gndm(make_triad(), rewards=["os.path:join"])
+
+
 @pytest.mark.parametrize("spec,message", [("nope", "not one of classifier, clip or an import path"),
                                           ("no_such_module_xyz:f", "cannot import module 'no_such_module_xyz'"),
                                           ("test_gndm:missing", "has no attribute 'missing'")])

@@ -475,6 +475,8 @@ def bad_things(tmp_path_factory, cond_teacher, uncond_teacher):
     open(p["badyaml"], "w").write("steps: [1\n")
     p["listyaml"] = str(root / "list.yaml")
     open(p["listyaml"], "w").write("- steps\n- 3\n")
+    p["namelist"] = str(root / "name.yaml")
+    open(p["namelist"], "w").write("name: [a]\n")
     p["prompts"] = str(root / "prompts.txt")
     open(p["prompts"], "w").write("a digit\n")
 
@@ -503,7 +505,7 @@ BAD = [  # (id, arguments, what the one line must say); {name} is a path from ba
     ("weight", ["--regression_weight", "-1"], "regression_weight: must be >= 0"),
     ("timesteps", ["--generator_timesteps", "-3"], "generator_timesteps: must be >= 0"),
     ("timesteps_range", ["--generator_timesteps", "5000"], "exceed this teacher's largest time 999"),
-    ("steps_huge", ["--steps", "100000000000000000000"], "steps: must be at most 1e9"),
+    ("steps_huge", ["--steps", "100000000000000000000"], "steps: must be at most 1e7"),
     ("name", ["--name", "../up"], "name: '../up' must be a plain folder name"),
     ("dataset_missing", ["--dataset", "/no/such/folder"], "dataset: '/no/such/folder' is not 'digits', 'none' or"),
     ("dataset_empty", ["--dataset", "{empty}"], "holds no images"),
@@ -531,6 +533,18 @@ BAD = [  # (id, arguments, what the one line must say); {name} is a path from ba
     ("resume_incomplete", ["--resume", "{nomanifest}"], "is incomplete (no onestep_manifest.json)"),
     ("resume_batch", ["--resume", "{ckpt}", "--batch_size", "16"], "other batch_size (8 there, 16 now)"),
     ("resume_teacher", ["--resume", "{ckpt}", "--teacher", "{uncond}"], "does not fit this run's networks"),
+    ("loss_space", ["--method", "dmd", "--fake_loss_space", "foo"], "fake_loss_space: 'foo' is not one of auto,"),
+    ("regression_batch", ["--method", "dmd", "--regression_batch", "0"], "regression_batch: must be >= 1, got 0"),
+    ("regression_steps", ["--method", "dmd", "--regression_steps", "2000"], "regression_steps: 2000 sampler steps"),
+    ("teacher_eval_steps", ["--teacher_eval_steps", "1000000"], "has 1000 timesteps, the most a DDIM sampler"),
+    ("norm_eps", ["--norm_eps", "-1"], "norm_eps: must be > 0, got -1.0"),
+    ("guidance", ["--real_guidance_scale", "-2"], "real_guidance_scale: must be >= 0, got -2.0"),
+    ("eval_samples", ["--eval_samples", "1"], "eval_samples: FID needs at least 2 samples"),
+    ("output_dir_empty", ["--output_dir", ""], "output_dir: empty"),
+    ("preset_empty", ["--preset", ""], "preset: empty"),
+    ("config_dir", ["--config", "{empty}"], "cannot be read as text (IsADirectoryError)"),
+    ("lora_rank", ["--fake_score", "lora", "--lora_rank", "1000000000"], "lora_rank: at most 4096"),
+    ("name_list", ["--config", "{namelist}"], "name: expected a string, got ['a']"),
 ]
 
 
@@ -542,7 +556,7 @@ def test_bad_input_gives_one_line_and_exit_2(args, message, bad_things, tmp_path
     code, lines = cli(["--preset", "smoke", "--output_dir", str(tmp_path), "--classifier", "", "--cpu_threads", "1",
                        *args])
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
-    assert not any(tmp_path.glob("*/config.yaml"))  # stopped before the run was recorded
+    assert not any(tmp_path.iterdir())  # stopped before the run was recorded; no empty run folder left
     assert not os.path.exists(bad_things["marker"])  # the custom model's code never ran
 
 

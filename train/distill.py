@@ -47,7 +47,7 @@ def train(cfg, backbone=None, router=None, fake_backbone=None, own=None):
 
     from onestep import hostmem
     from onestep.attention import set_attention
-    from onestep.config import ConfigError, method_kwargs
+    from onestep.config import ConfigError, check_teacher_fit, method_kwargs
     from onestep.data import ConditionSampler, RealImages, folder_dataset, load_digits, read_image_folder
     from onestep.distributed import check_launch, clip_grad_norm, distributed_mode, prepare_sharded
     from onestep.fid import DigitsClassifier, best_of_steps, digits_moments, evaluate_samples
@@ -105,11 +105,7 @@ def train(cfg, backbone=None, router=None, fake_backbone=None, own=None):
     teacher = load_teacher(cfg.teacher, device=device, prompts=prompts, frozen_dtype=frozen_dtype,
                            captions=folder and folder.captions, negative_prompt=cfg.negative_prompt)
     shape = teacher.sample_shape
-    t_top = teacher.denoiser.schedule.t_max
-    if any(t > t_top for t in cfg.generator_timesteps):
-        raise ConfigError(f"generator_timesteps: {cfg.generator_timesteps} exceed this teacher's largest time {t_top}")
-    if cfg.clip_sample and teacher.text_conditional:
-        raise ConfigError("clip_sample: latents have no fixed range to clamp to; use --clip_sample 0 with this teacher")
+    check_teacher_fit(cfg, teacher)  # its time range, sample space and sampler steps
     if teacher.num_classes:
         classes = cfg.classes or list(range(teacher.num_classes))
         bad = [c for c in classes if not 0 <= c < teacher.num_classes]
@@ -390,5 +386,8 @@ if __name__ == "__main__":
     try:
         main(args)
     except OnestepError as e:  # bad input: one line, non-zero exit, nothing overwritten
+        from onestep.runs import remove_unused_run_dirs
+
+        remove_unused_run_dirs()  # nor an empty run folder left behind
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
