@@ -346,7 +346,25 @@ def load_config(argv: list[str]) -> Config:
         from .methods import METHODS
 
         config.fake_score = getattr(METHODS[config.method], "preferred_fake_score", "copy")
+    check_unused(config, set(overrides) | set(file_values))
     return config
+
+
+def check_unused(cfg: Config, given: set) -> None:
+    """Options the user gave (command line or config file, not a preset) that this run would ignore: refused."""
+    from .methods import build_method
+
+    gan = getattr(build_method(cfg.method, **cfg.method_args), "uses_gan", False)
+    needs = [(("lora_rank", "lora_targets"), cfg.fake_score == "lora", "--fake_score lora"),
+             (("gan_hidden", "gan_layers", "gan_feature_source"), gan, "a GAN (method dmd2 or gndm, a GAN weight > 0)"),
+             (("router",), cfg.students > 1, "--students K > 1"),
+             (("tsm_steps", "tsm_lr", "tsm_pool", "student_fake_score"), bool(cfg.student_channels), "--student_channels"),
+             (tuple(f.name for f in dataclasses.fields(Config) if f.name.startswith(("backtrack_", "record_"))),
+              cfg.backtrack, "--backtrack")]
+    for keys, used, gate in needs:
+        unused = [k for k in keys if k in given and not used]
+        if unused:
+            raise ConfigError(f"{unused[0]}: only used with {gate}, which this run does not have; drop it or add that")
 
 
 def validate(cfg: Config) -> None:

@@ -545,6 +545,11 @@ BAD = [  # (id, arguments, what the one line must say); {name} is a path from ba
     ("config_dir", ["--config", "{empty}"], "cannot be read as text (IsADirectoryError)"),
     ("lora_rank", ["--fake_score", "lora", "--lora_rank", "1000000000"], "lora_rank: at most 4096"),
     ("name_list", ["--config", "{namelist}"], "name: expected a string, got ['a']"),
+    ("unused_lora", ["--fake_score", "copy", "--lora_rank", "8"], "lora_rank: only used with --fake_score lora"),
+    ("unused_gan", ["--method", "dmd", "--gan_hidden", "64"], "gan_hidden: only used with a GAN"),
+    ("unused_router", ["--router", "confusion"], "router: only used with --students K > 1"),
+    ("unused_tsm", ["--tsm_steps", "5"], "tsm_steps: only used with --student_channels"),
+    ("unused_backtrack", ["--record_interval", "5"], "record_interval: only used with --backtrack"),
 ]
 
 
