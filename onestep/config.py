@@ -340,21 +340,18 @@ def load_config(argv: list[str]) -> Config:
     if cfg["method"] == preset_method:  # a preset's method options belong to its method; another --method starts clean
         cfg["method_args"] = {**preset_args, **cfg["method_args"]}
     config = Config(**cfg)
-    validate(config)
+    method = validate(config)
     config.method_args = method_kwargs(config)  # typed, so config.yaml records 1.5, not '1.5'
     if config.fake_score == "auto":  # resolved here, so config.yaml records what ran
         from .methods import METHODS
 
         config.fake_score = getattr(METHODS[config.method], "preferred_fake_score", "copy")
-    check_unused(config, set(overrides) | set(file_values))
+    check_unused(config, set(overrides) | set(file_values), getattr(method, "uses_gan", False))
     return config
 
 
-def check_unused(cfg: Config, given: set) -> None:
+def check_unused(cfg: Config, given: set, gan: bool) -> None:
     """Options the user gave (command line or config file, not a preset) that this run would ignore: refused."""
-    from .methods import build_method
-
-    gan = getattr(build_method(cfg.method, **cfg.method_args), "uses_gan", False)
     needs = [(("lora_rank", "lora_targets"), cfg.fake_score == "lora", "--fake_score lora"),
              (("gan_hidden", "gan_layers", "gan_feature_source"), gan, "a GAN (method dmd2 or gndm, a GAN weight > 0)"),
              (("router",), cfg.students > 1, "--students K > 1"),
@@ -367,8 +364,8 @@ def check_unused(cfg: Config, given: set) -> None:
             raise ConfigError(f"{unused[0]}: only used with {gate}, which this run does not have; drop it or add that")
 
 
-def validate(cfg: Config) -> None:
-    """Check ranges and choices; raise ConfigError with the key, the value and what is allowed."""
+def validate(cfg: Config):
+    """Check ranges and choices; raise ConfigError with the key, the value and what is allowed. Returns the method."""
     from .attention import resolve_attention
     from .methods import build_method
 
@@ -450,6 +447,7 @@ def validate(cfg: Config) -> None:
     if getattr(method, "group_size", 1) > 1 and cfg.batch_size % method.group_size:
         raise ConfigError(f"group_size: {method.group_size} does not divide --batch_size {cfg.batch_size} (the samples per "
                           "process); pick a divisor")
+    return method
 
 
 def check_teacher_fit(cfg: Config, teacher) -> None:

@@ -80,7 +80,8 @@ def compute_reference(source, extractor: Extractor, description: str, batch_size
     """Moments (and the first `keep` features) of a source's images under `extractor`."""
     r = stream_features(source, extractor, batch_size, keep, accelerator)
     mu, sigma = r.stats.moments()
-    meta = {**extractor.meta, "image_size": None if r.image_shape is None else list(r.image_shape), "count": r.stats.n, "source": description}
+    size = None if r.image_shape is None else list(r.image_shape)  # None: images of several sizes
+    meta = {**extractor.meta, "image_size": size, "count": r.stats.n, "source": description}
     return Reference(mu, sigma, meta, r.features)
 
 

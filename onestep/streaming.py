@@ -1,8 +1,8 @@
 """Streaming feature statistics: images from a source, batch by batch, into float64 moments (no PNG round-trip).
 
 A source maps sample indices to images in [-1, 1]: a generator callable (sample i: noise seed i, or under
-evaluation seed s > 0 a hash of (s, i); label i % K), an exported OneStepPipeline folder, a folder of images or an image tensor. Images are
-quantised to 8 bits as saving them would. Indices are split across processes (rank r takes r, r + P, ...)
+evaluation seed s > 0 a hash of (s, i); label i % K), an exported OneStepPipeline folder, a folder of images or
+an image tensor. Images are quantised to 8 bits as saving them would. Indices are split across processes (rank r takes r, r + P, ...)
 and the results gathered with accelerate, so nothing depends on the batch size or the process count.
 """
 from __future__ import annotations
