@@ -434,6 +434,13 @@ def validate(cfg: Config):
                           "(assets/digits-classifier) or --classifier '' for no digits-FID")
     if cfg.backtrack and cfg.record_dir and os.path.exists(cfg.record_dir) and not os.path.isdir(cfg.record_dir):
         raise ConfigError(f"record_dir: {cfg.record_dir!r} is a file; pass a folder for the DisBack recording")
+    if cfg.backtrack and cfg.record_dir:
+        from .disback import check_not_foreign
+
+        try:
+            check_not_foreign(cfg.record_dir)
+        except OnestepError as e:
+            raise ConfigError(str(e)) from None
     if cfg.backtrack and cfg.gan_feature_source == "teacher":
         raise ConfigError("gan_feature_source: 'teacher' would give the GAN head the moving backtracking target's features "
                           "under --backtrack; use fake_score")
@@ -483,6 +490,12 @@ def _check_numbers(cfg: Config, method) -> None:
         raise ConfigError(f"seed: must be in 0..{2**32 - 1}, got {cfg.seed!r}")
     if any(t < 0 for t in cfg.generator_timesteps):
         raise ConfigError(f"generator_timesteps: must be >= 0, got {cfg.generator_timesteps}")
+    if any(a <= b for a, b in zip(cfg.generator_timesteps, cfg.generator_timesteps[1:])):
+        raise ConfigError(f"generator_timesteps: a few-step student goes from noise to data, so the times must fall "
+                          f"strictly (e.g. 999,749,499,249), got {cfg.generator_timesteps}")
+    if cfg.lr_warmup_steps > cfg.steps:
+        raise ConfigError(f"lr_warmup_steps: {cfg.lr_warmup_steps} is longer than the run (--steps {cfg.steps}), so the "
+                          "learning rate would never reach its value; use at most --steps")
     if len(cfg.generator_timesteps) > 1 and options.get("regression_weight", 0) > 0:
         raise ConfigError(f"regression_weight: DMD1's regression pairs one-step outputs with the teacher's ODE from the "
                           f"same noise; a {len(cfg.generator_timesteps)}-step student re-noises: use one timestep or 0")

@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -88,12 +89,24 @@ def _folder_lock(folder: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+RECORDING_FILE = re.compile(r"(node_\d{3,}\.safetensors|optimizer\.safetensors|index\.json)(\.tmp)?|\.lock")
+
+
 def _check_record_folder(folder: str) -> None:
     """A recording folder that exists or can be created."""
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
         raise RecordingError(f"record_dir: cannot create {folder!r} ({type(e).__name__}); pass a writable folder") from None
+    check_not_foreign(folder)
+
+
+def check_not_foreign(folder: str) -> None:
+    """A recording writes node_NNN / optimizer / index files: never into a folder that holds anything else."""
+    foreign = sorted(n for n in os.listdir(folder) if not RECORDING_FILE.fullmatch(n)) if os.path.isdir(folder) else []
+    if foreign:
+        raise RecordingError(f"record_dir: {folder!r} holds files that are not a DisBack recording ({foreign[0]!r}"
+                             f"{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}); pass a new or empty folder")
 
 
 def _save_atomic(tensors: dict, path: str) -> None:

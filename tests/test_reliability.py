@@ -550,6 +550,11 @@ BAD = [  # (id, arguments, what the one line must say); {name} is a path from ba
     ("unused_router", ["--router", "confusion"], "router: only used with --students K > 1"),
     ("unused_tsm", ["--tsm_steps", "5"], "tsm_steps: only used with --student_channels"),
     ("unused_backtrack", ["--record_interval", "5"], "record_interval: only used with --backtrack"),
+    ("timesteps_order", ["--generator_timesteps", "499,999"], "generator_timesteps: a few-step student goes from noise"),
+    ("timesteps_repeat", ["--generator_timesteps", "999,999"], "the times must fall strictly"),
+    ("warmup", ["--lr_warmup_steps", "1000000"], "lr_warmup_steps: 1000000 is longer than the run"),
+    ("record_foreign", ["--backtrack", "true", "--backtrack_interval", "1", "--record_dir", "{rgb}"],
+     "holds files that are not a DisBack recording"),
 ]
 
 
