@@ -6,6 +6,7 @@ Any `--key value` names a field below or an option of the chosen method (see `on
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -334,6 +335,7 @@ def load_config(argv: list[str]) -> Config:
     cfg = dataclasses.asdict(Config())
     cfg["preset"] = preset
     apply(PRESETS[preset], cfg, f"preset {preset!r}")
+    before_file = copy.deepcopy(cfg)
     preset_method, preset_args, cfg["method_args"] = cfg["method"], cfg["method_args"], {}
     apply(file_values, cfg, f"config file {config_file!r}")
     apply(overrides, cfg, "the command line")
@@ -346,12 +348,15 @@ def load_config(argv: list[str]) -> Config:
         from .methods import METHODS
 
         config.fake_score = getattr(METHODS[config.method], "preferred_fake_score", "copy")
-    check_unused(config, set(overrides) | set(file_values), getattr(method, "uses_gan", False))
+    # a run's own config.yaml lists every key: a file's keys count as given where they change the preset's value
+    changed = {k for k in file_values if k in before_file and getattr(config, k) != before_file[k]}
+    check_unused(config, set(overrides) | changed, getattr(method, "uses_gan", False))
     return config
 
 
 def check_unused(cfg: Config, given: set, gan: bool) -> None:
-    """Options the user gave (command line or config file, not a preset) that this run would ignore: refused."""
+    """Options the user gave (command line, or a config file's changes to the preset) that this run would ignore:
+    refused."""
     needs = [(("lora_rank", "lora_targets"), cfg.fake_score == "lora", "--fake_score lora"),
              (("gan_hidden", "gan_layers", "gan_feature_source"), gan, "a GAN (method dmd2 or gndm, a GAN weight > 0)"),
              (("router",), cfg.students > 1, "--students K > 1"),

@@ -1,4 +1,5 @@
 """The main job as users run it: `accelerate launch train/distill.py ...` end to end, and bad input."""
+import dataclasses
 import json
 import os
 import re
@@ -7,8 +8,11 @@ import sys
 
 import pytest
 import torch
+import yaml
 from conftest import ROOT, run_distill
 from safetensors.torch import load_file
+
+from onestep.config import PRESETS, ConfigError, load_config
 
 SMOKE = ["--preset", "smoke"]
 
@@ -16,8 +20,6 @@ SMOKE = ["--preset", "smoke"]
 def student_from_checkpoint(run_dir: str, step: int):
     """Rebuild the trained generator from the run's last accelerate checkpoint."""
     from onestep.loading import load_teacher
-
-    import yaml
 
     with open(os.path.join(run_dir, "config.yaml")) as f:
         teacher = load_teacher(yaml.safe_load(f)["teacher"])  # the student's architecture and schedule
@@ -404,3 +406,17 @@ def test_prompt_files_that_cannot_be_read_say_so_in_one_line(tmp_path):
         with pytest.raises(PromptError, match=re.escape(message)):
             read_prompts(str(tmp_path / path))
     assert read_prompts(str(tmp_path / "ok")) == ["a cat", "a dog"]
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_a_runs_own_config_yaml_loads_back_to_the_same_config(preset, tmp_path):
+    """config.yaml lists every key, the unused ones too: reloaded as --config it gives the run's config again; a
+    file that changes an option the run would ignore is refused like the same option on the command line."""
+    cfg = load_config(["--preset", preset])
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    assert dataclasses.asdict(load_config(["--config", str(path)])) == dataclasses.asdict(cfg)
+    if cfg.fake_score != "lora":
+        path.write_text(yaml.safe_dump({**dataclasses.asdict(cfg), "lora_rank": cfg.lora_rank + 1}, sort_keys=False))
+        with pytest.raises(ConfigError, match="lora_rank: only used with --fake_score lora"):
+            load_config(["--config", str(path)])
