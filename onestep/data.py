@@ -104,16 +104,15 @@ def read_image_folder(path: str) -> ImageFolder:
     meta = os.path.join(path, "metadata.jsonl")
     if os.path.isfile(meta):
         texts = {}
-        with open(meta, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    texts[os.path.normpath(row["file_name"])] = str(row["text"])
-                except (ValueError, KeyError, TypeError):
-                    raise DataError(f"dataset: line {n} of {meta!r} is not a JSON object with \"file_name\" and "
-                                    "\"text\"") from None
+        for n, line in enumerate(_read_text(meta).split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                texts[os.path.normpath(row["file_name"])] = str(row["text"])
+            except (ValueError, KeyError, TypeError):
+                raise DataError(f"dataset: line {n} of {meta!r} is not a JSON object with \"file_name\" and "
+                                "\"text\"") from None
         missing = [f for f in files if os.path.normpath(f) not in texts]
         if missing:
             raise DataError(f"dataset: image {missing[0]!r} has no line in {meta!r}; add "
@@ -127,11 +126,17 @@ def read_image_folder(path: str) -> ImageFolder:
         first = files[have.index(False)]
         raise DataError(f"dataset: image {first!r} has no caption file {os.path.splitext(first)[0] + '.txt'!r} "
                         "while others have one; caption every image or none")
-    captions = []
-    for t in txt:
-        with open(t, encoding="utf-8") as f:
-            captions.append(f.read().strip())
-    return ImageFolder(path, files, captions)
+    return ImageFolder(path, files, [_read_text(t).strip() for t in txt])
+
+
+def _read_text(path: str) -> str:
+    """A caption or metadata file as UTF-8 text (a byte-order mark dropped), else one DataError line naming it."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            return f.read()
+    except (UnicodeDecodeError, PermissionError, IsADirectoryError) as e:
+        raise DataError(f"dataset: {path!r} cannot be read as UTF-8 text ({type(e).__name__}); save the captions "
+                        "as UTF-8") from None
 
 
 def load_images(paths: list[str], size: int, channels: int = 3) -> torch.Tensor:

@@ -360,6 +360,11 @@ def _check_text_pipeline(root: str, unet_cfg: dict) -> None:
                 "a UNet2DConditionModel teacher needs a Stable Diffusion pipeline folder with unet/, vae/, "
                 "text_encoder/, tokenizer/ and scheduler/")
         raise TeacherError(f"{kind}; {root!r} lacks {', '.join(m + '/' for m in missing)}")
+    named = [k for k in (*parts, "unet", "scheduler") if not (isinstance(index.get(k), list) and index[k][0])]
+    if named:  # the export saves the student as a stock pipeline built from this folder's model_index.json
+        what = f"has no {named[0]!r} entry in its model_index.json" if index else "has no model_index.json"
+        raise TeacherError(f"teacher: {root!r} {what}; a text-to-image teacher is read as a diffusers pipeline "
+                           "folder: re-save it with pipe.save_pretrained(folder)")
     for k in parts:
         if k.startswith(("vae", "text_encoder")):
             _check_weights(os.path.join(root, k), "diffusion_pytorch_model.safetensors" if k == "vae" else
@@ -397,6 +402,25 @@ def _load_text_part(root: str, index: dict, name: str, default: str, device, dty
     return model.to(device, dtype).eval().requires_grad_(False)
 
 
+def _check_tokenizer(tok, enc_cfg, folder: str) -> None:
+    """A tokenizer that fits its text encoder: a vocabulary at all (without its files a CLIP tokenizer loads with two
+    tokens and maps every word to one), ids inside the encoder's vocabulary, a sequence length the encoder takes."""
+    ids = tok("a photo of a cat").input_ids
+    words = [i for i in ids if i not in tok.all_special_ids or i == tok.unk_token_id]
+    if all(i == tok.unk_token_id for i in words):
+        raise TeacherError(f"teacher: tokenizer in {folder} knows no words (each maps to its unknown token; {len(tok)} "
+                           "tokens): its vocabulary files (tokenizer.json, or vocab.json and merges.txt) are missing; "
+                           "re-save the tokenizer with save_pretrained")
+    if max(len(tok), max(ids) + 1) > enc_cfg.vocab_size:
+        raise TeacherError(f"teacher: tokenizer in {folder} has {len(tok)} tokens, its text encoder's vocabulary "
+                           f"{enc_cfg.vocab_size}; pass the tokenizer saved with that text encoder")
+    length, positions = tok.model_max_length, getattr(enc_cfg, "max_position_embeddings", None)
+    if not isinstance(length, int) or length < 2 or (positions and length > positions):
+        raise TeacherError(f"teacher: tokenizer in {folder} has model_max_length {length}, not a length its text encoder "
+                           f"takes (max_position_embeddings {positions}); set \"model_max_length\": {positions or 77} in "
+                           f"{os.path.join(folder, 'tokenizer_config.json')}")
+
+
 def _load_text_teacher(root, unet, schedule, sched_cfg, prompts, frozen_dtype, device, captions=None,
                        negative_prompt: str = "") -> Teacher:
     """The SD / SDXL teacher: UNet in VAE latent space, prompt embeddings cached once, the empty prompt (SDXL: zeros,
@@ -428,6 +452,8 @@ def _load_text_teacher(root, unet, schedule, sched_cfg, prompts, frozen_dtype, d
     names = ("", "_2") if xl else ("",)
     tokenizers = [_load_text_part(root, index, "tokenizer" + n, "CLIPTokenizer", device, frozen_dtype) for n in names]
     encoders = [_load_text_part(root, index, "text_encoder" + n, "CLIPTextModel", device, frozen_dtype) for n in names]
+    for n, tok, enc in zip(names, tokenizers, encoders):
+        _check_tokenizer(tok, enc.config, os.path.join(root, "tokenizer" + n))
     if xl:
         pooled_dim = text_time_pooled_dim(dict(unet.config))
         proj = getattr(encoders[1].config, "projection_dim", None)

@@ -32,12 +32,12 @@ class PromptError(OnestepError):
 
 
 def read_prompts(path: str) -> list[str]:
-    """One prompt per non-empty line of a UTF-8 text file (surrounding whitespace stripped)."""
+    """One prompt per non-empty line of a UTF-8 text file (surrounding whitespace and a byte-order mark stripped)."""
     if not os.path.isfile(path):
         what = "is a folder" if os.path.isdir(path) else "does not exist"
         raise PromptError(f"prompts: {path!r} {what}; pass a text file with one prompt per line")
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             prompts = [line.strip() for line in f if line.strip()]
     except (UnicodeDecodeError, PermissionError) as e:
         raise PromptError(f"prompts: file {path!r} cannot be read as UTF-8 text ({type(e).__name__}); pass a text "

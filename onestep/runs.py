@@ -47,7 +47,7 @@ class CheckpointError(RunError):
     """A checkpoint that is incomplete, corrupt, pickle-based or does not fit this run."""
 
 
-RUN_OUTPUTS = ("checkpoints", "logs", "samples", "pipeline", "pipeline-ddim")
+RUN_OUTPUTS = ("checkpoints", "logs", "samples", "pipeline", "pipeline-ddim", "metrics.json", "fid_curve.png")
 
 
 def prepare_run_dir(path: str, *, overwrite: bool, resume: bool) -> None:
@@ -83,8 +83,10 @@ def refuse_existing(parser, out: str, marker: str, overwrite: bool) -> None:
 
 
 def clear_run_dir(path: str) -> None:
-    """--overwrite: remove the replaced run's outputs (checkpoints, logs, samples, exported pipelines)."""
+    """--overwrite: remove the replaced run's outputs (checkpoints, logs, samples, exported pipelines, metrics)."""
     for sub in RUN_OUTPUTS:
+        if os.path.isfile(os.path.join(path, sub)):
+            os.remove(os.path.join(path, sub))
         shutil.rmtree(os.path.join(path, sub), ignore_errors=True)
     _make_run_dir(path)
 

@@ -159,6 +159,13 @@ def test_a_failed_overwrite_leaves_the_old_run_in_place(cond_teacher, tmp_path):
         assert r.returncode == 2 and len(lines) == 1 and message in lines[0], r.stderr[-2000:]
         assert sorted(str(p.relative_to(old)) for p in old.rglob("*") if p.is_file()) == [
             "checkpoints/step_0000004/model.safetensors", "config.yaml", "metrics.json", "pipeline/model_index.json"]
+    from onestep.runs import clear_run_dir
+
+    (old / "fid_curve.png").write_text("old curve")
+    (old / "notes.txt").write_text("the user's own file")
+    clear_run_dir(str(old))  # once everything has loaded: the old run's outputs go, metrics and curve too
+    assert sorted(str(p.relative_to(old)) for p in old.rglob("*")) == ["checkpoints", "config.yaml", "notes.txt",
+                                                                       "samples"]
 
 
 def test_bad_input_under_accelerate_launch(tmp_path):
@@ -406,6 +413,8 @@ def test_prompt_files_that_cannot_be_read_say_so_in_one_line(tmp_path):
         with pytest.raises(PromptError, match=re.escape(message)):
             read_prompts(str(tmp_path / path))
     assert read_prompts(str(tmp_path / "ok")) == ["a cat", "a dog"]
+    (tmp_path / "bom").write_bytes(b"\xef\xbb\xbfa cat\n")  # saved by an editor that writes a byte-order mark
+    assert read_prompts(str(tmp_path / "bom")) == ["a cat"]
 
 
 @pytest.mark.parametrize("preset", list(PRESETS))

@@ -65,6 +65,12 @@ def test_bad_folders_give_one_line_errors_that_say_what_to_do(tmp_path):
     Image.new("RGB", (4, 4)).save(tmp_path / "jsonl" / "extra.png")
     with pytest.raises(DataError, match="'extra.png' has no line in .*metadata.jsonl"):
         read_image_folder(str(tmp_path / "jsonl"))
+    os.remove(tmp_path / "jsonl" / "extra.png")
+    (tmp_path / "jsonl" / "metadata.jsonl").write_bytes(b"\xef\xbb\xbf" + (tmp_path / "jsonl" / "metadata.jsonl").read_bytes())
+    assert read_image_folder(str(tmp_path / "jsonl")).captions == CAPTIONS  # a byte-order mark is not text
+    (tmp_path / "txt" / "img2.txt").write_bytes(b"\xff\xfea caption in UTF-16")
+    with pytest.raises(DataError, match="img2.txt' cannot be read as UTF-8 text .*save the captions as UTF-8"):
+        read_image_folder(str(tmp_path / "txt"))
 
 
 def test_images_become_vae_latents_and_captions_cached_embeddings(sd_teacher, tmp_path):

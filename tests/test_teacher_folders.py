@@ -167,6 +167,17 @@ WEIGHTS = {  # case: (folder, corruption, what the one line says)
                             r"/tokenizer/tokenizer.json is not valid JSON"),
     "tokenizer-broken": ("sd", lambda r: write(f"{r}/tokenizer/tokenizer.json", '{"model": 3}'),
                          r"cannot load tokenizer from .*/tokenizer \(\w+: .*\)" + FIX),
+    "tokenizer-no-vocabulary": ("sd", lambda r: os.remove(f"{r}/tokenizer/tokenizer.json"),
+                                r"tokenizer in .*/tokenizer knows no words .* vocabulary files .* are missing"),
+    "tokenizer-no-length": ("sd", lambda r: update_json(f"{r}/tokenizer/tokenizer_config.json", model_max_length=None),
+                            r"has model_max_length \d+, not a length its text encoder takes \(max_position_embeddings "
+                            r"\d+\); set \"model_max_length\": \d+ in .*/tokenizer/tokenizer_config.json$"),
+    "tokenizer-too-long": ("sd", lambda r: update_json(f"{r}/tokenizer/tokenizer_config.json", model_max_length=4096),
+                           r"has model_max_length 4096, not a length its text encoder takes"),
+    "model-index-missing": ("sd", lambda r: os.remove(f"{r}/model_index.json"),
+                            r"has no model_index.json; a text-to-image teacher is read as a diffusers pipeline folder"),
+    "model-index-no-tokenizer": ("sd", lambda r: update_json(f"{r}/model_index.json", tokenizer=[None, None]),
+                                 r"has no 'tokenizer' entry in its model_index.json"),
     "model-index-string": ("sd", lambda r: update_json(f"{r}/model_index.json", text_encoder="CLIPTextModel"),
                            r"model_index.json: entry 'text_encoder' is \"CLIPTextModel\", not a \[library, class\] "
                            r"pair"),
