@@ -39,8 +39,8 @@ def write_pngs(source, folder: str, batch_size: int) -> float:
     return sampling
 
 
-def main() -> None:
-    from onestep.cli import Parser
+def main(argv=None) -> None:
+    from onestep.cli import MAX_SAMPLES, Parser, classifier_problem, first_error
 
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group()
@@ -49,14 +49,17 @@ def main() -> None:
     p.add_argument("--num-samples", type=int, default=10_000)
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--classifier", default="assets/digits-classifier")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     if a.num_samples < 2 or a.batch_size < 1:
         p.error(f"--num-samples must be >= 2 and --batch-size >= 1, got {a.num_samples} and {a.batch_size}")
+    first_error(p, [a.num_samples > MAX_SAMPLES and f"--num-samples {a.num_samples} is more than the {MAX_SAMPLES:,} "
+                                                    "samples allowed (and each is written as a PNG); pass a smaller count",
+                    classifier_problem(a.classifier)])
 
     import torch
     from cleanfid.fid import compute_fid
 
-    from onestep.benchmark import pipeline_model, teacher_models
+    from onestep.benchmark import check_inputs, pipeline_model, teacher_models
     from onestep.data import load_digits
     from onestep.errors import OnestepError
     from onestep.features import digits_extractor
@@ -67,6 +70,7 @@ def main() -> None:
     try:
         ex = digits_extractor(a.classifier)
         m = (teacher_models(a.teacher, [1], a.num_samples)[0] if a.teacher else pipeline_model(a.pipeline, a.num_samples))
+        check_inputs([m], ex, "this script compares the two paths on digits models only")
     except (OnestepError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

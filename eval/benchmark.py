@@ -25,15 +25,19 @@ import json
 import os
 import sys
 
+STEPS = "1,2,4,10,25,50,100"
+
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from onestep.cli import Parser, eval_args_problem, first_error
+    from onestep.cli import (Parser, classifier_problem, eval_args_problem, first_error, num_samples_problem,
+                             output_problem)
 
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("models (none: only compute OUT/reference.npz)")
     g.add_argument("--teacher", action="append", default=[], help="teacher folder or hub id (repeatable)")
-    g.add_argument("--steps", default="1,2,4,10,25,50,100", help="teacher DDIM step counts (default %(default)s)")
-    g.add_argument("--guidance", type=float, default=1.0, help="teacher classifier-free guidance scale (2 NFE/step if not 1)")
+    g.add_argument("--steps", default=None, help=f"teacher DDIM step counts (default {STEPS})")
+    g.add_argument("--guidance", type=float, default=None,
+                   help="teacher classifier-free guidance scale (2 NFE/step if not 1; default 1)")
     g.add_argument("--pipeline", action="append", default=[],
                    help="exported OneStepPipeline folder, or a multi-student export (routed; repeatable)")
     f = p.add_argument_group("features and reference")
@@ -61,18 +65,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     if a.keep and min(a.keep, a.num_samples) <= 3:
         p.error(f"--keep {a.keep} with --num-samples {a.num_samples}: KID and precision / recall (k = 3 nearest "
                 "neighbours) need more than 3 features of each model; raise both above 3, or --keep 0 for FID only")
-    first_error(p, [eval_args_problem(guidance=a.guidance, seed=a.seed)])
-    if a.mode is not None and a.features != "inception":
-        p.error("--mode is the clean-fid mode of the Inception features; add --features inception or drop --mode")
-    if os.path.exists(a.out) and not os.path.isdir(a.out):
-        p.error(f"--out {a.out!r} is a file; pass a folder")
-    a.mode = a.mode or "clean"
+    inception = a.features == "inception"
+    statistics = a.reference.endswith(".npz") or a.reference.startswith("cleanfid:")
+    first_error(p, [
+        num_samples_problem(a.num_samples), eval_args_problem(guidance=a.guidance, seed=a.seed),
+        not a.teacher and a.steps is not None and "--steps sets the teachers' sampler; add --teacher or drop --steps",
+        not a.teacher and a.guidance is not None and "--guidance sets the teachers' sampler; add --teacher or drop it",
+        a.mode is not None and not inception and "--mode is the clean-fid mode of the Inception features; add "
+                                                 "--features inception or drop --mode",
+        a.inception_weights is not None and not inception and "--inception-weights are the Inception features' "
+                                                               "network; add --features inception or drop them",
+        not (a.teacher or a.pipeline) and statistics and f"nothing to score: --reference {a.reference} is statistics "
+                                                        "already; pass --pipeline or --teacher",
+        not inception and classifier_problem(a.classifier),
+        lambda: output_problem("--out", a.out)])
+    a.mode, a.steps = a.mode or "clean", STEPS if a.steps is None else a.steps
+    a.guidance = 1.0 if a.guidance is None else a.guidance
     return a
 
 
 def build(a, device):
     """(extractor, models) from the arguments; raises OnestepError for bad input."""
-    from onestep.benchmark import parse_steps, pipeline_model, teacher_models
+    from onestep.benchmark import check_inputs, parse_steps, pipeline_model, teacher_models
     from onestep.features import digits_extractor, inception_extractor
 
     steps = parse_steps(a.steps)
@@ -80,13 +94,12 @@ def build(a, device):
         if not os.path.isdir(path):
             raise FileNotFoundError(f"pipeline folder {path!r} " + ("is a file" if os.path.exists(path) else "does not exist"))
     if a.features == "digits":
-        if not os.path.isfile(os.path.join(a.classifier, "config.json")):
-            raise FileNotFoundError(f"digits classifier {a.classifier!r} does not exist")
         extractor = digits_extractor(a.classifier, device)
     else:
         extractor = inception_extractor(a.mode, a.inception_weights, device)
     models = [m for t in a.teacher for m in teacher_models(t, steps, a.num_samples, a.guidance, a.seed, device)]
     models += [pipeline_model(p, a.num_samples, a.seed, device) for p in a.pipeline]
+    check_inputs(models, extractor)
     return extractor, models
 
 
@@ -94,21 +107,23 @@ def main(argv=None) -> None:
     a = parse_args(argv)
     from accelerate import Accelerator
 
-    from onestep.benchmark import evaluate_model, load_reference
+    from onestep.benchmark import check_reference_size, evaluate_model, load_reference
     from onestep.errors import OnestepError
 
     acc = Accelerator()
     try:
         extractor, models = build(a, acc.device)
         reference = load_reference(a.reference, extractor, a.batch_size, a.keep, acc)
+        if models:
+            check_reference_size(reference, a.keep)
+        rows = []
+        for m in models:
+            rows.append(evaluate_model(m, extractor, reference, a.batch_size, min(a.keep, a.num_samples), accelerator=acc))
+            if acc.is_main_process:
+                print(f"{m.model} {m.path} steps {m.steps}: FID {rows[-1]['fid']:.3f}", file=sys.stderr)
     except (OnestepError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    rows = []
-    for m in models:
-        rows.append(evaluate_model(m, extractor, reference, a.batch_size, min(a.keep, a.num_samples), accelerator=acc))
-        if acc.is_main_process:
-            print(f"{m.model} {m.path} steps {m.steps}: FID {rows[-1]['fid']:.3f}", file=sys.stderr)
     if acc.is_main_process:
         write(a, rows, reference)
     acc.wait_for_everyone()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 import torch
@@ -37,24 +36,26 @@ def cleanfid_row(m, a, reference, net) -> dict:
     return row
 
 
-def main() -> None:
-    from onestep.benchmark import evaluate_model, load_reference, parse_steps, pipeline_model, teacher_models
-    from onestep.cli import eval_args_problem
+def main(argv=None) -> None:
+    from onestep.benchmark import (check_inputs, evaluate_model, load_reference, parse_steps, pipeline_model,
+                                   teacher_models)
+    from onestep.cli import Parser, classifier_problem, eval_args_problem
     from onestep.errors import OnestepError
     from onestep.features import digits_extractor
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--teacher", help="teacher folder or hub id")
     src.add_argument("--pipeline", help="an exported OneStepPipeline folder")
     p.add_argument("--steps", default=None, help="teacher sampler step counts (DDIM, trailing; default 1,2,4,10,25,50,100)")
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale of the teacher")
-    p.add_argument("--num_samples", type=int, default=2000)
+    p.add_argument("--num-samples", "--num_samples", dest="num_samples", type=int, default=2000,
+                   help="samples per model (default %(default)s)")
     p.add_argument("--classifier", default="assets/digits-classifier")
     p.add_argument("--seed", type=int, default=0, help="sample i uses noise seed i (0, the default) or a hash of (SEED, i)")
     p.add_argument("--cleanfid", action="store_true", help="run the samples through clean-fid's generator path")
     p.add_argument("--json", help="write the results here")
-    a = p.parse_args()
+    a = p.parse_args(argv)
 
     try:
         problem = eval_args_problem(a.num_samples, a.guidance, a.seed, a.json, a.pipeline)
@@ -62,25 +63,30 @@ def main() -> None:
             raise OnestepError(problem)
         if a.pipeline and (a.steps or a.guidance != 1.0):
             raise OnestepError("--steps and --guidance set the teacher's sampler; a pipeline runs its own steps")
-        if not os.path.isfile(os.path.join(a.classifier, "config.json")):
-            raise FileNotFoundError(f"digits classifier {a.classifier!r} does not exist")
+        if problem := classifier_problem(a.classifier):
+            raise OnestepError(problem)
         extractor = digits_extractor(a.classifier)
-        reference = load_reference("digits:all", extractor, keep=0)
         if a.teacher:
             models = teacher_models(a.teacher, parse_steps(a.steps or "1,2,4,10,25,50,100"), a.num_samples, a.guidance,
                                     a.seed)
         else:
             models = [pipeline_model(a.pipeline, a.num_samples, a.seed)]
+        check_inputs(models, extractor, "score it with eval/benchmark.py --features inception")
+        grey = next((m for m in models if a.cleanfid and m.source.sample_shape[0] != 1), None)
+        if grey:
+            raise OnestepError(f"--cleanfid feeds the images to the digits network as they are (1x8x8); {grey.path!r} "
+                               f"makes {tuple(grey.source.sample_shape)}: drop --cleanfid")
+        reference = load_reference("digits:all", extractor, keep=0)
+        if a.cleanfid:
+            from onestep.fid import DigitsClassifier
+
+            net = DigitsClassifier.load(a.classifier)
+            rows = [cleanfid_row(m, a, reference, net) for m in models]
+        else:
+            rows = [evaluate_model(m, extractor, reference) for m in models]
     except (OnestepError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    if a.cleanfid:
-        from onestep.fid import DigitsClassifier
-
-        net = DigitsClassifier.load(a.classifier)
-        rows = [cleanfid_row(m, a, reference, net) for m in models]
-    else:
-        rows = [evaluate_model(m, extractor, reference) for m in models]
     print("| model | sampler steps | NFE | digits-FID | class accuracy |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['model']} | {r['steps']} | {r['nfe']} | {r['fid']:.3f} | {r.get('class_accuracy', float('nan')):.3f} |")

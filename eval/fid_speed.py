@@ -44,7 +44,9 @@ def random_inception(device):
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from onestep.cli import MAX_SAMPLES, Parser, first_error, output_problem
+
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--num-samples", type=int, default=50_000)
     p.add_argument("--baseline-samples", type=int, default=2_000, help="samples for the per-image CPU resize baseline "
                    "(0: no baseline)")
@@ -57,24 +59,19 @@ def main(argv: list[str]) -> int:
     p.add_argument("--device", default="", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--out", default="", help="also write the figures to this JSON file")
     a = p.parse_args(argv)
-    if min(a.num_samples, a.batch_size) < 1 or a.baseline_samples < 0:
-        print("error: --num-samples and --batch-size must be >= 1, --baseline-samples >= 0", file=sys.stderr)
-        return 2
-    from onestep.cli import output_problem
-
-    weights = a.inception_weights and os.path.isdir(a.inception_weights) and \
-        f"--inception-weights {a.inception_weights!r} is a folder; pass the inception-2015-12-05.pt file"
-    bad = next((x for x in [a.device not in ("", "cuda", "cpu") and f"--device: unknown device {a.device!r}; use cuda or cpu",
-                            weights, a.out and output_problem("--out", a.out, "file")] if x), None)
-    if bad:
-        print(f"error: {bad}", file=sys.stderr)
-        return 2
-
     layouts = [x for x in a.layouts.split(",") if x]
     generators = [x for x in a.generator.split(",") if x]
-    if not layouts or set(layouts) - {"nchw", "nhwc"} or not generators or set(generators) - {"eager", "compile"}:
-        print("error: --layouts takes nchw and/or nhwc, --generator eager and/or compile", file=sys.stderr)
-        return 2
+    weights = a.inception_weights and os.path.isdir(a.inception_weights) and \
+        f"--inception-weights {a.inception_weights!r} is a folder; pass the inception-2015-12-05.pt file"
+    first_error(p, [
+        (min(a.num_samples, a.batch_size) < 1 or a.baseline_samples < 0) and
+        "--num-samples and --batch-size must be >= 1, --baseline-samples >= 0",
+        max(a.num_samples, a.baseline_samples) > MAX_SAMPLES and
+        f"--num-samples and --baseline-samples must be at most {MAX_SAMPLES:,} (FID-50k uses 50,000); pass smaller counts",
+        a.device not in ("", "cuda", "cpu") and f"--device: unknown device {a.device!r}; use cuda or cpu",
+        weights, a.out and output_problem("--out", a.out, "file"),
+        (not layouts or set(layouts) - {"nchw", "nhwc"} or not generators or set(generators) - {"eager", "compile"})
+        and "--layouts takes nchw and/or nhwc, --generator eager and/or compile"])
 
     import dataclasses
 

@@ -11,28 +11,29 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 import torch
 
 
-def main() -> None:
-    from onestep.cli import eval_args_problem
+def main(argv=None) -> None:
+    from onestep.cli import Parser, classifier_problem, eval_args_problem
     from onestep.forgetting import forgetting_metrics
     from onestep.errors import OnestepError
     from onestep.fid import DigitsClassifier
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--pipeline", help="an exported OneStepPipeline folder (class-conditional digits)")
+    src.add_argument("--pipeline", help="an exported OneStepPipeline folder (class-conditional digits), or a "
+                                        "multi-student export of one (each class through its own student)")
     src.add_argument("--teacher", help="a class-conditional digits teacher folder")
     p.add_argument("--steps", type=int, default=None, help="teacher sampler steps (DDIM, trailing; default 100)")
     p.add_argument("--forget", required=True, help="forgotten classes, e.g. 3 or 3,5")
-    p.add_argument("--num_samples", type=int, default=2000, help="samples of the forget classes and of the rest")
+    p.add_argument("--num-samples", "--num_samples", dest="num_samples", type=int, default=2000,
+                   help="samples of the forget classes and of the rest (default %(default)s)")
     p.add_argument("--classifier", default="assets/digits-classifier")
     p.add_argument("--json", help="write the figures here")
-    a = p.parse_args()
+    a = p.parse_args(argv)
 
     try:
         try:
@@ -49,35 +50,37 @@ def main() -> None:
         a.steps = 100 if a.steps is None else a.steps
         if a.steps < 1:
             raise OnestepError(f"--steps must be >= 1, got {a.steps}")
-        if not os.path.isdir(a.classifier):
-            raise OnestepError(f"digits classifier {a.classifier!r} does not exist")
+        if problem := classifier_problem(a.classifier):
+            raise OnestepError(problem)
         if a.pipeline:
-            from onestep.pipeline import OneStepPipeline
+            from onestep.streaming import pipeline_source
 
-            from diffusers.utils import logging as dlog
-
-            dlog.disable_progress_bar()  # bad input below must stay one line
-            pipe = OneStepPipeline.from_pretrained(a.pipeline)
-            num_classes, sample = pipe.config.num_classes, pipe.student().eval().sample
+            source = pipeline_source(a.pipeline, a.num_samples)  # one student, or a multi-student export (routed)
+            num_classes, sample, shape = source.num_classes, source.sample, tuple(source.sample_shape)
         else:
+            from onestep.benchmark import check_teacher_steps
             from onestep.loading import load_teacher
             from onestep.sampling import sample_teacher
 
             teacher = load_teacher(a.teacher)
-            num_classes = teacher.num_classes
+            check_teacher_steps(teacher, [a.steps], a.teacher)
+            num_classes, shape = teacher.num_classes, tuple(teacher.sample_shape)
             sample = lambda z, y: sample_teacher(teacher.denoiser, z, y, a.steps)  # noqa: E731
+        if shape != (1, 8, 8):
+            raise OnestepError(f"forgetting.py scores digits models (1x8x8 images, the digits classifier's); "
+                               f"{a.pipeline or a.teacher!r} makes {shape}: pass a digits teacher or its export")
         if not num_classes or any(not 0 <= f < num_classes for f in forget):
             raise OnestepError(f"--forget: {forget} must be class labels of this class-conditional model "
                                f"(0..{(num_classes or 1) - 1})")
         if len(set(forget)) >= num_classes:
             raise OnestepError(f"--forget: {forget} leaves no class to remain; forget fewer classes")
+        classifier = DigitsClassifier.load(a.classifier)
     except (OnestepError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    classifier = DigitsClassifier.load(a.classifier)
     remaining = [c for c in range(num_classes) if c not in forget]
     with torch.no_grad():
-        r = forgetting_metrics(sample, classifier, forget, remaining, a.num_samples, (1, 8, 8))
+        r = forgetting_metrics(sample, classifier, forget, remaining, a.num_samples, shape)
     r["model"] = a.pipeline or f"{a.teacher} ({a.steps} steps)"
     print("| model | forget | unlearning accuracy | forget-class probability | remaining-class FID | remaining-class accuracy |")
     print("|---|---|---|---|---|---|")

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .errors import OnestepError
-from .features import Extractor
+from .features import Extractor, input_problem
 from .fid import frechet_distance
 from .metrics import class_metrics, kid, precision_recall
 from .reference import Reference, cleanfid_reference, compute_reference, digits_reference
@@ -53,6 +53,7 @@ def teacher_models(path: str, steps: list[int], num_samples: int, guidance: floa
     t = load_teacher(path, device=device)
     if guidance != 1.0 and t.null_class is None:
         raise TeacherError(f"--guidance {guidance}: teacher {path!r} has no null class for classifier-free guidance")
+    check_teacher_steps(t, steps, path)
     models = []
     for n in steps:
         def sample(z, y, n=n):
@@ -60,6 +61,35 @@ def teacher_models(path: str, steps: list[int], num_samples: int, guidance: floa
         src = GeneratorSource(sample, num_samples, t.sample_shape, t.num_classes, seed, device)
         models.append(Model("teacher", path, n, n * (1 if guidance == 1.0 else 2), src))
     return models
+
+
+def check_teacher_steps(teacher, steps: list[int], path: str) -> None:
+    """Refuse sampler step counts the teacher's schedule cannot be sampled with (before any sampling)."""
+    sched = teacher.denoiser.schedule
+    if sched.kind == "edm":
+        raise BenchmarkError(f"teacher {path!r} has an EDM schedule: multi-step sampling of EDM teachers is not "
+                             "supported yet; use a VP or flow teacher")
+    n = sched.num_train_timesteps
+    if sched.kind == "vp" and max(steps) > n:
+        raise BenchmarkError(f"--steps {max(steps)}: teacher {path!r} was trained on {n} timesteps, so DDIM takes at "
+                             f"most {n} steps; pass step counts up to {n}")
+
+
+def check_inputs(models: list[Model], extractor: Extractor, fix: str = "use --features inception") -> None:
+    """Refuse models whose images the extractor cannot take (channels, size), before any sampling."""
+    for m in models:
+        what = f"{'teacher' if m.model == 'teacher' else 'pipeline'} {m.path!r} makes"
+        if problem := input_problem(extractor, m.source.sample_shape, what, fix):
+            raise BenchmarkError(problem)
+
+
+def check_reference_size(reference: Reference, keep: int, k: int = 3) -> None:
+    """Refuse a reference with too few kept features for KID and precision / recall (k-NN), before any sampling."""
+    n = None if reference.features is None else len(reference.features)
+    if keep and n is not None and n <= k:
+        raise BenchmarkError(f"the reference has {n} image(s) with features, but KID and precision / recall (k = {k} "
+                             f"nearest neighbours) need more than {k}; use a larger reference, or --keep 0 for FID "
+                             "only")
 
 
 def pipeline_model(path: str, num_samples: int, seed: int = 0, device="cpu") -> Model:
@@ -87,9 +117,43 @@ def load_reference(spec: str, extractor: Extractor, batch_size: int = 250, keep:
         ref.check(extractor, spec)
         return ref
     if spec.endswith(".npz"):
-        return Reference.load(spec, extractor)
+        return load_statistics(spec, extractor)
+    if os.path.isfile(spec):
+        raise BenchmarkError(f"--reference {spec!r} is a file but not statistics (.npz); pass an image folder, a .npz "
+                             "from an earlier --out, digits, or cleanfid:NAME:RES[:SPLIT]")
     source = FolderSource(spec, extractor.channels, extractor.resize)
+    first = f"its first image, {os.path.relpath(source.files[0], spec)}, is"
+    if extractor.resize is None and (problem := input_problem(extractor, source.image_shape(), first,
+                                                              "resize the images to that size or pick other features")):
+        raise BenchmarkError(f"--reference {spec!r}: {problem}")
     return compute_reference(source, extractor, f"folder:{os.path.abspath(spec)}", batch_size, keep, accelerator)
+
+
+def load_statistics(path: str, extractor: Extractor) -> Reference:
+    """Reference.load, with one line for an empty file, metadata that is not an object, or statistics whose size
+    is not the extractor's feature size."""
+    fix = "recompute them (eval/benchmark.py --reference FOLDER --out DIR)"
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise BenchmarkError(f"--reference {path} is an empty file (0 bytes), not statistics; {fix}")
+    try:
+        ref = Reference.load(path)
+    except EOFError:
+        raise BenchmarkError(f"--reference {path} is cut short (EOFError), not complete statistics; {fix}") from None
+    if not isinstance(ref.meta, dict):
+        raise BenchmarkError(f"--reference {path}: its metadata is a JSON {type(ref.meta).__name__}, not an object "
+                             f"(written by onestep); {fix}")
+    ref.check(extractor, path)
+    mu, sigma, d = np.asarray(ref.mu), np.asarray(ref.sigma), extractor.dim
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise BenchmarkError(f"--reference {path}: mean {mu.shape} and covariance {sigma.shape} do not fit together; "
+                             f"{fix}")
+    if d is not None and len(mu) != d:
+        raise BenchmarkError(f"--reference {path} holds {len(mu)}-d statistics; the {extractor.name} features are "
+                             f"{d}-d; {fix}")
+    if ref.features is not None and (ref.features.ndim != 2 or ref.features.shape[1] != len(mu)):
+        raise BenchmarkError(f"--reference {path}: its kept features {ref.features.shape} do not match its "
+                             f"{len(mu)}-d statistics; {fix}")
+    return ref
 
 
 def evaluate_model(m: Model, extractor: Extractor, reference: Reference, batch_size: int = 250, keep: int = 0,

@@ -43,11 +43,36 @@ def first_error(parser: argparse.ArgumentParser, problems) -> None:
             parser.error(problem)
 
 
+MAX_SAMPLES = 100_000_000  # far above any real evaluation (FID-50k is 50,000); more would only exhaust memory
+
+
+def num_samples_problem(n: int, option: str = "--num-samples") -> str | None:
+    """Why `n` samples cannot be evaluated (None: they can)."""
+    if n < 2:
+        return f"{option} must be >= 2 (a covariance needs two samples), got {n}"
+    if n > MAX_SAMPLES:
+        return (f"{option} {n} is more than the {MAX_SAMPLES:,} samples allowed (FID-50k uses 50,000); pass a smaller "
+                "count")
+    return None
+
+
+def classifier_problem(path: str, option: str = "--classifier") -> str | None:
+    """Why `path` is not a digits classifier folder (None: it may be one; DigitsClassifier.load reads it)."""
+    fix = "pass assets/digits-classifier (train/train_digits_classifier.py makes it)"
+    if not os.path.exists(path):
+        return f"{option} {path!r} does not exist; {fix}"
+    if not os.path.isdir(path):
+        return f"{option} {path!r} is a file, not a digits classifier folder; {fix}"
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        return f"{option} {path!r} is a folder without a config.json, not a digits classifier; {fix}"
+    return None
+
+
 def eval_args_problem(num_samples: int | None = None, guidance: float | None = None, seed: int | None = None,
                       json_path: str | None = None, folder: str | None = None) -> str | None:
     """What is wrong with the evaluation scripts' shared values (None: nothing), before any work."""
-    if num_samples is not None and num_samples < 2:
-        return f"--num_samples must be >= 2 (a covariance needs two samples), got {num_samples}"
+    if num_samples is not None and (problem := num_samples_problem(num_samples)):
+        return problem
     if guidance is not None and not (math.isfinite(guidance) and guidance >= 0):
         return f"--guidance must be a finite number >= 0 (1: no guidance), got {guidance}"
     if seed is not None and not 0 <= seed < 2**32:

@@ -350,19 +350,46 @@ def load_config(argv: list[str]) -> Config:
         config.fake_score = getattr(METHODS[config.method], "preferred_fake_score", "copy")
     # a run's own config.yaml lists every key: a file's keys count as given where they change the preset's value
     changed = {k for k in file_values if k in before_file and getattr(config, k) != before_file[k]}
-    check_unused(config, set(overrides) | changed, getattr(method, "uses_gan", False))
+    check_unused(config, set(overrides) | changed, method)
     return config
 
 
-def check_unused(cfg: Config, given: set, gan: bool) -> None:
+def saved_config(cfg: Config) -> dict:
+    """config.yaml: the resolved configuration, as a new run's (no resume / overwrite), so that `--config` with it
+    starts a run of the same settings rather than reopening this one."""
+    return {**dataclasses.asdict(cfg), "resume": "", "overwrite": False}
+
+
+# a method's options that its other settings leave unused: (options, whether they are used, what they need)
+METHOD_OPTION_NEEDS = (
+    (("regression_pairs", "regression_steps", "regression_batch", "regression_distance", "regression_feature_t"),
+     lambda m: m.regression_weight > 0, "--regression_weight > 0"),
+    (("gan_t_max", "gan_start"), lambda m: m.uses_gan, "a GAN (--gan_generator_weight > 0)"),
+    (("kappa_min", "kappa_max", "kappa_draw", "kappa_shared"), lambda m: m.random_guidance, "--random_guidance true"),
+    (("warmup_t_min", "warmup_t_max"), lambda m: m.forget_warmup > 0, "--forget_warmup > 0"),
+    (("advantage", "advantage_scale", "advantage_eps", "normaliser", "shared_t"), lambda m: m.group_size > 1,
+     "--group_size > 1 (a group of one has no advantage and is its own normaliser)"),
+    (("reward_weights", "reward_gradient_weight", "reward_decay", "reward_eps"), lambda m: bool(m.rewards), "--rewards"),
+    (("clip_model", "clip_prompt"), lambda m: "clip" in m.rewards, "--rewards clip"),
+    (("clip_range",), lambda m: m.reuse > 1 or m.pg_weight > 0, "--reuse > 1 or --pg_weight > 0"),
+)
+
+
+def check_unused(cfg: Config, given: set, method) -> None:
     """Options the user gave (command line, or a config file's changes to the preset) that this run would ignore:
     refused."""
+    guided = getattr(method, "uses_guidance", getattr(method, "real_guidance_scale", 1.0) != 1.0)
     needs = [(("lora_rank", "lora_targets"), cfg.fake_score == "lora", "--fake_score lora"),
-             (("gan_hidden", "gan_layers", "gan_feature_source"), gan, "a GAN (method dmd2 or gndm, a GAN weight > 0)"),
+             (("gan_hidden", "gan_layers", "gan_feature_source"), getattr(method, "uses_gan", False),
+              "a GAN (method dmd2 or gndm, a GAN weight > 0)"),
              (("router",), cfg.students > 1, "--students K > 1"),
              (("tsm_steps", "tsm_lr", "tsm_pool", "student_fake_score"), bool(cfg.student_channels), "--student_channels"),
              (tuple(f.name for f in dataclasses.fields(Config) if f.name.startswith(("backtrack_", "record_"))),
-              cfg.backtrack, "--backtrack")]
+              cfg.backtrack, "--backtrack"),
+             (("backtrack_patience", "backtrack_tolerance"), cfg.backtrack_switch == "plateau", "--backtrack_switch plateau"),
+             (("negative_prompt",), guided, "guidance (--real_guidance_scale other than 1, or --random_guidance true)")]
+    needs += [(keys, all(hasattr(method, k) for k in keys) and used(method), gate)
+              for keys, used, gate in METHOD_OPTION_NEEDS]
     for keys, used, gate in needs:
         unused = [k for k in keys if k in given and not used]
         if unused:
@@ -425,6 +452,9 @@ def validate(cfg: Config):
     for key, cap in (("lora_rank", 4096), ("gan_hidden", 65536)):
         if getattr(cfg, key) > cap:
             raise ConfigError(f"{key}: at most {cap}, got {getattr(cfg, key)} (a network that size does not fit in memory)")
+    if cfg.method == "sfd" and cfg.students > 1:
+        raise ConfigError("method: sfd forgets classes or prompts of the whole condition set, which --students K > 1 "
+                          "splits among the students; train SFD with --students 1")
     if cfg.shared_fake_score and cfg.students < 2:
         raise ConfigError("shared_fake_score: shares one fake score among --students K > 1; drop it for one student")
     if cfg.backtrack and not 0.0 <= cfg.record_cond_dropout <= 1.0:

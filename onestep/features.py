@@ -46,6 +46,8 @@ class Extractor:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     channels_last: bool = False  # inputs in NHWC layout (see `channels_last`)
     weights: str = ""  # a fingerprint of the network's weights, where two networks share a name (see `fingerprint`)
+    image_size: tuple[int, int] | None = None  # the (H, W) the network takes, when it does not resize (None: any)
+    dim: int | None = None  # the feature size D, where known before running it
 
     @property
     def meta(self) -> dict:
@@ -86,6 +88,20 @@ def match_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
                        "them as RGB or greyscale")
 
 
+def input_problem(extractor: Extractor, shape, what: str = "this model makes",
+                  fix: str = "use --features inception") -> str | None:
+    """Why images of `shape` (C, H, W) (`what`: e.g. "teacher 'x' makes") cannot go through `extractor` (None: they
+    can), before any sampling: a channel count other than 1 or 3 (or the extractor's), or a size it does not take."""
+    shape = tuple(int(v) for v in shape)
+    if shape[0] not in (extractor.channels, 1, 3):
+        return (f"{what} {shape[0]}-channel images {shape}; {extractor.name} features take grey (1) or RGB (3) "
+                "images, so FID cannot score them")
+    if extractor.image_size is not None and shape[1:] != tuple(extractor.image_size):
+        h, w = extractor.image_size
+        return f"{extractor.name} features take {extractor.channels}x{h}x{w} images; {what} {shape}: {fix}"
+    return None
+
+
 def digits_extractor(classifier, device="cpu") -> Extractor:
     """The shipped digits network's penultimate features (1x8x8 digits, no resize); its head classifies."""
     from .fid import DigitsClassifier
@@ -93,7 +109,8 @@ def digits_extractor(classifier, device="cpu") -> Extractor:
     net = DigitsClassifier.load(classifier) if isinstance(classifier, str) else classifier
     net = net.to(device).eval()
     return Extractor("digits", "native", 1, lambda x: net.features(x / 127.5 - 1), head=net.head,
-                     num_classes=net.config.num_classes, device=torch.device(device), weights=fingerprint(net))
+                     num_classes=net.config.num_classes, device=torch.device(device), weights=fingerprint(net),
+                     image_size=(8, 8), dim=net.config.feature_dim)
 
 
 def fingerprint(net: torch.nn.Module) -> str:
@@ -138,7 +155,7 @@ def inception_extractor(mode: str = "clean", weights: str | None = None, device=
     model = _build_inception(mode, weights or os.environ.get(INCEPTION_ENV) or None, dev)
     resize = None if mode == "legacy_tensorflow" else build_resizer(mode)
     return Extractor("inception_v3", mode, 3, model, resize=resize, device=dev,
-                     resize_batch=pil_bicubic_resize if mode == "clean" else None)
+                     resize_batch=pil_bicubic_resize if mode == "clean" else None, dim=2048)
 
 
 @lru_cache(maxsize=16)
@@ -196,6 +213,9 @@ def _build_inception(mode: str, path: str | None, device: torch.device):
             return build_feature_extractor(mode, device, use_dataparallel=False)
         except OSError as e:  # URLError (offline), HTTP errors, ...
             raise FeatureError(missing_weights_message(mode, None) + f" [{type(e).__name__}]") from None
+    if os.path.isdir(path):
+        raise FeatureError(f"Inception weights for mode {mode!r}: {path} is a folder; pass the weights file itself "
+                           f"({PT_NAME if mode == 'legacy_pytorch' else TS_NAME}, from {weights_url(mode)})")
     if not os.path.isfile(path):
         raise FeatureError(missing_weights_message(mode, path))
     try:

@@ -16,6 +16,9 @@ def kid(real: np.ndarray, fake: np.ndarray, num_subsets: int = 100, max_subset_s
     """KID by clean-fid's `kernel_distance` (float32 features, as clean-fid gives it), subsets drawn from `seed`."""
     from cleanfid.fid import kernel_distance
 
+    if len(real) < 2:
+        raise MetricsError(f"KID: the reference has {len(real)} feature row(s); it needs at least 2 (use a reference "
+                           "of more images, or --keep 0 for FID only)")
     if min(len(real), len(fake)) < 2:
         raise MetricsError(f"KID: {len(real)} reference and {len(fake)} generated feature rows; it needs at least 2 of "
                            "each (keep more samples' features: --keep)")
@@ -27,8 +30,12 @@ def kid(real: np.ndarray, fake: np.ndarray, num_subsets: int = 100, max_subset_s
         np.random.set_state(state)
 
 
-def knn_radii(x: torch.Tensor, k: int = 3, chunk: int = 1024) -> torch.Tensor:
-    """Distance from each row of x to its k-th nearest other row (the radius of its k-NN ball)."""
+def knn_radii(x: torch.Tensor, k: int = 3, chunk: int = 1024, reference: bool = False) -> torch.Tensor:
+    """Distance from each row of x to its k-th nearest other row (the radius of its k-NN ball); `reference`: x is the
+    real data's features (for the message when there are too few)."""
+    if len(x) <= k and reference:
+        raise MetricsError(f"precision / recall: the reference has {len(x)} feature rows, but the k-NN radius needs "
+                           f"more than k = {k}; use a reference of more than {k} images, or --keep 0 for FID only")
     if len(x) <= k:
         raise MetricsError(f"precision / recall: {len(x)} feature rows, but the k-NN radius needs more than k = {k}; "
                            f"keep more samples' features (--keep > {k})")
@@ -45,7 +52,7 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3, chunk: int 
     """Improved precision and recall (Kynkäänniemi et al. 2019): each set's manifold is the union of its
     k-NN balls; precision = fake samples on the real manifold, recall = real samples on the fake one."""
     r, f = torch.as_tensor(real, dtype=torch.float64), torch.as_tensor(fake, dtype=torch.float64)
-    precision = coverage_of(f, r, knn_radii(r, k, chunk), chunk)
+    precision = coverage_of(f, r, knn_radii(r, k, chunk, reference=True), chunk)
     recall = coverage_of(r, f, knn_radii(f, k, chunk), chunk)
     return precision, recall
 

@@ -331,7 +331,7 @@ def train_students(cfg, train: Callable) -> dict | None:
     from accelerate.utils import DistributedType, parse_flag_from_env
 
     from . import hostmem
-    from .config import ConfigError
+    from .config import ConfigError, saved_config
     from .data import read_image_folder
     from .denoiser import Denoiser
     from .fid import DigitsClassifier
@@ -339,7 +339,7 @@ def train_students(cfg, train: Callable) -> dict | None:
     from .loading import load_teacher
     from .pipeline_multi import export_multi_pipeline, model_card_multi
     from .prompts import read_prompts
-    from .runs import clear_run_dir, prepare_run_dir, resolve_resume
+    from .runs import check_same_kind, clear_run_dir, prepare_run_dir, resolve_resume
 
     if cfg.resume not in ("", "latest"):
         raise ConfigError(f"resume: a multi-student run resumes with 'latest' (each student from its newest "
@@ -352,6 +352,7 @@ def train_students(cfg, train: Callable) -> dict | None:
                           "(train/accelerate/ddp.yaml) or drop --shared_fake_score for one fake score per student")
     hostmem.configure_cpu(cfg, device.type, state.num_processes)
     run_dir = os.path.join(cfg.output_dir, cfg.name or f"{cfg.preset}-{cfg.method}-k{cfg.students}")
+    check_same_kind(run_dir, cfg)
     if main:
         prepare_run_dir(run_dir, overwrite=cfg.overwrite, resume=bool(cfg.resume))
     state.wait_for_everyone()
@@ -389,7 +390,7 @@ def train_students(cfg, train: Callable) -> dict | None:
     if main:
         router.save(run_dir)
         with open(os.path.join(run_dir, "config.yaml"), "w") as f:
-            yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
+            yaml.safe_dump(saved_config(cfg), f, sort_keys=False)
         for k, g in enumerate(router.groups if text and not cfg.shared_fake_score else []):  # each text student's own prompts
             os.makedirs(os.path.join(run_dir, f"student_{k}"), exist_ok=True)
             with open(os.path.join(run_dir, f"student_{k}", "prompts.txt"), "w", encoding="utf-8") as f:

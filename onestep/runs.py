@@ -34,7 +34,7 @@ HASH_IGNORED = ("name", "output_dir", "overwrite", "resume", "cpu_threads", "cpu
                 "eval_every", "eval_samples", "teacher_eval_steps", "classifier", "checkpoint_every",
                 "checkpoints_total_limit", "export", "preset", "max_nonfinite_steps", "nonfinite_check", "record_dir")
 # keys that define what a checkpoint's state means: resuming with other values is refused (others: a warning)
-RESUME_FIXED = ("method", "dataset", "classes", "prompts", "prompts_sha256", "batch_size", "generator_timesteps", "fake_score",
+RESUME_FIXED = ("method", "dataset", "classes", "prompts_sha256", "batch_size", "generator_timesteps", "fake_score",
                 "lora_rank", "lora_targets", "gan_feature_source", "gan_hidden", "gan_layers", "students",
                 "student_channels", "backtrack")
 
@@ -182,6 +182,45 @@ def verify_checkpoint(folder: str) -> dict:
     return {**manifest, "step": step}
 
 
+def checkpoint_history(folder: str | None, run_dir: str) -> dict:
+    """The FID curve and training seconds up to a checkpoint ({} for none): from its manifest, with the points of the
+    run's metrics.json up to its step (the last evaluation of a finished run comes after its final checkpoint)."""
+    if not folder:
+        return {}
+    with open(os.path.join(folder, MANIFEST)) as f:
+        manifest = json.load(f)
+    history = manifest.get("history") if isinstance(manifest.get("history"), dict) else {}
+    curve = list(history.get("curve", []))
+    try:
+        with open(os.path.join(run_dir, "metrics.json")) as f:
+            old = json.load(f).get("curve") or []
+    except (OSError, ValueError, AttributeError):
+        old = []
+    have = {p["step"] for p in curve}
+    curve += [p for p in old if isinstance(p, dict) and isinstance(p.get("step"), int) and p["step"] not in have
+              and p["step"] <= manifest["step"] and isinstance(p.get("seconds"), (int, float))]
+    return {**history, "curve": sorted(curve, key=lambda p: p["step"])}
+
+
+def check_same_kind(run_dir: str, cfg) -> None:
+    """--resume into a folder whose run is of another kind (other students, a shared fake score or not, other student
+    sizes) would start over there and mix two runs' files: refused."""
+    path = os.path.join(run_dir, "config.yaml")
+    if not cfg.resume or not os.path.isfile(path):
+        return
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = yaml.safe_load(f)
+    except (OSError, ValueError, yaml.YAMLError):
+        return  # not ours to judge: the checkpoint checks still run
+    for key in ("students", "shared_fake_score", "student_channels") if isinstance(saved, dict) else ():
+        if key in saved and saved[key] != getattr(cfg, key):
+            raise RunError(f"resume: {run_dir} holds a run with {key} {saved[key]!r}, this command has "
+                           f"{getattr(cfg, key)!r}; resume with the same value, or pass --name NEW for a new run")
+
+
 def resolve_resume(run_dir: str, resume: str) -> str | None:
     """'latest' -> the newest checkpoint that verifies (None if none; each newer one skipped, incomplete or corrupt,
     gets a warning line on stderr); else the given folder, which must verify."""
@@ -221,9 +260,10 @@ def _warn(message: str) -> None:
 
 
 # ---- save and load ----------------------------------------------------------------------------------
-def save_checkpoint(accelerator, run_dir: str, step: int, keep: int, config: dict, data=None) -> str:
+def save_checkpoint(accelerator, run_dir: str, step: int, keep: int, config: dict, data=None, history=None) -> str:
     """accelerate save_state (+ the data position) into step_N.tmp with a manifest written last, then renamed into
-    place; then keep the newest `keep` checkpoints up to this step (0: all)."""
+    place; then keep the newest `keep` checkpoints up to this step (0: all). `history` (the FID curve and training
+    seconds so far) goes into the manifest, so that a resumed run's metrics cover the whole run."""
     final = os.path.join(run_dir, "checkpoints", f"{CHECKPOINT_PREFIX}{step:07d}")
     tmp = final + ".tmp"
     if accelerator.is_main_process:
@@ -239,7 +279,7 @@ def save_checkpoint(accelerator, run_dir: str, step: int, keep: int, config: dic
         files = {n: {"bytes": os.path.getsize(os.path.join(tmp, n)), "sha256": file_sha256(os.path.join(tmp, n))}
                  for n in sorted(os.listdir(tmp))}
         manifest = {"format": MANIFEST_FORMAT, "step": step, "processes": accelerator.num_processes,
-                    "config_hash": config_hash(config), "config": config, "files": files}
+                    "config_hash": config_hash(config), "config": config, "files": files, "history": history or {}}
         with open(os.path.join(tmp, MANIFEST + ".part"), "w") as f:
             json.dump(manifest, f, indent=1, default=str)
             f.flush()

@@ -91,6 +91,8 @@ class FolderSource:
     def __init__(self, path: str, channels: int = 3, resize: Callable[[np.ndarray], np.ndarray] | None = None):
         from cleanfid.utils import EXTENSIONS
 
+        if os.path.isfile(path):
+            raise SourceError(f"image folder {path!r} is a file; pass a folder of images")
         if not os.path.isdir(path):
             raise SourceError(f"image folder {path!r} does not exist")
         self.files = sorted(f for ext in EXTENSIONS for f in glob.glob(os.path.join(path, f"**/*.{ext}"), recursive=True))
@@ -110,9 +112,16 @@ class FolderSource:
 
         try:
             im = Image.fromarray(np.load(path)) if path.endswith(".npy") else Image.open(path)
-        except (OSError, ValueError, TypeError) as e:
-            raise SourceError(f"cannot read image {path!r} ({type(e).__name__}); remove or replace unreadable files") from None
-        return np.asarray(im.convert("L" if self.channels == 1 else "RGB"), dtype=np.float32).reshape(*im.size[::-1], -1)
+            levels = np.asarray(im.convert("L" if self.channels == 1 else "RGB"), dtype=np.float32)  # decodes the file
+        except (OSError, ValueError, TypeError, SyntaxError) as e:  # truncated or corrupt files fail here, not at open
+            reason = str(e).splitlines()[0].replace(repr(path), "").replace(path, "").strip()[:100] if str(e) else ""
+            raise SourceError(f"cannot read image {path!r} ({type(e).__name__}{': ' + reason if reason else ''}); "
+                              "remove or replace that file (re-save or re-copy it)") from None
+        return levels.reshape(*im.size[::-1], -1)
+
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the first image, as read (C: the channels asked for)."""
+        return (self.channels, *self._read(self.files[0]).shape[:2])
 
     def __call__(self, idx: torch.Tensor) -> torch.Tensor:
         arrays = [self._read(self.files[int(i)]) for i in idx]
@@ -137,6 +146,11 @@ def pipeline_source(path: str, num_samples: int, seed: int = 0, device="cpu") ->
     from .pipeline_multi import LAYOUT_FILE, MultiStudentPipeline
 
     multi = os.path.isfile(os.path.join(path, LAYOUT_FILE))
+    inner = os.path.join(path, "pipeline")
+    if not multi and not os.path.isfile(os.path.join(path, "model_index.json")) and any(
+            os.path.isfile(os.path.join(inner, f)) for f in ("model_index.json", LAYOUT_FILE)):
+        raise SourceError(f"pipeline {path!r} is a run folder, not an exported pipeline; pass {inner!r} (the export "
+                          "inside it)")
     if not multi and not os.path.isfile(os.path.join(path, "model_index.json")):
         raise SourceError(f"pipeline {path!r} is not an exported OneStepPipeline folder (no model_index.json) nor a "
                           f"multi-student export (no {LAYOUT_FILE})")

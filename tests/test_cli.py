@@ -263,17 +263,28 @@ def test_help_lists_keys_presets_and_methods():
 
 @pytest.mark.slow
 def test_resume_latest_continues_from_the_newest_checkpoint(cond_teacher, tmp_path):
+    """... and its metrics cover the whole run (the FID curve's earlier points, the training seconds before); its
+    config.yaml is a new run's (no resume), and a resume as another kind of run (here: two students) is refused."""
     base = [sys.executable, os.path.join(ROOT, "train", "distill.py"), *SMOKE, "--teacher", cond_teacher,
-            "--output_dir", str(tmp_path), "--name", "r", "--ema_decay", "0.9", "--eval_samples", "20"]
+            "--output_dir", str(tmp_path), "--name", "r", "--ema_decay", "0.9", "--eval_samples", "20",
+            "--eval_every", "2", "--classifier", os.path.join(ROOT, "assets", "digits-classifier")]
     first = subprocess.run(base, cwd=ROOT, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr[-2000:]
+    old = json.loads((tmp_path / "r" / "metrics.json").read_text())
     before = load_file(str(tmp_path / "r" / "checkpoints" / "step_0000004" / "model.safetensors"))
     second = subprocess.run([*base, "--resume", "latest", "--steps", "6"], cwd=ROOT, capture_output=True, text=True)
     assert second.returncode == 0, second.stderr[-2000:]
     assert "4/6" in second.stderr  # the progress bar starts at the checkpoint's step
-    assert json.loads((tmp_path / "r" / "metrics.json").read_text())["steps"] == 6
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert metrics["steps"] == 6 and [p["step"] for p in metrics["curve"]] == [2, 4, 6]
+    assert metrics["curve"][:2] == old["curve"] and metrics["train_seconds"] >= old["train_seconds"]
     after = load_file(str(tmp_path / "r" / "checkpoints" / "step_0000006" / "model.safetensors"))
     assert any(not torch.equal(before[k], after[k]) for k in before)  # training went on from there
+    assert yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["resume"] == ""
+    other = subprocess.run([*base, "--resume", "latest", "--steps", "8", "--students", "2"], cwd=ROOT,
+                           capture_output=True, text=True)
+    lines = [ln for ln in other.stderr.splitlines() if ln.strip()]
+    assert other.returncode == 2 and len(lines) == 1 and "holds a run with students 1, this command has 2" in lines[0]
 
 
 @pytest.mark.parametrize("check", ["host", "device"])

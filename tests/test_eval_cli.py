@@ -116,3 +116,164 @@ def test_fid_speed_times_the_stream_and_refuses_bad_counts(tmp_path):
     assert r.returncode == 2 and r.stderr.startswith("error: --num-samples")
     r = subprocess.run([sys.executable, script], cwd=ROOT, env=env, capture_output=True, text=True)  # no GPU, no --device
     assert r.returncode == 2 and r.stderr.startswith("error: no CUDA device") and "--device cpu" in r.stderr
+
+
+def script_main(name: str):
+    return runpy.run_path(os.path.join(ROOT, "eval", name), run_name=name[:-3])["main"]
+
+
+def one_error_line(call, capsys) -> str:
+    """Run `call`; it must stop with exit status 2 and one stderr line `error: ...`; returns that line."""
+    with pytest.raises(SystemExit) as e:
+        call()
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+@pytest.fixture(scope="module")
+def odd(cond_teacher, student, tmp_path_factory) -> dict:
+    """Inputs the user test found: teachers the digits features cannot take (3x16x16, 2 channels) and an export of
+    one, a run folder, a multi-student export, broken references, a file."""
+    import numpy as np
+    from conftest import tiny_unet
+    from diffusers import DDPMScheduler
+    from PIL import Image
+
+    from onestep.features import digits_extractor
+    from onestep.generator import Generator
+    from onestep.loading import load_teacher
+    from onestep.multistudent import Router
+    from onestep.pipeline import export_pipeline
+    from onestep.pipeline_multi import export_multi_pipeline
+
+    d = tmp_path_factory.mktemp("odd")
+    paths = {"run": str(os.path.dirname(student) if os.path.basename(student) == "pipeline" else student)}
+    for name, channels, size in (("rgb16", 3, 16), ("two", 2, 8)):
+        tiny_unet(11, channels, size).save_pretrained(str(d / name / "unet"))
+        DDPMScheduler(num_train_timesteps=1000, clip_sample=False).save_pretrained(str(d / name / "scheduler"))
+        (d / name / "onestep.json").write_text(json.dumps({"num_classes": 10, "null_class": 10}))
+        paths[name] = str(d / name)
+    t = load_teacher(paths["rgb16"])
+    paths["rgb16_export"] = str(d / "rgb16-run" / "pipeline")
+    export_pipeline(Generator(t.denoiser), t.scheduler_config, paths["rgb16_export"], num_classes=10, null_class=10)
+    c = load_teacher(cond_teacher)
+    paths["multi"] = export_multi_pipeline([Generator(c.denoiser)] * 2, Router("balanced", [[0, 1, 2, 3, 4],
+                                           [5, 6, 7, 8, 9]]), c.scheduler_config, str(d / "multi"), num_classes=10,
+                                           null_class=10)
+    rng = np.random.default_rng(0)
+    for name, n, size in (("three", 3, 8), ("big", 5, 16), ("trunc", 5, 8)):
+        (d / name).mkdir()
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8)).save(d / name / f"{i}.png")
+    png = (d / "trunc" / "2.png").read_bytes()
+    (d / "trunc" / "2.png").write_bytes(png[:len(png) // 2])
+    (d / "empty.npz").write_bytes(b"")
+    meta = np.array(json.dumps(digits_extractor("assets/digits-classifier").meta))
+    np.savez(d / "listmeta.npz", mu=np.zeros(64), sigma=np.eye(64), meta=np.array(json.dumps([1, 2])))
+    np.savez(d / "dim.npz", mu=np.zeros(10), sigma=np.eye(10), meta=meta)
+    (d / "file").write_text("not a folder")
+    return {**paths, **{k: str(d / k) for k in ("three", "big", "trunc", "file")},
+            **{k: str(d / f"{k}.npz") for k in ("empty", "listmeta", "dim")}, "student": student, "d": str(d)}
+
+
+def fill(args, odd):
+    return [a.format(**odd) for a in args]
+
+
+BENCH_BAD = [  # the user test's findings: each refused in one line before any sampling
+    (["--teacher", "{rgb16}", "--steps", "1"], ["digits features take 1x8x8", "(3, 16, 16)", "--features inception"]),
+    (["--pipeline", "{rgb16_export}"], ["digits features take 1x8x8", "(3, 16, 16)", "--features inception"]),
+    (["--teacher", "{two}", "--steps", "1"], ["2-channel images", "grey (1) or RGB (3)"]),
+    (["--teacher", "assets/digits-teacher", "--steps", "1,5000"], ["--steps 5000", "at most 1000 steps"]),
+    (["--teacher", "assets/digits-teacher", "--out", "{file}/sub"], ["--out", "cannot be created", "another folder"]),
+    (["--teacher", "assets/digits-teacher", "--reference", "{empty}"], ["empty file", "recompute"]),
+    (["--teacher", "assets/digits-teacher", "--reference", "{listmeta}"], ["metadata is a JSON list", "recompute"]),
+    (["--teacher", "assets/digits-teacher", "--reference", "{dim}"], ["10-d statistics", "64-d", "recompute"]),
+    (["--teacher", "assets/digits-teacher", "--num-samples", "1000000000000"], ["100,000,000", "smaller"]),
+    (["--teacher", "assets/digits-teacher", "--classifier", "assets/digits-teacher"], ["without a config.json",
+                                                                                       "assets/digits-classifier"]),
+    (["--teacher", "assets/digits-teacher", "--classifier", "{file}"], ["is a file", "assets/digits-classifier"]),
+    (["--teacher", "assets/digits-teacher", "--reference", "{file}"], ["is a file but not statistics", "image folder"]),
+    (["--teacher", "assets/digits-teacher", "--features", "inception", "--inception-weights", "{d}"],
+     ["is a folder", "weights file"]),
+    (["--pipeline", "{student}", "--reference", "{trunc}"], ["2.png", "truncated", "replace that file"]),
+    (["--pipeline", "{student}", "--reference", "{three}"], ["reference has 3", "larger reference", "--keep 0"]),
+    (["--pipeline", "{student}", "--reference", "{big}"], ["digits features take 1x8x8", "0.png", "(1, 16, 16)"]),
+    (["--pipeline", "{student}", "--guidance", "2"], ["--guidance sets the teachers' sampler", "--teacher"]),
+    (["--pipeline", "{student}", "--steps", "2"], ["--steps sets the teachers' sampler", "--teacher"]),
+    (["--pipeline", "{student}", "--inception-weights", "x.pt"], ["--inception-weights", "--features inception"]),
+    (["--reference", "{dim}"], ["nothing to score", "--pipeline or --teacher"]),
+    (["--pipeline", "{run}"], ["run folder", "{student}"]),
+]
+
+
+@pytest.mark.parametrize("args, words", BENCH_BAD, ids=range(len(BENCH_BAD)))
+def test_the_user_tests_findings_are_one_line_before_sampling(bench, odd, args, words, tmp_path, capsys, monkeypatch):
+    import onestep.streaming as streaming
+
+    def no_sampling(*a, **k):
+        raise AssertionError("sampled before refusing")
+
+    monkeypatch.setattr(streaming.GeneratorSource, "__call__", no_sampling)
+    line = one_error_line(lambda: bench(["--out", str(tmp_path / "out"), *fill(args, odd)]), capsys)
+    for word in fill(words, odd):
+        assert word in line, (word, line)
+    assert not (tmp_path / "out" / "benchmark.json").exists()
+
+
+def test_errors_while_scoring_are_one_line_too(bench, student, tmp_path, capsys, monkeypatch):
+    import onestep.benchmark as ob
+    from onestep.metrics import MetricsError
+
+    def fails(*a, **k):
+        raise MetricsError("KID: too few features (--keep)")
+
+    monkeypatch.setattr(ob, "evaluate_model", fails)
+    line = one_error_line(lambda: bench(["--pipeline", student, "--num-samples", "8", "--out", str(tmp_path)]), capsys)
+    assert "KID: too few features" in line
+
+
+SCRIPTS_BAD = [
+    ("digits_fid.py", ["--teacher", "{rgb16}", "--steps", "1"], ["1x8x8", "(3, 16, 16)", "--features inception"]),
+    ("digits_fid.py", ["--teacher", "{rgb16}", "--steps", "1", "--cleanfid"], ["1x8x8", "(3, 16, 16)"]),
+    ("digits_fid.py", ["--teacher", "assets/digits-teacher", "--steps", "5000"], ["at most 1000 steps"]),
+    ("digits_fid.py", ["--teacher", "assets/digits-teacher", "--num_samples", "1"], ["--num-samples must be >= 2"]),
+    ("digits_fid.py", ["--teacher", "assets/digits-teacher", "--num-samples", "1000000000000"], ["100,000,000"]),
+    ("digits_fid.py", ["--teacher", "assets/digits-teacher", "--classifier", "assets/digits-teacher"],
+     ["without a config.json"]),
+    ("digits_fid.py", ["--pipeline", "{run}"], ["run folder", "{student}"]),
+    ("digits_fid.py", ["--pipeline", "{student}", "--frobnicate"], ["unrecognized arguments"]),
+    ("forgetting.py", ["--teacher", "assets/digits-teacher", "--steps", "5000", "--forget", "3"], ["at most 1000 steps"]),
+    ("forgetting.py", ["--teacher", "{rgb16}", "--steps", "1", "--forget", "3"], ["1x8x8", "(3, 16, 16)"]),
+    ("forgetting.py", ["--pipeline", "{run}", "--forget", "3"], ["run folder", "{student}"]),
+    ("forgetting.py", ["--pipeline", "{student}", "--forget", "3", "--classifier", "{file}"], ["is a file"]),
+    ("forgetting.py", ["--pipeline", "{student}", "--forget", "3", "--num-samples", "1000000000000"], ["100,000,000"]),
+    ("bench_streaming.py", ["--teacher", "{rgb16}"], ["1x8x8", "(3, 16, 16)"]),
+    ("bench_streaming.py", ["--num-samples", "1000000000000"], ["100,000,000"]),
+    ("bench_streaming.py", ["--classifier", "assets/digits-teacher"], ["without a config.json"]),
+    ("fid_speed.py", ["--num-samples", "1000000000000"], ["100,000,000"]),
+    ("fid_speed.py", ["--frobnicate"], ["unrecognized arguments"]),
+]
+
+
+@pytest.mark.parametrize("script, args, words", SCRIPTS_BAD,
+                         ids=[f"{s[:-3]}-{i}" for i, (s, _, _) in enumerate(SCRIPTS_BAD)])
+def test_the_other_eval_scripts_refuse_the_findings_in_one_line(odd, script, args, words, capsys):
+    main = script_main(script)
+    line = one_error_line(lambda: main(fill(args, odd)), capsys)
+    for word in fill(words, odd):
+        assert word in line, (word, line)
+
+
+def test_forgetting_scores_a_multi_student_export(odd, capsys):
+    script_main("forgetting.py")(["--pipeline", odd["multi"], "--forget", "3", "--num-samples", "10"])
+    out = capsys.readouterr().out
+    assert f"| {odd['multi']} | [3] |" in out
+
+
+def test_fid_speed_help_shows_the_whole_description(capsys):
+    with pytest.raises(SystemExit) as e:
+        script_main("fid_speed.py")(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "streamed batch by batch (onestep.streaming)" in out and "same seeds, so the same" in out

@@ -169,3 +169,42 @@ def test_legacy_pytorch_weights_file_is_found_through_a_private_hub_folder(tmp_p
     assert torch.hub.get_dir() == hub
     f = ex(torch.randint(0, 256, (2, 3, 16, 16)).float())
     assert f.shape == (2, 2048) and torch.isfinite(f).all()
+
+
+def test_too_small_a_reference_is_named_as_the_reference():
+    with pytest.raises(MetricsError, match="the reference has 3 feature rows.*more than 3 images"):
+        precision_recall(blobs(3, 0), blobs(50, 1))
+    with pytest.raises(MetricsError, match=r"precision / recall: 3 feature rows.*--keep > 3"):
+        precision_recall(blobs(50, 0), blobs(3, 1))
+    with pytest.raises(MetricsError, match="the reference has 1 feature row"):
+        kid(blobs(1, 0), blobs(50, 1))
+
+
+def test_images_the_extractor_cannot_take_are_named_before_any_sampling(tmp_path):
+    from onestep.features import input_problem
+
+    ex = digits_extractor(CLASSIFIER)
+    assert ex.dim == 64 and input_problem(ex, (1, 8, 8)) is None and input_problem(ex, (3, 8, 8)) is None
+    msg = input_problem(ex, (3, 16, 16), "this teacher makes")
+    assert "digits features take 1x8x8 images; this teacher makes (3, 16, 16): use --features inception" == msg
+    assert "2-channel" in input_problem(ex, (2, 8, 8))
+    with pytest.raises(FeatureError, match="is a folder; pass the weights file itself"):
+        inception_extractor("clean", str(tmp_path))
+
+
+def test_reference_files_that_onestep_did_not_write_are_one_line_each(tmp_path):
+    import json
+
+    from onestep.benchmark import BenchmarkError, load_statistics
+
+    ex = digits_extractor(CLASSIFIER)
+    (tmp_path / "empty.npz").write_bytes(b"")
+    np.savez(tmp_path / "list.npz", mu=np.zeros(64), sigma=np.eye(64), meta=np.array(json.dumps(["a"])))
+    np.savez(tmp_path / "dim.npz", mu=np.zeros(10), sigma=np.eye(10), meta=np.array(json.dumps(ex.meta)))
+    np.savez(tmp_path / "cov.npz", mu=np.zeros(64), sigma=np.eye(10), meta=np.array(json.dumps(ex.meta)))
+    np.savez(tmp_path / "cut.npz", mu=np.zeros(64), sigma=np.eye(64), meta=np.array(json.dumps(ex.meta)))
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "cut.npz").read_bytes()[:100])
+    for name, words in (("empty", "empty file"), ("list", "JSON list, not an object"), ("dim", "10-d statistics; the "
+                        "digits features are 64-d"), ("cov", "do not fit together"), ("cut", "recompute")):
+        with pytest.raises((BenchmarkError, ReferenceError), match=words):
+            load_statistics(str(tmp_path / f"{name}.npz"), ex)

@@ -183,3 +183,26 @@ def test_rgb_to_grey_is_pils_conversion():
     im = np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)
     ours = match_channels(torch.from_numpy(im).permute(2, 0, 1)[None].float(), 1)[0, 0].numpy()
     assert np.array_equal(ours, np.asarray(Image.fromarray(im).convert("L")))
+
+
+def test_unreadable_images_and_files_for_folders_are_named(tmp_path):
+    save_pngs(torch.rand(3, 1, 8, 8) * 2 - 1, tmp_path / "f")
+    png = (tmp_path / "f" / "00001.png").read_bytes()
+    (tmp_path / "f" / "00001.png").write_bytes(png[:len(png) // 2])  # the header is read, the pixels are cut short
+    src = FolderSource(str(tmp_path / "f"), 1)
+    assert src.image_shape() == (1, 8, 8)
+    with pytest.raises(SourceError, match=r"00001\.png' \(OSError: image file is truncated\); remove or replace"):
+        src(torch.arange(3))
+    with pytest.raises(SourceError, match="is a file; pass a folder of images"):
+        FolderSource(str(tmp_path / "f" / "00000.png"))
+
+
+def test_a_run_folder_passed_as_a_pipeline_names_the_export_inside(tmp_path):
+    from onestep.streaming import pipeline_source
+
+    (tmp_path / "run" / "pipeline").mkdir(parents=True)
+    (tmp_path / "run" / "pipeline" / "model_index.json").write_text("{}")
+    with pytest.raises(SourceError, match=f"is a run folder.*pass '{tmp_path}/run/pipeline'"):
+        pipeline_source(str(tmp_path / "run"), 10)
+    with pytest.raises(SourceError, match="not an exported OneStepPipeline folder"):
+        pipeline_source(str(tmp_path), 10)

@@ -300,3 +300,4 @@ def test_short_digits_run_with_the_classifier_reward(tmp_path):
     assert m["method"] == "gndm" and m["student"]["fid"] > 0
     g = m["gndm"]
     assert g["group_size"] == 4 and g["rewards"] == ["classifier"] and 0 < g["class_confidence"] <= 1
+    assert {"reuse", "pg_weight", "normaliser", "advantage_scale", "reward_weights", "clip_range"} <= set(g)

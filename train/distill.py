@@ -47,7 +47,7 @@ def train(cfg, backbone=None, router=None, fake_backbone=None, own=None):
 
     from onestep import hostmem
     from onestep.attention import set_attention
-    from onestep.config import ConfigError, check_teacher_fit, method_kwargs
+    from onestep.config import ConfigError, check_teacher_fit, method_kwargs, saved_config
     from onestep.data import ConditionSampler, RealImages, folder_dataset, load_digits, read_image_folder
     from onestep.distributed import check_launch, clip_grad_norm, distributed_mode, prepare_sharded
     from onestep.fid import DigitsClassifier, best_of_steps, digits_moments, evaluate_samples
@@ -57,8 +57,9 @@ def train(cfg, backbone=None, router=None, fake_backbone=None, own=None):
     from onestep.optim import make_optimizer
     from onestep.pipeline import export_pipeline, model_card, stock_call
     from onestep.prompts import read_prompts
-    from onestep.runs import (RealBatches, adapter_only_checkpoints, clear_run_dir, load_checkpoint, plot_curve,
-                              prepare_run_dir, resolve_resume, run_config, save_checkpoint, save_grid)
+    from onestep.runs import (RealBatches, adapter_only_checkpoints, check_same_kind, checkpoint_history, clear_run_dir,
+                              load_checkpoint, plot_curve, prepare_run_dir, resolve_resume, run_config, save_checkpoint,
+                              save_grid)
     from onestep.sampling import sample_teacher
     from onestep.schedule import to_device
     from onestep.triad import DEFAULT_LORA_TARGETS, Triad, enable_gradient_checkpointing
@@ -89,6 +90,7 @@ def train(cfg, backbone=None, router=None, fake_backbone=None, own=None):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
         torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
     hostmem.configure_cpu(cfg, device.type, accelerator.num_processes)  # threads; freed memory kept (no page faults)
+    check_same_kind(run_dir, cfg)
     if main_proc:
         prepare_run_dir(run_dir, overwrite=cfg.overwrite, resume=bool(cfg.resume))
     accelerator.wait_for_everyone()
@@ -117,7 +119,8 @@ def train(cfg, backbone=None, router=None, fake_backbone=None, own=None):
         classes = []
     if (getattr(method, "uses_guidance", getattr(method, "real_guidance_scale", 1.0) != 1.0)
             and teacher.denoiser.null_cond is None):
-        raise ConfigError("real_guidance_scale: this teacher has no null condition for guidance; use 1.0")
+        fix = "--random_guidance false" if getattr(method, "random_guidance", False) else "--real_guidance_scale 1"
+        raise ConfigError(f"{fix.split()[0][2:]}: this teacher has no null condition for guidance; use {fix}")
     class_ids = torch.tensor(classes, device=device) if classes else None
     # a condition is a class label, or (text teachers) a row of the cached prompt-embedding table (N, L, D)
     cond_table = teacher.prompt_embeds if teacher.text_conditional else class_ids
@@ -224,7 +227,7 @@ def train(cfg, backbone=None, router=None, fake_backbone=None, own=None):
         set_seed(cfg.seed, device_specific=True)
     if main_proc:
         with open(os.path.join(run_dir, "config.yaml"), "w") as f:
-            yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False)
+            yaml.safe_dump(saved_config(cfg), f, sort_keys=False)
     accelerator.init_trackers("onestep", config={k: str(v) if isinstance(v, (list, dict)) else v
                                                   for k, v in dataclasses.asdict(cfg).items()})
 
@@ -247,7 +250,8 @@ def train(cfg, backbone=None, router=None, fake_backbone=None, own=None):
                   scale=4 if x.shape[-1] <= 64 else 1)
 
     # 6. Training loop -------------------------------------------------------------------------------
-    t_start, curve = time.time(), []
+    before = checkpoint_history(resume_from, run_dir)  # the curve and seconds up to the checkpoint: metrics cover the whole run
+    t_start, curve = time.time() - before.get("train_seconds", 0.0), list(before.get("curve", []))
     updates = Updates(cfg.nonfinite_check, device, [opt_g, opt_f, opt_h], cfg.max_nonfinite_steps, where=run_dir,
                       gather=accelerator.gather if accelerator.num_processes > 1 else None)
     trained = {"generator": triad.generator_parameters(), "fake": triad.critic_parameters()}
@@ -277,7 +281,7 @@ def train(cfg, backbone=None, router=None, fake_backbone=None, own=None):
             method.on_step(triad, step, logs)
         done = step + 1
         if cfg.compile and step == start and main_proc:
-            tqdm.write(f"torch.compile: the first iteration (with compilation) took {time.time() - t_start:.1f} s")
+            tqdm.write(f"torch.compile: the first iteration (with compilation) took {bar.format_dict['elapsed']:.1f} s")
         if done % cfg.log_every == 0 or done == cfg.steps or any(n and done % n == 0 for n in (
                 cfg.sample_every, cfg.eval_every, cfg.checkpoint_every)):
             updates.check()  # where the skips are counted on the device: a run of them past the limit stops here
@@ -299,9 +303,11 @@ def train(cfg, backbone=None, router=None, fake_backbone=None, own=None):
                 accelerator.log({"fid": r["fid"], **({"class_accuracy": r["class_accuracy"]} if eval_labels else {})}, step=done)
             accelerator.wait_for_everyone()
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
-            save_checkpoint(accelerator, run_dir, done, cfg.checkpoints_total_limit, run_config(cfg), real_iter)
+            save_checkpoint(accelerator, run_dir, done, cfg.checkpoints_total_limit, run_config(cfg), real_iter,
+                            {"curve": curve, "train_seconds": time.time() - t_start})
     train_seconds = time.time() - t_start
-    save_checkpoint(accelerator, run_dir, cfg.steps, cfg.checkpoints_total_limit, run_config(cfg), real_iter)
+    save_checkpoint(accelerator, run_dir, cfg.steps, cfg.checkpoints_total_limit, run_config(cfg), real_iter,
+                    {"curve": curve, "train_seconds": train_seconds})
 
     # 7. Final evaluation, export, metrics ------------------------------------------------------------
     spread = None  # FSDP: each process holds its own shard, not a replica
@@ -351,8 +357,8 @@ def train(cfg, backbone=None, router=None, fake_backbone=None, own=None):
         with open(os.path.join(run_dir, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=2)
         s, t = metrics["student"], metrics["teacher"]
-        fid = "no digits-FID (--classifier off, or not a 1x8x8 teacher)" if s["fid"] is None else \
-            f"student FID {s['fid']:.3f} ({s['nfe']} step{'s' * (s['nfe'] > 1)})"
+        fid = ("trained (FID once every student is)" if own or router else "no digits-FID (--classifier off, or not a "
+               "1x8x8 teacher)") if s["fid"] is None else f"student FID {s['fid']:.3f} ({s['nfe']} step{'s' * (s['nfe'] > 1)})"
         if t["fid"] is not None:
             fid += f", teacher FID {t['fid']:.3f} ({t['nfe']} steps)"
         print(f"done: {fid}; run folder {run_dir}")

@@ -192,8 +192,8 @@ class GNDM(DMD):
         self._roll = {"cond": None, "logs": {}, **roll, "uses": int(roll["uses"])} if roll else None
 
     def extra_metrics(self, sample, classifier=None, num_samples: int = 2000, sample_shape=(), device="cpu") -> dict:
-        """metrics.json["gndm"]: the options, and with the digits classifier the mean p(c | x) of samples of class c."""
-        out = {"group_size": self.group_size, "advantage": self.advantage, "rewards": list(self.rewards)}
+        """metrics.json["gndm"]: its own options, and with the digits classifier the mean p(c | x) of class c's samples."""
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in DMD.__dataclass_fields__}
         if classifier is not None and self._labels:
             f = forget_class_figures(sample, classifier, self._labels, num_samples, sample_shape, device=device)
             out.update(class_confidence=f["forget_class_probability"], class_accuracy=f["forget_class_accuracy"])
