@@ -66,7 +66,6 @@ def main(argv=None) -> None:
     from onestep.fid import frechet_distance
     from onestep.streaming import TensorSource, stream_features
 
-    torch.set_grad_enabled(False)
     try:
         ex = digits_extractor(a.classifier)
         m = (teacher_models(a.teacher, [1], a.num_samples)[0] if a.teacher else pipeline_model(a.pipeline, a.num_samples))
@@ -106,4 +105,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    import torch
+
+    torch.set_grad_enabled(False)  # here, not in main(): a caller in the same process keeps its autograd
     main()

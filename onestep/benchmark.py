@@ -117,7 +117,7 @@ def load_reference(spec: str, extractor: Extractor, batch_size: int = 250, keep:
         ref.check(extractor, spec)
         return ref
     if spec.endswith(".npz"):
-        return load_statistics(spec, extractor)
+        return Reference.load(spec, extractor)
     if os.path.isfile(spec):
         raise BenchmarkError(f"--reference {spec!r} is a file but not statistics (.npz); pass an image folder, a .npz "
                              "from an earlier --out, digits, or cleanfid:NAME:RES[:SPLIT]")
@@ -127,33 +127,6 @@ def load_reference(spec: str, extractor: Extractor, batch_size: int = 250, keep:
                                                               "resize the images to that size or pick other features")):
         raise BenchmarkError(f"--reference {spec!r}: {problem}")
     return compute_reference(source, extractor, f"folder:{os.path.abspath(spec)}", batch_size, keep, accelerator)
-
-
-def load_statistics(path: str, extractor: Extractor) -> Reference:
-    """Reference.load, with one line for an empty file, metadata that is not an object, or statistics whose size
-    is not the extractor's feature size."""
-    fix = "recompute them (eval/benchmark.py --reference FOLDER --out DIR)"
-    if os.path.isfile(path) and os.path.getsize(path) == 0:
-        raise BenchmarkError(f"--reference {path} is an empty file (0 bytes), not statistics; {fix}")
-    try:
-        ref = Reference.load(path)
-    except EOFError:
-        raise BenchmarkError(f"--reference {path} is cut short (EOFError), not complete statistics; {fix}") from None
-    if not isinstance(ref.meta, dict):
-        raise BenchmarkError(f"--reference {path}: its metadata is a JSON {type(ref.meta).__name__}, not an object "
-                             f"(written by onestep); {fix}")
-    ref.check(extractor, path)
-    mu, sigma, d = np.asarray(ref.mu), np.asarray(ref.sigma), extractor.dim
-    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
-        raise BenchmarkError(f"--reference {path}: mean {mu.shape} and covariance {sigma.shape} do not fit together; "
-                             f"{fix}")
-    if d is not None and len(mu) != d:
-        raise BenchmarkError(f"--reference {path} holds {len(mu)}-d statistics; the {extractor.name} features are "
-                             f"{d}-d; {fix}")
-    if ref.features is not None and (ref.features.ndim != 2 or ref.features.shape[1] != len(mu)):
-        raise BenchmarkError(f"--reference {path}: its kept features {ref.features.shape} do not match its "
-                             f"{len(mu)}-d statistics; {fix}")
-    return ref
 
 
 def evaluate_model(m: Model, extractor: Extractor, reference: Reference, batch_size: int = 250, keep: int = 0,

@@ -44,10 +44,15 @@ class Reference:
 
     @classmethod
     def load(cls, path: str, extractor: Extractor | None = None) -> "Reference":
-        """Read a file written by `save`; refuse it if it was made with another extractor or mode."""
+        """Read a file written by `save`; refuse it if it was made with another extractor or mode, or if it is not
+        whole statistics (empty, cut short, metadata not an object, sizes that do not fit each other or the
+        extractor's features)."""
+        fix = "recompute them (eval/benchmark.py --reference FOLDER --out DIR)"
         if not os.path.isfile(path):
             raise ReferenceError(f"reference statistics {path!r} do not exist; make them with eval/benchmark.py "
                                  "--reference FOLDER --out DIR (writes DIR/reference.npz), or pass a folder or digits")
+        if os.path.getsize(path) == 0:
+            raise ReferenceError(f"{path} is an empty file (0 bytes), not reference statistics; {fix}")
         try:
             with np.load(path) as z:
                 if "meta" not in z:
@@ -57,11 +62,23 @@ class Reference:
                 ref = cls(z["mu"], z["sigma"], json.loads(str(z["meta"])), z["features"] if "features" in z else None)
         except OnestepError:
             raise
-        except (ValueError, OSError, KeyError, zipfile.BadZipFile) as e:
+        except (ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile) as e:
             raise ReferenceError(f"{path} is not reference statistics written by onestep ({type(e).__name__}); "
-                                 "recompute them (eval/benchmark.py --reference FOLDER --out DIR)") from None
+                                 f"{fix}") from None
+        if not isinstance(ref.meta, dict):
+            raise ReferenceError(f"{path}: its metadata is a JSON {type(ref.meta).__name__}, not an object (written by "
+                                 f"onestep); {fix}")
+        mu, sigma = np.asarray(ref.mu), np.asarray(ref.sigma)
+        if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+            raise ReferenceError(f"{path}: mean {mu.shape} and covariance {sigma.shape} do not fit together; {fix}")
+        if ref.features is not None and (ref.features.ndim != 2 or ref.features.shape[1] != len(mu)):
+            raise ReferenceError(f"{path}: its kept features {ref.features.shape} do not match its {len(mu)}-d "
+                                 f"statistics; {fix}")
         if extractor is not None:
             ref.check(extractor, path)
+            if extractor.dim is not None and len(mu) != extractor.dim:
+                raise ReferenceError(f"{path} holds {len(mu)}-d statistics; the {extractor.name} features are "
+                                     f"{extractor.dim}-d; {fix}")
         return ref
 
     def check(self, extractor: Extractor, where: str = "reference") -> None:

@@ -14,6 +14,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 torch.set_num_threads(2)
 
 
+@pytest.fixture(autouse=True)
+def autograd_left_on():
+    """A test (e.g. a script's main() run in this process) must not switch autograd off for the tests after it."""
+    yield
+    on = torch.is_grad_enabled()
+    torch.set_grad_enabled(True)  # the next tests run with it either way
+    assert on, "this test left autograd switched off (torch.set_grad_enabled(False))"
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny networks: one thread is faster, and immune to a busy machine (idle OpenMP threads wait per op).

@@ -195,8 +195,6 @@ def test_images_the_extractor_cannot_take_are_named_before_any_sampling(tmp_path
 def test_reference_files_that_onestep_did_not_write_are_one_line_each(tmp_path):
     import json
 
-    from onestep.benchmark import BenchmarkError, load_statistics
-
     ex = digits_extractor(CLASSIFIER)
     (tmp_path / "empty.npz").write_bytes(b"")
     np.savez(tmp_path / "list.npz", mu=np.zeros(64), sigma=np.eye(64), meta=np.array(json.dumps(["a"])))
@@ -206,5 +204,5 @@ def test_reference_files_that_onestep_did_not_write_are_one_line_each(tmp_path):
     (tmp_path / "cut.npz").write_bytes((tmp_path / "cut.npz").read_bytes()[:100])
     for name, words in (("empty", "empty file"), ("list", "JSON list, not an object"), ("dim", "10-d statistics; the "
                         "digits features are 64-d"), ("cov", "do not fit together"), ("cut", "recompute")):
-        with pytest.raises((BenchmarkError, ReferenceError), match=words):
-            load_statistics(str(tmp_path / f"{name}.npz"), ex)
+        with pytest.raises(ReferenceError, match=words):
+            Reference.load(str(tmp_path / f"{name}.npz"), ex)
