@@ -66,6 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--keep {a.keep} with --num-samples {a.num_samples}: KID and precision / recall (k = 3 nearest "
                 "neighbours) need more than 3 features of each model; raise both above 3, or --keep 0 for FID only")
     inception = a.features == "inception"
+    a.new_out = not os.path.exists(a.out)  # created by the check below: removed again if the run then fails
     statistics = a.reference.endswith(".npz") or a.reference.startswith("cleanfid:")
     first_error(p, [
         num_samples_problem(a.num_samples), eval_args_problem(guidance=a.guidance, seed=a.seed),
@@ -122,6 +123,8 @@ def main(argv=None) -> None:
             if acc.is_main_process:
                 print(f"{m.model} {m.path} steps {m.steps}: FID {rows[-1]['fid']:.3f}", file=sys.stderr)
     except (OnestepError, OSError) as err:
+        if acc.is_main_process and a.new_out and os.path.isdir(a.out) and not os.listdir(a.out):
+            os.rmdir(a.out)
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     if acc.is_main_process:
