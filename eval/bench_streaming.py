@@ -40,7 +40,7 @@ def write_pngs(source, folder: str, batch_size: int) -> float:
 
 
 def main(argv=None) -> None:
-    from onestep.cli import MAX_SAMPLES, Parser, classifier_problem, first_error
+    from onestep.cli import Parser, classifier_problem, first_error, num_samples_problem
 
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group()
@@ -50,11 +50,8 @@ def main(argv=None) -> None:
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--classifier", default="assets/digits-classifier")
     a = p.parse_args(argv)
-    if a.num_samples < 2 or a.batch_size < 1:
-        p.error(f"--num-samples must be >= 2 and --batch-size >= 1, got {a.num_samples} and {a.batch_size}")
-    first_error(p, [a.num_samples > MAX_SAMPLES and f"--num-samples {a.num_samples} is more than the {MAX_SAMPLES:,} "
-                                                    "samples allowed (and each is written as a PNG); pass a smaller count",
-                    classifier_problem(a.classifier)])
+    first_error(p, [num_samples_problem(a.num_samples), a.batch_size < 1 and f"--batch-size must be >= 1, got "
+                    f"{a.batch_size}", classifier_problem(a.classifier)])
 
     import torch
     from cleanfid.fid import compute_fid

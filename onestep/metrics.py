@@ -33,12 +33,11 @@ def kid(real: np.ndarray, fake: np.ndarray, num_subsets: int = 100, max_subset_s
 def knn_radii(x: torch.Tensor, k: int = 3, chunk: int = 1024, reference: bool = False) -> torch.Tensor:
     """Distance from each row of x to its k-th nearest other row (the radius of its k-NN ball); `reference`: x is the
     real data's features (for the message when there are too few)."""
-    if len(x) <= k and reference:
-        raise MetricsError(f"precision / recall: the reference has {len(x)} feature rows, but the k-NN radius needs "
-                           f"more than k = {k}; use a reference of more than {k} images, or --keep 0 for FID only")
     if len(x) <= k:
-        raise MetricsError(f"precision / recall: {len(x)} feature rows, but the k-NN radius needs more than k = {k}; "
-                           f"keep more samples' features (--keep > {k})")
+        whose, fix = (("the reference has ", f"use a reference of more than {k} images, or --keep 0 for FID only")
+                      if reference else ("", f"keep more samples' features (--keep > {k})"))
+        raise MetricsError(f"precision / recall: {whose}{len(x)} feature rows, but the k-NN radius needs more than "
+                           f"k = {k}; {fix}")
     return torch.cat([torch.cdist(c, x).kthvalue(k + 1, dim=1).values for c in x.split(chunk)])
 
 
