@@ -66,9 +66,6 @@ def teacher_models(path: str, steps: list[int], num_samples: int, guidance: floa
 def check_teacher_steps(teacher, steps: list[int], path: str) -> None:
     """Refuse sampler step counts the teacher's schedule cannot be sampled with (before any sampling)."""
     sched = teacher.denoiser.schedule
-    if sched.kind == "edm":
-        raise BenchmarkError(f"teacher {path!r} has an EDM schedule: multi-step sampling of EDM teachers is not "
-                             "supported yet; use a VP or flow teacher")
     n = sched.num_train_timesteps
     if sched.kind == "vp" and max(steps) > n:
         raise BenchmarkError(f"--steps {max(steps)}: teacher {path!r} was trained on {n} timesteps, so DDIM takes at "

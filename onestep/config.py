@@ -350,6 +350,10 @@ def load_config(argv: list[str]) -> Config:
         config.fake_score = getattr(METHODS[config.method], "preferred_fake_score", "copy")
     # a run's own config.yaml lists every key: a file's keys count as given where they change the preset's value
     changed = {k for k in file_values if k in before_file and getattr(config, k) != before_file[k]}
+    file_args = {**{k: v for k, v in file_values.items() if k not in before_file}, **(file_values.get("method_args") or {})}
+    preset_typed = method_kwargs(dataclasses.replace(config, method_args=preset_args)) if (
+        config.method == preset_method) else {}
+    changed |= {k for k in file_args if k not in preset_typed or config.method_args.get(k) != preset_typed[k]}
     check_unused(config, set(overrides) | changed, method)
     return config
 
@@ -447,6 +451,9 @@ def validate(cfg: Config):
         raise ConfigError(f"teacher_eval_steps: sampler step counts must be >= 1, got {cfg.teacher_eval_steps}")
     if not cfg.output_dir:
         raise ConfigError("output_dir: empty; pass the folder that holds run folders (default runs)")
+    if cfg.eval_every and not cfg.classifier:
+        raise ConfigError("eval_every: FID during training needs the digits classifier; pass --classifier "
+                          "assets/digits-classifier or --eval_every 0")
     if cfg.eval_samples < 2:
         raise ConfigError(f"eval_samples: FID needs at least 2 samples, got {cfg.eval_samples}")
     for key, cap in (("lora_rank", 4096), ("gan_hidden", 65536)):
@@ -499,6 +506,12 @@ def check_teacher_fit(cfg: Config, teacher) -> None:
         raise ConfigError(f"generator_timesteps: {cfg.generator_timesteps} exceed this teacher's largest time {schedule.t_max}")
     if cfg.clip_sample and teacher.text_conditional:
         raise ConfigError("clip_sample: latents have no fixed range to clamp to; use --clip_sample 0 with this teacher")
+    if teacher.sample_shape != (1, 8, 8):  # digits-FID measures 8x8 digits; other teachers: eval/benchmark.py
+        shape = "x".join(map(str, teacher.sample_shape))
+        for key, given in (("eval_every", cfg.eval_every > 0), ("classifier", cfg.classifier not in ("", Config.classifier))):
+            if given:
+                raise ConfigError(f"{key}: the digits classifier measures 1x8x8 digits and this teacher makes {shape}; "
+                                  f"drop --{key} and measure the exported pipeline with eval/benchmark.py")
     steps = {"teacher_eval_steps": max(cfg.teacher_eval_steps, default=1),
              "regression_steps": cfg.method_args.get("regression_steps", 1)}
     for key, n in steps.items():

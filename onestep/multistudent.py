@@ -308,6 +308,16 @@ def student_config(cfg, router: Router, k: int, run_dir: str):
                                classifier="", export=False, eval_every=0, **restrict)
 
 
+def sub_run_seconds(run_dir: str, name: str, this_call: float) -> float:
+    """A sub-run's training seconds over all its calls (its metrics.json counts those before a resume too); this
+    call's seconds where it wrote none (not the main process)."""
+    try:
+        with open(os.path.join(run_dir, name, "metrics.json"), encoding="utf-8") as f:
+            return round(float(json.load(f)["train_seconds"]), 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return round(this_call, 1)
+
+
 def own_real_images(data, router: Router, k: int):
     """The real images (with per-image conditions) whose condition routes to student k: each student's critic sees
     real pairs of its own conditions only, as its samples are."""
@@ -426,8 +436,8 @@ def train_students(cfg, train: Callable) -> dict | None:
             continue
         t0 = time.time()
         students.append(train(student_config(cfg, router, k, run_dir), backbone, own=(router, k)))
-        entry.update(train_seconds=round(time.time() - t0, 1),  # FSDP: the student is on the main process only
-                     parameters=students[-1] and count_parameters(students[-1]))
+        entry.update(train_seconds=sub_run_seconds(run_dir, sub_name(k), time.time() - t0),
+                     parameters=students[-1] and count_parameters(students[-1]))  # FSDP: the student is on the main process only
     if shared:
         fake = None  # a full-copy fake score: the teacher's weights, or for smaller students one more TSM-trained one
         if cfg.student_channels and cfg.fake_score != "lora" and cfg.student_fake_score == "student":
@@ -436,7 +446,7 @@ def train_students(cfg, train: Callable) -> dict | None:
             shared.update({"tsm": r} if r else {})
         t0 = time.time()
         joint = train(shared_config(cfg, run_dir), backbones if cfg.student_channels else None, router, fake)
-        shared["train_seconds"] = round(time.time() - t0, 1)
+        shared["train_seconds"] = sub_run_seconds(run_dir, "students", time.time() - t0)
         students = [Generator(d, joint.timesteps, joint.clip_sample) for d in joint.denoiser.students] if main else []
         for entry, s in zip(report, students):
             entry["parameters"] = count_parameters(s)

@@ -1,6 +1,8 @@
 """Multi-step sampling of a teacher through diffusers schedulers, driven by the x0 contract."""
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from .denoiser import Cond, Denoiser
@@ -12,9 +14,9 @@ def sample_teacher(teacher: Denoiser, z: torch.Tensor, cond: Cond = None, num_st
     """Sample with DDIM (trailing spacing; eta 0 = the deterministic ODE) from noise z; returns x0 in float32.
 
     The scheduler is told the model predicts x0 ("sample"), so any backbone works through the denoiser.
-    VP schedules use DDIMScheduler; flow schedules FlowMatchEulerDiscreteScheduler.
+    VP schedules use DDIMScheduler; flow schedules FlowMatchEulerDiscreteScheduler; EDM schedules EDMEulerScheduler.
     """
-    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+    from diffusers import DDIMScheduler, EDMEulerScheduler, FlowMatchEulerDiscreteScheduler
 
     sched = teacher.schedule
     x = sched.prior(z.float(), sched.t_max)
@@ -35,7 +37,22 @@ def sample_teacher(teacher: Denoiser, z: torch.Tensor, cond: Cond = None, num_st
             x0 = teacher.guided(x, tt, cond, guidance_scale)
             x = s.step(sched.from_x0(x0, x, sched.timesteps_tensor(tt, x.shape[0], x.device), "flow"), t, x).prev_sample
         return x.float()
-    raise NotImplementedError("multi-step sampling of EDM teachers is not supported yet; use a VP or flow teacher")
+    # EDM: Euler on the probability-flow ODE over the Karras sigmas (the teacher's own sigma_min/max, rho) with
+    # EDMEulerScheduler. Its step takes x0 itself where it accepts pred_original_sample (newer diffusers); otherwise the
+    # preconditioned output F = (x0 - c_skip x) / c_out, which it turns back into x0 (to float32 rounding of x)
+    s = EDMEulerScheduler(sigma_min=sched.sigma_min, sigma_max=sched.sigma_max, sigma_data=sched.sigma_data,
+                          rho=sched.rho, prediction_type="epsilon")
+    s.set_timesteps(num_steps, device=z.device)
+    s.is_scale_input_called = True  # the denoiser applies EDM's c_in itself
+    takes_x0, sd2 = "pred_original_sample" in inspect.signature(s.step).parameters, sched.sigma_data ** 2
+    for t, sigma in zip(s.timesteps, s.sigmas.tolist()):
+        x0 = teacher.guided(x, torch.tensor(sigma, device=x.device), cond, guidance_scale).float()
+        if takes_x0:
+            x = s.step(x0, t, x, pred_original_sample=x0).prev_sample
+        else:
+            c_skip, c_out = sd2 / (sigma ** 2 + sd2), sigma * sched.sigma_data / (sigma ** 2 + sd2) ** 0.5
+            x = s.step((x0 - c_skip * x) / c_out, t, x).prev_sample
+    return x.float()
 
 
 def _betas(sched) -> list[float]:

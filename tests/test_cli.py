@@ -440,3 +440,18 @@ def test_a_runs_own_config_yaml_loads_back_to_the_same_config(preset, tmp_path):
         path.write_text(yaml.safe_dump({**dataclasses.asdict(cfg), "lora_rank": cfg.lora_rank + 1}, sort_keys=False))
         with pytest.raises(ConfigError, match="lora_rank: only used with --fake_score lora"):
             load_config(["--config", str(path)])
+
+
+@pytest.mark.parametrize("values", [{"method": "dmd", "regression_steps": 10},
+                                    {"method": "dmd", "method_args": {"regression_steps": 10}}])
+def test_a_config_files_method_option_that_the_run_ignores_is_refused(values, tmp_path):
+    """A method option in a config file, top level or under method_args, counts as given like one on the command
+    line; the same key at the preset's own value (a run's config.yaml) does not."""
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(values))
+    with pytest.raises(ConfigError, match="regression_steps: only used with --regression_weight > 0"):
+        load_config(["--config", str(path)])
+    cfg = load_config(["--preset", "sd15-dmd2"])
+    assert cfg.method_args["gan_critic_weight"] == 0.0
+    path.write_text(yaml.safe_dump({"preset": "sd15-dmd2", "method_args": {"gan_critic_weight": 0.0}}))
+    assert load_config(["--config", str(path)]).method_args == cfg.method_args

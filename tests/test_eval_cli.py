@@ -49,6 +49,28 @@ def test_benchmark_writes_table_json_plot_and_a_reusable_reference(bench, cond_t
     assert json.load(open(os.path.join(again, "benchmark.json")))["rows"][0]["fid"] == pytest.approx(rows[2]["fid"], rel=1e-9)
 
 
+def test_an_edm_teacher_is_sampled_at_every_step_count(bench, tmp_path, capsys):
+    """EDM teachers sample through EDMEulerScheduler: one step is the one-step student at sigma_max on the same noise
+    (to float32 rounding of x at sigma 80), more steps run."""
+    from conftest import tiny_unet
+    from diffusers import EDMEulerScheduler
+
+    from onestep.generator import Generator
+    from onestep.loading import load_teacher
+    from onestep.pipeline import export_pipeline
+
+    teacher = str(tmp_path / "edm")
+    tiny_unet().save_pretrained(os.path.join(teacher, "unet"))
+    EDMEulerScheduler().save_pretrained(os.path.join(teacher, "scheduler"))
+    t = load_teacher(teacher)
+    student = str(tmp_path / "student")
+    export_pipeline(Generator(t.denoiser), t.scheduler_config, student, num_classes=t.num_classes, null_class=t.null_class)
+    bench(["--teacher", teacher, "--steps", "1,3", "--pipeline", student, "--num-samples", "40", "--out", str(tmp_path / "b")])
+    rows = json.load(open(tmp_path / "b" / "benchmark.json"))["rows"]
+    assert [(r["model"], r["steps"]) for r in rows] == [("teacher", 1), ("teacher", 3), ("student", 1)]
+    assert rows[0]["fid"] == pytest.approx(rows[2]["fid"], rel=1e-3) and rows[1]["fid"] != rows[0]["fid"]
+
+
 def test_two_processes_give_the_one_process_result(bench, student, tmp_path):
     bench(["--pipeline", student, "--num-samples", "41", "--keep", "30", "--out", str(tmp_path / "one")])
     with socket.socket() as s:

@@ -382,8 +382,9 @@ def test_smaller_students_with_tsm_and_the_confusion_router_under_two_process_dd
     run = tmp_path / "small"
     m = json.loads((run / "metrics.json").read_text())
     assert m["processes"] == 2 and r.stdout.count("done: 3 students") == 1
-    for k in range(3):  # each student's replicas end with the same weights
-        assert json.loads((run / f"student_{k}" / "metrics.json").read_text())["replica_weight_spread"] == 0.0
+    for k in range(3):  # each student's replicas end with the same weights; its seconds are its sub-run's (all calls)
+        sub = json.loads((run / f"student_{k}" / "metrics.json").read_text())
+        assert sub["replica_weight_spread"] == 0.0 and m["per_student"][k]["train_seconds"] == sub["train_seconds"]
     groups = m["router"]["groups"]
     assert m["router"]["kind"] == "confusion" and sorted(c for g in groups for c in g) == list(range(10))
     assert m["parameters"]["student"] < m["parameters"]["teacher"] / 2
@@ -411,6 +412,7 @@ def test_students_with_one_shared_fake_score_train_jointly_under_two_process_ddp
     assert "6 training iterations of the students together" in (run / "pipeline" / "README.md").read_text()
     joint = json.loads((run / "students" / "metrics.json").read_text())
     assert joint["processes"] == 2 and joint["replica_weight_spread"] == 0.0 and joint["steps"] == 6
+    assert m["shared_fake_score"]["train_seconds"] == joint["train_seconds"]
     state = checkpoint(run / "students", 6)
     fake = {k for k in state if k.startswith("fake_score.") or not k.startswith("denoiser.")}
     assert {k.split(".")[2] for k in state if k.startswith("denoiser.students.")} == {"0", "1", "2"}

@@ -467,6 +467,7 @@ def bad_things(tmp_path_factory, cond_teacher, uncond_teacher):
 
     tiny_unet(None, channels=3).save_pretrained(os.path.join(p["rgb"], "unet"))
     DDPMScheduler().save_pretrained(os.path.join(p["rgb"], "scheduler"))
+    p["classifier"] = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "digits-classifier")
     p["empty"] = str(root / "empty")
     os.makedirs(p["empty"])
     p["file"] = str(root / "a-file")
@@ -563,6 +564,11 @@ BAD = [  # (id, arguments, what the one line must say); {name} is a path from ba
     ("unused_negative_prompt", ["--negative_prompt", "blurry"], "negative_prompt: only used with guidance"),
     ("unused_plateau", ["--backtrack", "true", "--backtrack_interval", "1", "--backtrack_patience", "3"],
      "backtrack_patience: only used with --backtrack_switch plateau"),
+    ("eval_every_no_classifier", ["--eval_every", "2"], "eval_every: FID during training needs the digits classifier"),
+    ("classifier_rgb", ["--teacher", "{rgb}", "--classifier", "{classifier}"],
+     "classifier: the digits classifier measures 1x8x8 digits and this teacher makes 3x8x8"),
+    ("eval_every_rgb", ["--teacher", "{rgb}", "--eval_every", "2", "--classifier", "assets/digits-classifier"],
+     "eval_every: the digits classifier measures 1x8x8 digits and this teacher makes 3x8x8"),
     ("sfd_students", ["--method", "sfd", "--forget", "3", "--students", "2"], "train SFD with --students 1"),
     ("record_foreign", ["--backtrack", "true", "--backtrack_interval", "1", "--record_dir", "{rgb}"],
      "holds files that are not a DisBack recording"),

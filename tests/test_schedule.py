@@ -139,3 +139,29 @@ def test_teacher_sampling_with_guidance_runs_cond_and_uncond_at_the_schedulers_t
     x0_c, x0_u = teacher(x, t, y), teacher(x, t, torch.full_like(y, 10))
     assert torch.allclose(teacher.guided(x, t, y, 2.0), x0_u + 2 * (x0_c - x0_u), rtol=1e-5, atol=1e-3)
     assert guided.shape == plain.shape and torch.isfinite(guided).all() and not torch.allclose(guided, plain)
+
+
+class _GaussianDenoiser:
+    """The exact denoiser of data N(0, s^2) per pixel under EDM: x0 = s^2 / (s^2 + sigma^2) x."""
+
+    def __init__(self, schedule, s):
+        self.schedule, self.s = schedule, s
+
+    def guided(self, x, t, cond, scale):
+        return self.s ** 2 / (self.s ** 2 + torch.as_tensor(t, dtype=x.dtype) ** 2) * x
+
+
+@torch.no_grad()
+def test_edm_teacher_sampling_follows_the_probability_flow_ode():
+    """On Gaussian data the ODE's end point is known: x(0) = x(sigma_max) s / sqrt(s^2 + sigma_max^2). Euler over the
+    Karras sigmas approaches it at first order in the step count; one step is the denoiser at sigma_max."""
+    from onestep.sampling import sample_teacher
+
+    sched, s = Schedule("edm", prediction_type="edm", sigma_max=80.0), 0.7
+    d, z = _GaussianDenoiser(sched, s), torch.randn(4, 1, 8, 8)
+    exact = z * 80.0 * s / (s ** 2 + 80.0 ** 2) ** 0.5
+    one = sample_teacher(d, z, num_steps=1)
+    assert torch.allclose(one, d.guided(z * 80.0, 80.0, None, 1.0), atol=1e-4)  # float32 rounding of x at sigma 80
+    errors = [(sample_teacher(d, z, num_steps=n) - exact).abs().max().item() for n in (16, 32, 64)]
+    assert 1.8 < errors[0] / errors[1] < 2.2 and 1.8 < errors[1] / errors[2] < 2.2, errors  # first order, as Euler is
+    assert errors[2] < 0.05 * exact.abs().max().item(), errors

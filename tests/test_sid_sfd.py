@@ -15,6 +15,8 @@ from onestep.errors import OnestepError
 from onestep.methods import build_method
 from onestep.methods.sid import sid_loss
 
+CLASSIFIER = os.path.join(ROOT, "assets", "digits-classifier")
+
 DIGITS_TEACHER = os.path.join(ROOT, "assets", "digits-teacher")
 DIGITS_CLASSIFIER = os.path.join(ROOT, "assets", "digits-classifier")
 
@@ -275,9 +277,12 @@ def test_sid_starts_its_generator_at_sigma_2_5_on_an_edm_teacher(tmp_path):
     vp = Schedule("vp", alphas_cumprod=torch.linspace(0.99, 0.01, 1000))
     assert default_generator_timesteps(build_method("sid"), vp) == []  # VP: the top (t = 999)
     expect = {"sid": [2.5], "dmd2": [80.0]}
-    for method in expect:
+    for method in expect:  # dmd2 with the digits-FID: the EDM teacher's own FID samples it with EDMEulerScheduler
         r = run_distill(["--preset", "smoke", "--teacher", str(teacher), "--method", method, "--steps", "1",
-                         "--classifier", "", "--output_dir", str(tmp_path), "--name", method])
+                         "--classifier", "" if method == "sid" else CLASSIFIER, "--output_dir", str(tmp_path),
+                         "--name", method])
         assert r.returncode == 0, r.stderr[-2000:]
         timesteps = json.loads((tmp_path / method / "pipeline" / "model_index.json").read_text())["timesteps"]
         assert timesteps == expect[method], (method, timesteps)
+    teacher_fid = json.loads((tmp_path / "dmd2" / "metrics.json").read_text())["teacher"]
+    assert teacher_fid["nfe"] == 4 and teacher_fid["fid"] > 0, teacher_fid
