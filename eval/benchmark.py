@@ -5,6 +5,7 @@
     python eval/benchmark.py --pipeline runs/a/pipeline --pipeline runs/b/pipeline --out runs/ab
     python eval/benchmark.py --pipeline P --features inception --mode clean \\
         --inception-weights ~/inception-2015-12-05.pt --reference cleanfid:cifar10:32:train
+    python eval/benchmark.py --images my_samples/ --features inception --reference real_images/  # any image folder
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 eval/benchmark.py ...  # 2 processes
 
 Every model draws the same samples: sample i from noise seed i (--seed 0) or a hash of (SEED, i), class i % K, quantised to 8 bits as a
@@ -14,7 +15,9 @@ of a folder reference, a seeded random subset, since files sorted by name are of
 accuracy and class-coverage entropy (1.0 = all classes equally often) with the digits classifier;
 sampling seconds per image. Writes OUT/benchmark.md, OUT/benchmark.json, OUT/benchmark.png (FID vs NFE
 and vs seconds per image) and OUT/reference.npz (reuse it with --reference OUT/reference.npz; loading
-it with another extractor or mode is refused). With no models it only computes the reference:
+it with another extractor or mode is refused). --images folders (e.g. a text-to-image student's samples, saved
+from its stock pipeline) are scored as they are: all of their images, no NFE or sampling time. With no models it
+only computes the reference:
 
     python eval/benchmark.py --reference path/to/real/images --features inception --out runs/ref
 """
@@ -40,6 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="teacher classifier-free guidance scale (2 NFE/step if not 1; default 1)")
     g.add_argument("--pipeline", action="append", default=[],
                    help="exported OneStepPipeline folder, or a multi-student export (routed; repeatable)")
+    g.add_argument("--images", action="append", default=[], metavar="FOLDER",
+                   help="a folder of generated images, scored as they are (all of them; e.g. a text-to-image "
+                        "student's, saved from its stock pipeline; repeatable)")
     f = p.add_argument_group("features and reference")
     f.add_argument("--features", choices=["digits", "inception"], default="digits",
                    help="digits: the shipped digits network (+ class metrics); inception: clean-fid's Inception-v3")
@@ -76,8 +82,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                  "--features inception or drop --mode",
         a.inception_weights is not None and not inception and "--inception-weights are the Inception features' "
                                                                "network; add --features inception or drop them",
-        not (a.teacher or a.pipeline) and statistics and f"nothing to score: --reference {a.reference} is statistics "
-                                                        "already; pass --pipeline or --teacher",
+        not (a.teacher or a.pipeline or a.images) and statistics and f"nothing to score: --reference {a.reference} is "
+                                                                    "statistics already; pass --pipeline, --teacher or --images",
         not inception and classifier_problem(a.classifier),
         lambda: output_problem("--out", a.out)])
     a.mode, a.steps = a.mode or "clean", STEPS if a.steps is None else a.steps
@@ -87,7 +93,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build(a, device):
     """(extractor, models) from the arguments; raises OnestepError for bad input."""
-    from onestep.benchmark import check_inputs, parse_steps, pipeline_model, teacher_models
+    from onestep.benchmark import check_inputs, images_model, parse_steps, pipeline_model, teacher_models
     from onestep.features import digits_extractor, inception_extractor
 
     steps = parse_steps(a.steps)
@@ -100,6 +106,7 @@ def build(a, device):
         extractor = inception_extractor(a.mode, a.inception_weights, device)
     models = [m for t in a.teacher for m in teacher_models(t, steps, a.num_samples, a.guidance, a.seed, device)]
     models += [pipeline_model(p, a.num_samples, a.seed, device) for p in a.pipeline]
+    models += [images_model(p, extractor) for p in a.images]
     check_inputs(models, extractor)
     return extractor, models
 

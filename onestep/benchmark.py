@@ -26,11 +26,11 @@ class BenchmarkError(OnestepError):
 class Model:
     """One benchmark row to produce: a generator source and how many network evaluations a sample costs."""
 
-    model: str      # "teacher" or "student"
+    model: str      # "teacher", "student" or "images" (a folder of generated images)
     path: str
-    steps: int
-    nfe: int
-    source: GeneratorSource
+    steps: int | None
+    nfe: int | None
+    source: GeneratorSource | FolderSource
 
 
 def parse_steps(text: str) -> list[int]:
@@ -75,9 +75,21 @@ def check_teacher_steps(teacher, steps: list[int], path: str) -> None:
 def check_inputs(models: list[Model], extractor: Extractor, fix: str = "use --features inception") -> None:
     """Refuse models whose images the extractor cannot take (channels, size), before any sampling."""
     for m in models:
+        if m.model == "images":
+            first = os.path.relpath(m.source.files[0], m.path)
+            if extractor.resize is None and (problem := input_problem(
+                    extractor, m.source.image_shape(), f"--images {m.path!r}: its first image, {first}, is",
+                    "resize the images to that size or pick other features")):
+                raise BenchmarkError(problem)
+            continue
         what = f"{'teacher' if m.model == 'teacher' else 'pipeline'} {m.path!r} makes"
         if problem := input_problem(extractor, m.source.sample_shape, what, fix):
             raise BenchmarkError(problem)
+        n = getattr(m.source, "num_classes", None)
+        if extractor.num_classes and n and n > extractor.num_classes:
+            raise BenchmarkError(f"{what.removesuffix(' makes')} has {n} classes and the classifier of the features knows "
+                                 f"{extractor.num_classes}: a class-conditional teacher without onestep.json counts its "
+                                 'null-class row as a class; add onestep.json with {"num_classes": 10, "null_class": 10}')
 
 
 def check_reference_size(reference: Reference, keep: int, k: int = 3) -> None:
@@ -87,6 +99,12 @@ def check_reference_size(reference: Reference, keep: int, k: int = 3) -> None:
         raise BenchmarkError(f"the reference has {n} image(s) with features, but KID and precision / recall (k = {k} "
                              f"nearest neighbours) need more than {k}; use a larger reference, or --keep 0 for FID "
                              "only")
+
+
+def images_model(path: str, extractor: Extractor) -> Model:
+    """A folder of generated images (e.g. a text-to-image student's, saved from its stock pipeline), scored as they
+    are: all of them, read as the extractor takes them; no NFE or sampling time."""
+    return Model("images", path, None, None, FolderSource(path, extractor.channels, extractor.resize))
 
 
 def pipeline_model(path: str, num_samples: int, seed: int = 0, device="cpu") -> Model:
@@ -141,7 +159,7 @@ def evaluate_model(m: Model, extractor: Extractor, reference: Reference, batch_s
         row["precision"], row["recall"] = precision_recall(reference.features, r.features, k)
     if r.predictions is not None:
         row.update(class_metrics(r.predictions, r.labels, extractor.num_classes))
-    row["seconds_per_image"] = r.sample_seconds / n
+    row["seconds_per_image"] = None if m.model == "images" else r.sample_seconds / n  # reading files is not sampling
     row["seconds"] = round(time.perf_counter() - t0, 2)
     return row
 
@@ -187,13 +205,14 @@ def plot_benchmark(rows: list[dict], path: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for key, label in (("nfe", "network evaluations (NFE)"), ("seconds_per_image", "sampling seconds per image")):
         ax = axes[0 if key == "nfe" else 1]
-        for name in dict.fromkeys((r["model"], r["path"]) for r in rows):
+        for name in dict.fromkeys((r["model"], r["path"]) for r in rows if r[key] is not None):  # not image folders
             pts = sorted((r[key], r["fid"]) for r in rows if (r["model"], r["path"]) == name)
             ax.plot(*np.array(pts).T, marker="o" if name[0] == "teacher" else "*", markersize=6 if name[0] == "teacher"
                     else 14, label=f"{name[0]} ({model_label(name[1])})")
         ax.set(xscale="log", yscale="log", xlabel=label, ylabel="FID")
         ax.grid(alpha=0.3, which="both")
-    axes[0].legend(fontsize=8)
+    if axes[0].get_legend_handles_labels()[0]:  # (image folders alone have no NFE to plot)
+        axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -504,6 +504,11 @@ def check_teacher_fit(cfg: Config, teacher) -> None:
     schedule = teacher.denoiser.schedule
     if any(t > schedule.t_max for t in cfg.generator_timesteps):
         raise ConfigError(f"generator_timesteps: {cfg.generator_timesteps} exceed this teacher's largest time {schedule.t_max}")
+    low = {"vp": (0, "0"), "edm": (schedule.sigma_min, f"its sigma_min {schedule.sigma_min}"), "flow": (0, "0 (exclusive)")}
+    lo, what = low[schedule.kind]
+    if any(t < lo or (schedule.kind == "flow" and t == 0) for t in cfg.generator_timesteps):
+        raise ConfigError(f"generator_timesteps: {cfg.generator_timesteps} go below this teacher's smallest time, "
+                          f"{what}; pass times in its range (largest {schedule.t_max})")
     if cfg.clip_sample and teacher.text_conditional:
         raise ConfigError("clip_sample: latents have no fixed range to clamp to; use --clip_sample 0 with this teacher")
     if teacher.sample_shape != (1, 8, 8):  # digits-FID measures 8x8 digits; other teachers: eval/benchmark.py
@@ -518,6 +523,19 @@ def check_teacher_fit(cfg: Config, teacher) -> None:
         if n > schedule.num_train_timesteps:
             raise ConfigError(f"{key}: {n} sampler steps; this teacher's schedule has {schedule.num_train_timesteps} "
                               "timesteps, the most a DDIM sampler can take")
+    preset_steps = PRESETS[cfg.preset].get("teacher_eval_steps", Config().teacher_eval_steps)
+    if (not cfg.classifier or teacher.sample_shape != (1, 8, 8)) and cfg.teacher_eval_steps not in ([], preset_steps):
+        raise ConfigError("teacher_eval_steps: the teacher's FID is a digits-FID, which this run does not have (1x8x8 "
+                          "teacher and --classifier); drop it, or measure the teacher with eval/benchmark.py --teacher "
+                          "T --steps N")
+    if "sigma_init" in cfg.method_args:  # SiD / SFD: the generator's sigma on EDM teachers, where no times are given
+        sigma = cfg.method_args["sigma_init"]
+        problem = ("is not used: this teacher is not an EDM one (its generator starts at the top of its schedule); "
+                   "drop it" if schedule.kind != "edm" else "is not used: --generator_timesteps sets the generator's "
+                   "times; drop one" if cfg.generator_timesteps else f"exceeds this teacher's sigma_max "
+                   f"{schedule.sigma_max}; pass at most that" if sigma > schedule.sigma_max else None)
+        if problem:
+            raise ConfigError(f"sigma_init: {sigma} {problem}")
 
 
 def _check_numbers(cfg: Config, method) -> None:

@@ -59,6 +59,15 @@ def init_sharded(module: nn.Module) -> None:
 FSDP2_TORCH = (2, 6)  # accelerate's FSDP2 needs torch >= 2.6
 
 
+def mixed_precision(cfg) -> str:
+    """--mixed_precision, where 'auto' is the launcher's choice, else bf16 autocast on a GPU that has it."""
+    if cfg.mixed_precision != "auto":
+        return cfg.mixed_precision
+    mp = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    gpu = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true")
+    return mp if mp != "no" else ("bf16" if gpu and torch.cuda.is_bf16_supported() else "no")
+
+
 def check_launch(torch_version: str = torch.__version__) -> None:
     """Before the Accelerator is built: an FSDP2 launch on a torch too old for it, refused in one line (accelerate
     raises it as an ImportError from inside its constructor)."""

@@ -14,6 +14,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from .errors import OnestepError
+
 
 class DigitsClassifier(ModelMixin, ConfigMixin):
     """A small CNN for 8x8 digits in [-1, 1]; `features` (penultimate layer) defines digits-FID."""
@@ -102,11 +104,26 @@ class FeatureStats:
         return self.mean.cpu().numpy(), (self.m2 / (self.n - 1)).cpu().numpy()
 
 
-def frechet_distance(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> float:
-    """FID between two (mean, covariance) pairs, by clean-fid's formula."""
+def frechet_distance(a, b) -> float:
+    """FID between two (mean, covariance) pairs (or objects with `.moments`, e.g. a Reference), by clean-fid's formula."""
     from cleanfid.fid import frechet_distance as fd
 
-    return float(fd(a[0], a[1], b[0], b[1]))
+    pairs = []
+    for m in (a, b):
+        m = getattr(m, "moments", m)
+        m = m() if callable(m) else m  # FeatureStats.moments()
+        if not isinstance(m, (tuple, list)) or len(m) != 2:
+            raise OnestepError(f"frechet_distance takes (mean, covariance) pairs or objects with .moments, got "
+                               f"{type(m).__name__}")
+        mu, cov = np.asarray(m[0], dtype=np.float64), np.asarray(m[1], dtype=np.float64)
+        if mu.ndim != 1 or cov.shape != (len(mu), len(mu)):
+            raise OnestepError(f"frechet_distance: a mean of shape {mu.shape} with a covariance of shape {cov.shape}; "
+                               "need (D,) and (D, D)")
+        pairs.append((mu, cov))
+    if len(pairs[0][0]) != len(pairs[1][0]):
+        raise OnestepError(f"frechet_distance: {len(pairs[0][0])}-d features against {len(pairs[1][0])}-d ones; both "
+                           "sides need the same feature extractor")
+    return float(fd(pairs[0][0], pairs[0][1], pairs[1][0], pairs[1][1]))
 
 
 @torch.no_grad()
@@ -120,12 +137,23 @@ def image_moments(images: Iterable[torch.Tensor], extractor: Callable[[torch.Ten
     return stats.moments()
 
 
+def check_digit_classes(classes) -> None:
+    """The digits-FID compares a run's classes with the digits of those classes: 0-9 only."""
+    extra = sorted(c for c in set(classes) if not 0 <= c <= 9)
+    if extra:
+        raise OnestepError(
+            f"classifier: the digits have classes 0-9 and this run's include {extra[0]}; a class-conditional teacher "
+            "without onestep.json counts its null-class row as a class: add onestep.json with "
+            '{"num_classes": 10, "null_class": 10} to its folder, or pass --classes 0,...,9 or --classifier \'\'')
+
+
 def digits_moments(classifier: DigitsClassifier, classes=None, device="cpu"):
     """The FID reference: feature moments of the 1797 digits, or of those of `classes` (a run on some classes)."""
     from .data import load_digits
 
     x, y = load_digits("all")
     if classes:
+        check_digit_classes(classes)
         x = x[torch.isin(y, torch.as_tensor(list(classes)))]
     return image_moments([x.to(device)], classifier.features)
 

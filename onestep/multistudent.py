@@ -297,7 +297,7 @@ def teacher_score_matching(student, teacher, cond_rows: torch.Tensor | None, sha
 def shared_config(cfg, run_dir: str):
     """The joint run of all K students behind the router (one fake score), in <run>/students/."""
     return dataclasses.replace(cfg, name="students", output_dir=run_dir, students=1, student_channels=[],
-                               shared_fake_score=False, classifier="", export=False, eval_every=0)
+                               shared_fake_score=False, classifier="", export=False, eval_every=0, teacher_eval_steps=[])
 
 
 def student_config(cfg, router: Router, k: int, run_dir: str):
@@ -305,7 +305,7 @@ def student_config(cfg, router: Router, k: int, run_dir: str):
     restrict = {"prompts": os.path.join(run_dir, f"student_{k}", "prompts.txt")} if router.kind == "kmeans" else \
         {"classes": router.groups[k]}
     return dataclasses.replace(cfg, name=f"student_{k}", output_dir=run_dir, students=1, student_channels=[],
-                               classifier="", export=False, eval_every=0, **restrict)
+                               classifier="", export=False, eval_every=0, teacher_eval_steps=[], **restrict)
 
 
 def sub_run_seconds(run_dir: str, name: str, this_call: float) -> float:
@@ -344,7 +344,7 @@ def train_students(cfg, train: Callable) -> dict | None:
     from .config import ConfigError, saved_config
     from .data import read_image_folder
     from .denoiser import Denoiser
-    from .fid import DigitsClassifier
+    from .fid import DigitsClassifier, check_digit_classes
     from .generator import Generator
     from .loading import load_teacher
     from .pipeline_multi import export_multi_pipeline, model_card_multi
@@ -382,6 +382,7 @@ def train_students(cfg, train: Callable) -> dict | None:
     classifier = None
     if cfg.classifier and shape == (1, 8, 8):
         classifier = DigitsClassifier.load(cfg.classifier).to(device)
+        check_digit_classes(classes)  # before any student trains
 
     def affinity() -> torch.Tensor:
         if classifier is None or classifier.config.num_classes != teacher.num_classes:

@@ -16,6 +16,7 @@ onestep exports (the folder stays stock; NASA swaps the UNet's cross-attention p
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import torch.nn.functional as F
@@ -93,13 +94,20 @@ class NASA:
     (one, or one per prompt) and `strength` (alpha; 0 gives the plain pipeline's images)."""
 
     def __init__(self, pipe):
+        if not callable(getattr(pipe, "encode_prompt", None)) or not hasattr(pipe, "unet"):
+            raise ValueError(f"NASA steers a stock Stable Diffusion / SDXL pipeline (a text-to-image export); got "
+                             f"{type(pipe).__name__}, which has no text encoder to encode a negative prompt with")
         self.pipe = pipe
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str] | None = None, *, negative_prompt: str | list[str] = "",
                  strength: float = 0.04, **kwargs):
-        if strength < 0:
-            raise ValueError(f"NASA strength must be >= 0, got {strength}")
+        number = isinstance(strength, (int, float)) and not isinstance(strength, bool)
+        if not number or not math.isfinite(strength) or strength < 0:
+            raise ValueError(f"NASA strength must be a finite number >= 0, got {strength!r}")
+        negatives = [negative_prompt] if isinstance(negative_prompt, str) else negative_prompt
+        if not isinstance(negatives, list) or not negatives or not all(isinstance(n, str) for n in negatives):
+            raise ValueError(f"negative_prompt must be a string or a non-empty list of strings, got {negative_prompt!r}")
         embeds = kwargs.get("prompt_embeds")
         n_prompts = (len(embeds) if prompt is None and embeds is not None else
                      1 if isinstance(prompt, str) or prompt is None else len(prompt))

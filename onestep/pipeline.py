@@ -5,10 +5,12 @@ Text-to-image students export as a stock `StableDiffusionPipeline` (SDXL: `Stabl
 eps-model is exactly the student's output (up to LCM's boundary scalings, c_skip < 3e-8 for t >= 300).
 `onestep.nasa` adds negative-prompt steering (NASA) to such a stock pipeline at inference.
 """
+import inspect
 import json
 import os
 from typing import Optional
 
+import diffusers
 import torch
 from diffusers import DDIMScheduler, DiffusionPipeline, ImagePipelineOutput
 from diffusers.image_processor import VaeImageProcessor
@@ -17,6 +19,25 @@ from diffusers.utils.torch_utils import randn_tensor
 from .denoiser import Denoiser
 from .generator import Generator
 from .schedule import Schedule
+
+
+def class_label_tensor(class_labels, num_classes: int) -> torch.Tensor:
+    """Class labels (an int, a list of ints or an integer tensor) as a 1-D long tensor, checked: at least one, each in
+    0..num_classes - 1."""
+    if isinstance(class_labels, (str, bytes)):
+        raise ValueError(f"class_labels must be integers in 0..{num_classes - 1}, got the string {class_labels!r}")
+    try:
+        raw = torch.as_tensor(class_labels)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"class_labels must be integers in 0..{num_classes - 1}, got {class_labels!r}") from None
+    if not raw.numel():
+        raise ValueError("class_labels is empty; pass one label per image wanted")
+    if raw.dtype == torch.bool or raw.is_floating_point() or raw.is_complex():
+        raise ValueError(f"class_labels must be integers in 0..{num_classes - 1}, got {raw.dtype} values")
+    labels = raw.long().reshape(-1)
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"class labels must lie in 0..{num_classes - 1}, got {labels.tolist()}")
+    return labels
 
 
 class OneStepPipeline(DiffusionPipeline):
@@ -32,6 +53,9 @@ class OneStepPipeline(DiffusionPipeline):
     def __init__(self, unet, scheduler, timesteps: Optional[list] = None, num_classes: Optional[int] = None,
                  null_class: Optional[int] = None, clip_sample: Optional[float] = None):
         super().__init__()
+        if unet is not None and "encoder_hidden_states" in inspect.signature(unet.forward).parameters:
+            raise ValueError(f"OneStepPipeline runs pixel students; this {type(unet).__name__} takes text embeddings (a "
+                             "text-to-image export): load its folder with diffusers' DiffusionPipeline.from_pretrained")
         self.register_modules(unet=unet, scheduler=scheduler)
         self.register_to_config(timesteps=timesteps, num_classes=num_classes, null_class=null_class,
                                 clip_sample=clip_sample)
@@ -53,16 +77,18 @@ class OneStepPipeline(DiffusionPipeline):
         if class_labels is not None:
             if not num_classes:
                 raise ValueError("this student is unconditional; call it without class_labels")
-            labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
-            if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
-                raise ValueError(f"class labels must lie in 0..{num_classes - 1}, got {labels.tolist()}")
+            labels = class_label_tensor(class_labels, num_classes)
             batch_size = labels.numel()
         elif num_classes:
             raise ValueError(f"this student is class-conditional: pass class_labels (0..{num_classes - 1})")
         else:
             labels = None
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         gen = self.student()
-        steps = num_inference_steps or gen.num_steps
+        steps = gen.num_steps if num_inference_steps is None else num_inference_steps
+        if isinstance(steps, bool) or not isinstance(steps, int):
+            raise ValueError(f"num_inference_steps must be an integer in 1..{gen.num_steps}, got {steps!r}")
         if not 1 <= steps <= gen.num_steps:
             raise ValueError(f"num_inference_steps must be in 1..{gen.num_steps} for this student, got {steps}")
         if output_type not in ("pil", "np", "pt"):
@@ -76,6 +102,8 @@ class OneStepPipeline(DiffusionPipeline):
         shape = (batch_size, cfg.in_channels, size, size)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        elif not torch.is_tensor(latents):
+            raise ValueError(f"latents must be a torch.Tensor of shape {shape}, got {type(latents).__name__}")
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
 
@@ -93,6 +121,12 @@ class OneStepPipeline(DiffusionPipeline):
         if not return_dict:
             return (image,)
         return ImagePipelineOutput(images=image)
+
+
+# DiffusionPipeline.from_pretrained(folder) looks model_index.json's _class_name up in diffusers' namespace: once this
+# module is imported (`import onestep.pipeline`), the stock loader finds OneStepPipeline there too
+if not hasattr(diffusers, "OneStepPipeline"):
+    diffusers.OneStepPipeline = OneStepPipeline
 
 
 def lcm_original_steps(t: int, num_train_timesteps: int) -> int | None:
@@ -126,7 +160,9 @@ def export_text_pipeline(generator: Generator, scheduler_config: dict, teacher_d
     if any(not float(t).is_integer() for t in generator.timesteps):
         raise ValueError(f"student timesteps must be integers for a stock export, got {generator.timesteps}")
     original = lcm_original_steps(int(generator.timesteps[0]), sch.num_train_timesteps) or 50
-    lcm = LCMScheduler.from_config(scheduler_config, original_inference_steps=original, clip_sample=False,
+    known = inspect.signature(LCMScheduler.__init__).parameters  # the teacher's other keys (e.g. PNDM's skip_prk_steps)
+    lcm_config = {k: v for k, v in scheduler_config.items() if k in known}  # would warn on every load
+    lcm = LCMScheduler.from_config(lcm_config, original_inference_steps=original, clip_sample=False,
                                    thresholding=False, timestep_spacing="leading", steps_offset=1)
     unet = generator.denoiser.backbone
     if unet.config.get("addition_embed_type") == "text_time":  # SDXL (no watermarker: the student's own pixels)
@@ -199,7 +235,8 @@ def model_card(metrics: dict, run_dir_name: str, has_ddim: bool) -> str:
                   "`from onestep.nasa import NASA` and the call's other arguments as above.", ""]
     else:
         lines += ["```python", "from onestep.pipeline import OneStepPipeline",
-                  f"pipe = OneStepPipeline.from_pretrained(\"{run_dir_name}/pipeline\")", f"images = {call}", "```", ""]
+                  f"pipe = OneStepPipeline.from_pretrained(\"{run_dir_name}/pipeline\")", f"images = {call}", "```", "",
+                  "After `import onestep.pipeline`, diffusers' `DiffusionPipeline.from_pretrained` loads this folder too.", ""]
     if has_ddim:
         lines += ["Stock diffusers, no onestep import, one step:", "", "```python",
                   "from diffusers import DDIMPipeline",

@@ -21,7 +21,8 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .generator import Generator
 from .multistudent import Router
-from .pipeline import OneStepPipeline, format_figure, export_pipeline, export_text_pipeline, stock_call_kwargs
+from .pipeline import (OneStepPipeline, class_label_tensor, export_pipeline, export_text_pipeline, format_figure,
+                       stock_call_kwargs)
 
 LAYOUT_FILE = "multistudent.json"
 
@@ -123,14 +124,17 @@ class MultiStudentPipeline:
         if self.pipes is not None:
             if class_labels is None or prompt is not None:
                 raise ValueError("these students are class-conditional: pass class_labels")
-            cond = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
+            cond = class_label_tensor(class_labels, self.pipes[0].config.num_classes)
         else:
             if prompt is None or class_labels is not None:
                 raise ValueError("these students are text-to-image: pass prompt")
             if num_inference_steps is not None:
                 raise ValueError(f"text-to-image students run the steps they were exported with ({self.stock_call}); "
                                  "call without num_inference_steps")
-            cond = self._encode([prompt] if isinstance(prompt, str) else list(prompt))
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            if not prompts or not all(isinstance(p, str) for p in prompts):
+                raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
+            cond = self._encode(prompts)
         route = self.router.route(cond)
         if isinstance(generator, list) and len(generator) != len(cond):
             raise ValueError(f"a list of generators needs one per image: {len(generator)} for {len(cond)} images")
@@ -141,6 +145,8 @@ class MultiStudentPipeline:
         shape = (len(cond), *self._sample_shape())
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
+        elif not torch.is_tensor(latents):
+            raise ValueError(f"latents must be a torch.Tensor of shape {shape}, got {type(latents).__name__}")
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
 

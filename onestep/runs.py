@@ -36,7 +36,7 @@ HASH_IGNORED = ("name", "output_dir", "overwrite", "resume", "cpu_threads", "cpu
 # keys that define what a checkpoint's state means: resuming with other values is refused (others: a warning)
 RESUME_FIXED = ("method", "dataset", "classes", "prompts_sha256", "batch_size", "generator_timesteps", "fake_score",
                 "lora_rank", "lora_targets", "gan_feature_source", "gan_hidden", "gan_layers", "students",
-                "student_channels", "backtrack")
+                "student_channels", "backtrack", "teacher_schedule")
 
 
 class RunError(OnestepError):
@@ -78,8 +78,10 @@ def refuse_existing(parser, out: str, marker: str, overwrite: bool) -> None:
     """The asset scripts: stop (one line, exit 2) before any work when `out` already holds what they write
     (`marker` exists) and --overwrite is not given; by default that is the shipped asset the presets' figures use."""
     if os.path.exists(marker) and not overwrite:
-        parser.exit(2, f"error: {out} already holds one (the shipped asset, by default); pass --out NEW_FOLDER, or "
-                       "--overwrite to replace it\n")
+        assets = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
+        shipped = " (a shipped asset)" if os.path.abspath(out).startswith(assets + os.sep) else ""
+        parser.exit(2, f"error: --out {out} already holds {os.path.basename(marker)}{shipped}; pass --out NEW_FOLDER, "
+                       "or --overwrite to replace it\n")
 
 
 def clear_run_dir(path: str) -> None:
@@ -101,11 +103,14 @@ def _make_run_dir(path: str) -> None:
 
 
 # ---- manifest ---------------------------------------------------------------------------------------
-def run_config(cfg) -> dict:
-    """The configuration a manifest records: every key, the method's options with their declared types."""
+def run_config(cfg, schedule=None) -> dict:
+    """The configuration a manifest records: every key, the method's options with their declared types, and the
+    teacher's schedule (kind and prediction: the student's times mean nothing under another)."""
     from .config import method_kwargs
 
     out = {**dataclasses.asdict(cfg), "method_args": method_kwargs(cfg)}
+    if schedule is not None:
+        out["teacher_schedule"] = f"{schedule.kind}:{schedule.prediction_type}"
     if cfg.prompts and os.path.isfile(cfg.prompts):  # the conditions are the file's lines: an edited file is another run
         out["prompts_sha256"] = file_sha256(cfg.prompts)
     return out

@@ -11,10 +11,11 @@ from .denoiser import Cond, Denoiser
 @torch.no_grad()
 def sample_teacher(teacher: Denoiser, z: torch.Tensor, cond: Cond = None, num_steps: int = 50,
                    guidance_scale: float = 1.0, eta: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Sample with DDIM (trailing spacing; eta 0 = the deterministic ODE) from noise z; returns x0 in float32.
+    """Sample the teacher's probability-flow ODE from noise z in `num_steps` steps; returns x0 in float32.
 
-    The scheduler is told the model predicts x0 ("sample"), so any backbone works through the denoiser.
-    VP schedules use DDIMScheduler; flow schedules FlowMatchEulerDiscreteScheduler; EDM schedules EDMEulerScheduler.
+    Driven by x0 through the denoiser, so any backbone works. VP schedules: DDIMScheduler (trailing spacing; eta 0 =
+    the deterministic ODE). Flow: FlowMatchEulerDiscreteScheduler with the teacher's scheduler settings (shift). EDM:
+    EDMEulerScheduler on the teacher's sigma grid (Karras or exponential).
     """
     from diffusers import DDIMScheduler, EDMEulerScheduler, FlowMatchEulerDiscreteScheduler
 
@@ -30,18 +31,21 @@ def sample_teacher(teacher: Denoiser, z: torch.Tensor, cond: Cond = None, num_st
             x = s.step(x0, t, x, eta=eta, generator=generator).prev_sample
         return x.float()
     if sched.kind == "flow":
-        s = FlowMatchEulerDiscreteScheduler(num_train_timesteps=sched.num_train_timesteps)
+        # the teacher's own scheduler settings (its shift); dynamic shifting needs a transformer's image-sequence
+        # length, so its static shift stands in for it
+        s = FlowMatchEulerDiscreteScheduler.from_config(sched.sampler_config or {}, use_dynamic_shifting=False,
+                                                        num_train_timesteps=sched.num_train_timesteps)
         s.set_timesteps(num_steps, device=z.device)
         for t in s.timesteps:
             tt = t / sched.num_train_timesteps
             x0 = teacher.guided(x, tt, cond, guidance_scale)
             x = s.step(sched.from_x0(x0, x, sched.timesteps_tensor(tt, x.shape[0], x.device), "flow"), t, x).prev_sample
         return x.float()
-    # EDM: Euler on the probability-flow ODE over the Karras sigmas (the teacher's own sigma_min/max, rho) with
+    # EDM: Euler on the probability-flow ODE over the teacher's sigma grid (Karras or exponential, its sigmas, rho) with
     # EDMEulerScheduler. Its step takes x0 itself where it accepts pred_original_sample (newer diffusers); otherwise the
     # preconditioned output F = (x0 - c_skip x) / c_out, which it turns back into x0 (to float32 rounding of x)
-    s = EDMEulerScheduler(sigma_min=sched.sigma_min, sigma_max=sched.sigma_max, sigma_data=sched.sigma_data,
-                          rho=sched.rho, prediction_type="epsilon")
+    s = EDMEulerScheduler.from_config(sched.sampler_config or {}, sigma_min=sched.sigma_min, sigma_max=sched.sigma_max,
+                                      sigma_data=sched.sigma_data, rho=sched.rho, prediction_type="epsilon")
     s.set_timesteps(num_steps, device=z.device)
     s.is_scale_input_called = True  # the denoiser applies EDM's c_in itself
     takes_x0, sd2 = "pred_original_sample" in inspect.signature(s.step).parameters, sched.sigma_data ** 2

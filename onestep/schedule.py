@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import torch
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow", "edm")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow", "edm")  # also the loss spaces
+# EDM's F of diffusers' EDM schedulers: "edm" their epsilon preconditioning, "edm_v" their v_prediction one (c_out < 0)
+MODEL_PREDICTIONS = (*PREDICTION_TYPES, "edm_v")
 
 
 def append_dims(x: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -44,8 +46,8 @@ class Schedule:
                  num_train_timesteps: int = 1000):
         if kind not in ("vp", "edm", "flow"):
             raise ValueError(f"schedule kind must be 'vp', 'edm' or 'flow', got {kind!r}")
-        if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+        if prediction_type not in MODEL_PREDICTIONS:
+            raise ValueError(f"prediction_type must be one of {MODEL_PREDICTIONS}, got {prediction_type!r}")
         if kind == "vp" and alphas_cumprod is None:
             raise ValueError("a 'vp' schedule needs alphas_cumprod")
         self.kind, self.prediction_type = kind, prediction_type
@@ -53,6 +55,7 @@ class Schedule:
         self._tables: dict[torch.device, torch.Tensor] = {}  # alphas_cumprod copied to each accelerator it is used on
         self.sigma_min, self.sigma_max, self.sigma_data, self.rho = sigma_min, sigma_max, sigma_data, rho
         self.num_train_timesteps = num_train_timesteps if kind != "vp" else len(self.alphas_cumprod)
+        self.sampler_config: dict | None = None  # a flow / EDM teacher's scheduler config, for its multi-step sampler
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -67,11 +70,15 @@ class Schedule:
         sched = sched_cls.from_config(config)
         pred = config.get("prediction_type", "epsilon")
         if name.startswith("FlowMatch"):
-            return cls("flow", prediction_type="flow", num_train_timesteps=config.get("num_train_timesteps", 1000))
+            out = cls("flow", prediction_type="flow", num_train_timesteps=config.get("num_train_timesteps", 1000))
+            out.sampler_config = dict(sched.config)  # its shift & co. for the multi-step sampler (sampling.py)
+            return out
         if name.startswith("EDM"):
-            return cls("edm", prediction_type="edm" if pred == "epsilon" else pred,
+            out = cls("edm", prediction_type={"epsilon": "edm", "v_prediction": "edm_v"}.get(pred, pred),
                        sigma_min=config.get("sigma_min", 0.002), sigma_max=config.get("sigma_max", 80.0),
                        sigma_data=config.get("sigma_data", 0.5), rho=config.get("rho", 7.0))
+            out.sampler_config = dict(sched.config)  # its sigma_schedule & co.
+            return out
         if not hasattr(sched, "alphas_cumprod"):
             raise ValueError(f"scheduler {name} has no alphas_cumprod; onestep supports VP, EDM and flow schedules")
         return cls("vp", prediction_type=pred, alphas_cumprod=torch.as_tensor(sched.alphas_cumprod))
@@ -150,9 +157,10 @@ class Schedule:
             return pred
         if p == "flow":  # u = eps - x0
             return (x_t - s * pred) / (a + s)
-        if p == "edm":  # D = c_skip y + c_out F at EDM's y = x_t / alpha, sigma = sigma_t / alpha (EDM: alpha = 1)
+        if p in ("edm", "edm_v"):  # D = c_skip y + c_out F at EDM's y = x_t / alpha, sigma = sigma_t / alpha (EDM: alpha = 1)
             sd, y, s = self.sigma_data, x_t / a, s / a
-            return sd**2 / (s**2 + sd**2) * y + s * sd / (s**2 + sd**2).sqrt() * pred
+            c_out = s * sd / (s**2 + sd**2).sqrt() * (-1 if p == "edm_v" else 1)
+            return sd**2 / (s**2 + sd**2) * y + c_out * pred
         raise ValueError(f"unknown prediction_type {p!r}")
 
     def from_x0(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, prediction_type: str | None = None):
@@ -168,9 +176,10 @@ class Schedule:
             return x0
         if p == "flow":
             return eps - x0
-        if p == "edm":
+        if p in ("edm", "edm_v"):
             sd, y, s = self.sigma_data, x_t / a, s / a
-            return (x0 - sd**2 / (s**2 + sd**2) * y) / (s * sd / (s**2 + sd**2).sqrt())
+            c_out = s * sd / (s**2 + sd**2).sqrt() * (-1 if p == "edm_v" else 1)
+            return (x0 - sd**2 / (s**2 + sd**2) * y) / c_out
         raise ValueError(f"unknown prediction_type {p!r}")
 
     def loss_weight(self, t: torch.Tensor, space: str = "epsilon") -> torch.Tensor:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import json
+import numbers
 import os
 import time
 from dataclasses import dataclass
@@ -50,6 +52,17 @@ class GeneratorSource:
     device: str | torch.device = "cpu"
     steps: int = 1  # the generator's own steps per sample (network evaluations), for reports
     iid = True  # samples in index order are independent draws: the first `keep` are a fair subset
+
+    def __post_init__(self):
+        for key, low in (("num_samples", 1), ("seed", 0), ("steps", 1)):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:
+                raise SourceError(f"GeneratorSource {key} must be an integer >= {low}, got {v!r}")
+        n = self.num_classes
+        if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1):
+            raise SourceError(f"GeneratorSource num_classes must be None or an integer >= 1, got {self.num_classes!r}")
+        if len(tuple(self.sample_shape)) != 3:
+            raise SourceError(f"GeneratorSource sample_shape must be (C, H, W), got {tuple(self.sample_shape)}")
 
     def __len__(self) -> int:
         return self.num_samples
@@ -138,6 +151,15 @@ class FolderSource:
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
 
 
+def _class_name(model_index: str) -> str:
+    try:
+        with open(model_index, encoding="utf-8") as f:
+            name = json.load(f).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        raise SourceError(f"{model_index} is not a readable JSON object; re-export the pipeline") from None
+    return name if isinstance(name, str) else repr(name)
+
+
 def pipeline_source(path: str, num_samples: int, seed: int = 0, device="cpu") -> GeneratorSource:
     """An exported OneStepPipeline folder as a generator source (all of the student's steps), or a class-conditional
     multi-student export (MultiStudentPipeline: each sample through the student its label routes to)."""
@@ -154,6 +176,12 @@ def pipeline_source(path: str, num_samples: int, seed: int = 0, device="cpu") ->
     if not multi and not os.path.isfile(os.path.join(path, "model_index.json")):
         raise SourceError(f"pipeline {path!r} is not an exported OneStepPipeline folder (no model_index.json) nor a "
                           f"multi-student export (no {LAYOUT_FILE})")
+    if not multi:
+        kind = _class_name(os.path.join(path, "model_index.json"))
+        if kind != "OneStepPipeline":
+            raise SourceError(f"pipeline {path!r} is a {kind} export, not a OneStepPipeline one: streaming FID samples "
+                              "pixel students (class-conditional or unconditional); for a text-to-image student, save "
+                              "its images (model card) into a folder and score that (eval/benchmark.py --images FOLDER)")
     from diffusers.utils import logging as dlog
 
     shown = dlog.is_progress_bar_enabled()
@@ -210,6 +238,13 @@ class StreamResult:
 def stream_features(source, extractor: Extractor, batch_size: int = 250, keep: int = 0,
                     accelerator=None) -> StreamResult:
     """Run `source` through `extractor` batch by batch into float64 moments; gather across processes."""
+    from .features import input_problem
+
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise SourceError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if getattr(source, "sample_shape", None) is not None and (problem := input_problem(
+            extractor, source.sample_shape, "the source makes", "pick features that take them, or resize the samples")):
+        raise SourceError(problem)
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     if len(source) < world:  # every process knows: none waits in a gather that another never reaches
         raise SourceError(f"{len(source)} samples across {world} processes; use more samples or fewer processes")

@@ -60,7 +60,11 @@ def test_smoke_run_exports_a_pipeline_that_reproduces_the_generator(cond_teacher
     code = ("import sys; from onestep.pipeline import OneStepPipeline; import torch; "
             f"p = OneStepPipeline.from_pretrained({str(run / 'pipeline')!r}); "
             "im = p(class_labels=[0, 7], generator=torch.Generator().manual_seed(0)).images; "
-            "assert len(im) == 2 and im[0].size == (8, 8); print('ok')")
+            "assert len(im) == 2 and im[0].size == (8, 8); "
+            "from diffusers import DiffusionPipeline; "  # the stock loader, once onestep.pipeline is imported
+            f"q = DiffusionPipeline.from_pretrained({str(run / 'pipeline')!r}); "
+            "im2 = q(class_labels=[0, 7], generator=torch.Generator().manual_seed(0)).images; "
+            "assert type(q) is OneStepPipeline and [i.tobytes() for i in im] == [i.tobytes() for i in im2]; print('ok')")
     fresh = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(tmp_path))
     assert fresh.returncode == 0 and "ok" in fresh.stdout, fresh.stderr[-2000:]
 
@@ -455,3 +459,18 @@ def test_a_config_files_method_option_that_the_run_ignores_is_refused(values, tm
     assert cfg.method_args["gan_critic_weight"] == 0.0
     path.write_text(yaml.safe_dump({"preset": "sd15-dmd2", "method_args": {"gan_critic_weight": 0.0}}))
     assert load_config(["--config", str(path)]).method_args == cfg.method_args
+
+
+def test_help_shows_the_default_runs_values_from_any_folder(tmp_path):
+    """`--help` lists each key with the value the no-argument run uses (the digits preset over the Config defaults),
+    and the default method's options as that preset sets them; it needs no file from the current folder."""
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train", "distill.py"), "--help"], capture_output=True,
+                       text=True, cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr[-2000:]
+    preset = PRESETS["digits"]
+    for key, value in preset.items():
+        if key != "method_args":
+            assert f"  --{key} ({value})" in r.stdout, key
+    method = preset.get("method", "dmd2")
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith(f"  {method}: "))
+    assert all(f"{k}={v}" in line for k, v in preset["method_args"].items()), line

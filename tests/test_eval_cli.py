@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import ROOT
 
 BENCH = os.path.join(ROOT, "eval", "benchmark.py")
@@ -62,6 +63,8 @@ def test_an_edm_teacher_is_sampled_at_every_step_count(bench, tmp_path, capsys):
     teacher = str(tmp_path / "edm")
     tiny_unet().save_pretrained(os.path.join(teacher, "unet"))
     EDMEulerScheduler().save_pretrained(os.path.join(teacher, "scheduler"))
+    with open(os.path.join(teacher, "onestep.json"), "w") as f:
+        json.dump({"num_classes": 10, "null_class": 10}, f)
     t = load_teacher(teacher)
     student = str(tmp_path / "student")
     export_pipeline(Generator(t.denoiser), t.scheduler_config, student, num_classes=t.num_classes, null_class=t.null_class)
@@ -69,6 +72,30 @@ def test_an_edm_teacher_is_sampled_at_every_step_count(bench, tmp_path, capsys):
     rows = json.load(open(tmp_path / "b" / "benchmark.json"))["rows"]
     assert [(r["model"], r["steps"]) for r in rows] == [("teacher", 1), ("teacher", 3), ("student", 1)]
     assert rows[0]["fid"] == pytest.approx(rows[2]["fid"], rel=1e-3) and rows[1]["fid"] != rows[0]["fid"]
+
+
+def test_a_folder_of_generated_images_is_scored_as_it_is(bench, tmp_path, capsys):
+    """--images: every image of the folder, read as the features take them; the 1797 digits against their own
+    statistics score 0; no NFE or sampling time (and no plot point); images of another size are refused first."""
+    from PIL import Image
+
+    from onestep.data import load_digits
+    from onestep.streaming import to_uint8_levels
+
+    x, _ = load_digits("all")
+    for name, images in (("digits", x), ("big", torch.nn.functional.interpolate(x[:5], size=16))):
+        (tmp_path / name).mkdir()
+        for i, im in enumerate(to_uint8_levels(images)[:, 0].to(torch.uint8).numpy()):
+            Image.fromarray(im, mode="L").save(tmp_path / name / f"{i:05d}.png")
+    bench(["--images", str(tmp_path / "digits"), "--keep", "0", "--out", str(tmp_path / "b")])
+    row = json.load(open(tmp_path / "b" / "benchmark.json"))["rows"][0]
+    assert row["model"] == "images" and row["num_samples"] == 1797 and row["fid"] == pytest.approx(0, abs=1e-6)
+    assert row["nfe"] is None and row["steps"] is None and row["seconds_per_image"] is None
+    assert "| images (digits) | — | — | 0.000 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench(["--images", str(tmp_path / "big"), "--out", str(tmp_path / "c")])
+    err = capsys.readouterr().err
+    assert "its first image, 00000.png, is (1, 16, 16)" in err and not (tmp_path / "c").exists()
 
 
 def test_two_processes_give_the_one_process_result(bench, student, tmp_path):
@@ -225,7 +252,7 @@ BENCH_BAD = [  # the user test's findings: each refused in one line before any s
     (["--pipeline", "{student}", "--guidance", "2"], ["--guidance sets the teachers' sampler", "--teacher"]),
     (["--pipeline", "{student}", "--steps", "2"], ["--steps sets the teachers' sampler", "--teacher"]),
     (["--pipeline", "{student}", "--inception-weights", "x.pt"], ["--inception-weights", "--features inception"]),
-    (["--reference", "{dim}"], ["nothing to score", "--pipeline or --teacher"]),
+    (["--reference", "{dim}"], ["nothing to score", "--pipeline, --teacher or --images"]),
     (["--pipeline", "{run}"], ["run folder", "{student}"]),
 ]
 

@@ -1,4 +1,6 @@
 """Streaming feature statistics: sources, per-sample seeds, batch- and process-count independence, clean-fid parity."""
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -206,3 +208,32 @@ def test_a_run_folder_passed_as_a_pipeline_names_the_export_inside(tmp_path):
         pipeline_source(str(tmp_path / "run"), 10)
     with pytest.raises(SourceError, match="not an exported OneStepPipeline folder"):
         pipeline_source(str(tmp_path), 10)
+
+
+def test_the_library_refuses_bad_sources_and_moments_before_any_sampling(ex):
+    """What the command lines check, the library functions check too: one SourceError / OnestepError saying what."""
+    from onestep.errors import OnestepError
+
+    calls = []
+
+    def gen(z, labels):
+        calls.append(len(z))
+        return torch.tanh(z)
+
+    for kwargs, words in (({"seed": -3}, "seed must be an integer >= 0"), ({"num_samples": 0}, "num_samples must be"),
+                          ({"num_classes": 0}, "num_classes must be None or an integer >= 1"),
+                          ({"sample_shape": (8, 8)}, "sample_shape must be (C, H, W)")):
+        with pytest.raises(SourceError, match=re.escape(words)):
+            GeneratorSource(gen, **{"num_samples": 10, "sample_shape": (1, 8, 8), **kwargs})
+    for shape, words in (((4, 8, 8), "4-channel images"), ((1, 16, 16), "take 1x8x8 images")):
+        with pytest.raises(SourceError, match=words):
+            stream_features(GeneratorSource(gen, 10, shape), ex)
+    with pytest.raises(SourceError, match="batch_size must be a positive integer, got 0"):
+        stream_features(GeneratorSource(gen, 10, (1, 8, 8)), ex, batch_size=0)
+    assert calls == []  # nothing was sampled
+    stats = stream_features(GeneratorSource(gen, 10, (1, 8, 8), seed=np.int64(2)), ex).stats
+    assert frechet_distance(stats, stats.moments()) == pytest.approx(0, abs=1e-4)  # objects with .moments, or pairs
+    with pytest.raises(OnestepError, match="64-d features against 3-d ones"):
+        frechet_distance(stats.moments(), (np.zeros(3), np.eye(3)))
+    with pytest.raises(OnestepError, match="takes \\(mean, covariance\\) pairs"):
+        frechet_distance(stats.moments(), "digits")

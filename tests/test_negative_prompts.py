@@ -5,13 +5,15 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_unet
+from diffusers import DDPMScheduler
 from test_sd import PROMPTS, save_tiny_sd
 from test_sdxl import save_tiny_sdxl
 
 from onestep.generator import Generator
 from onestep.loading import TeacherError, load_teacher
 from onestep.nasa import NASA, NASAAttnProcessor
-from onestep.pipeline import export_text_pipeline, stock_call_kwargs
+from onestep.pipeline import OneStepPipeline, export_text_pipeline, stock_call_kwargs
 from onestep.triad import Triad
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: one thread (conftest.py)
@@ -86,6 +88,13 @@ def test_nasa_strength_zero_equals_the_plain_pipeline_and_strength_steers(xl, sd
     assert torch.allclose(run(0.5, ["blurry, low quality"] * 3), steered, atol=1e-6)  # one or one per prompt
     assert {k: type(v) for k, v in pipe.unet.attn_processors.items()} == before  # the pipeline is left stock
     assert torch.allclose(run(), plain)
+    for bad, words in ((dict(strength=float("nan")), "finite number >= 0"), (dict(strength=-1.0), ">= 0, got -1.0"),
+                       (dict(negative_prompt=None), "negative_prompt must be a string"),
+                       (dict(negative_prompt=[]), "non-empty list of strings")):
+        with pytest.raises(ValueError, match=words):
+            NASA(pipe)(PROMPTS, **{"negative_prompt": "blurry", "strength": 0.5, **bad}, **kwargs)
+    with pytest.raises(ValueError, match="NASA steers a stock Stable Diffusion / SDXL pipeline"):
+        NASA(OneStepPipeline(unet=tiny_unet(), scheduler=DDPMScheduler()))
 
 
 def test_nasa_processor_subtracts_the_negative_attention(sd_teacher):

@@ -442,7 +442,7 @@ def cli(args: list[str]) -> tuple[int, list[str]]:
 @pytest.fixture(scope="module")
 def bad_things(tmp_path_factory, cond_teacher, uncond_teacher):
     """Broken teachers, files and checkpoints, by name, for the table below."""
-    from diffusers import DDPMScheduler
+    from diffusers import DDPMScheduler, EDMEulerScheduler, FlowMatchEulerDiscreteScheduler
 
     root = tmp_path_factory.mktemp("bad")
     p = {"cond": cond_teacher, "uncond": uncond_teacher, "marker": str(root / "remote-code-ran")}
@@ -468,6 +468,14 @@ def bad_things(tmp_path_factory, cond_teacher, uncond_teacher):
     tiny_unet(None, channels=3).save_pretrained(os.path.join(p["rgb"], "unet"))
     DDPMScheduler().save_pretrained(os.path.join(p["rgb"], "scheduler"))
     p["classifier"] = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "digits-classifier")
+    for name, scheduler in (("edm", EDMEulerScheduler()), ("flow", FlowMatchEulerDiscreteScheduler())):
+        p[name] = str(root / f"{name}-teacher")  # the conditional teacher's weights under another schedule
+        shutil.copytree(cond_teacher, p[name])
+        shutil.rmtree(os.path.join(p[name], "scheduler"))
+        scheduler.save_pretrained(os.path.join(p[name], "scheduler"))
+    p["eleven"] = str(root / "no-onestep-json")  # 11 class rows, read as 11 classes
+    shutil.copytree(cond_teacher, p["eleven"])
+    os.remove(os.path.join(p["eleven"], "onestep.json"))
     p["empty"] = str(root / "empty")
     os.makedirs(p["empty"])
     p["file"] = str(root / "a-file")
@@ -569,6 +577,22 @@ BAD = [  # (id, arguments, what the one line must say); {name} is a path from ba
      "classifier: the digits classifier measures 1x8x8 digits and this teacher makes 3x8x8"),
     ("eval_every_rgb", ["--teacher", "{rgb}", "--eval_every", "2", "--classifier", "assets/digits-classifier"],
      "eval_every: the digits classifier measures 1x8x8 digits and this teacher makes 3x8x8"),
+    ("sigma_init_flow", ["--teacher", "{flow}", "--method", "sid", "--sigma_init", "1.0"],
+     "sigma_init: 1.0 is not used: this teacher is not an EDM one"),
+    ("sigma_init_with_times", ["--teacher", "{edm}", "--method", "sid", "--sigma_init", "1.0", "--generator_timesteps",
+                               "80"], "sigma_init: 1.0 is not used: --generator_timesteps sets the generator's times"),
+    ("sigma_init_high", ["--teacher", "{edm}", "--method", "sid", "--sigma_init", "500"],
+     "sigma_init: 500.0 exceeds this teacher's sigma_max 80.0"),
+    ("timesteps_below_sigma_min", ["--teacher", "{edm}", "--generator_timesteps", "80,0"],
+     "go below this teacher's smallest time, its sigma_min 0.002"),
+    ("timesteps_flow_zero", ["--teacher", "{flow}", "--generator_timesteps", "0"], "smallest time, 0 (exclusive)"),
+    ("eleven_classes", ["--teacher", "{eleven}", "--classifier", "{classifier}"],
+     "the digits have classes 0-9 and this run's include 10"),
+    ("eleven_classes_msd", ["--teacher", "{eleven}", "--classifier", "{classifier}", "--students", "2"],
+     "the digits have classes 0-9 and this run's include 10"),
+    ("teacher_eval_steps_no_fid", ["--teacher_eval_steps", "1"], "teacher_eval_steps: the teacher's FID is a digits-FID"),
+    ("resume_schedule", ["--resume", "{ckpt}", "--teacher", "{flow}"],
+     "other teacher_schedule ('vp:epsilon' there, 'flow:flow' now)"),
     ("sfd_students", ["--method", "sfd", "--forget", "3", "--students", "2"], "train SFD with --students 1"),
     ("record_foreign", ["--backtrack", "true", "--backtrack_interval", "1", "--record_dir", "{rgb}"],
      "holds files that are not a DisBack recording"),

@@ -165,3 +165,45 @@ def test_edm_teacher_sampling_follows_the_probability_flow_ode():
     errors = [(sample_teacher(d, z, num_steps=n) - exact).abs().max().item() for n in (16, 32, 64)]
     assert 1.8 < errors[0] / errors[1] < 2.2 and 1.8 < errors[1] / errors[2] < 2.2, errors  # first order, as Euler is
     assert errors[2] < 0.05 * exact.abs().max().item(), errors
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_edm_preconditioning_is_diffusers_for_both_of_its_prediction_types(prediction_type):
+    """An EDM scheduler's x0 = c_skip x + c_out F with diffusers' own c_out (negative for v_prediction), and back."""
+    from diffusers import EDMEulerScheduler
+
+    ref = EDMEulerScheduler(prediction_type=prediction_type, sigma_data=0.7)
+    sched = Schedule.from_scheduler_config({**ref.config, "_class_name": "EDMEulerScheduler"})
+    x, f, sigma = torch.randn(3, 1, 8, 8), torch.randn(3, 1, 8, 8), torch.tensor([0.05, 3.0, 80.0])
+    expect = torch.stack([ref.precondition_outputs(x[i], f[i], sigma[i]) for i in range(3)])
+    assert torch.allclose(sched.to_x0(f, x, sigma), expect, atol=1e-5)
+    assert torch.allclose(sched.from_x0(expect, x, sigma), f, atol=1e-3)
+
+
+class _Recorder:
+    """A denoiser that records the times it is called at (x0 = 0)."""
+
+    def __init__(self, schedule):
+        self.schedule, self.times = schedule, []
+
+    def guided(self, x, t, cond, scale):
+        self.times.append(float(t))
+        return torch.zeros_like(x)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("scheduler", ["FlowMatchEulerDiscreteScheduler", "EDMEulerScheduler"])
+def test_teacher_sampling_keeps_the_teachers_scheduler_settings(scheduler):
+    """A flow teacher's shift and an EDM teacher's sigma schedule are the sampler's: the times it visits are the
+    teacher's own scheduler's."""
+    import diffusers
+
+    from onestep.sampling import sample_teacher
+
+    ref = getattr(diffusers, scheduler)(**({"shift": 3.0} if scheduler.startswith("Flow") else
+                                           {"sigma_schedule": "exponential"}))
+    rec = _Recorder(Schedule.from_scheduler(ref))
+    sample_teacher(rec, torch.randn(2, 1, 8, 8), num_steps=4)
+    ref.set_timesteps(4)
+    expect = ref.timesteps / 1000 if scheduler.startswith("Flow") else ref.sigmas[:-1]
+    assert torch.allclose(torch.tensor(rec.times), expect.float(), rtol=1e-5), (rec.times, expect)

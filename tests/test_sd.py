@@ -236,14 +236,20 @@ def test_fake_score_condition_dropout_uses_the_empty_prompt(teacher):
 
 @pytest.mark.parametrize("timesteps", [[700], [300], [999, 499]])
 def test_stock_export_runs_the_student_at_its_timesteps(teacher, timesteps, tmp_path):
-    from diffusers import StableDiffusionPipeline
+    from diffusers import LCMScheduler, StableDiffusionPipeline
 
     from onestep.generator import Generator
-    from onestep.pipeline import export_text_pipeline, stock_call_kwargs
+    from onestep.pipeline import OneStepPipeline, export_text_pipeline, stock_call_kwargs
+    from onestep.streaming import SourceError, pipeline_source
 
     student = Generator(teacher.denoiser, timesteps)
     export_text_pipeline(student, teacher.scheduler_config, teacher.path, str(tmp_path / "p"))
     pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "p"))
+    assert {k for k in pipe.scheduler.config if not k.startswith("_")} <= set(LCMScheduler().config)  # no teacher-only keys
+    with pytest.raises(ValueError, match="a text-to-image export"):  # onestep's pixel pipeline refuses it
+        OneStepPipeline.from_pretrained(str(tmp_path / "p"))
+    with pytest.raises(SourceError, match="is a StableDiffusionPipeline export, not a OneStepPipeline one"):
+        pipeline_source(str(tmp_path / "p"), 8)
     kwargs = stock_call_kwargs(student)
     assert ("num_inference_steps" in kwargs) == (timesteps == [700])  # LCM's one-step schedule can start at 700
     z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))

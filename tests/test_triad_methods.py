@@ -382,6 +382,28 @@ def test_flow_and_edm_students_reload_with_their_own_schedule(tmp_path, kind):
     assert torch.allclose(out, ((x + 1) / 2).clamp(0, 1), atol=1e-5)
 
 
+def test_the_pipeline_call_refuses_bad_arguments_in_one_message(tmp_path):
+    """Labels that are not integers, none, the wrong latents or step counts: a ValueError saying what to pass (not a
+    tensor error from deep inside); the same labels as a list, a tensor or one int work."""
+    from onestep.pipeline import OneStepPipeline
+
+    pipe = OneStepPipeline(unet=tiny_unet(), scheduler=DDPMScheduler(), timesteps=[999], num_classes=10, null_class=10)
+    for kwargs, words in (({"class_labels": []}, "class_labels is empty"), ({"class_labels": "3"}, "got the string"),
+                          ({"class_labels": [1.7]}, "must be integers"), ({"class_labels": [True]}, "must be integers"),
+                          ({"class_labels": [10]}, "must lie in 0..9"), ({"class_labels": [1], "latents": [[0.0]]},
+                                                                          "latents must be a torch.Tensor"),
+                          ({"class_labels": [1], "num_inference_steps": 0}, "must be in 1..1"),
+                          ({"class_labels": [1], "num_inference_steps": 1.0}, "must be an integer"),
+                          ({}, "pass class_labels")):
+        with pytest.raises(ValueError, match=words):
+            pipe(**kwargs)
+    z = torch.randn(2, 1, 8, 8)
+    outs = [pipe(class_labels=c, latents=z, output_type="pt").images for c in ([3, 3], torch.tensor([3, 3]))]
+    assert torch.equal(outs[0], outs[1]) and pipe(class_labels=3, output_type="pt").images.shape == (1, 1, 8, 8)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        OneStepPipeline(unet=tiny_unet(None), scheduler=DDPMScheduler(), timesteps=[999])(batch_size=0)
+
+
 @pytest.mark.parametrize("method_name,fake_score", [("dmd2", "copy"), ("dmd2", "lora"), ("sid", "copy"), ("sid", "lora")])
 def test_gradient_checkpointing_gives_the_same_gradients_through_a_frozen_critic(method_name, fake_score):
     """DMD2's GAN generator term and SiD run the fake score frozen (Triad.frozen) with gradients to its input; the

@@ -49,7 +49,7 @@ def train(cfg, backbone=None, router=None, fake_backbone=None, own=None):
     from onestep.attention import set_attention
     from onestep.config import ConfigError, check_teacher_fit, method_kwargs, saved_config
     from onestep.data import ConditionSampler, RealImages, folder_dataset, load_digits, read_image_folder
-    from onestep.distributed import check_launch, clip_grad_norm, distributed_mode, prepare_sharded
+    from onestep.distributed import check_launch, clip_grad_norm, distributed_mode, mixed_precision, prepare_sharded
     from onestep.fid import DigitsClassifier, best_of_steps, digits_moments, evaluate_samples
     from onestep.loading import load_teacher
     from onestep.methods import build_method, default_generator_timesteps
@@ -75,13 +75,8 @@ def train(cfg, backbone=None, router=None, fake_backbone=None, own=None):
     run_dir = os.path.join(cfg.output_dir, name)
 
     # 2. Accelerator and run folder -------------------------------------------------------------------
-    mp = cfg.mixed_precision
-    if mp == "auto":  # the launcher's choice, else bf16 autocast on a GPU that has it
-        mp = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-        gpu = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true")
-        mp = mp if mp != "no" else ("bf16" if gpu and torch.cuda.is_bf16_supported() else "no")
     check_launch()
-    accelerator = Accelerator(mixed_precision=mp, log_with="tensorboard", project_config=ProjectConfiguration(
+    accelerator = Accelerator(mixed_precision=mixed_precision(cfg), log_with="tensorboard", project_config=ProjectConfiguration(
         project_dir=run_dir, logging_dir=os.path.join(run_dir, "logs")),
         dataloader_config=DataLoaderConfiguration(non_blocking=True))  # real batches: no host wait per copy
     device, main_proc = accelerator.device, accelerator.is_main_process
@@ -108,6 +103,7 @@ def train(cfg, backbone=None, router=None, fake_backbone=None, own=None):
                            captions=folder and folder.captions, negative_prompt=cfg.negative_prompt)
     shape = teacher.sample_shape
     check_teacher_fit(cfg, teacher)  # its time range, sample space and sampler steps
+    run_cfg = run_config(cfg, teacher.denoiser.schedule)  # what checkpoints record (and a resume must match)
     if teacher.num_classes:
         classes = cfg.classes or list(range(teacher.num_classes))
         bad = [c for c in classes if not 0 <= c < teacher.num_classes]
@@ -221,7 +217,7 @@ def train(cfg, backbone=None, router=None, fake_backbone=None, own=None):
     real_iter = RealBatches(loader) if loader is not None else None  # endless; its position is checkpointed
     start = 0
     if resume_from:  # models, EMA, optimisers, schedulers, per-process RNG states, data position, method state
-        start = load_checkpoint(accelerator, resume_from, run_config(cfg), real_iter, strict=not slim, ema=triad.ema,
+        start = load_checkpoint(accelerator, resume_from, run_cfg, real_iter, strict=not slim, ema=triad.ema,
                                 turns=[(opt_g, sched_g, cfg.lr_generator), (opt_f, sched_f, cfg.lr_fake), (opt_h, sched_h, cfg.lr_fake)])
     else:  # fresh, per-process noise; a resumed run continues the RNG streams it saved
         set_seed(cfg.seed, device_specific=True)
@@ -303,10 +299,10 @@ def train(cfg, backbone=None, router=None, fake_backbone=None, own=None):
                 accelerator.log({"fid": r["fid"], **({"class_accuracy": r["class_accuracy"]} if eval_labels else {})}, step=done)
             accelerator.wait_for_everyone()
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
-            save_checkpoint(accelerator, run_dir, done, cfg.checkpoints_total_limit, run_config(cfg), real_iter,
+            save_checkpoint(accelerator, run_dir, done, cfg.checkpoints_total_limit, run_cfg, real_iter,
                             {"curve": curve, "train_seconds": time.time() - t_start})
     train_seconds = time.time() - t_start
-    save_checkpoint(accelerator, run_dir, cfg.steps, cfg.checkpoints_total_limit, run_config(cfg), real_iter,
+    save_checkpoint(accelerator, run_dir, cfg.steps, cfg.checkpoints_total_limit, run_cfg, real_iter,
                     {"curve": curve, "train_seconds": train_seconds})
 
     # 7. Final evaluation, export, metrics ------------------------------------------------------------
@@ -360,7 +356,8 @@ def train(cfg, backbone=None, router=None, fake_backbone=None, own=None):
         fid = ("trained (FID once every student is)" if own or router else "no digits-FID (--classifier off, or not a "
                "1x8x8 teacher)") if s["fid"] is None else f"student FID {s['fid']:.3f} ({s['nfe']} step{'s' * (s['nfe'] > 1)})"
         if t["fid"] is not None:
-            fid += f", teacher FID {t['fid']:.3f} ({t['nfe']} steps)"
+            best = f", the best of {len(teacher_runs)} step counts" if len(teacher_runs) > 1 else ""
+            fid += f", teacher FID {t['fid']:.3f} ({t['nfe']} step{'s' * (t['nfe'] > 1)}{best})"
         print(f"done: {fid}; run folder {run_dir}")
     for tracker in accelerator.trackers:  # end_training() less the process group, which main() ends
         tracker.finish()
@@ -368,15 +365,18 @@ def train(cfg, backbone=None, router=None, fake_backbone=None, own=None):
 
 
 def usage() -> str:
-    from onestep.config import PRESETS, Config
+    from onestep.config import PRESETS, Config, apply
     from onestep.methods import METHODS, method_options
 
-    lines = [__doc__.strip(), "", "Config keys (default):"]
-    lines += [f"  --{f.name} ({f.default if f.default is not dataclasses.MISSING else f.default_factory()})"
-              for f in dataclasses.fields(Config)]
-    lines += ["", f"Presets (--preset): {', '.join(PRESETS)}", "", "Methods (--method) and their options:"]
+    run = dataclasses.asdict(Config())  # the default run: the digits preset over the Config defaults
+    apply(PRESETS["digits"], run, "preset 'digits'")
+    lines = [__doc__.strip(), "", "Config keys (value in the default run, preset digits):"]
+    lines += [f"  --{k} ({v})" for k, v in run.items() if k != "method_args"]
+    lines += ["", f"Presets (--preset): {', '.join(PRESETS)}", "", "Methods (--method) and their options (defaults; "
+              f"the default run's {run['method']} as preset digits sets it):"]
     for m in METHODS:
-        lines.append(f"  {m}: " + ", ".join(f"{k}={v.default if v.default is not dataclasses.MISSING else v.default_factory()}"
+        preset = run["method_args"] if m == run["method"] else {}
+        lines.append(f"  {m}: " + ", ".join(f"{k}={preset.get(k, v.default if v.default is not dataclasses.MISSING else v.default_factory())}"
                                           for k, v in method_options(m).items()
                                           if k not in getattr(METHODS[m], "refused_options", set)()))
     return "\n".join(lines)
