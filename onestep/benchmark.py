@@ -12,7 +12,7 @@ import torch
 
 from .errors import OnestepError
 from .features import Extractor, input_problem
-from .fid import frechet_distance
+from .fid import NULL_ROW_HINT, frechet_distance
 from .metrics import class_metrics, kid, precision_recall
 from .reference import Reference, cleanfid_reference, compute_reference, digits_reference
 from .streaming import FolderSource, GeneratorSource, pipeline_source, stream_features
@@ -88,8 +88,7 @@ def check_inputs(models: list[Model], extractor: Extractor, fix: str = "use --fe
         n = getattr(m.source, "num_classes", None)
         if extractor.num_classes and n and n > extractor.num_classes:
             raise BenchmarkError(f"{what.removesuffix(' makes')} has {n} classes and the classifier of the features knows "
-                                 f"{extractor.num_classes}: a class-conditional teacher without onestep.json counts its "
-                                 'null-class row as a class; add onestep.json with {"num_classes": 10, "null_class": 10}')
+                                 f"{extractor.num_classes}: {NULL_ROW_HINT}")
 
 
 def check_reference_size(reference: Reference, keep: int, k: int = 3) -> None:

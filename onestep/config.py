@@ -530,12 +530,15 @@ def check_teacher_fit(cfg: Config, teacher) -> None:
                           "T --steps N")
     if "sigma_init" in cfg.method_args:  # SiD / SFD: the generator's sigma on EDM teachers, where no times are given
         sigma = cfg.method_args["sigma_init"]
-        problem = ("is not used: this teacher is not an EDM one (its generator starts at the top of its schedule); "
-                   "drop it" if schedule.kind != "edm" else "is not used: --generator_timesteps sets the generator's "
-                   "times; drop one" if cfg.generator_timesteps else f"exceeds this teacher's sigma_max "
-                   f"{schedule.sigma_max}; pass at most that" if sigma > schedule.sigma_max else None)
-        if problem:
-            raise ConfigError(f"sigma_init: {sigma} {problem}")
+        if schedule.kind != "edm":
+            raise ConfigError(f"sigma_init: {sigma} is not used: this teacher is not an EDM one (its generator starts "
+                              "at the top of its schedule); drop it")
+        if cfg.generator_timesteps:
+            raise ConfigError(f"sigma_init: {sigma} is not used: --generator_timesteps sets the generator's times; "
+                              "drop one")
+        if sigma > schedule.sigma_max:
+            raise ConfigError(f"sigma_init: {sigma} exceeds this teacher's sigma_max {schedule.sigma_max}; pass at most "
+                              "that")
 
 
 def _check_numbers(cfg: Config, method) -> None:

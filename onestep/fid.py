@@ -137,14 +137,17 @@ def image_moments(images: Iterable[torch.Tensor], extractor: Callable[[torch.Ten
     return stats.moments()
 
 
+# why a digits teacher can seem to have 11 classes
+NULL_ROW_HINT = ('a class-conditional teacher without onestep.json counts its null-class row as a class: add '
+                 'onestep.json with {"num_classes": 10, "null_class": 10} to its folder')
+
+
 def check_digit_classes(classes) -> None:
     """The digits-FID compares a run's classes with the digits of those classes: 0-9 only."""
     extra = sorted(c for c in set(classes) if not 0 <= c <= 9)
     if extra:
-        raise OnestepError(
-            f"classifier: the digits have classes 0-9 and this run's include {extra[0]}; a class-conditional teacher "
-            "without onestep.json counts its null-class row as a class: add onestep.json with "
-            '{"num_classes": 10, "null_class": 10} to its folder, or pass --classes 0,...,9 or --classifier \'\'')
+        raise OnestepError(f"classifier: the digits have classes 0-9 and this run's include {extra[0]}; {NULL_ROW_HINT}, "
+                           "or pass --classes 0,...,9 or --classifier ''")
 
 
 def digits_moments(classifier: DigitsClassifier, classes=None, device="cpu"):

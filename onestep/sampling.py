@@ -48,14 +48,14 @@ def sample_teacher(teacher: Denoiser, z: torch.Tensor, cond: Cond = None, num_st
                                       sigma_data=sched.sigma_data, rho=sched.rho, prediction_type="epsilon")
     s.set_timesteps(num_steps, device=z.device)
     s.is_scale_input_called = True  # the denoiser applies EDM's c_in itself
-    takes_x0, sd2 = "pred_original_sample" in inspect.signature(s.step).parameters, sched.sigma_data ** 2
+    takes_x0 = "pred_original_sample" in inspect.signature(s.step).parameters
     for t, sigma in zip(s.timesteps, s.sigmas.tolist()):
         x0 = teacher.guided(x, torch.tensor(sigma, device=x.device), cond, guidance_scale).float()
         if takes_x0:
             x = s.step(x0, t, x, pred_original_sample=x0).prev_sample
         else:
-            c_skip, c_out = sd2 / (sigma ** 2 + sd2), sigma * sched.sigma_data / (sigma ** 2 + sd2) ** 0.5
-            x = s.step((x0 - c_skip * x) / c_out, t, x).prev_sample
+            f = sched.from_x0(x0, x, sched.timesteps_tensor(sigma, x.shape[0], x.device), "edm")
+            x = s.step(f, t, x).prev_sample
     return x.float()
 
 
