@@ -6,6 +6,8 @@
     python eval/benchmark.py --pipeline P --features inception --mode clean \\
         --inception-weights ~/inception-2015-12-05.pt --reference cleanfid:cifar10:32:train
     python eval/benchmark.py --images my_samples/ --features inception --reference real_images/  # any image folder
+    python eval/benchmark.py --teacher sd15 --steps 25 --guidance 7.5 --pipeline runs/sd15-dmd2/pipeline \
+        --prompts coco_prompts.txt --features inception --reference coco_images/  # text-to-image
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 eval/benchmark.py ...  # 2 processes
 
 Every model draws the same samples: sample i from noise seed i (--seed 0) or a hash of (SEED, i), class i % K, quantised to 8 bits as a
@@ -15,7 +17,9 @@ of a folder reference, a seeded random subset, since files sorted by name are of
 accuracy and class-coverage entropy (1.0 = all classes equally often) with the digits classifier;
 sampling seconds per image. Writes OUT/benchmark.md, OUT/benchmark.json, OUT/benchmark.png (FID vs NFE
 and vs seconds per image) and OUT/reference.npz (reuse it with --reference OUT/reference.npz; loading
-it with another extractor or mode is refused). --images folders (e.g. a text-to-image student's samples, saved
+it with another extractor or mode is refused). Text-to-image teachers and students (Stable Diffusion (XL)) draw
+sample i from prompt i % P of --prompts (a file, one prompt per line): teachers through DDIM with classifier-free
+guidance (--guidance) against the empty prompt, students through their stock pipeline's own call. --images folders (e.g. a text-to-image student's samples, saved
 from its stock pipeline) are scored as they are: all of their images, no NFE or sampling time. With no models it
 only computes the reference:
 
@@ -43,6 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="teacher classifier-free guidance scale (2 NFE/step if not 1; default 1)")
     g.add_argument("--pipeline", action="append", default=[],
                    help="exported OneStepPipeline folder, or a multi-student export (routed; repeatable)")
+    g.add_argument("--prompts", default=None, metavar="FILE",
+                   help="text-to-image models: a prompt file, one per line (sample i uses prompt i %% P)")
     g.add_argument("--images", action="append", default=[], metavar="FOLDER",
                    help="a folder of generated images, scored as they are (all of them; e.g. a text-to-image "
                         "student's, saved from its stock pipeline; repeatable)")
@@ -93,10 +99,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build(a, device):
     """(extractor, models) from the arguments; raises OnestepError for bad input."""
-    from onestep.benchmark import check_inputs, images_model, parse_steps, pipeline_model, teacher_models
+    from onestep.benchmark import (BenchmarkError, check_inputs, images_model, parse_steps, pipeline_model,
+                                   teacher_models)
     from onestep.features import digits_extractor, inception_extractor
 
+    from onestep.prompt_sources import PromptSource
+    from onestep.prompts import read_prompts
+
     steps = parse_steps(a.steps)
+    prompts = read_prompts(a.prompts) if a.prompts is not None else None
     for path in a.pipeline:
         if not os.path.isdir(path):
             raise FileNotFoundError(f"pipeline folder {path!r} " + ("is a file" if os.path.exists(path) else "does not exist"))
@@ -104,9 +115,11 @@ def build(a, device):
         extractor = digits_extractor(a.classifier, device)
     else:
         extractor = inception_extractor(a.mode, a.inception_weights, device)
-    models = [m for t in a.teacher for m in teacher_models(t, steps, a.num_samples, a.guidance, a.seed, device)]
-    models += [pipeline_model(p, a.num_samples, a.seed, device) for p in a.pipeline]
+    models = [m for t in a.teacher for m in teacher_models(t, steps, a.num_samples, a.guidance, a.seed, device, prompts)]
+    models += [pipeline_model(p, a.num_samples, a.seed, device, prompts) for p in a.pipeline]
     models += [images_model(p, extractor) for p in a.images]
+    if prompts is not None and not any(isinstance(m.source, PromptSource) for m in models):
+        raise BenchmarkError("--prompts is for text-to-image teachers and pipelines, and none is given; drop --prompts")
     check_inputs(models, extractor)
     return extractor, models
 
@@ -116,10 +129,13 @@ def main(argv=None) -> None:
     from accelerate import Accelerator
 
     from onestep.benchmark import check_reference_size, evaluate_model, load_reference
+    from onestep.cli import first_rank
+    from onestep.distributed import check_joined
     from onestep.errors import OnestepError
 
     acc = Accelerator()
     try:
+        check_joined(acc)
         extractor, models = build(a, acc.device)
         reference = load_reference(a.reference, extractor, a.batch_size, a.keep, acc)
         if models:
@@ -132,7 +148,8 @@ def main(argv=None) -> None:
     except (OnestepError, OSError) as err:
         if acc.is_main_process and a.new_out and os.path.isdir(a.out) and not os.listdir(a.out):
             os.rmdir(a.out)
-        print(f"error: {err}", file=sys.stderr)
+        if first_rank():
+            print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     if acc.is_main_process:
         write(a, rows, reference)
@@ -155,7 +172,8 @@ def write(a, rows: list[dict], reference) -> None:
     with open(os.path.join(a.out, "benchmark.md"), "w") as f:
         f.write(table + "\n")
     info = {"reference": reference.meta, "features": a.features, "mode": a.mode if a.features == "inception" else None,
-            "num_samples": a.num_samples, "seed": a.seed, "rows": rows}
+            "num_samples": a.num_samples, "seed": a.seed, "guidance": a.guidance if a.teacher else None,
+            "prompts": a.prompts, "rows": rows}
     with open(os.path.join(a.out, "benchmark.json"), "w") as f:
         json.dump(info, f, indent=2)
     plot_benchmark(rows, os.path.join(a.out, "benchmark.png"))

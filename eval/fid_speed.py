@@ -8,7 +8,8 @@ The generator is google/ddpm-cifar10-32's UNet config with random weights, one s
 GPU (the time of a generator does not depend on its weights). With --inception-weights the features are
 clean-fid's own network; without, an Inception-v3 of torchvision's architecture with random weights stands in
 (the same layers and arithmetic, so about the same time). It prints times, not an FID value (eval/benchmark.py
-computes FID against reference statistics through the same code). On a GPU, in the same run, the per-image CPU
+computes FID against reference statistics through the same code), and the time of the Frechet distance from the
+2048-d moments (onestep.fid.frechet_distance, on the device; --fid-baseline: also clean-fid's scipy one). On a GPU, in the same run, the per-image CPU
 resize that clean-fid itself uses is timed on --baseline-samples samples against the batched GPU resize.
 --layouts nchw,nhwc and --generator eager,compile add a row per combination (the features in channels-last layout;
 the generator's network compiled) and print the FID between their statistics, which differ only by rounding (the
@@ -56,6 +57,8 @@ def main(argv: list[str]) -> int:
                    "nchw,nhwc (a row each, and the FID between their statistics on the same samples)")
     p.add_argument("--generator", default="eager", help="eager, compile (torch.compile of the generator's network; "
                    "compilation falls in the untimed warm-up) or eager,compile")
+    p.add_argument("--fid-baseline", action="store_true", help="also time clean-fid's own Frechet distance (scipy "
+                   "sqrtm on the CPU) on the same moments")
     p.add_argument("--device", default="", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--out", default="", help="also write the figures to this JSON file")
     a = p.parse_args(argv)
@@ -155,9 +158,24 @@ def main(argv: list[str]) -> int:
               f"{r['sampling_seconds']:.2f} | {r['warmup_seconds']:.1f} |")
     out = {k: {kk: v for kk, v in r.items() if kk != "result"} for k, r in rows.items()}
     ends = [r["result"].stats.moments() for k, r in rows.items() if k.startswith("end to end")]
-    if len(ends) > 1:  # the same samples (the same seeds): what the layouts' and compilation's rounding moves FID
-        out["fid_between_variants_max"] = max(frechet_distance(ends[0], e) for e in ends[1:])
+    # FID from the moments, timed: between the variants' statistics (the same samples, so what their rounding moves
+    # FID), or with one variant against itself (the same arithmetic as against a reference's)
+    t0 = time.perf_counter()
+    between = [frechet_distance(ends[0], e, device=device) for e in (ends[1:] or ends[:1])]
+    out["fid_from_moments_seconds"] = (time.perf_counter() - t0) / len(between)
+    print(f"FID from the {len(ends[0][0])}-d moments (onestep.fid.frechet_distance on {device.type}): "
+          f"{out['fid_from_moments_seconds']:.2f} s")
+    if len(ends) > 1:
+        out["fid_between_variants_max"] = max(between)
         print(f"FID between the variants' statistics (same samples): at most {out['fid_between_variants_max']:.2e}")
+    if a.fid_baseline:  # clean-fid's scipy sqrtm distance on the same moments, for comparison
+        from cleanfid.fid import frechet_distance as cleanfid_distance
+
+        t0 = time.perf_counter()
+        cleanfid_distance(*ends[0], *ends[-1])
+        out["fid_seconds_cleanfid_sqrtm"] = time.perf_counter() - t0
+        print(f"clean-fid's Frechet distance (scipy sqrtm, CPU) on the same moments: "
+              f"{out['fid_seconds_cleanfid_sqrtm']:.2f} s")
     out["features"], out["device"] = extractor.name, card
     print(json.dumps(out))
     if a.out:

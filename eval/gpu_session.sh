@@ -44,9 +44,10 @@ lowmem="$bench --preset sd15 --method dmd2 --variants bf16 --fake-score lora --g
     --no-components --repeats 4 --warmup 2"
 stage sd15_lowmem 160 bash -c "$lowmem --optimizer adamw8bit --out $out/sd15_lowmem_8bit.json;
     $lowmem --optimizer adamw --out $out/sd15_lowmem.json"
-# 2. FID-50k of a CIFAR-size one-step generator, end to end (stand-in Inception of the same architecture: timing)
+# 2. FID-50k of a CIFAR-size one-step generator, end to end (stand-in Inception of the same architecture: timing;
+#    the Frechet distance from the moments on the GPU, and clean-fid's scipy one on the CPU for comparison)
 #    (features in NCHW and in channels-last layout, each over 50 000 samples)
-stage fid50k 150 python3 eval/fid_speed.py --layouts nchw,nhwc --out "$out/fid50k.json"
+stage fid50k 150 python3 eval/fid_speed.py --layouts nchw,nhwc --fid-baseline --out "$out/fid50k.json"
 # 3. CIFAR-size UNet (google/ddpm-cifar10-32's config): torch.compile of the three networks (its compile time
 #    reported) at batch 512 (the trainer's rule: no host read in the step) and, second (the fake score's graphs
 #    already compiled), with the critic's loss on the DM direction's fake-score forward (shared_critic_pass: seven

@@ -45,20 +45,29 @@ def parse_steps(text: str) -> list[int]:
 
 
 def teacher_models(path: str, steps: list[int], num_samples: int, guidance: float = 1.0, seed: int = 0,
-                   device="cpu") -> list[Model]:
-    """A teacher (onestep.loading.load_teacher) sampled with DDIM at each step count."""
-    from .loading import TeacherError, load_teacher
+                   device="cpu", prompts: list[str] | None = None) -> list[Model]:
+    """A teacher (onestep.loading.load_teacher) sampled with DDIM at each step count; a text-to-image teacher on
+    `prompts` (sample i: prompt i % P; onestep.prompt_sources)."""
+    from .loading import TeacherError, is_text_teacher, load_teacher
+    from .prompt_sources import text_teacher_source
     from .sampling import sample_teacher
 
-    t = load_teacher(path, device=device)
-    if guidance != 1.0 and t.null_class is None:
+    text = is_text_teacher(path)
+    if text and not prompts:
+        raise BenchmarkError(f"teacher {path!r} is text-to-image: pass --prompts FILE (one prompt per line; sample i "
+                             "uses prompt i % P)")
+    t = load_teacher(path, device=device, prompts=list(prompts) if text else None)
+    if guidance != 1.0 and t.null_class is None and not text:
         raise TeacherError(f"--guidance {guidance}: teacher {path!r} has no null class for classifier-free guidance")
     check_teacher_steps(t, steps, path)
     models = []
     for n in steps:
         def sample(z, y, n=n):
             return sample_teacher(t.denoiser, z, y, n, guidance)
-        src = GeneratorSource(sample, num_samples, t.sample_shape, t.num_classes, seed, device)
+        if text:
+            src = text_teacher_source(t, n, guidance, num_samples, seed, device)
+        else:
+            src = GeneratorSource(sample, num_samples, t.sample_shape, t.num_classes, seed, device)
         models.append(Model("teacher", path, n, n * (1 if guidance == 1.0 else 2), src))
     return models
 
@@ -83,7 +92,7 @@ def check_inputs(models: list[Model], extractor: Extractor, fix: str = "use --fe
                 raise BenchmarkError(problem)
             continue
         what = f"{'teacher' if m.model == 'teacher' else 'pipeline'} {m.path!r} makes"
-        if problem := input_problem(extractor, m.source.sample_shape, what, fix):
+        if problem := input_problem(extractor, m.source.image_shape, what, fix):
             raise BenchmarkError(problem)
         n = getattr(m.source, "num_classes", None)
         if extractor.num_classes and n and n > extractor.num_classes:
@@ -106,9 +115,9 @@ def images_model(path: str, extractor: Extractor) -> Model:
     return Model("images", path, None, None, FolderSource(path, extractor.channels, extractor.resize))
 
 
-def pipeline_model(path: str, num_samples: int, seed: int = 0, device="cpu") -> Model:
-    """An exported OneStepPipeline folder: its student with all of its steps."""
-    src = pipeline_source(path, num_samples, seed, device)
+def pipeline_model(path: str, num_samples: int, seed: int = 0, device="cpu", prompts: list[str] | None = None) -> Model:
+    """An exported student folder (OneStepPipeline, multi-student, or text-to-image on `prompts`): all of its steps."""
+    src = pipeline_source(path, num_samples, seed, device, prompts)
     return Model("student", path, src.steps, src.steps, src)
 
 

@@ -11,8 +11,35 @@ class Parser(argparse.ArgumentParser):
     """argparse whose errors are one line (no usage block), exit status 2."""
 
     def error(self, message):
-        print(f"error: {message}", file=sys.stderr)
+        if first_rank():
+            print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+def first_rank() -> bool:
+    """Whether this process reports bad input: a launcher's rank 0, or a process on its own. Every process of a
+    launch reads the same input and stops on it; one says so."""
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
+def run_script(main, args) -> None:
+    """main(args) for a training script: bad input (OnestepError) -> one line `error: ...` and exit status 2, with
+    any run folder it had just created and left empty removed; Ctrl-C -> one line and exit status 130."""
+    from .errors import OnestepError
+    from .runs import remove_unused_run_dirs
+
+    try:
+        main(args)
+    except OnestepError as e:
+        remove_unused_run_dirs()
+        if first_rank():
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        if first_rank():
+            print("error: interrupted; the run's complete checkpoints are kept: continue it with --resume latest (the "
+                  "same --name and --output_dir)", file=sys.stderr)
+        sys.exit(130)
 
 
 def output_problem(option: str, path: str, kind: str = "folder") -> str | None:

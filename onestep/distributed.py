@@ -82,11 +82,25 @@ def check_launch(torch_version: str = torch.__version__) -> None:
                           f"{torch_version}); upgrade torch or launch with DDP (train/accelerate/ddp.yaml)")
 
 
-def distributed_mode(accelerator, cfg, gan: bool = False) -> bool:
-    """Whether this run is sharded (FSDP2); refuses in one line what the trainer cannot serve, and says so where
-    accelerate runs an FSDP config unsharded (on CPUs)."""
+def check_joined(state) -> None:
+    """Processes a launcher started (WORLD_SIZE) that accelerate did not join into one run (`state`: an Accelerator
+    or PartialState), refused in one line: without GPUs `accelerate launch --multi_gpu` needs ACCELERATE_USE_CPU=1,
+    else each process would run alone, into the same folder."""
     from .config import ConfigError
 
+    world = int(os.environ.get("WORLD_SIZE") or 1)
+    if world > state.num_processes:
+        raise ConfigError(f"accelerate launched {world} processes but they did not join into one run (each sees "
+                          f"{state.num_processes}); on a machine without GPUs launch with ACCELERATE_USE_CPU=1 "
+                          f"accelerate launch --multi_gpu --num_processes {world} ..., or run one process")
+
+
+def distributed_mode(accelerator, cfg, gan: bool = False) -> bool:
+    """Whether this run is sharded (FSDP2); refuses in one line what the trainer cannot serve (and processes that
+    were not joined: check_joined), and says so where accelerate runs an FSDP config unsharded (on CPUs)."""
+    from .config import ConfigError
+
+    check_joined(accelerator)
     kind = accelerator.distributed_type.value
     if kind == "DEEPSPEED":
         raise ConfigError("accelerate config: DeepSpeed is not supported by this trainer; use FSDP "

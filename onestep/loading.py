@@ -264,6 +264,20 @@ def _class_labels(extra: dict, num_embeds: int, path: str) -> tuple[int, int | N
     return num_classes, null_class
 
 
+def _backbone_config(spec: str, root: str) -> tuple[str | None, str, dict]:
+    """(subfolder or None, model folder, config) of the teacher's backbone."""
+    sub = next((s for s in BACKBONE_SUBFOLDERS if os.path.isfile(os.path.join(root, s, "config.json"))), None)
+    model_dir = os.path.join(root, sub) if sub else root
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise TeacherError(f"{spec!r} holds no diffusers model: expected unet/config.json or config.json in {root}")
+    return sub, model_dir, _read_json(os.path.join(model_dir, "config.json"))
+
+
+def is_text_teacher(spec: str) -> bool:
+    """Whether the teacher at `spec` (folder or hub id) is text-to-image (a UNet2DConditionModel), from its configs."""
+    return _backbone_config(spec, resolve_teacher_path(spec))[2].get("_class_name") == "UNet2DConditionModel"
+
+
 def load_teacher(spec: str, dtype: torch.dtype = torch.float32, device="cpu", *, prompts: list[str] | None = None,
                  frozen_dtype: torch.dtype | None = None, captions: list[str] | None = None,
                  negative_prompt: str = "") -> Teacher:
@@ -281,11 +295,7 @@ def load_teacher(spec: str, dtype: torch.dtype = torch.float32, device="cpu", *,
             os.path.join(root, "multistudent.json")):
         raise TeacherError(f"teacher {spec!r} is an exported one-step student, not a multi-step teacher; pass the "
                            "teacher it was distilled from (its README.md names it)")
-    sub = next((s for s in BACKBONE_SUBFOLDERS if os.path.isfile(os.path.join(root, s, "config.json"))), None)
-    model_dir = os.path.join(root, sub) if sub else root
-    if not os.path.isfile(os.path.join(model_dir, "config.json")):
-        raise TeacherError(f"{spec!r} holds no diffusers model: expected unet/config.json or config.json in {root}")
-    cfg = _read_json(os.path.join(model_dir, "config.json"))
+    sub, model_dir, cfg = _backbone_config(spec, root)
     name = cfg.get("_class_name", "")
     if name not in SUPPORTED_BACKBONES:
         raise TeacherError(f"teacher backbone {name or 'unknown'!r} is not supported; onestep distils "

@@ -344,6 +344,7 @@ def train_students(cfg, train: Callable) -> dict | None:
     from .config import ConfigError, saved_config
     from .data import read_image_folder
     from .denoiser import Denoiser
+    from .distributed import check_joined
     from .fid import DigitsClassifier, check_digit_classes
     from .generator import Generator
     from .loading import load_teacher
@@ -355,6 +356,7 @@ def train_students(cfg, train: Callable) -> dict | None:
         raise ConfigError(f"resume: a multi-student run resumes with 'latest' (each student from its newest "
                           f"checkpoint), got {cfg.resume!r}")
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # as Accelerator() reads the launcher
+    check_joined(state)
     device, main = state.device, state.is_main_process
     if cfg.shared_fake_score and (state.distributed_type == DistributedType.FSDP
                                   or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"):
@@ -363,8 +365,7 @@ def train_students(cfg, train: Callable) -> dict | None:
     hostmem.configure_cpu(cfg, device.type, state.num_processes)
     run_dir = os.path.join(cfg.output_dir, cfg.name or f"{cfg.preset}-{cfg.method}-k{cfg.students}")
     check_same_kind(run_dir, cfg)
-    if main:
-        prepare_run_dir(run_dir, overwrite=cfg.overwrite, resume=bool(cfg.resume))
+    prepare_run_dir(run_dir, overwrite=cfg.overwrite, resume=bool(cfg.resume), state=state, checkpoints=False)
     state.wait_for_everyone()
     t_start = time.time()
 
@@ -395,7 +396,7 @@ def train_students(cfg, train: Callable) -> dict | None:
     if cfg.student_channels:
         check_channels(teacher.backbone, cfg.student_channels)
     if main and cfg.overwrite:  # the checks above passed (--resume with it is refused): now the replaced run goes
-        clear_run_dir(run_dir)
+        clear_run_dir(run_dir, checkpoints=False)
         for old in glob.glob(os.path.join(run_dir, "student_*")) + glob.glob(os.path.join(run_dir, "students")):
             shutil.rmtree(old)
     if main:

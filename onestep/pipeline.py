@@ -3,6 +3,7 @@ also export as a stock `DDIMPipeline` folder (trailing spacing: one step at t=99
 Text-to-image students export as a stock `StableDiffusionPipeline` (SDXL: `StableDiffusionXLPipeline`) with an
 `LCMScheduler` whose one step runs at the student's t_init: LCM's last step returns its x0 estimate, which for an
 eps-model is exactly the student's output (up to LCM's boundary scalings, c_skip < 3e-8 for t >= 300).
+Its `onestep.json` records that call's keyword arguments (`pipeline_call`) for the streaming benchmark.
 `onestep.nasa` adds negative-prompt steering (NASA) to such a stock pipeline at inference.
 """
 import inspect
@@ -19,6 +20,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from .denoiser import Denoiser
 from .generator import Generator
 from .schedule import Schedule
+
+CALL_FILE = "onestep.json"  # in a text-to-image export: {"pipeline_call": the stock call's keyword arguments}
 
 
 def class_label_tensor(class_labels, num_classes: int) -> torch.Tensor:
@@ -173,6 +176,8 @@ def export_text_pipeline(generator: Generator, scheduler_config: dict, teacher_d
             teacher_dir, unet=unet, scheduler=lcm, safety_checker=None, feature_extractor=None,
             requires_safety_checker=False, use_safetensors=True)
     pipe.save_pretrained(out_dir, safe_serialization=True)
+    with open(os.path.join(out_dir, CALL_FILE), "w") as f:
+        json.dump({"pipeline_call": stock_call_kwargs(generator)}, f, indent=1)
     return out_dir
 
 
@@ -244,7 +249,8 @@ def model_card(metrics: dict, run_dir_name: str, has_ddim: bool) -> str:
                   "images = pipe(batch_size=4, num_inference_steps=1).images", "```", ""]
     if metrics.get("feature_extractor"):  # FID was measured
         lines += ["| model | NFE | FID | class accuracy |", "|---|---|---|---|",
-                  f"| teacher | {teacher.get('nfe')} | {format_figure(teacher.get('fid'))} | {format_figure(teacher.get('class_accuracy'))} |",
+                  *([f"| teacher | {teacher.get('nfe')} | {format_figure(teacher.get('fid'))} | "
+                     f"{format_figure(teacher.get('class_accuracy'))} |"] if teacher.get("fid") is not None else []),
                   f"| student | {nfe} | {format_figure(student.get('fid'))} | {format_figure(student.get('class_accuracy'))} |", "",
                   f"FID features: {metrics.get('feature_extractor')}, {metrics.get('num_samples')} samples.", ""]
     forgot = metrics.get("forgetting")

@@ -50,17 +50,30 @@ class CheckpointError(RunError):
 RUN_OUTPUTS = ("checkpoints", "logs", "samples", "pipeline", "pipeline-ddim", "metrics.json", "fid_curve.png")
 
 
-def prepare_run_dir(path: str, *, overwrite: bool, resume: bool) -> None:
+def prepare_run_dir(path: str, *, overwrite: bool, resume: bool, state=None, checkpoints: bool = True) -> None:
     """Create the run folder; refuse to reuse one that holds a run unless overwrite or resume is set. A run that
     overwrite replaces is cleared later (`clear_run_dir`), once the configuration and the teacher have passed their
-    checks: bad input replaces nothing."""
-    used = os.path.isfile(os.path.join(path, "config.yaml"))
-    if used and not (overwrite or resume):
-        raise RunError(f"run folder {path} already holds a run; pass --overwrite to replace it, --resume latest "
-                       "to continue it, or --name NEW for a new folder")
-    if not os.path.exists(path):
-        _created.append(path)
-    _make_run_dir(path)
+    checks: bad input replaces nothing. With `state` (an Accelerator or PartialState) the main process prepares the
+    folder and a refusal stops every process, so that none waits for one that stopped."""
+    problem = None
+    if state is None or state.is_main_process:
+        try:
+            if os.path.isfile(os.path.join(path, "config.yaml")) and not (overwrite or resume):
+                raise RunError(f"run folder {path} already holds a run; pass --overwrite to replace it, --resume "
+                               "latest to continue it, or --name NEW for a new folder")
+            if not os.path.exists(path):
+                _created.append(path)
+            _make_run_dir(path, checkpoints)
+        except RunError as e:
+            if state is None:
+                raise
+            problem = str(e)
+    if state is not None and state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        problem = broadcast_object_list([problem])[0]
+    if problem:
+        raise RunError(problem)
 
 
 _created: list[str] = []  # run folders this process created
@@ -84,18 +97,18 @@ def refuse_existing(parser, out: str, marker: str, overwrite: bool) -> None:
                        "or --overwrite to replace it\n")
 
 
-def clear_run_dir(path: str) -> None:
+def clear_run_dir(path: str, checkpoints: bool = True) -> None:
     """--overwrite: remove the replaced run's outputs (checkpoints, logs, samples, exported pipelines, metrics)."""
     for sub in RUN_OUTPUTS:
         if os.path.isfile(os.path.join(path, sub)):
             os.remove(os.path.join(path, sub))
         shutil.rmtree(os.path.join(path, sub), ignore_errors=True)
-    _make_run_dir(path)
+    _make_run_dir(path, checkpoints)
 
 
-def _make_run_dir(path: str) -> None:
+def _make_run_dir(path: str, checkpoints: bool = True) -> None:
     try:
-        os.makedirs(os.path.join(path, "checkpoints"), exist_ok=True)
+        os.makedirs(os.path.join(path, "checkpoints" if checkpoints else ""), exist_ok=True)
         os.makedirs(os.path.join(path, "samples"), exist_ok=True)
     except OSError as e:
         raise RunError(f"output_dir: cannot create the run folder {path} ({e.strerror}); pass a writable "
@@ -392,7 +405,7 @@ def load_checkpoint(accelerator, folder: str, config: dict, data=None, strict: b
         from accelerate.utils import set_seed
 
         set_seed(int(config.get("seed", 0)) + step, device_specific=True)
-        _warn(f"resume: checkpoint {os.path.basename(folder)} was written by {saved_by} processes, this run has "
+        _warn(f"resume: checkpoint {os.path.basename(folder)} was written by {saved_by} process{'es' * (saved_by != 1)}, this run has "
               f"{accelerator.num_processes}: the noise streams restart from seed + {step}, so the trajectory differs")
     return step
 

@@ -51,6 +51,7 @@ class GeneratorSource:
     seed: int = 0
     device: str | torch.device = "cpu"
     steps: int = 1  # the generator's own steps per sample (network evaluations), for reports
+    image_shape: Sequence[int] | None = None  # (C, H, W) of the images `sample` returns, if not sample_shape (latents)
     iid = True  # samples in index order are independent draws: the first `keep` are a fair subset
 
     def __post_init__(self):
@@ -61,8 +62,11 @@ class GeneratorSource:
         n = self.num_classes
         if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1):
             raise SourceError(f"GeneratorSource num_classes must be None or an integer >= 1, got {self.num_classes!r}")
-        if len(tuple(self.sample_shape)) != 3:
-            raise SourceError(f"GeneratorSource sample_shape must be (C, H, W), got {tuple(self.sample_shape)}")
+        for key in ("sample_shape", "image_shape"):
+            shape = getattr(self, key)
+            if (shape is not None or key == "sample_shape") and len(tuple(shape)) != 3:
+                raise SourceError(f"GeneratorSource {key} must be (C, H, W), got {tuple(shape)}")
+        self.image_shape = tuple(self.sample_shape if self.image_shape is None else self.image_shape)
 
     def __len__(self) -> int:
         return self.num_samples
@@ -70,11 +74,14 @@ class GeneratorSource:
     def labels(self, idx: torch.Tensor) -> torch.Tensor | None:
         return idx % self.num_classes if self.num_classes else None
 
+    def noise(self, idx: torch.Tensor) -> torch.Tensor:
+        """The starting noise of samples `idx` (B, *sample_shape), on the source's device."""
+        return to_device(torch.stack([torch.randn(*self.sample_shape, generator=torch.Generator().manual_seed(
+            sample_seed(self.seed, i))) for i in idx]), self.device)
+
     def __call__(self, idx: torch.Tensor) -> torch.Tensor:
-        z = torch.stack([torch.randn(*self.sample_shape,
-                                     generator=torch.Generator().manual_seed(sample_seed(self.seed, i))) for i in idx])
         y = self.labels(idx)
-        return self.sample(to_device(z, self.device), None if y is None else to_device(y, self.device))
+        return self.sample(self.noise(idx), None if y is None else to_device(y, self.device))
 
 
 @dataclass
@@ -160,12 +167,28 @@ def _class_name(model_index: str) -> str:
     return name if isinstance(name, str) else repr(name)
 
 
-def pipeline_source(path: str, num_samples: int, seed: int = 0, device="cpu") -> GeneratorSource:
+def _layout(path: str) -> dict:
+    from .pipeline_multi import LAYOUT_FILE
+
+    try:
+        with open(os.path.join(path, LAYOUT_FILE), encoding="utf-8") as f:
+            layout = json.load(f)
+    except (OSError, ValueError):
+        layout = None
+    if not isinstance(layout, dict):
+        raise SourceError(f"{os.path.join(path, LAYOUT_FILE)} is not a readable JSON object; re-export the pipeline")
+    return layout
+
+
+def pipeline_source(path: str, num_samples: int, seed: int = 0, device="cpu", prompts=None) -> GeneratorSource:
     """An exported OneStepPipeline folder as a generator source (all of the student's steps), or a class-conditional
-    multi-student export (MultiStudentPipeline: each sample through the student its label routes to)."""
+    multi-student export (MultiStudentPipeline: each sample through the student its label routes to); text-to-image
+    exports (a stock Stable Diffusion (XL) pipeline, or a multi-student one) run on `prompts`
+    (onestep.prompt_sources)."""
     from .multistudent import routed_sample
     from .pipeline import OneStepPipeline
     from .pipeline_multi import LAYOUT_FILE, MultiStudentPipeline
+    from .prompt_sources import TEXT_PIPELINES, text_pipeline_source
 
     multi = os.path.isfile(os.path.join(path, LAYOUT_FILE))
     inner = os.path.join(path, "pipeline")
@@ -176,22 +199,20 @@ def pipeline_source(path: str, num_samples: int, seed: int = 0, device="cpu") ->
     if not multi and not os.path.isfile(os.path.join(path, "model_index.json")):
         raise SourceError(f"pipeline {path!r} is not an exported OneStepPipeline folder (no model_index.json) nor a "
                           f"multi-student export (no {LAYOUT_FILE})")
-    if not multi:
-        kind = _class_name(os.path.join(path, "model_index.json"))
-        if kind != "OneStepPipeline":
-            raise SourceError(f"pipeline {path!r} is a {kind} export, not a OneStepPipeline one: streaming FID samples "
-                              "pixel students (class-conditional or unconditional); for a text-to-image student, save "
-                              "its images (model card) into a folder and score that (eval/benchmark.py --images FOLDER)")
+    kind = "MultiStudentPipeline" if multi else _class_name(os.path.join(path, "model_index.json"))
+    if kind not in ("OneStepPipeline", "MultiStudentPipeline") + TEXT_PIPELINES:
+        raise SourceError(f"pipeline {path!r} is a {kind} export, not a onestep one (OneStepPipeline, a Stable "
+                          "Diffusion (XL) student or a multi-student export); score a multi-step model as --teacher")
+    text = kind in TEXT_PIPELINES or (multi and _layout(path).get("conditioning") == "text")
     from diffusers.utils import logging as dlog
 
     shown = dlog.is_progress_bar_enabled()
     dlog.disable_progress_bar()
     try:
+        if text:
+            return text_pipeline_source(path, prompts, num_samples, seed, device, multi)
         if multi:
             mpipe = MultiStudentPipeline.from_pretrained(path)
-            if mpipe.pipes is None:
-                raise SourceError(f"pipeline {path!r} is a text-to-image multi-student export; streaming FID takes "
-                                  "class-conditional ones")
             pipes = [p.to(device) for p in mpipe.pipes]
         else:
             pipes = [OneStepPipeline.from_pretrained(path).to(device)]
@@ -242,8 +263,8 @@ def stream_features(source, extractor: Extractor, batch_size: int = 250, keep: i
 
     if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise SourceError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if getattr(source, "sample_shape", None) is not None and (problem := input_problem(
-            extractor, source.sample_shape, "the source makes", "pick features that take them, or resize the samples")):
+    if isinstance(source, GeneratorSource) and (problem := input_problem(
+            extractor, source.image_shape, "the source makes", "pick features that take them, or resize the samples")):
         raise SourceError(problem)
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     if len(source) < world:  # every process knows: none waits in a gather that another never reaches

@@ -285,6 +285,12 @@ def test_resume_latest_continues_from_the_newest_checkpoint(cond_teacher, tmp_pa
     after = load_file(str(tmp_path / "r" / "checkpoints" / "step_0000006" / "model.safetensors"))
     assert any(not torch.equal(before[k], after[k]) for k in before)  # training went on from there
     assert yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["resume"] == ""
+    done = tmp_path / "r" / "checkpoints" / "step_0000006"  # a finished run resumed: evaluated and exported again only
+    files = {f: (done / f).read_bytes() for f in os.listdir(done)}
+    third = subprocess.run([*base, "--resume", "latest", "--steps", "6"], cwd=ROOT, capture_output=True, text=True)
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert {f: (done / f).read_bytes() for f in os.listdir(done)} == files  # the checkpoint is not written again
+    assert [p["step"] for p in json.loads((tmp_path / "r" / "metrics.json").read_text())["curve"]] == [2, 4, 6]
     other = subprocess.run([*base, "--resume", "latest", "--steps", "8", "--students", "2"], cwd=ROOT,
                            capture_output=True, text=True)
     lines = [ln for ln in other.stderr.splitlines() if ln.strip()]
@@ -474,3 +480,25 @@ def test_help_shows_the_default_runs_values_from_any_folder(tmp_path):
     method = preset.get("method", "dmd2")
     line = next(ln for ln in r.stdout.splitlines() if ln.startswith(f"  {method}: "))
     assert all(f"{k}={v}" in line for k, v in preset["method_args"].items()), line
+
+
+def test_only_the_first_process_reports_bad_input_and_ctrl_c_is_one_line(monkeypatch, capsys):
+    """Every process of a launch stops on the same bad input (exit 2); rank 0 alone says so. Ctrl-C: one line, 130."""
+    from onestep.cli import run_script
+    from onestep.config import ConfigError
+
+    def bad(args):
+        raise ConfigError("steps: bad")
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    for rank, lines in (("1", []), ("0", ["error: steps: bad"])):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as e:
+            run_script(bad, [])
+        assert e.value.code == 2 and capsys.readouterr().err.splitlines() == lines
+    with pytest.raises(SystemExit) as e:
+        run_script(interrupted, [])
+    err = capsys.readouterr().err.splitlines()
+    assert e.value.code == 130 and len(err) == 1 and "--resume latest" in err[0]

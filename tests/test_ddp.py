@@ -17,6 +17,23 @@ def test_two_process_ddp_run_agrees_on_weights(cond_teacher, tmp_path):
     assert m["processes"] == 2
     assert m["replica_weight_spread"] == 0.0  # gradients were synchronised: both replicas hold the same generator
     assert (tmp_path / "ddp" / "pipeline" / "model_index.json").exists()
+    # bad input under 2 processes: one line (the first process's), and no process waits for one that stopped
+    again = run_distill(["--preset", "smoke", "--teacher", cond_teacher, "--output_dir", str(tmp_path), "--name", "ddp"],
+                        env_extra={"ACCELERATE_USE_CPU": "1"}, launcher=["--multi_gpu", "--num_processes", "2"])
+    errors = [ln for ln in again.stderr.splitlines() if ln.startswith("error:")]
+    assert again.returncode != 0 and len(errors) == 1 and "already holds a run" in errors[0], again.stderr[-3000:]
+    assert "exitcode: 2" in again.stderr and "Connection closed" not in again.stderr and "RuntimeError" not in again.stderr
+
+
+def test_processes_accelerate_did_not_join_are_refused(cond_teacher, tmp_path):
+    """`accelerate launch --multi_gpu` on CPUs without ACCELERATE_USE_CPU=1 starts processes that each run alone:
+    refused in one line, before any run folder is made."""
+    r = run_distill(["--preset", "smoke", "--teacher", cond_teacher, "--output_dir", str(tmp_path), "--name", "x"],
+                    env_extra={"ACCELERATE_USE_CPU": "false", "CUDA_VISIBLE_DEVICES": ""},
+                    launcher=["--multi_gpu", "--num_processes", "2"])
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert r.returncode != 0 and len(errors) == 1 and "did not join into one run" in errors[0], r.stderr[-3000:]
+    assert "ACCELERATE_USE_CPU=1" in errors[0] and not (tmp_path / "x").exists()
 
 
 @pytest.mark.slow

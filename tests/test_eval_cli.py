@@ -160,7 +160,7 @@ def test_fid_speed_times_the_stream_and_refuses_bad_counts(tmp_path):
     for layout in ("NCHW", "NHWC"):  # channels-last features: the same samples, the same statistics up to rounding
         row = figures[f"end to end, eager generator, {layout} features"]
         assert row["samples"] == 4 and row["seconds"] >= row["sampling_seconds"] > 0
-    assert 0 <= figures["fid_between_variants_max"] < 1e-3
+    assert 0 <= figures["fid_between_variants_max"] < 1e-3 and figures["fid_from_moments_seconds"] > 0
     r = subprocess.run([sys.executable, script, "--num-samples", "0"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.startswith("error: --num-samples")
     r = subprocess.run([sys.executable, script], cwd=ROOT, env=env, capture_output=True, text=True)  # no GPU, no --device

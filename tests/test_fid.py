@@ -39,6 +39,22 @@ def test_moments_survive_a_large_offset_and_merge_in_any_split():
         assert np.allclose(mu, x.mean(0), rtol=1e-12) and np.allclose(cov, np.cov(x, rowvar=False), rtol=1e-8, atol=1e-14)
 
 
+@pytest.mark.parametrize("n, dim", [(500, 128), (40, 64), (6, 96)], ids=["full-rank", "few-samples", "singular"])
+def test_frechet_distance_equals_clean_fids_and_self_distance_is_zero(n, dim):
+    """The eigendecomposition trace equals clean-fid's sqrtm formula (singular covariances included: fewer samples
+    than dimensions); the distance of moments to themselves is 0 to rounding."""
+    from cleanfid.fid import frechet_distance as cleanfid_distance
+
+    rs = np.random.RandomState(dim)
+    a = rs.randn(n, dim) @ rs.randn(dim, dim) * 0.1
+    b = rs.randn(n, dim) @ rs.randn(dim, dim) * 0.1 + 0.2
+    ma, mb = [(x.mean(0), np.cov(x, rowvar=False)) for x in (a, b)]
+    ours = frechet_distance(ma, mb)
+    assert ours == pytest.approx(cleanfid_distance(*ma, *mb), rel=1e-6) and ours > 1
+    assert abs(frechet_distance(ma, ma)) < 1e-6 * np.trace(ma[1])
+    assert np.isnan(frechet_distance(ma, (mb[0], np.full_like(mb[1], np.nan))))
+
+
 def test_self_fid_is_zero_and_halves_are_close(net):
     x, _ = load_digits("all")
     m = image_moments([x], net.features)

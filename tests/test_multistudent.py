@@ -463,6 +463,13 @@ def test_text_students_route_prompts_by_kmeans_end_to_end(tmp_path):
     assert pipe(prompt=prompts, latents=z, generator=gens, output_type="pt").images.shape == (4, 3, 16, 16)
     with pytest.raises(ValueError, match="call without num_inference_steps"):
         pipe(prompt=prompts, num_inference_steps=2)
+    from onestep.prompt_sources import renoise_generators
+    from onestep.streaming import pipeline_source, sample_seed
+
+    src = pipeline_source(str(run / "pipeline"), 4, prompts=prompts)  # the benchmark's source: sample i, prompt i % 4
+    z = torch.stack([torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(sample_seed(0, i))) for i in range(4)])
+    want = pipe(prompt=prompts, latents=z, generator=renoise_generators(0, torch.arange(4)), output_type="pt").images
+    assert src.image_shape == (3, 16, 16) and torch.allclose(src(torch.arange(4)), want * 2 - 1, atol=1e-5)
 
 
 @pytest.mark.slow

@@ -248,8 +248,9 @@ def test_stock_export_runs_the_student_at_its_timesteps(teacher, timesteps, tmp_
     assert {k for k in pipe.scheduler.config if not k.startswith("_")} <= set(LCMScheduler().config)  # no teacher-only keys
     with pytest.raises(ValueError, match="a text-to-image export"):  # onestep's pixel pipeline refuses it
         OneStepPipeline.from_pretrained(str(tmp_path / "p"))
-    with pytest.raises(SourceError, match="is a StableDiffusionPipeline export, not a OneStepPipeline one"):
+    with pytest.raises(SourceError, match="is a text-to-image student: pass prompts"):  # streams on prompts
         pipeline_source(str(tmp_path / "p"), 8)
+    assert json.loads((tmp_path / "p" / "onestep.json").read_text()) == {"pipeline_call": stock_call_kwargs(student)}
     kwargs = stock_call_kwargs(student)
     assert ("num_inference_steps" in kwargs) == (timesteps == [700])  # LCM's one-step schedule can start at 700
     z = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))

@@ -75,22 +75,21 @@ def train(cfg, backbone=None, router=None, fake_backbone=None, own=None):
     run_dir = os.path.join(cfg.output_dir, name)
 
     # 2. Accelerator and run folder -------------------------------------------------------------------
-    check_launch()
+    check_launch()  # (and below: processes a launcher started that accelerate did not join)
     accelerator = Accelerator(mixed_precision=mixed_precision(cfg), log_with="tensorboard", project_config=ProjectConfiguration(
         project_dir=run_dir, logging_dir=os.path.join(run_dir, "logs")),
         dataloader_config=DataLoaderConfiguration(non_blocking=True))  # real batches: no host wait per copy
     device, main_proc = accelerator.device, accelerator.is_main_process
-    fsdp = distributed_mode(accelerator, cfg, getattr(method, "uses_gan", False))  # FSDP2 (onestep/distributed.py); DeepSpeed refused
+    fsdp = distributed_mode(accelerator, cfg, getattr(method, "uses_gan", False))  # FSDP2; DeepSpeed refused; joined
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
         torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
     hostmem.configure_cpu(cfg, device.type, accelerator.num_processes)  # threads; freed memory kept (no page faults)
     check_same_kind(run_dir, cfg)
-    if main_proc:
-        prepare_run_dir(run_dir, overwrite=cfg.overwrite, resume=bool(cfg.resume))
+    prepare_run_dir(run_dir, overwrite=cfg.overwrite, resume=bool(cfg.resume), state=accelerator)
     accelerator.wait_for_everyone()
     resume_from = resolve_resume(run_dir, cfg.resume)
-    if cfg.resume and resume_from is None:
+    if cfg.resume and resume_from is None and main_proc:
         print(f"resume: no complete checkpoint in {run_dir}/checkpoints; starting from step 0", file=sys.stderr)
     set_seed(cfg.seed)
 
@@ -302,8 +301,9 @@ def train(cfg, backbone=None, router=None, fake_backbone=None, own=None):
             save_checkpoint(accelerator, run_dir, done, cfg.checkpoints_total_limit, run_cfg, real_iter,
                             {"curve": curve, "train_seconds": time.time() - t_start})
     train_seconds = time.time() - t_start
-    save_checkpoint(accelerator, run_dir, cfg.steps, cfg.checkpoints_total_limit, run_cfg, real_iter,
-                    {"curve": curve, "train_seconds": train_seconds})
+    if start < cfg.steps:  # (a resume of a finished run only evaluates and exports again)
+        save_checkpoint(accelerator, run_dir, cfg.steps, cfg.checkpoints_total_limit, run_cfg, real_iter,
+                        {"curve": curve, "train_seconds": train_seconds})
 
     # 7. Final evaluation, export, metrics ------------------------------------------------------------
     spread = None  # FSDP: each process holds its own shard, not a replica
@@ -333,7 +333,8 @@ def train(cfg, backbone=None, router=None, fake_backbone=None, own=None):
                 metrics["student"].update(evaluate(student.sample))
             metrics["teacher"] = best_of_steps(teacher_runs)  # {"fid": None, ...} for an empty teacher_eval_steps
             metrics["feature_extractor"] = f"digits-classifier ({cfg.classifier}), penultimate {classifier.config.feature_dim}-d"
-            curve.append({"step": cfg.steps, "seconds": train_seconds, "fid": metrics["student"]["fid"]})
+            curve = [p for p in curve if p["step"] < cfg.steps] + [
+                {"step": cfg.steps, "seconds": train_seconds, "fid": metrics["student"]["fid"]}]
             metrics["curve"] = curve
             plot_curve(curve, os.path.join(run_dir, "fid_curve.png"))
             accelerator.log({"fid": metrics["student"]["fid"]}, step=cfg.steps)
@@ -387,13 +388,6 @@ if __name__ == "__main__":
     if "-h" in args or "--help" in args:
         print(usage())
         sys.exit(0)
-    from onestep.errors import OnestepError
+    from onestep.cli import run_script
 
-    try:
-        main(args)
-    except OnestepError as e:  # bad input: one line, non-zero exit, nothing overwritten
-        from onestep.runs import remove_unused_run_dirs
-
-        remove_unused_run_dirs()  # nor an empty run folder left behind
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main, args)  # bad input: one line (the first process's), exit 2, nothing overwritten
