@@ -40,7 +40,7 @@ def write_pngs(source, folder: str, batch_size: int) -> float:
 
 
 def main(argv=None) -> None:
-    from onestep.cli import Parser, classifier_problem, first_error, num_samples_problem
+    from onestep.cli import Parser, asset_path, classifier_problem, first_error, num_samples_problem
 
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group()
@@ -48,7 +48,7 @@ def main(argv=None) -> None:
     src.add_argument("--teacher", help="a teacher, sampled with 1 DDIM step, instead of a pipeline")
     p.add_argument("--num-samples", type=int, default=10_000)
     p.add_argument("--batch-size", type=int, default=250)
-    p.add_argument("--classifier", default="assets/digits-classifier")
+    p.add_argument("--classifier", default=asset_path("assets/digits-classifier"))
     a = p.parse_args(argv)
     first_error(p, [num_samples_problem(a.num_samples), a.batch_size < 1 and f"--batch-size must be >= 1, got "
                     f"{a.batch_size}", classifier_problem(a.classifier)])

@@ -6,7 +6,7 @@
     python eval/benchmark.py --pipeline P --features inception --mode clean \\
         --inception-weights ~/inception-2015-12-05.pt --reference cleanfid:cifar10:32:train
     python eval/benchmark.py --images my_samples/ --features inception --reference real_images/  # any image folder
-    python eval/benchmark.py --teacher sd15 --steps 25 --guidance 7.5 --pipeline runs/sd15-dmd2/pipeline \
+    python eval/benchmark.py --teacher sd15 --steps 25 --guidance 7.5 --pipeline runs/sd15-dmd2-dmd2/pipeline \\
         --prompts coco_prompts.txt --features inception --reference coco_images/  # text-to-image
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 eval/benchmark.py ...  # 2 processes
 
@@ -36,7 +36,7 @@ STEPS = "1,2,4,10,25,50,100"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from onestep.cli import (Parser, classifier_problem, eval_args_problem, first_error, num_samples_problem,
+    from onestep.cli import (Parser, asset_path, classifier_problem, eval_args_problem, first_error, num_samples_problem,
                              output_problem)
 
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -60,7 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     f.add_argument("--inception-weights", default=None, metavar="FILE",
                    help="local Inception weights (inception-2015-12-05.pt; legacy_pytorch: "
                         "pt_inception-2015-12-05-6726825d.pth); default $ONESTEP_INCEPTION_WEIGHTS, else clean-fid's")
-    f.add_argument("--classifier", default="assets/digits-classifier", help="digits network folder")
+    f.add_argument("--classifier", default=asset_path("assets/digits-classifier"), help="digits network folder")
     f.add_argument("--reference", default="digits",
                    help="digits[:all|train|test], an image folder, a statistics .npz (from an earlier --out), or "
                         "cleanfid:NAME:RES[:SPLIT] (clean-fid's stats; Inception only). Default %(default)s (1797 digits)")

@@ -39,7 +39,7 @@ def cleanfid_row(m, a, reference, net) -> dict:
 def main(argv=None) -> None:
     from onestep.benchmark import (check_inputs, evaluate_model, load_reference, parse_steps, pipeline_model,
                                    teacher_models)
-    from onestep.cli import Parser, classifier_problem, eval_args_problem
+    from onestep.cli import Parser, asset_path, classifier_problem, eval_args_problem
     from onestep.errors import OnestepError
     from onestep.features import digits_extractor
 
@@ -51,7 +51,7 @@ def main(argv=None) -> None:
     p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale of the teacher")
     p.add_argument("--num-samples", "--num_samples", dest="num_samples", type=int, default=2000,
                    help="samples per model (default %(default)s)")
-    p.add_argument("--classifier", default="assets/digits-classifier")
+    p.add_argument("--classifier", default=asset_path("assets/digits-classifier"))
     p.add_argument("--seed", type=int, default=0, help="sample i uses noise seed i (0, the default) or a hash of (SEED, i)")
     p.add_argument("--cleanfid", action="store_true", help="run the samples through clean-fid's generator path")
     p.add_argument("--json", help="write the results here")

@@ -17,7 +17,7 @@ import torch
 
 
 def main(argv=None) -> None:
-    from onestep.cli import Parser, classifier_problem, eval_args_problem
+    from onestep.cli import Parser, asset_path, classifier_problem, eval_args_problem
     from onestep.forgetting import forgetting_metrics
     from onestep.errors import OnestepError
     from onestep.fid import DigitsClassifier
@@ -31,7 +31,7 @@ def main(argv=None) -> None:
     p.add_argument("--forget", required=True, help="forgotten classes, e.g. 3 or 3,5")
     p.add_argument("--num-samples", "--num_samples", dest="num_samples", type=int, default=2000,
                    help="samples of the forget classes and of the rest (default %(default)s)")
-    p.add_argument("--classifier", default="assets/digits-classifier")
+    p.add_argument("--classifier", default=asset_path("assets/digits-classifier"))
     p.add_argument("--json", help="write the figures here")
     a = p.parse_args(argv)
 

@@ -118,7 +118,7 @@ def images_model(path: str, extractor: Extractor) -> Model:
 def pipeline_model(path: str, num_samples: int, seed: int = 0, device="cpu", prompts: list[str] | None = None) -> Model:
     """An exported student folder (OneStepPipeline, multi-student, or text-to-image on `prompts`): all of its steps."""
     src = pipeline_source(path, num_samples, seed, device, prompts)
-    return Model("student", path, src.steps, src.steps, src)
+    return Model("student", path, src.steps, src.steps * getattr(src, "nfe_per_step", 1), src)
 
 
 def load_reference(spec: str, extractor: Extractor, batch_size: int = 250, keep: int = 10_000,

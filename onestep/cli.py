@@ -16,6 +16,18 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def asset_path(path: str) -> str:
+    """A relative `assets/...` path that the working folder lacks: the project's own shipped asset (so that the
+    defaults work from any folder); any other path as given."""
+    if path and not os.path.isabs(path) and not os.path.exists(path) and \
+            os.path.normpath(path).split(os.sep)[0] == "assets" and os.path.exists(os.path.join(PROJECT_ROOT, path)):
+        return os.path.join(PROJECT_ROOT, path)
+    return path
+
+
 def first_rank() -> bool:
     """Whether this process reports bad input: a launcher's rank 0, or a process on its own. Every process of a
     launch reads the same input and stops on it; one says so."""

@@ -342,6 +342,9 @@ def load_config(argv: list[str]) -> Config:
     if cfg["method"] == preset_method:  # a preset's method options belong to its method; another --method starts clean
         cfg["method_args"] = {**preset_args, **cfg["method_args"]}
     config = Config(**cfg)
+    from .cli import asset_path
+
+    config.teacher, config.classifier = asset_path(config.teacher), asset_path(config.classifier)  # from any folder
     method = validate(config)
     config.method_args = method_kwargs(config)  # typed, so config.yaml records 1.5, not '1.5'
     if config.fake_score == "auto":  # resolved here, so config.yaml records what ran

@@ -151,11 +151,16 @@ def inception_extractor(mode: str = "clean", weights: str | None = None, device=
 
     if mode not in INCEPTION_MODES:
         raise FeatureError(f"inception mode must be one of {', '.join(INCEPTION_MODES)}, got {mode!r}")
+    from .runs import file_sha256
+
     dev = torch.device(device)
-    model = _build_inception(mode, weights or os.environ.get(INCEPTION_ENV) or None, dev)
+    path = weights or os.environ.get(INCEPTION_ENV) or None
+    model = _build_inception(mode, path, dev)
     resize = None if mode == "legacy_tensorflow" else build_resizer(mode)
+    file = path or default_weights_path(mode)  # the weights file the network was read from: its fingerprint
     return Extractor("inception_v3", mode, 3, model, resize=resize, device=dev,
-                     resize_batch=pil_bicubic_resize if mode == "clean" else None, dim=2048)
+                     resize_batch=pil_bicubic_resize if mode == "clean" else None, dim=2048,
+                     weights=file_sha256(file)[:16] if os.path.isfile(file) else "")
 
 
 @lru_cache(maxsize=16)

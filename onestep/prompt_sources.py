@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Sequence
@@ -39,6 +40,7 @@ class PromptSource(GeneratorSource):
     sample i is its prompt's row, i % P."""
 
     prompts: Sequence[str] = ()
+    nfe_per_step: int = 1  # network evaluations per step (2 under classifier-free guidance)
 
     def __post_init__(self):
         super().__post_init__()
@@ -85,6 +87,13 @@ def read_pipeline_call(path: str) -> dict:
                           "re-export it, or score a stock pipeline as --teacher with --steps") from None
     except (OSError, ValueError, KeyError, TypeError):
         raise SourceError(f"{file} holds no pipeline_call object; re-export the pipeline") from None
+    steps, ts, scale = call.get("num_inference_steps", 1), call.get("timesteps"), call.get("guidance_scale", 1.0)
+    if set(call) - {"num_inference_steps", "timesteps", "guidance_scale"} or not (
+            (ts is None and isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1)
+            or (isinstance(ts, list) and ts and all(isinstance(t, int) and not isinstance(t, bool) for t in ts)))\
+            or isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:
+        raise SourceError(f"{file}: pipeline_call {call} is not a call onestep exports (num_inference_steps or "
+                          "timesteps, and guidance_scale); re-export the pipeline")
     return call
 
 
@@ -118,5 +127,7 @@ def text_pipeline_source(path: str, prompts: Sequence[str] | None, num_samples: 
     cfg = base.unet.config
     size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
     steps = len(call["timesteps"]) if "timesteps" in call else int(call.get("num_inference_steps", 1))
+    guided = call.get("guidance_scale", 1.0) > 1 and cfg.get("time_cond_proj_dim") is None  # diffusers' CFG rule
     return PromptSource(sample, num_samples, (cfg.in_channels, size, size), None, seed, device, steps,
-                        (3, size * base.vae_scale_factor, size * base.vae_scale_factor), prompts=prompts)
+                        (3, size * base.vae_scale_factor, size * base.vae_scale_factor), prompts=prompts,
+                        nfe_per_step=2 if guided else 1)

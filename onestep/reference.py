@@ -82,8 +82,12 @@ class Reference:
         return ref
 
     def check(self, extractor: Extractor, where: str = "reference") -> None:
-        """Refuse statistics made with another extractor or mode."""
+        """Refuse statistics made with another extractor or mode, or with other weights where both record theirs
+        (clean-fid's named statistics and older files do not)."""
         want, got = extractor.meta, {k: self.meta.get(k) for k in extractor.meta}
+        if got.get("weights") is None:
+            want.pop("weights", None)
+            got.pop("weights", None)
         if want != got and got["extractor"] == want["extractor"] and got["mode"] == want["mode"]:
             raise ReferenceError(f"{where} was computed with other weights of the {want['extractor']!r} extractor "
                                  f"(fingerprint {got['weights']}, not {want['weights']}); recompute it")

@@ -151,7 +151,17 @@ def test_given_weights_file_runs_through_clean_fids_network_and_resizer(tmp_path
                                  mode="clean", verbose=False)
     ours = ex(imgs.float()).numpy()
     assert ours.shape == (6, 2048) and np.allclose(ours, theirs, rtol=1e-5, atol=1e-5)
-    assert ex.meta == {"extractor": "inception_v3", "mode": "clean"}
+    assert ex.meta == {"extractor": "inception_v3", "mode": "clean", "weights": ex.weights} and len(ex.weights) == 16
+    # statistics are tied to the weights file that made them: another file's are refused, ones without a record
+    # (clean-fid's named statistics, older files) are taken
+    ref = Reference(np.zeros(2048), np.eye(2048), {**ex.meta, "count": 6, "image_size": [3, 12, 12]})
+    ref.check(ex)
+    torch.manual_seed(1)
+    torch.jit.script(_Base()).save(str(tmp_path / "other.pt"))
+    other = inception_extractor("clean", str(tmp_path / "other.pt"))
+    with pytest.raises(ReferenceError, match="other weights of the 'inception_v3' extractor"):
+        ref.check(other)
+    Reference(ref.mu, ref.sigma, {"extractor": "inception_v3", "mode": "clean"}).check(other)
 
 
 def test_legacy_pytorch_weights_file_is_found_through_a_private_hub_folder(tmp_path, monkeypatch):

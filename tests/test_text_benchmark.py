@@ -102,6 +102,20 @@ def test_text_models_without_prompts_or_prompts_without_them_are_one_line(t2i, t
     finally:
         os.rename(str(tmp_path / "call.json"), os.path.join(t2i["one"], "onestep.json"))
     assert "has no onestep.json" in line and "--teacher" in line
+    call = os.path.join(t2i["one"], "onestep.json")
+    kept = open(call).read()
+    try:
+        with open(call, "w") as f:  # a hand-edited call: guidance costs two evaluations per step
+            json.dump({"pipeline_call": {"num_inference_steps": 1, "guidance_scale": 7.5}}, f)
+        assert pipeline_model(t2i["one"], 4, prompts=PROMPTS).nfe == 2
+        capsys.readouterr()
+        with open(call, "w") as f:
+            json.dump({"pipeline_call": {"num_inference_steps": 1, "eta": 0.5}}, f)
+        line = one_error_line(lambda: bench(["--pipeline", t2i["one"], "--prompts", t2i["prompts.txt"], *common]), capsys)
+        assert "is not a call onestep exports" in line and "re-export" in line
+    finally:
+        with open(call, "w") as f:
+            f.write(kept)
     for args, words in [
         (["--pipeline", t2i["one"]], ["text-to-image student", "--prompts FILE"]),
         (["--teacher", t2i["sd"], "--steps", "1"], ["is text-to-image", "--prompts FILE"]),
