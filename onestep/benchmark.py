@@ -64,10 +64,8 @@ def teacher_models(path: str, steps: list[int], num_samples: int, guidance: floa
     for n in steps:
         def sample(z, y, n=n):
             return sample_teacher(t.denoiser, z, y, n, guidance)
-        if text:
-            src = text_teacher_source(t, n, guidance, num_samples, seed, device)
-        else:
-            src = GeneratorSource(sample, num_samples, t.sample_shape, t.num_classes, seed, device)
+        src = text_teacher_source(t, n, guidance, num_samples, seed, device) if text else \
+            GeneratorSource(sample, num_samples, t.sample_shape, t.num_classes, seed, device)
         models.append(Model("teacher", path, n, n * (1 if guidance == 1.0 else 2), src))
     return models
 

@@ -87,11 +87,14 @@ def read_pipeline_call(path: str) -> dict:
                           "re-export it, or score a stock pipeline as --teacher with --steps") from None
     except (OSError, ValueError, KeyError, TypeError):
         raise SourceError(f"{file} holds no pipeline_call object; re-export the pipeline") from None
+    def whole(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
     steps, ts, scale = call.get("num_inference_steps", 1), call.get("timesteps"), call.get("guidance_scale", 1.0)
-    if set(call) - {"num_inference_steps", "timesteps", "guidance_scale"} or not (
-            (ts is None and isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1)
-            or (isinstance(ts, list) and ts and all(isinstance(t, int) and not isinstance(t, bool) for t in ts)))\
-            or isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:
+    known = not set(call) - {"num_inference_steps", "timesteps", "guidance_scale"}
+    schedule = whole(steps) and steps >= 1 if ts is None else isinstance(ts, list) and ts and all(map(whole, ts))
+    guidance = isinstance(scale, (int, float)) and not isinstance(scale, bool) and math.isfinite(scale) and scale >= 0
+    if not (known and schedule and guidance):
         raise SourceError(f"{file}: pipeline_call {call} is not a call onestep exports (num_inference_steps or "
                           "timesteps, and guidance_scale); re-export the pipeline")
     return call
