@@ -129,7 +129,7 @@ def main(argv=None) -> None:
     from accelerate import Accelerator
 
     from onestep.benchmark import check_reference_size, evaluate_model, load_reference
-    from onestep.cli import first_rank
+    from onestep.cli import report
     from onestep.distributed import check_joined
     from onestep.errors import OnestepError
 
@@ -148,8 +148,7 @@ def main(argv=None) -> None:
     except (OnestepError, OSError) as err:
         if acc.is_main_process and a.new_out and os.path.isdir(a.out) and not os.listdir(a.out):
             os.rmdir(a.out)
-        if first_rank():
-            print(f"error: {err}", file=sys.stderr)
+        report(err)
         sys.exit(2)
     if acc.is_main_process:
         write(a, rows, reference)

@@ -56,7 +56,7 @@ def teacher_models(path: str, steps: list[int], num_samples: int, guidance: floa
     if text and not prompts:
         raise BenchmarkError(f"teacher {path!r} is text-to-image: pass --prompts FILE (one prompt per line; sample i "
                              "uses prompt i % P)")
-    t = load_teacher(path, device=device, prompts=list(prompts) if text else None)
+    t = load_teacher(path, device=device, prompts=list(prompts)[:num_samples] if text else None)  # (those in use)
     if guidance != 1.0 and t.null_class is None and not text:
         raise TeacherError(f"--guidance {guidance}: teacher {path!r} has no null class for classifier-free guidance")
     check_teacher_steps(t, steps, path)
@@ -159,7 +159,7 @@ def evaluate_model(m: Model, extractor: Extractor, reference: Reference, batch_s
     r = stream_features(m.source, extractor, batch_size, keep, accelerator)
     n = r.stats.n
     row = {"model": m.model, "path": m.path, "steps": m.steps, "nfe": m.nfe, "num_samples": n,
-           "fid": frechet_distance(r.stats.moments(), reference.moments)}
+           "fid": frechet_distance(r.stats.moments(), reference.moments, device=extractor.device)}
     if keep and reference.features is not None:
         row["kid"] = kid(reference.features, r.features)
         row["precision"], row["recall"] = precision_recall(reference.features, r.features, k)

@@ -34,6 +34,14 @@ def first_rank() -> bool:
     return os.environ.get("RANK", "0") in ("", "0")
 
 
+def report(err) -> None:
+    """Print an error as one line `error: ...`: on the first process (every process stops on the same bad input),
+    or on any process for an error in its own share of the work (`err.local`, e.g. an image only it reads)."""
+    rank = os.environ.get("RANK") or "0"
+    if rank == "0" or getattr(err, "local", False):
+        print(f"error: {'' if rank == '0' else f'(process {rank}) '}{err}", file=sys.stderr)
+
+
 def run_script(main, args) -> None:
     """main(args) for a training script: bad input (OnestepError) -> one line `error: ...` and exit status 2, with
     any run folder it had just created and left empty removed; Ctrl-C -> one line and exit status 130."""
@@ -44,8 +52,7 @@ def run_script(main, args) -> None:
         main(args)
     except OnestepError as e:
         remove_unused_run_dirs()
-        if first_rank():
-            print(f"error: {e}", file=sys.stderr)
+        report(e)
         sys.exit(2)
     except KeyboardInterrupt:
         if first_rank():

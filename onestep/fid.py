@@ -6,6 +6,7 @@ other metrics live in `features`, `streaming`, `reference` and `metrics`.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterable
 
 import numpy as np
@@ -226,7 +227,8 @@ def best_of_steps(runs: dict) -> dict:
     when nothing was scored (e.g. an empty teacher_eval_steps)."""
     if not runs:
         return {"fid": None, "nfe": None}
-    return {**min(runs.values(), key=lambda r: r["fid"]), "by_steps": {str(n): r["fid"] for n, r in runs.items()}}
+    best = min(runs.values(), key=lambda r: (not math.isfinite(r["fid"]), r["fid"]))  # a NaN FID (diverged) is the worst
+    return {**best, "by_steps": {str(n): r["fid"] for n, r in runs.items()}}
 
 
 def evaluate_samples(sample: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor], classifier: DigitsClassifier,
@@ -244,7 +246,7 @@ def evaluate_samples(sample: Callable[[torch.Tensor, torch.Tensor | None], torch
         sample = lambda z, y: plain(z, None if y is None else ids.to(y.device)[y])  # noqa: E731
     src = GeneratorSource(sample, num_samples, sample_shape, num_classes, seed, device)
     r = stream_features(src, digits_extractor(classifier, device), batch_size)
-    out = {"fid": frechet_distance(r.stats.moments(), reference), "num_samples": num_samples}
+    out = {"fid": frechet_distance(r.stats.moments(), reference, device=device), "num_samples": num_samples}
     if num_classes:
         labels = r.labels if ids is None else ids.numpy()[r.labels]
         m = class_metrics(r.predictions, labels, classifier.config.num_classes, None if ids is None else ids.tolist())

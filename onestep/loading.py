@@ -274,8 +274,12 @@ def _backbone_config(spec: str, root: str) -> tuple[str | None, str, dict]:
 
 
 def is_text_teacher(spec: str) -> bool:
-    """Whether the teacher at `spec` (folder or hub id) is text-to-image (a UNet2DConditionModel), from its configs."""
-    return _backbone_config(spec, resolve_teacher_path(spec))[2].get("_class_name") == "UNet2DConditionModel"
+    """Whether the teacher at `spec` (folder or hub id) is text-to-image (a UNet2DConditionModel), from its configs;
+    False where they cannot be read (load_teacher then says why)."""
+    try:
+        return _backbone_config(spec, resolve_teacher_path(spec))[2].get("_class_name") == "UNet2DConditionModel"
+    except TeacherError:
+        return False
 
 
 def load_teacher(spec: str, dtype: torch.dtype = torch.float32, device="cpu", *, prompts: list[str] | None = None,

@@ -83,8 +83,9 @@ def read_pipeline_call(path: str) -> dict:
         if not isinstance(call, dict):
             raise TypeError
     except FileNotFoundError:
-        raise SourceError(f"pipeline {path!r} has no {CALL_FILE} (the one-step call a onestep export records): "
-                          "re-export it, or score a stock pipeline as --teacher with --steps") from None
+        raise SourceError(f"pipeline {path!r} has no {CALL_FILE} (the call a onestep export records): write "
+                          f"{path}/{CALL_FILE} as {{\"pipeline_call\": {{...}}}} with the keyword arguments of the model "
+                          "card's call (e.g. \"num_inference_steps\": 1, \"guidance_scale\": 1.0), or re-export it") from None
     except (OSError, ValueError, KeyError, TypeError):
         raise SourceError(f"{file} holds no pipeline_call object; re-export the pipeline") from None
     def whole(v) -> bool:

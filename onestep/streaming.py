@@ -273,7 +273,11 @@ def stream_features(source, extractor: Extractor, batch_size: int = 250, keep: i
     stats, feats, preds, clock, shapes = None, [], [], _SourceClock(extractor.device), set()
     for idx in mine.split(batch_size):  # nothing in the loop waits for the device but the kept features' copies
         with clock:
-            x = source(idx)
+            try:
+                x = source(idx)
+            except SourceError as e:  # this process's share only (e.g. an unreadable image): each reports its own
+                e.local = True
+                raise
         f = extractor(x if getattr(source, "levels", False) else to_uint8_levels(x))
         stats = stats or FeatureStats(f.shape[1])
         shapes.add(tuple(x.shape[1:]))

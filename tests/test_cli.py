@@ -498,6 +498,19 @@ def test_only_the_first_process_reports_bad_input_and_ctrl_c_is_one_line(monkeyp
         with pytest.raises(SystemExit) as e:
             run_script(bad, [])
         assert e.value.code == 2 and capsys.readouterr().err.splitlines() == lines
+
+    def unreadable(args):  # an error in this process's own share of the work: every process reports its own
+        from onestep.streaming import SourceError
+
+        err = SourceError("cannot read image 'x.png'")
+        err.local = True
+        raise err
+
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit):
+        run_script(unreadable, [])
+    assert capsys.readouterr().err.splitlines() == ["error: (process 1) cannot read image 'x.png'"]
+    monkeypatch.setenv("RANK", "0")
     with pytest.raises(SystemExit) as e:
         run_script(interrupted, [])
     err = capsys.readouterr().err.splitlines()

@@ -101,7 +101,7 @@ def test_text_models_without_prompts_or_prompts_without_them_are_one_line(t2i, t
         line = one_error_line(lambda: bench(["--pipeline", str(old), "--prompts", t2i["prompts.txt"], *common]), capsys)
     finally:
         os.rename(str(tmp_path / "call.json"), os.path.join(t2i["one"], "onestep.json"))
-    assert "has no onestep.json" in line and "--teacher" in line
+    assert "has no onestep.json" in line and "pipeline_call" in line and "model card" in line
     call = os.path.join(t2i["one"], "onestep.json")
     kept = open(call).read()
     try:
@@ -128,3 +128,11 @@ def test_text_models_without_prompts_or_prompts_without_them_are_one_line(t2i, t
     assert not os.path.exists(tmp_path / "x")
     with pytest.raises(SourceError, match="text-to-image student: pass prompts"):
         pipeline_model(t2i["one"], 4)
+    from onestep.loading import TeacherError
+
+    (tmp_path / "msd").mkdir()
+    (tmp_path / "msd" / "multistudent.json").write_text("{}")
+    with pytest.raises(TeacherError, match="is an exported one-step student"):  # the loader's own message
+        teacher_models(str(tmp_path / "msd"), [1], 4, prompts=PROMPTS)
+    # only the prompts the samples use are encoded: sample i of 2 uses prompt i
+    assert teacher_models(t2i["sd"], [1], 2, prompts=PROMPTS)[0].source.prompts == PROMPTS[:2]
