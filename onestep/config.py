@@ -215,6 +215,9 @@ NON_NEGATIVE = ("lr_warmup_steps", "cpu_threads", "log_every", "sample_every", "
 def _convert(key: str, value, typ):
     """Coerce a YAML or CLI value to the field's type, or raise ConfigError naming key and value."""
     origin = typing.get_origin(typ) or typ
+    if origin is str and isinstance(value, bool):  # YAML reads unquoted no / off / yes / on as booleans
+        raise ConfigError(f"{key}: got the YAML boolean {value} (an unquoted no, off, yes, on, false or true); quote "
+                          f"the text, e.g. {key}: 'no'")
     try:
         if origin is bool:
             if isinstance(value, bool):
@@ -246,7 +249,7 @@ def _convert(key: str, value, typ):
                 raise ValueError
             return value
         if origin is str:
-            if isinstance(value, (list, tuple, dict)):
+            if isinstance(value, (list, tuple, dict, bool)):
                 raise ValueError
             return "" if value is None else str(value)
     except (ValueError, TypeError, yaml.YAMLError):
@@ -309,6 +312,20 @@ def parse_cli(argv: list[str]) -> tuple[dict, str | None, str | None]:
     return out, config_file, preset
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"config file: key {key!r} is given twice (line {key_node.start_mark.line + 1}); "
+                                  "keep one")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_config(argv: list[str]) -> Config:
     """defaults <- preset <- YAML file <- CLI overrides, then validated."""
     overrides, config_file, preset = parse_cli(argv)
@@ -319,17 +336,24 @@ def load_config(argv: list[str]) -> Config:
     if config_file:
         try:
             with open(config_file, encoding="utf-8") as f:
-                file_values = yaml.safe_load(f) or {}
+                file_values = yaml.load(f, Loader=_UniqueKeyLoader) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file {config_file!r} does not exist") from None
         except (IsADirectoryError, UnicodeDecodeError, PermissionError) as e:
             raise ConfigError(f"config file {config_file!r} cannot be read as text ({type(e).__name__}); pass a YAML "
                               "file of key: value lines") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {config_file!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+        except yaml.YAMLError as e:  # the parser's problem and where it is, on one line
+            problem, mark = getattr(e, "problem", None), getattr(e, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+            raise ConfigError(f"config file {config_file!r} is not valid YAML: {problem or str(e).splitlines()[0]}"
+                              f"{where}") from None
         if not isinstance(file_values, dict):
             raise ConfigError(f"config file {config_file!r} must hold a mapping of keys to values")
-    preset = preset or file_values.pop("preset", None) or "digits"
+    file_preset = file_values.pop("preset", None)
+    if preset and file_preset is not None and file_preset != preset:
+        raise ConfigError(f"preset: the config file names preset {file_preset!r} and the command line {preset!r}; the "
+                          "file's values override a preset's, so pass one of them (or edit the file's preset)")
+    preset = preset or file_preset or "digits"
     if not isinstance(preset, str) or preset not in PRESETS:
         raise ConfigError(f"preset: unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     cfg = dataclasses.asdict(Config())
@@ -568,6 +592,9 @@ def _check_numbers(cfg: Config, method) -> None:
     if cfg.lr_warmup_steps > cfg.steps:
         raise ConfigError(f"lr_warmup_steps: {cfg.lr_warmup_steps} is longer than the run (--steps {cfg.steps}), so the "
                           "learning rate would never reach its value; use at most --steps")
+    if cfg.lr_warmup_steps and cfg.lr_scheduler == "constant":  # diffusers' constant schedule has no warm-up
+        raise ConfigError(f"lr_warmup_steps: the constant schedule takes no warm-up; pass --lr_scheduler "
+                          "constant_with_warmup (or cosine, linear, ...) or drop --lr_warmup_steps")
     if len(cfg.generator_timesteps) > 1 and options.get("regression_weight", 0) > 0:
         raise ConfigError(f"regression_weight: DMD1's regression pairs one-step outputs with the teacher's ODE from the "
                           f"same noise; a {len(cfg.generator_timesteps)}-step student re-noises: use one timestep or 0")

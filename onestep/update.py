@@ -16,6 +16,7 @@ Without skips both give the same weights, optimiser states and EMA (tested).
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable
 
 import torch
@@ -122,7 +123,10 @@ class Updates:
             return
         step, turn, logs = self._last
         terms = [k for k, v in floats(logs).items() if isinstance(v, float) and not math.isfinite(v)] or ["its gradient"]
-        raise NonFiniteError(
-            f"step {step + 1}: the {turn} loss ({', '.join(terms)}) was not finite; {streak} updates in a row "
-            f"were skipped, so the run stopped. The newest checkpoint in {self.where}/checkpoints is the last "
-            "good state: lower the learning rates or check the teacher, then --resume latest")
+        folder = os.path.join(self.where, "checkpoints")
+        saved = os.path.isdir(folder) and any(d.startswith("step_") and not d.endswith(".tmp") for d in os.listdir(folder))
+        then = (f"The newest checkpoint in {folder} is the last good state: lower the learning rates or check the "
+                "teacher, then --resume latest") if saved else ("No checkpoint was written (--checkpoint_every): lower "
+                                                                "the learning rates or check the teacher and start again")
+        raise NonFiniteError(f"step {step + 1}: the {turn} loss ({', '.join(terms)}) was not finite; {streak} updates "
+                             f"in a row were skipped, so the run stopped. {then}")

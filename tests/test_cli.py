@@ -318,6 +318,7 @@ def test_non_finite_updates_are_skipped_then_stop_the_run(cond_teacher, tmp_path
     assert r.returncode != 0, r.stderr[-2000:]  # 2 from the trainer; accelerate launch reports 1
     err = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "was not finite" in err[0] and "step 2" in err[0] and "loss_" in err[0], r.stderr[-2000:]
+    assert "No checkpoint was written" in err[0]  # (--checkpoint_every 0: nothing to resume from)
     assert not (out / "smoke-dmd2" / "checkpoints").exists() or not any((out / "smoke-dmd2" / "checkpoints").iterdir())
     assert not (out / "smoke-dmd2" / "metrics.json").exists()
 
@@ -515,3 +516,40 @@ def test_only_the_first_process_reports_bad_input_and_ctrl_c_is_one_line(monkeyp
         run_script(interrupted, [])
     err = capsys.readouterr().err.splitlines()
     assert e.value.code == 130 and len(err) == 1 and "--resume latest" in err[0]
+
+
+@pytest.mark.parametrize("text, extra, message", [
+    ("steps: 4\nsteps: 6\n", [], "key 'steps' is given twice (line 2)"),
+    ("method_args:\n  update_ratio: 2\nmethod_args:\n  update_ratio: 4\n", [], "key 'method_args' is given twice"),
+    ("mixed_precision: no\n", [], "mixed_precision: got the YAML boolean False"),
+    ("steps: 4\n\tbatch_size: 8\n", [], "(line 2, column 1)"),
+    ("preset: smoke\n", ["--preset", "digits-dmd"], "names preset 'smoke' and the command line 'digits-dmd'"),
+    ("lr_warmup_steps: 2\n", [], "the constant schedule takes no warm-up"),
+], ids=["duplicate", "duplicate-block", "yaml-boolean", "tab", "two-presets", "warmup-unused"])
+def test_config_file_mistakes_are_one_line(tmp_path, text, extra, message):
+    from onestep.config import ConfigError, load_config
+
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(["--config", str(tmp_path / "c.yaml"), *extra])
+    assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+    (tmp_path / "ok.yaml").write_text("preset: smoke\nmixed_precision: 'no'\nlr_scheduler: constant_with_warmup\n"
+                                      "lr_warmup_steps: 2\n")
+    cfg = load_config(["--config", str(tmp_path / "ok.yaml"), "--preset", "smoke"])  # the same preset twice: fine
+    assert (cfg.preset, cfg.mixed_precision, cfg.lr_warmup_steps) == ("smoke", "no", 2)
+
+
+def test_every_logging_step_logs_the_generators_newest_losses_and_the_learning_rates(cond_teacher, tmp_path):
+    """Generator updates every 3rd iteration (0, 3), logging every 2nd (after 2 and 4): both logging steps show the
+    generator's terms (its newest values), with both learning rates."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cmd = [sys.executable, os.path.join(ROOT, "train", "distill.py"), *SMOKE, "--teacher", cond_teacher, "--update_ratio",
+           "3", "--log_every", "2", "--checkpoint_every", "0", "--teacher_eval_steps", "[]", "--output_dir", str(tmp_path),
+           "--name", "tb"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    events = EventAccumulator(str(tmp_path / "tb" / "logs" / "onestep")).Reload()
+    steps = {tag: [e.step for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    assert steps["loss_dm"] == steps["loss_fake"] == steps["lr_generator"] == steps["lr_fake"] == [2, 4]
+    assert steps["fid"] == steps["class_accuracy"] == [4]

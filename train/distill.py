@@ -252,6 +252,7 @@ def train(cfg, backbone=None, router=None, fake_backbone=None, own=None):
     trained = {"generator": triad.generator_parameters(), "fake": triad.critic_parameters()}
     parts = {"generator": (method.generator_loss, [opt_g], [sched_g]),  # + the GAN head's own under FSDP
              "fake": (method.fake_score_loss, [o for o in (opt_f, opt_h) if o], [s for s in (sched_f, sched_h) if s])}
+    latest = {}  # each term's newest value: a logging step that is no generator step still logs the generator's
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=name, disable=not accelerator.is_local_main_process)
     for step in bar:
         batch = {"z": torch.randn(cfg.batch_size, *shape, device=device), "cond": draw_cond(cfg.batch_size), "step": step}
@@ -272,6 +273,7 @@ def train(cfg, backbone=None, router=None, fake_backbone=None, own=None):
             if updates(step, turn, loss, turn_logs[f"grad_norm_{turn}"], opts, lr_scheds, turn_logs,
                        triad.ema_step if turn == "generator" else None):
                 logs.update(turn_logs)
+        latest.update(logs)
         if hasattr(method, "on_step"):  # e.g. DisBack's target schedule
             method.on_step(triad, step, logs)
         done = step + 1
@@ -281,7 +283,8 @@ def train(cfg, backbone=None, router=None, fake_backbone=None, own=None):
                 cfg.sample_every, cfg.eval_every, cfg.checkpoint_every)):
             updates.check()  # where the skips are counted on the device: a run of them past the limit stops here
         if done % cfg.log_every == 0 or done == cfg.steps:
-            logs = floats({**logs, "skipped_updates": updates.skipped_count()})  # one read of the device's values
+            logs = floats({**latest, "skipped_updates": updates.skipped_count(), "lr_generator": sched_g.get_last_lr()[0],
+                           "lr_fake": sched_f.get_last_lr()[0]})  # one read of the device's values
             accelerator.log(logs, step=done)
             bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items() if k.startswith("loss")})
         if cfg.sample_every and done % cfg.sample_every == 0:
@@ -337,7 +340,8 @@ def train(cfg, backbone=None, router=None, fake_backbone=None, own=None):
                 {"step": cfg.steps, "seconds": train_seconds, "fid": metrics["student"]["fid"]}]
             metrics["curve"] = curve
             plot_curve(curve, os.path.join(run_dir, "fid_curve.png"))
-            accelerator.log({"fid": metrics["student"]["fid"]}, step=cfg.steps)
+            accelerator.log({k: metrics["student"][k] for k in ("fid", "class_accuracy") if k in metrics["student"]},
+                            step=cfg.steps)
         if hasattr(method, "extra_metrics"):  # method-specific figures, e.g. SFD's unlearning accuracy
             with torch.no_grad():
                 metrics.update(method.extra_metrics(student.sample, classifier, cfg.eval_samples, shape, device))
