@@ -64,12 +64,16 @@ def test_a_skipped_update_changes_nothing(mode):
     updates.check()  # one skip, then a good update: no stop
 
 
-def test_host_stops_at_the_limit_with_one_line():
+def test_host_stops_at_the_limit_with_one_line(tmp_path, monkeypatch):
     with pytest.raises(NonFiniteError) as e:
         run("host", poison=(1, 2, 3))
     msg = str(e.value)
     assert msg.startswith("step 4: the generator loss (loss_x) was not finite; 3 updates in a row were skipped")
-    assert "\n" not in msg and "--resume latest" in msg
+    assert "\n" not in msg and "No checkpoint was written" in msg  # (no run folder here)
+    (tmp_path / "checkpoints" / "step_0000002").mkdir(parents=True)  # a run folder with a checkpoint: resume it
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(NonFiniteError, match="is the last good state: .* then --resume latest$"):
+        run("host", poison=(1, 2, 3))
 
 
 def test_device_counts_without_reading_and_stops_at_the_next_check():
