@@ -59,8 +59,8 @@ class RealImages(torch.utils.data.Dataset):
     (uncaptioned images of a text teacher) a random row of `cond_table`, drawn anew each epoch from (seed, epoch)
     alone, so a resumed run (and every DataLoader worker or process) pairs each image with the same prompt."""
 
-    def __init__(self, samples: torch.Tensor, conds: torch.Tensor | None = None, cond_table: torch.Tensor | None = None,
-                 seed: int = 0):
+    def __init__(self, samples: torch.Tensor, conds=None, cond_table=None, seed: int = 0):
+        """`conds` / `cond_table`: a tensor, or a prompt table (onestep.prompts.PromptTable) indexed as one."""
         self.samples, self.conds, self.cond_table, self.seed = samples, conds, cond_table, seed
         self.set_epoch(0)
 
@@ -75,12 +75,16 @@ class RealImages(torch.utils.data.Dataset):
         return len(self.samples)
 
     def __getitem__(self, i: int) -> dict:
-        item = {"real": self.samples[i]}
-        if self.conds is not None:
-            item["real_cond"] = self.conds[i]
-        elif self.cond_table is not None:
-            item["real_cond"] = self.cond_table[int(self.prompt_rows[i])]
-        return item
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        """A batch's items (the DataLoader fetches batches so): its conditions looked up in one indexing, which a
+        prompt table that is not cached (onestep.prompts.PromptTable) encodes in one call."""
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        conds = (self.conds[idx] if self.conds is not None else None if self.cond_table is None
+                 else self.cond_table[self.prompt_rows[idx]])
+        return [{"real": self.samples[i], **({} if conds is None else {"real_cond": conds[k]})}
+                for k, i in enumerate(indices)]
 
 
 @dataclass

@@ -43,13 +43,13 @@ class Teacher:
     null_class: int | None = None       # the label that means "unconditional" (for guidance)
     info: dict = field(default_factory=dict)
     prompts: list[str] | None = None    # text teachers: the prompts to distil on ...
-    prompt_embeds: torch.Tensor | None = None  # ... and their cached embeddings (N, L, D) (SDXL: (N, L + r, D),
-                                               # denoiser.pack_text_time), float32 on the CPU
+    prompt_embeds: PromptTable | None = None  # ... and their embeddings by row, as an (N, L, D) float32 CPU tensor
+                                              # (SDXL: (N, L + r, D), denoiser.pack_text_time) (onestep.prompts)
     vae: torch.nn.Module | None = None  # latent teachers: the frozen VAE (decodes samples to images)
     latent_scale: float | torch.Tensor = 1.0  # latents the UNet sees = (VAE latents - latent_shift) * latent_scale;
     latent_shift: float | torch.Tensor = 0.0  # per channel (1, C, 1, 1) for VAEs with latents_mean / latents_std
     negative_cond: torch.Tensor | None = None   # text teachers: the negative prompt's embedding (1, ...) for guidance
-    caption_embeds: torch.Tensor | None = None  # text teachers: embeddings of a dataset's captions (N_images, ...)
+    caption_embeds: PromptTable | None = None  # text teachers: embeddings of a dataset's captions (N_images, ...)
 
     @property
     def backbone(self):
@@ -287,8 +287,9 @@ def load_teacher(spec: str, dtype: torch.dtype = torch.float32, device="cpu", *,
                  negative_prompt: str = "") -> Teacher:
     """Load a teacher as a Denoiser; raise TeacherError with a fix for anything unusable.
 
-    Text-to-image teachers encode `prompts` (default: `captions`, else onestep.prompts.DEFAULT_PROMPTS), a
-    dataset's `captions` and the `negative_prompt` once; their VAE and text encoders are stored in `frozen_dtype`
+    Text-to-image teachers encode `prompts` (default: `captions`, else onestep.prompts.DEFAULT_PROMPTS) and a
+    dataset's `captions` into prompt tables (onestep.prompts.PromptTable: cached, or encoded as drawn), the empty and
+    the `negative_prompt` once; their VAE and text encoders are stored in `frozen_dtype`
     (default: `dtype`). Other teachers ignore `captions`.
     """
     import diffusers
@@ -442,7 +443,7 @@ def _load_text_teacher(root, unet, schedule, sched_cfg, prompts, frozen_dtype, d
     import diffusers
 
     from .denoiser import pack_text_time, text_time_pooled_dim, unpack_text_time
-    from .prompts import DEFAULT_PROMPTS, encode_prompts, encode_prompts_xl
+    from .prompts import DEFAULT_PROMPTS, PromptTable, encode_prompts, encode_prompts_xl
 
     index = _read_index(root)
     xl = _is_sdxl(index, dict(unet.config))
@@ -484,15 +485,15 @@ def _load_text_teacher(root, unet, schedule, sched_cfg, prompts, frozen_dtype, d
             return encode_prompts(tokenizers[0], encoders[0], texts)
 
     prompts = list(prompts or captions or DEFAULT_PROMPTS)
-    embeds = encode(prompts)
-    caption_embeds = None if captions is None else embeds if list(captions) == prompts else encode(list(captions))
+    embeds = PromptTable(prompts, encode)  # cached, or (past ONESTEP_PROMPT_CACHE_MB) encoded batch by batch
+    caption_embeds = None if captions is None else embeds if list(captions) == prompts else PromptTable(captions, encode)
     null = encode([""])                                                   # (1, ...): the empty prompt
     if xl and index.get("force_zeros_for_empty_prompt", True):           # SDXL's unconditional input: zeros
         parts = unpack_text_time(null, pooled_dim)
         null = pack_text_time(torch.zeros_like(parts["encoder_hidden_states"]),
                               torch.zeros_like(parts["added_cond_kwargs"]["text_embeds"]), time_ids)
     negative = encode([negative_prompt]).to(device) if negative_prompt else None
-    # the text encoders are freed on return (run once): the export reloads them from the teacher folder
+    # a cached table frees the text encoders on return: the export reloads them from the teacher folder
 
     denoiser = Denoiser(unet, schedule, null_cond=null.to(device))
     return Teacher(denoiser, sched_cfg, root, shape, info={"backbone": "UNet2DConditionModel", "text": True, "sdxl": xl,

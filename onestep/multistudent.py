@@ -204,7 +204,7 @@ def kmeans(x: torch.Tensor, k: int, *, seed: int = 0, iters: int = 100) -> torch
     return c.float()
 
 
-def build_router(kind: str, num_students: int, *, classes: Sequence[int] = (), prompt_embeds: torch.Tensor | None = None,
+def build_router(kind: str, num_students: int, *, classes: Sequence[int] = (), prompt_embeds=None,
                  affinity: Callable[[], torch.Tensor] | None = None, seed: int = 0) -> Router:
     """The router of `kind` ("auto": balanced for class labels, kmeans for prompts) over the classes or prompts."""
     text = prompt_embeds is not None
@@ -217,7 +217,8 @@ def build_router(kind: str, num_students: int, *, classes: Sequence[int] = (), p
         raise RoutingError(f"students: {num_students} students need at least {num_students} "
                            f"{'prompts' if text else 'classes'} to split, got {n}")
     if kind == "kmeans":
-        feats = embedding_features(prompt_embeds)
+        # 1024 rows at a time: a prompt table that is not cached encodes the rows it is asked for
+        feats = torch.cat([embedding_features(prompt_embeds[s:s + 1024]) for s in range(0, n, 1024)])
         centroids = kmeans(feats, num_students, seed=seed)
         assign = torch.cdist(feats, centroids).argmin(1)
         groups = [torch.nonzero(assign == j).flatten().tolist() for j in range(num_students)]
@@ -323,8 +324,10 @@ def own_real_images(data, router: Router, k: int):
     real pairs of its own conditions only, as its samples are."""
     from .data import RealImages
 
-    keep = router.route(data.conds).cpu() == k
-    return RealImages(data.samples[keep], conds=data.conds[keep])
+    n = len(data.conds)  # 1024 at a time: a prompt table not cached encodes the rows it is asked for
+    keep = torch.cat([router.route(data.conds[s:s + 1024]).cpu() for s in range(0, n, 1024)]) == k
+    return RealImages(data.samples[keep], conds=data.conds.subset(keep) if hasattr(data.conds, "subset")
+                      else data.conds[keep])
 
 
 # ---- the multi-student run ---------------------------------------------------------------------------
@@ -430,7 +433,7 @@ def train_students(cfg, train: Callable) -> dict | None:
         entry = {"student": k, "conditions": [teacher.prompts[i] for i in g] if text else g}
         backbone = None
         if cfg.student_channels:
-            backbone, r = tsm(teacher.prompt_embeds[g] if text else torch.tensor(g), cfg.seed + k, sub_name(k))
+            backbone, r = tsm(teacher.prompt_embeds.subset(g) if text else torch.tensor(g), cfg.seed + k, sub_name(k))
             entry.update({"tsm": r} if r else {})
         report.append(entry)
         if shared:

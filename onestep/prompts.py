@@ -1,4 +1,5 @@
-"""Prompts for text-to-image teachers: read a prompt file, encode prompts once into a cached embedding table.
+"""Prompts for text-to-image teachers: read a prompt file, encode prompts into an embedding table (PromptTable:
+cached once, or past its memory budget encoded batch by batch as rows are drawn).
 
 The encodings are the ones diffusers' StableDiffusionPipeline (max-length padding, the text encoder's last
 hidden state) and StableDiffusionXLPipeline (both encoders' penultimate hidden states side by side, the second
@@ -78,3 +79,64 @@ def encode_prompts_xl(tokenizers: list, text_encoders: list, prompts: list[str],
             hidden.append(result.hidden_states[-2].float().cpu())
         out.append(pack_text_time(torch.cat(hidden, dim=-1), pooled, time_ids))
     return torch.cat(out)
+
+
+CACHE_MB_ENV = "ONESTEP_PROMPT_CACHE_MB"  # the most memory a prompt table's cache may take; larger tables encode
+CACHE_MB = 1024                           # each drawn batch of rows instead (the text encoders stay loaded)
+
+
+def cache_bytes() -> int:
+    """The byte budget for caching a whole prompt table ($ONESTEP_PROMPT_CACHE_MB, default 1024 MiB)."""
+    value = os.environ.get(CACHE_MB_ENV, "")
+    try:
+        mb = float(value) if value.strip() else CACHE_MB
+        if not mb >= 0:
+            raise ValueError
+    except ValueError:
+        raise PromptError(f"{CACHE_MB_ENV}={value!r} is not a size in MiB; set a number >= 0 (0: never cache) or "
+                          "unset it") from None
+    return int(mb * 2**20)
+
+
+class PromptTable:
+    """Prompt embeddings by row, indexed as an (N, L, D) float32 CPU tensor of them would be (`table[rows]`).
+
+    All rows are encoded once when they fit in `budget` bytes (cache_bytes()); otherwise each indexing encodes just
+    the rows it asks for, so a prompt file of millions of lines costs memory for one batch of embeddings at a time.
+    Either way, row i is `encode([prompts[i]])[0]`."""
+
+    ndim = 3
+    dtype = torch.float32
+    device = torch.device("cpu")
+
+    def __init__(self, prompts, encode, budget: int | None = None):
+        self.prompts, self._encode = list(prompts), encode
+        first = encode(self.prompts[:1])
+        self.shape = torch.Size((len(self.prompts), *first.shape[1:]))
+        budget = cache_bytes() if budget is None else budget
+        self.cached = len(self.prompts) * first[0].numel() * first.element_size() <= budget
+        self._rows = encode(self.prompts) if self.cached else None
+        if self.cached:
+            self._encode = None  # the text encoders can go
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        if self._rows is not None:
+            return self._rows[idx]
+        rows = torch.arange(len(self.prompts))[idx.cpu() if torch.is_tensor(idx) else idx]
+        picked = [self.prompts[i] for i in rows.reshape(-1).tolist()]
+        return self._encode(picked).reshape(*rows.shape, *self.shape[1:])
+
+    def subset(self, rows) -> "PromptTable":
+        """The table of rows `rows` only (sharing this table's encoders, or its cache)."""
+        sub = PromptTable.__new__(PromptTable)
+        rows = torch.arange(len(self.prompts))[rows].reshape(-1)
+        sub.prompts, sub._encode, sub.cached = [self.prompts[i] for i in rows.tolist()], self._encode, self.cached
+        sub.shape, sub._rows = torch.Size((len(sub.prompts), *self.shape[1:])), None if self._rows is None else self._rows[rows]
+        return sub
+
+    def to(self, device) -> torch.Tensor:
+        """Every row as one tensor on `device` (all encoded now when not cached)."""
+        return self[:].to(device)

@@ -81,7 +81,7 @@ class CLIPScore:
             raise RewardError(f"reward 'clip': no CLIP model {model!r} on this machine ({type(e).__name__}); nothing "
                               "is downloaded: save a transformers CLIPModel and its tokenizer to a folder and pass "
                               "--clip_model DIR") from None
-        self.table, self.decode, self.size = table, decode, self.model.config.vision_config.image_size
+        self.table, self.decode, self.size = table[:], decode, self.model.config.vision_config.image_size  # all rows
         tokens = tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(device)
         with torch.no_grad():
             self.text = F.normalize(self._features(self.model.get_text_features(**tokens)), dim=-1)  # (N, D)

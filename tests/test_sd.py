@@ -105,7 +105,7 @@ def test_sd_teacher_works_in_latent_space_with_cached_prompt_embeddings(sd_teach
     assert teacher.info["image_size"] == 16
     pipe = StableDiffusionPipeline.from_pretrained(sd_teacher)
     ref, ref_null = pipe.encode_prompt(PROMPTS, "cpu", 1, True, [""] * len(PROMPTS))
-    assert torch.allclose(teacher.prompt_embeds, ref, atol=1e-6)  # the stock pipeline's conditions
+    assert torch.allclose(teacher.prompt_embeds[:], ref, atol=1e-6)  # the stock pipeline's conditions
     assert torch.allclose(teacher.denoiser.null_cond.expand_as(ref), ref_null, atol=1e-6)  # null = empty prompt
     x = torch.randn(2, *teacher.sample_shape)
     images = teacher.to_images(x)
@@ -116,6 +116,30 @@ def test_sd_teacher_works_in_latent_space_with_cached_prompt_embeddings(sd_teach
     t = torch.tensor([500, 900])
     x0 = teacher.denoiser.guided(x, t, teacher.prompt_embeds[:2], 3.0)
     assert x0.shape == x.shape and torch.isfinite(x0).all()
+
+
+def test_a_prompt_table_past_its_cache_budget_encodes_the_rows_it_is_asked_for(sd_teacher, teacher, monkeypatch):
+    from onestep.data import RealImages
+    from onestep.prompts import CACHE_MB_ENV, PromptError
+
+    monkeypatch.setenv(CACHE_MB_ENV, "0")
+    lazy = load_teacher(sd_teacher, prompts=PROMPTS)
+    table, cached = lazy.prompt_embeds, teacher.prompt_embeds
+    assert cached.cached and not table.cached and table.shape == cached.shape and len(table) == len(PROMPTS)
+    for idx in (slice(None), slice(1, 3), [2, 0, 2], torch.tensor([[1], [0]]), 1):
+        assert torch.allclose(table[idx], cached[idx], atol=1e-6)
+    sub = table.subset(torch.tensor([False, True, True]))
+    assert not sub.cached and sub.prompts == PROMPTS[1:] and torch.allclose(sub[:], cached[1:], atol=1e-6)
+    # a DataLoader batch of uncaptioned real images: one encoding for the whole batch, the cached table's rows
+    encoded = []
+    table._encode = lambda texts, f=table._encode: encoded.append(len(texts)) or f(texts)
+    data, ref = (RealImages(torch.zeros(5, 4, 8, 8), cond_table=t, seed=3) for t in (table, cached))
+    batch = next(iter(torch.utils.data.DataLoader(data, batch_size=5)))
+    assert encoded == [5] and torch.allclose(batch["real_cond"], torch.stack([ref[i]["real_cond"] for i in range(5)]),
+                                             atol=1e-6)
+    monkeypatch.setenv(CACHE_MB_ENV, "lots")
+    with pytest.raises(PromptError, match="ONESTEP_PROMPT_CACHE_MB='lots' is not a size in MiB"):
+        load_teacher(sd_teacher, prompts=PROMPTS)
 
 
 def test_frozen_parts_in_the_compute_dtype_and_default_prompts(sd_teacher):

@@ -68,7 +68,7 @@ def test_sdxl_teacher_caches_both_encoders_pooled_embeddings_and_size_conditioni
     teacher = load_teacher(sdxl_teacher, prompts=PROMPTS, negative_prompt="blurry")
     pipe, embeds, neg, pooled, neg_pooled, time_ids = stock_conditions(sdxl_teacher, PROMPTS)
     assert teacher.info["sdxl"] and teacher.sample_shape == (4, 8, 8) and teacher.info["image_size"] == 16
-    table = teacher.prompt_embeds
+    table = teacher.prompt_embeds[:]
     assert table.shape[:2] == (3, embeds.shape[1] + 1) and table.shape[2] == embeds.shape[2] == 32  # 16 + 6 -> 1 row
     parts = unpack_text_time(table, 16)
     assert torch.allclose(parts["encoder_hidden_states"], embeds, atol=1e-6)

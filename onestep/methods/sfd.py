@@ -96,7 +96,7 @@ class SFD(SiD):
         if self.override_mode == "classifier" and (classifier is None or what != "class"):
             raise OnestepError("override_mode: 'classifier' needs a class-conditional 8x8 digits teacher and "
                                "--classifier; use map or random")
-        self._table, self._keys, self._classifier = cond_table, list(keys), classifier
+        self._table, self._keys, self._classifier = cond_table[:], list(keys), classifier  # every row (a tensor)
         self._forget, self._remain, self._lut = torch.tensor(forget), torch.tensor(remain), lut
         self._copies = {}
 
