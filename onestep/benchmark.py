@@ -85,7 +85,7 @@ def check_inputs(models: list[Model], extractor: Extractor, fix: str = "use --fe
         if m.model == "images":
             first = os.path.relpath(m.source.files[0], m.path)
             if extractor.resize is None and (problem := input_problem(
-                    extractor, m.source.image_shape(), f"--images {m.path!r}: its first image, {first}, is",
+                    extractor, m.source.first_image_shape(), f"--images {m.path!r}: its first image, {first}, is",
                     "resize the images to that size or pick other features")):
                 raise BenchmarkError(problem)
             continue
@@ -144,7 +144,7 @@ def load_reference(spec: str, extractor: Extractor, batch_size: int = 250, keep:
                              "from an earlier --out, digits, or cleanfid:NAME:RES[:SPLIT]")
     source = FolderSource(spec, extractor.channels, extractor.resize)
     first = f"its first image, {os.path.relpath(source.files[0], spec)}, is"
-    if extractor.resize is None and (problem := input_problem(extractor, source.image_shape(), first,
+    if extractor.resize is None and (problem := input_problem(extractor, source.first_image_shape(), first,
                                                               "resize the images to that size or pick other features")):
         raise BenchmarkError(f"--reference {spec!r}: {problem}")
     return compute_reference(source, extractor, f"folder:{os.path.abspath(spec)}", batch_size, keep, accelerator)

@@ -268,6 +268,10 @@ def apply(values: dict, cfg: dict, source: str) -> None:
     from .methods import METHODS, method_options
 
     types = _field_types()
+    nested = values.get("method_args") if isinstance(values.get("method_args"), dict) else {}
+    for key in [k for k in values if k in nested and k not in types and values[k] != nested[k]]:
+        raise ConfigError(f"{key}: {source} gives it twice, {values[key]!r} at the top level and {nested[key]!r} under "
+                          "method_args; keep one")
     for key, value in values.items():
         if key == "method_args":
             for k, v in (_convert("method_args", value, dict)).items():

@@ -139,8 +139,9 @@ class FolderSource:
                               "remove or replace that file (re-save or re-copy it)") from None
         return levels.reshape(*im.size[::-1], -1)
 
-    def image_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of the first image, as read (C: the channels asked for)."""
+    def first_image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the first image, as read (C: the channels asked for; a folder's images may differ in size,
+        unlike a GeneratorSource's image_shape)."""
         return (self.channels, *self._read(self.files[0]).shape[:2])
 
     def __call__(self, idx: torch.Tensor) -> torch.Tensor:

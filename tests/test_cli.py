@@ -525,7 +525,8 @@ def test_only_the_first_process_reports_bad_input_and_ctrl_c_is_one_line(monkeyp
     ("steps: 4\n\tbatch_size: 8\n", [], "(line 2, column 1)"),
     ("preset: smoke\n", ["--preset", "digits-dmd"], "names preset 'smoke' and the command line 'digits-dmd'"),
     ("lr_warmup_steps: 2\n", [], "the constant schedule takes no warm-up"),
-], ids=["duplicate", "duplicate-block", "yaml-boolean", "tab", "two-presets", "warmup-unused"])
+    ("update_ratio: 2\nmethod_args:\n  update_ratio: 4\n", [], "2 at the top level and 4 under method_args; keep one"),
+], ids=["duplicate", "duplicate-block", "yaml-boolean", "tab", "two-presets", "warmup-unused", "top-and-nested"])
 def test_config_file_mistakes_are_one_line(tmp_path, text, extra, message):
     from onestep.config import ConfigError, load_config
 
@@ -534,9 +535,10 @@ def test_config_file_mistakes_are_one_line(tmp_path, text, extra, message):
         load_config(["--config", str(tmp_path / "c.yaml"), *extra])
     assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
     (tmp_path / "ok.yaml").write_text("preset: smoke\nmixed_precision: 'no'\nlr_scheduler: constant_with_warmup\n"
-                                      "lr_warmup_steps: 2\n")
-    cfg = load_config(["--config", str(tmp_path / "ok.yaml"), "--preset", "smoke"])  # the same preset twice: fine
-    assert (cfg.preset, cfg.mixed_precision, cfg.lr_warmup_steps) == ("smoke", "no", 2)
+                                      "lr_warmup_steps: 2\nupdate_ratio: 3\nmethod_args:\n  update_ratio: 3\n")
+    cfg = load_config(["--config", str(tmp_path / "ok.yaml"), "--preset", "smoke"])  # the same value twice: fine
+    assert (cfg.preset, cfg.mixed_precision, cfg.lr_warmup_steps, cfg.method_args["update_ratio"]) == \
+        ("smoke", "no", 2, 3)
 
 
 def test_every_logging_step_logs_the_generators_newest_losses_and_the_learning_rates(cond_teacher, tmp_path):

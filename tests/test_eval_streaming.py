@@ -192,7 +192,7 @@ def test_unreadable_images_and_files_for_folders_are_named(tmp_path):
     png = (tmp_path / "f" / "00001.png").read_bytes()
     (tmp_path / "f" / "00001.png").write_bytes(png[:len(png) // 2])  # the header is read, the pixels are cut short
     src = FolderSource(str(tmp_path / "f"), 1)
-    assert src.image_shape() == (1, 8, 8)
+    assert src.first_image_shape() == (1, 8, 8)
     with pytest.raises(SourceError, match=r"00001\.png' \(OSError: image file is truncated\); remove or replace"):
         src(torch.arange(3))
     with pytest.raises(SourceError, match="is a file; pass a folder of images"):
