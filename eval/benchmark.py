@@ -70,10 +70,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     e.add_argument("--seed", type=int, default=0, help="sample i uses noise seed i (0, the default) or a hash of (SEED, i)")
     e.add_argument("--keep", type=int, default=10_000,
                    help="features kept for KID and precision / recall (0: FID only); default %(default)s")
+    e.add_argument("--threads", type=int, default=0,
+                   help="CPU threads (0: torch's default); seconds per image on a CPU depend on it")
     e.add_argument("--out", default="runs/benchmark", help="output folder (default %(default)s)")
     a = p.parse_args(argv)
-    if a.num_samples < 2 or a.batch_size < 1 or a.keep < 0:
-        p.error("--num-samples must be >= 2, --batch-size >= 1 and --keep >= 0")
+    if a.num_samples < 2 or a.batch_size < 1 or a.keep < 0 or a.threads < 0:
+        p.error("--num-samples must be >= 2, --batch-size >= 1, --keep >= 0 and --threads >= 0 (0: torch's default)")
     if a.keep and min(a.keep, a.num_samples) <= 3:
         p.error(f"--keep {a.keep} with --num-samples {a.num_samples}: KID and precision / recall (k = 3 nearest "
                 "neighbours) need more than 3 features of each model; raise both above 3, or --keep 0 for FID only")
@@ -126,6 +128,7 @@ def build(a, device):
 
 def main(argv=None) -> None:
     a = parse_args(argv)
+    import torch
     from accelerate import Accelerator
 
     from onestep.benchmark import check_reference_size, evaluate_model, load_reference
@@ -133,6 +136,8 @@ def main(argv=None) -> None:
     from onestep.distributed import check_joined
     from onestep.errors import OnestepError
 
+    if a.threads:
+        torch.set_num_threads(a.threads)
     acc = Accelerator()
     try:
         check_joined(acc)
@@ -158,6 +163,8 @@ def main(argv=None) -> None:
 
 def write(a, rows: list[dict], reference) -> None:
     """Print the table; write benchmark.md / .json / .png and the reference statistics under --out."""
+    import torch
+
     from onestep.benchmark import markdown_table, plot_benchmark
 
     os.makedirs(a.out, exist_ok=True)
@@ -172,7 +179,7 @@ def write(a, rows: list[dict], reference) -> None:
         f.write(table + "\n")
     info = {"reference": reference.meta, "features": a.features, "mode": a.mode if a.features == "inception" else None,
             "num_samples": a.num_samples, "seed": a.seed, "guidance": a.guidance if a.teacher else None,
-            "prompts": a.prompts, "rows": rows}
+            "prompts": a.prompts, "threads": torch.get_num_threads(), "rows": rows}
     with open(os.path.join(a.out, "benchmark.json"), "w") as f:
         json.dump(info, f, indent=2)
     plot_benchmark(rows, os.path.join(a.out, "benchmark.png"))

@@ -106,8 +106,9 @@ def test_two_processes_give_the_one_process_result(bench, student, tmp_path):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                         "--main_process_port", port, BENCH, "--pipeline", student, "--num-samples", "41", "--keep", "30",
-                        "--out", str(tmp_path / "two")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                        "--threads", "1", "--out", str(tmp_path / "two")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert json.load(open(tmp_path / "two" / "benchmark.json"))["threads"] == 1
     one, two = (json.load(open(tmp_path / d / "benchmark.json"))["rows"][0] for d in ("one", "two"))
     assert two["num_samples"] == one["num_samples"] == 41
     for key in ("fid", "kid", "precision", "recall", "class_accuracy", "coverage_entropy"):
@@ -125,6 +126,7 @@ def test_two_processes_give_the_one_process_result(bench, student, tmp_path):
     (["--teacher", "assets/digits-teacher", "--features", "inception", "--inception-weights", "/no/inception.pt"],
      "/no/inception.pt does not exist"),
     (["--num-samples", "1"], "--num-samples must be >= 2"),
+    (["--threads", "-1"], "--threads >= 0 (0: torch's default)"),
     (["--teacher", "assets/digits-teacher", "--keep", "3"], "need more than 3 features of each model"),
     (["--teacher", "assets/digits-teacher", "--num-samples", "3"], "raise both above 3, or --keep 0"),
     (["--teacher", "assets/digits-teacher", "--reference", "cleanfid:cifar10:32"], "clean-fid's statistics are Inception"),
