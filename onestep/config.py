@@ -238,11 +238,13 @@ def _convert(key: str, value, typ):
                 raise ValueError
             return float(value)
         if origin is list:
-            if isinstance(value, str):
-                value = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
+            if isinstance(value, str) and value.strip().startswith("["):  # a YAML list: '["a cat, at night", 3]'
+                value = yaml.safe_load(value)
+            elif isinstance(value, str):  # a,b,c: numbers become numbers, any other text stays as written
+                return [_list_item(v) for v in value.split(",") if v.strip()]
             if not isinstance(value, (list, tuple)):
                 raise ValueError
-            return [yaml.safe_load(v) if isinstance(v, str) else v for v in value]
+            return list(value)
         if origin is dict:
             value = yaml.safe_load(value) if isinstance(value, str) else value
             if not isinstance(value, dict):
@@ -259,6 +261,19 @@ def _convert(key: str, value, typ):
     raise ConfigError(f"{key}: expected {kind}, got {value!r}")
 
 
+def _list_item(text: str):
+    """One item of a command-line list a,b,c: an int or a float if it reads as one, else the text (stripped)."""
+    text = text.strip()
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text) if any(c.isdigit() for c in text) else text  # 1e-3, 0.5; not nan / inf
+    except ValueError:
+        return text
+
+
 def _field_types() -> dict:
     return typing.get_type_hints(Config)
 
@@ -268,10 +283,19 @@ def apply(values: dict, cfg: dict, source: str) -> None:
     from .methods import METHODS, method_options
 
     types = _field_types()
-    nested = values.get("method_args") if isinstance(values.get("method_args"), dict) else {}
-    for key in [k for k in values if k in nested and k not in types and values[k] != nested[k]]:
-        raise ConfigError(f"{key}: {source} gives it twice, {values[key]!r} at the top level and {nested[key]!r} under "
-                          "method_args; keep one")
+    nested = _convert("method_args", values["method_args"], dict) if "method_args" in values else {}
+    method = values.get("method", cfg["method"])
+
+    def meaning(key, value):  # as the method reads it (1e-3 and 0.001, '3' and 3 agree)
+        try:
+            return _method_value(method, key, value) if method in METHODS else value
+        except ConfigError:
+            return value
+
+    for key in [k for k in values if k in nested and k not in types]:
+        if meaning(key, values[key]) != meaning(key, nested[key]):
+            raise ConfigError(f"{key}: {source} gives it twice, {values[key]!r} as an option and {nested[key]!r} "
+                              "under method_args; keep one")
     for key, value in values.items():
         if key == "method_args":
             for k, v in (_convert("method_args", value, dict)).items():
@@ -436,8 +460,13 @@ def validate(cfg: Config):
     from .attention import resolve_attention
     from .methods import build_method
 
+    from .prompts import PromptError, cache_bytes
+
     try:
         resolve_attention(cfg.attention)
+        cache_bytes()  # $ONESTEP_PROMPT_CACHE_MB, before any teacher loads or folder is made
+    except PromptError as e:
+        raise ConfigError(str(e)) from None
     except ValueError as e:
         raise ConfigError(f"attention: {e}") from None
     for key, allowed in CHOICES.items():

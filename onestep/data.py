@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from .errors import OnestepError
+from .schedule import to_device
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -78,13 +79,24 @@ class RealImages(torch.utils.data.Dataset):
         return self.__getitems__([i])[0]
 
     def __getitems__(self, indices: list[int]) -> list[dict]:
-        """A batch's items (the DataLoader fetches batches so): its conditions looked up in one indexing, which a
-        prompt table that is not cached (onestep.prompts.PromptTable) encodes in one call."""
+        """A batch's items (the DataLoader fetches batches so): its conditions looked up in one indexing. A prompt
+        table that is not cached (onestep.prompts.PromptTable) gives each item its row, `real_cond_row`, instead:
+        resolve() encodes a batch's rows in one call once it is taken, so that skipping batches (a resumed run's
+        replay) encodes nothing."""
         idx = torch.as_tensor(indices, dtype=torch.long)
-        conds = (self.conds[idx] if self.conds is not None else None if self.cond_table is None
-                 else self.cond_table[self.prompt_rows[idx]])
-        return [{"real": self.samples[i], **({} if conds is None else {"real_cond": conds[k]})}
-                for k, i in enumerate(indices)]
+        table, rows = ((self.conds, idx) if self.conds is not None else (None, None) if self.cond_table is None
+                       else (self.cond_table, self.prompt_rows[idx]))
+        key, conds = (None, None) if table is None else ("real_cond", table[rows]) if getattr(table, "cached", True) \
+            else ("real_cond_row", rows)
+        return [{"real": self.samples[i], **({} if key is None else {key: conds[k]})} for k, i in enumerate(indices)]
+
+    def resolve(self, batch: dict) -> dict:
+        """A collated batch with its `real_cond_row` replaced by the rows' conditions (`real_cond`, on the batch's
+        device)."""
+        if "real_cond_row" in batch:
+            table = self.conds if self.conds is not None else self.cond_table
+            batch["real_cond"] = to_device(table[batch.pop("real_cond_row")], batch["real"].device)
+        return batch
 
 
 @dataclass
@@ -121,7 +133,7 @@ def read_image_folder(path: str) -> ImageFolder:
         if missing:
             raise DataError(f"dataset: image {missing[0]!r} has no line in {meta!r}; add "
                             f'{{"file_name": "{missing[0]}", "text": "..."}} or remove the image')
-        return ImageFolder(path, files, [texts[os.path.normpath(f)] for f in files])
+        return _captioned(path, files, [texts[os.path.normpath(f)] for f in files], "its line in metadata.jsonl")
     txt = [os.path.join(path, os.path.splitext(f)[0] + ".txt") for f in files]
     have = [os.path.isfile(t) for t in txt]
     if not any(have):
@@ -130,7 +142,16 @@ def read_image_folder(path: str) -> ImageFolder:
         first = files[have.index(False)]
         raise DataError(f"dataset: image {first!r} has no caption file {os.path.splitext(first)[0] + '.txt'!r} "
                         "while others have one; caption every image or none")
-    return ImageFolder(path, files, [_read_text(t).strip() for t in txt])
+    return _captioned(path, files, [_read_text(t).strip() for t in txt], "its .txt file")
+
+
+def _captioned(path: str, files: list[str], captions: list[str], where: str) -> ImageFolder:
+    """The folder with its captions; an empty one (the null condition, not a prompt) is refused in one line."""
+    empty = next((f for f, c in zip(files, captions) if not c.strip()), None)
+    if empty is not None:
+        raise DataError(f"dataset: the caption of image {empty!r} ({where}) is empty; write its caption or remove the "
+                        "image")
+    return ImageFolder(path, files, captions)
 
 
 def _read_text(path: str) -> str:

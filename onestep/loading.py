@@ -485,8 +485,9 @@ def _load_text_teacher(root, unet, schedule, sched_cfg, prompts, frozen_dtype, d
             return encode_prompts(tokenizers[0], encoders[0], texts)
 
     prompts = list(prompts or captions or DEFAULT_PROMPTS)
-    embeds = PromptTable(prompts, encode)  # cached, or (past ONESTEP_PROMPT_CACHE_MB) encoded batch by batch
-    caption_embeds = None if captions is None else embeds if list(captions) == prompts else PromptTable(captions, encode)
+    embeds = PromptTable(prompts, encode, modules=encoders)  # cached, or (past ONESTEP_PROMPT_CACHE_MB) encoded as drawn
+    caption_embeds = (None if captions is None else embeds if list(captions) == prompts else
+                      PromptTable(captions, encode, modules=encoders))
     null = encode([""])                                                   # (1, ...): the empty prompt
     if xl and index.get("force_zeros_for_empty_prompt", True):           # SDXL's unconditional input: zeros
         parts = unpack_text_time(null, pooled_dim)

@@ -396,6 +396,8 @@ def train_students(cfg, train: Callable) -> dict | None:
 
     router = build_router(cfg.router, cfg.students, classes=classes, prompt_embeds=teacher.prompt_embeds if text else None,
                           affinity=affinity, seed=cfg.seed)
+    if text:  # routed: the few rows still needed here (TSM's pool, the grid) are encoded on the CPU, not the device
+        teacher.prompt_embeds.offload()  # (a cached table has no encoders left; each student loads its own)
     if cfg.student_channels:
         check_channels(teacher.backbone, cfg.student_channels)
     if main and cfg.overwrite:  # the checks above passed (--resume with it is refused): now the replaced run goes

@@ -53,13 +53,20 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str], batch_size: int 
     """(N, L, D) float32 embeddings on the CPU, as StableDiffusionPipeline.encode_prompt computes them."""
     device = next(text_encoder.parameters()).device
     use_mask = getattr(text_encoder.config, "use_attention_mask", False)
-    out = []
+    out = None
     for i in range(0, len(prompts), batch_size):
         tokens = tokenizer(list(prompts[i:i + batch_size]), padding="max_length", max_length=tokenizer.model_max_length,
                            truncation=True, return_tensors="pt")
         mask = tokens.attention_mask.to(device) if use_mask else None
-        out.append(text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0].float().cpu())
-    return torch.cat(out)
+        out = _fill(out, i, text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0], len(prompts))
+    return out
+
+
+def _fill(out: torch.Tensor | None, i: int, part: torch.Tensor, n: int) -> torch.Tensor:
+    """Rows i.. of the (n, ...) float32 CPU result (allocated at the first part: no second copy of it at the end)."""
+    out = torch.empty(n, *part.shape[1:]) if out is None else out
+    out[i:i + len(part)] = part.float().cpu()
+    return out
 
 
 @torch.no_grad()
@@ -67,7 +74,7 @@ def encode_prompts_xl(tokenizers: list, text_encoders: list, prompts: list[str],
                       batch_size: int = 64) -> torch.Tensor:
     """SDXL conditions packed as one (N, L + r, D) float32 CPU tensor (denoiser.pack_text_time), as
     StableDiffusionXLPipeline.encode_prompt computes them; time_ids (1, 6): original size, crop, target size."""
-    out = []
+    out = None
     for i in range(0, len(prompts), batch_size):
         chunk, hidden, pooled = list(prompts[i:i + batch_size]), [], None
         for tokenizer, encoder in zip(tokenizers, text_encoders):
@@ -77,8 +84,8 @@ def encode_prompts_xl(tokenizers: list, text_encoders: list, prompts: list[str],
             if result[0].ndim == 2:  # CLIPTextModelWithProjection: the pooled, projected text embedding
                 pooled = result[0].float().cpu()
             hidden.append(result.hidden_states[-2].float().cpu())
-        out.append(pack_text_time(torch.cat(hidden, dim=-1), pooled, time_ids))
-    return torch.cat(out)
+        out = _fill(out, i, pack_text_time(torch.cat(hidden, dim=-1), pooled, time_ids), len(prompts))
+    return out
 
 
 CACHE_MB_ENV = "ONESTEP_PROMPT_CACHE_MB"  # the most memory a prompt table's cache may take; larger tables encode
@@ -90,53 +97,77 @@ def cache_bytes() -> int:
     value = os.environ.get(CACHE_MB_ENV, "")
     try:
         mb = float(value) if value.strip() else CACHE_MB
-        if not mb >= 0:
-            raise ValueError
-    except ValueError:
+        return int(mb * 2**20) if mb >= 0 else int("negative")
+    except (ValueError, OverflowError):
         raise PromptError(f"{CACHE_MB_ENV}={value!r} is not a size in MiB; set a number >= 0 (0: never cache) or "
                           "unset it") from None
-    return int(mb * 2**20)
 
 
 class PromptTable:
-    """Prompt embeddings by row, indexed as an (N, L, D) float32 CPU tensor of them would be (`table[rows]`).
+    """Prompt embeddings by row, indexed as an (N, L, D) float32 CPU tensor of them would be (`table[rows]`, rows:
+    an int, a slice, a list, or an integer or boolean tensor; a tuple index is refused).
 
     All rows are encoded once when they fit in `budget` bytes (cache_bytes()); otherwise each indexing encodes just
-    the rows it asks for, so a prompt file of millions of lines costs memory for one batch of embeddings at a time.
-    Either way, row i is `encode([prompts[i]])[0]`."""
+    the rows it asks for (each distinct prompt once), so a prompt file of millions of lines costs memory for one
+    batch of embeddings at a time. Row i is `encode([prompts[i]])[0]` either way, up to float rounding (the text
+    encoders' arithmetic may differ by batch size); `modules` are the networks `encode` runs (the text encoders),
+    which offload() moves to the CPU."""
 
     ndim = 3
     dtype = torch.float32
     device = torch.device("cpu")
 
-    def __init__(self, prompts, encode, budget: int | None = None):
-        self.prompts, self._encode = list(prompts), encode
+    def __init__(self, prompts, encode, budget: int | None = None, modules=()):
+        self.prompts, self._encode, self._modules = list(prompts), encode, list(modules)
         first = encode(self.prompts[:1])
         self.shape = torch.Size((len(self.prompts), *first.shape[1:]))
-        budget = cache_bytes() if budget is None else budget
-        self.cached = len(self.prompts) * first[0].numel() * first.element_size() <= budget
+        self.nbytes = len(self.prompts) * first[0].numel() * first.element_size()  # of every row at once
+        self.cached = self.nbytes <= (cache_bytes() if budget is None else budget)
         self._rows = encode(self.prompts) if self.cached else None
         if self.cached:
-            self._encode = None  # the text encoders can go
+            self._encode, self._modules = None, []  # the text encoders can go
 
     def __len__(self) -> int:
         return len(self.prompts)
 
+    def _index(self, idx) -> torch.Tensor:
+        if isinstance(idx, tuple):
+            raise TypeError("a PromptTable takes row indices only (an int, slice, list or tensor); index the "
+                            "returned tensor further")
+        return torch.arange(len(self.prompts))[idx.cpu() if torch.is_tensor(idx) else idx]
+
     def __getitem__(self, idx) -> torch.Tensor:
+        rows = self._index(idx)
         if self._rows is not None:
-            return self._rows[idx]
-        rows = torch.arange(len(self.prompts))[idx.cpu() if torch.is_tensor(idx) else idx]
-        picked = [self.prompts[i] for i in rows.reshape(-1).tolist()]
-        return self._encode(picked).reshape(*rows.shape, *self.shape[1:])
+            return self._rows[rows]
+        if rows.numel() == 0:
+            return torch.empty(*rows.shape, *self.shape[1:])
+        unique, inverse = torch.unique(rows.reshape(-1), return_inverse=True)
+        out = self._encode([self.prompts[i] for i in unique.tolist()])[inverse]
+        return out.reshape(*rows.shape, *self.shape[1:])
 
     def subset(self, rows) -> "PromptTable":
         """The table of rows `rows` only (sharing this table's encoders, or its cache)."""
-        sub = PromptTable.__new__(PromptTable)
-        rows = torch.arange(len(self.prompts))[rows].reshape(-1)
-        sub.prompts, sub._encode, sub.cached = [self.prompts[i] for i in rows.tolist()], self._encode, self.cached
-        sub.shape, sub._rows = torch.Size((len(sub.prompts), *self.shape[1:])), None if self._rows is None else self._rows[rows]
+        sub, rows = PromptTable.__new__(PromptTable), self._index(rows).reshape(-1)
+        sub.prompts, sub._encode, sub._modules = [self.prompts[i] for i in rows.tolist()], self._encode, self._modules
+        sub.shape, sub.cached = torch.Size((len(rows), *self.shape[1:])), self.cached
+        sub.nbytes, sub._rows = self.nbytes // max(len(self), 1) * len(rows), None if self._rows is None else self._rows[rows]
         return sub
 
     def to(self, device) -> torch.Tensor:
         """Every row as one tensor on `device` (all encoded now when not cached)."""
         return self[:].to(device)
+
+    def offload(self) -> None:
+        """Move the text encoders to the CPU (rows encoded later are encoded there: for the few rows still needed)."""
+        for m in self._modules:
+            m.to("cpu")
+
+    def require_cached(self, what: str) -> None:
+        """Refuse, in one line, a use that needs every row at once (`what`: the option that does) on a table that
+        is not cached."""
+        if not self.cached:
+            need = -(-self.nbytes // 2**20)
+            raise PromptError(f"{what} matches each condition against every prompt's embedding, and these "
+                              f"{len(self)} prompts take {need} MiB, more than {CACHE_MB_ENV} allows; set "
+                              f"{CACHE_MB_ENV}={need} (memory permitting) or pass fewer --prompts")

@@ -144,6 +144,8 @@ def build_reward(spec: str, *, classifier=None, cond_table=None, keys=None, samp
         if len(sample_shape) != 3 or sample_shape[0] not in (1, 3):
             raise RewardError(f"reward 'clip': samples of shape {tuple(sample_shape)} are not grey or RGB images (a "
                               "latent teacher); from Python pass CLIPScore(..., decode=teacher.to_images)")
+        if hasattr(cond_table, "require_cached"):  # a prompt table (onestep.prompts.PromptTable)
+            cond_table.require_cached("reward 'clip'")
         texts = [str(k) if text else clip_prompt.format(k) for k in keys]
         return CLIPScore(clip_model, texts, cond_table, device)
     check_spec(spec)

@@ -450,7 +450,9 @@ class RealBatches:
         return self
 
     def __next__(self):
-        return next(self._batches)
+        batch = next(self._batches)
+        resolve = getattr(self.loader.dataset, "resolve", None)  # RealImages: conditions encoded now (not in a replay)
+        return resolve(batch) if resolve is not None else batch
 
     def _iterate(self):
         it = self._replay() if self._restored else None

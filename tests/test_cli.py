@@ -525,7 +525,7 @@ def test_only_the_first_process_reports_bad_input_and_ctrl_c_is_one_line(monkeyp
     ("steps: 4\n\tbatch_size: 8\n", [], "(line 2, column 1)"),
     ("preset: smoke\n", ["--preset", "digits-dmd"], "names preset 'smoke' and the command line 'digits-dmd'"),
     ("lr_warmup_steps: 2\n", [], "the constant schedule takes no warm-up"),
-    ("update_ratio: 2\nmethod_args:\n  update_ratio: 4\n", [], "2 at the top level and 4 under method_args; keep one"),
+    ("update_ratio: 2\nmethod_args:\n  update_ratio: 4\n", [], "2 as an option and 4 under method_args; keep one"),
 ], ids=["duplicate", "duplicate-block", "yaml-boolean", "tab", "two-presets", "warmup-unused", "top-and-nested"])
 def test_config_file_mistakes_are_one_line(tmp_path, text, extra, message):
     from onestep.config import ConfigError, load_config
@@ -536,6 +536,15 @@ def test_config_file_mistakes_are_one_line(tmp_path, text, extra, message):
     assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
     (tmp_path / "ok.yaml").write_text("preset: smoke\nmixed_precision: 'no'\nlr_scheduler: constant_with_warmup\n"
                                       "lr_warmup_steps: 2\nupdate_ratio: 3\nmethod_args:\n  update_ratio: 3\n")
+    with pytest.raises(ConfigError, match="under method_args; keep one"):  # on the command line too
+        load_config(["--update_ratio", "2", "--method_args", "{update_ratio: 4}"])
+    same = load_config(["--config", str(tmp_path / "ok.yaml"), "--method", "sfd", "--fake_forget_coef", "0.001",
+                        "--method_args", "{fake_forget_coef: 1e-3, forget: [3]}", "--forget", "3"])  # the same values
+    assert same.method_args["fake_forget_coef"] == 0.001 and same.method_args["forget"] == [3]
+    prompts = load_config(["--method", "sfd", "--forget", '["a red car, at night", "style: watercolor"]',
+                           "--override", "yes, a cat"])  # list items kept as written (commas: a YAML list)
+    assert prompts.method_args["forget"] == ["a red car, at night", "style: watercolor"]
+    assert prompts.method_args["override"] == ["yes", "a cat"]
     cfg = load_config(["--config", str(tmp_path / "ok.yaml"), "--preset", "smoke"])  # the same value twice: fine
     assert (cfg.preset, cfg.mixed_precision, cfg.lr_warmup_steps, cfg.method_args["update_ratio"]) == \
         ("smoke", "no", 2, 3)

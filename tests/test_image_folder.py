@@ -71,6 +71,9 @@ def test_bad_folders_give_one_line_errors_that_say_what_to_do(tmp_path):
     (tmp_path / "txt" / "img2.txt").write_bytes(b"\xff\xfea caption in UTF-16")
     with pytest.raises(DataError, match="img2.txt' cannot be read as UTF-8 text .*save the captions as UTF-8"):
         read_image_folder(str(tmp_path / "txt"))
+    (tmp_path / "txt" / "img2.txt").write_text(" \n")  # an empty caption would be the null condition
+    with pytest.raises(DataError, match=r"caption of image 'img2.png' \(its .txt file\) is empty"):
+        read_image_folder(str(tmp_path / "txt"))
 
 
 def test_images_become_vae_latents_and_captions_cached_embeddings(sd_teacher, tmp_path):

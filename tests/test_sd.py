@@ -130,16 +130,36 @@ def test_a_prompt_table_past_its_cache_budget_encodes_the_rows_it_is_asked_for(s
         assert torch.allclose(table[idx], cached[idx], atol=1e-6)
     sub = table.subset(torch.tensor([False, True, True]))
     assert not sub.cached and sub.prompts == PROMPTS[1:] and torch.allclose(sub[:], cached[1:], atol=1e-6)
-    # a DataLoader batch of uncaptioned real images: one encoding for the whole batch, the cached table's rows
+    # batches of uncaptioned real images: the cached table's rows, each batch's in one encoding when taken, none
+    # for the batches a resumed run skips
+    from onestep.runs import RealBatches
+
     encoded = []
     table._encode = lambda texts, f=table._encode: encoded.append(len(texts)) or f(texts)
-    data, ref = (RealImages(torch.zeros(5, 4, 8, 8), cond_table=t, seed=3) for t in (table, cached))
-    batch = next(iter(torch.utils.data.DataLoader(data, batch_size=5)))
-    assert encoded == [5] and torch.allclose(batch["real_cond"], torch.stack([ref[i]["real_cond"] for i in range(5)]),
-                                             atol=1e-6)
-    monkeypatch.setenv(CACHE_MB_ENV, "lots")
-    with pytest.raises(PromptError, match="ONESTEP_PROMPT_CACHE_MB='lots' is not a size in MiB"):
-        load_teacher(sd_teacher, prompts=PROMPTS)
+    data, ref = (RealImages(torch.zeros(20, 4, 8, 8), cond_table=t, seed=3) for t in (table, cached))
+    loader = torch.utils.data.DataLoader(data, batch_size=5)
+    batch = next(RealBatches(loader))
+    assert encoded == [len(set(data.prompt_rows[:5].tolist()))] and "real_cond_row" not in batch
+    assert torch.allclose(batch["real_cond"], torch.stack([ref[i]["real_cond"] for i in range(5)]), atol=1e-6)
+    resumed, encoded[:] = RealBatches(loader), []
+    resumed.load_state_dict({"epoch_rng": torch.get_rng_state(), "offset": torch.tensor(3), "epoch": torch.tensor(0)})
+    batch = next(resumed)  # the 4th batch: only its own rows encoded
+    assert len(encoded) == 1 and torch.allclose(batch["real_cond"], torch.stack([ref[i]["real_cond"]
+                                                                                 for i in range(15, 20)]), atol=1e-6)
+    for idx in ([], slice(2, 2)):  # empty, as a tensor's
+        assert table[idx].shape == cached[idx].shape == (0, *cached.shape[1:])
+    with pytest.raises(TypeError, match="row indices only"):
+        table[0, :3]
+    from onestep.methods import build_method
+    with pytest.raises(PromptError, match="--method sfd matches each condition against every prompt's embedding"):
+        build_method("sfd", forget=[PROMPTS[0]], override=[PROMPTS[1]]).setup(table, PROMPTS)
+    for bad in ("lots", "-1", "inf"):
+        monkeypatch.setenv(CACHE_MB_ENV, bad)
+        with pytest.raises(PromptError, match=f"ONESTEP_PROMPT_CACHE_MB='{bad}' is not a size in MiB"):
+            load_teacher(sd_teacher, prompts=PROMPTS)
+    from onestep.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match="ONESTEP_PROMPT_CACHE_MB='inf' is not a size"):  # before any folder is made
+        load_config([])
 
 
 def test_frozen_parts_in_the_compute_dtype_and_default_prompts(sd_teacher):

@@ -79,12 +79,15 @@ class SFD(SiD):
 
         def row(k) -> int:
             if k not in keys:
+                hint = "; a prompt with commas is one item of a YAML list: --forget '[\"a, b\"]'" if what == "prompt" else ""
                 raise OnestepError(f"forget/override: {k!r} is not one of this run's {what} conditions "
-                                   f"({', '.join(map(repr, keys[:12]))}{' ...' if len(keys) > 12 else ''})")
+                                   f"({', '.join(map(repr, keys[:12]))}{' ...' if len(keys) > 12 else ''}){hint}")
             return keys.index(k)
 
         if cond_table is None:
             raise OnestepError("forget: this teacher is unconditional; SFD forgets classes or prompts")
+        if hasattr(cond_table, "require_cached"):  # a prompt table (onestep.prompts.PromptTable)
+            cond_table.require_cached("--method sfd")
         forget = [row(k) for k in self.forget]
         remain = [i for i in range(len(keys)) if i not in forget]
         if not remain:
