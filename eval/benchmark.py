@@ -104,6 +104,8 @@ def build(a, device):
     from onestep.benchmark import (BenchmarkError, check_inputs, images_model, parse_steps, pipeline_model,
                                    teacher_models)
     from onestep.features import digits_extractor, inception_extractor
+    from onestep.loading import is_text_teacher
+    from onestep.streaming import is_text_pipeline
 
     from onestep.prompt_sources import PromptSource
     from onestep.prompts import read_prompts
@@ -113,6 +115,11 @@ def build(a, device):
     for path in a.pipeline:
         if not os.path.isdir(path):
             raise FileNotFoundError(f"pipeline folder {path!r} " + ("is a file" if os.path.exists(path) else "does not exist"))
+    text = [f"teacher {t!r}" for t in a.teacher if is_text_teacher(t)] + [
+        f"pipeline {p!r}" for p in a.pipeline if is_text_pipeline(p)]
+    if text and a.features == "digits":  # before any model loads
+        raise BenchmarkError(f"{text[0]} is text-to-image (RGB images); the digits features take 1x8x8 digits: "
+                             "use --features inception")
     if a.features == "digits":
         extractor = digits_extractor(a.classifier, device)
     else:

@@ -181,6 +181,20 @@ def _layout(path: str) -> dict:
     return layout
 
 
+def is_text_pipeline(path: str) -> bool:
+    """Whether the export at `path` is a text-to-image student (a stock Stable Diffusion (XL) pipeline, or a
+    multi-student export of one), from its files; False where they cannot be read (pipeline_source says why)."""
+    from .pipeline_multi import LAYOUT_FILE
+    from .prompt_sources import TEXT_PIPELINES
+
+    try:
+        if os.path.isfile(os.path.join(path, LAYOUT_FILE)):
+            return _layout(path).get("conditioning") == "text"
+        return _class_name(os.path.join(path, "model_index.json")) in TEXT_PIPELINES
+    except (OSError, ValueError, SourceError):
+        return False
+
+
 def pipeline_source(path: str, num_samples: int, seed: int = 0, device="cpu", prompts=None) -> GeneratorSource:
     """An exported OneStepPipeline folder as a generator source (all of the student's steps), or a class-conditional
     multi-student export (MultiStudentPipeline: each sample through the student its label routes to); text-to-image
@@ -204,7 +218,7 @@ def pipeline_source(path: str, num_samples: int, seed: int = 0, device="cpu", pr
     if kind not in ("OneStepPipeline", "MultiStudentPipeline") + TEXT_PIPELINES:
         raise SourceError(f"pipeline {path!r} is a {kind} export, not a onestep one (OneStepPipeline, a Stable "
                           "Diffusion (XL) student or a multi-student export); score a multi-step model as --teacher")
-    text = kind in TEXT_PIPELINES or (multi and _layout(path).get("conditioning") == "text")
+    text = is_text_pipeline(path)
     from diffusers.utils import logging as dlog
 
     shown = dlog.is_progress_bar_enabled()

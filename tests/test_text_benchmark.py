@@ -125,6 +125,10 @@ def test_text_models_without_prompts_or_prompts_without_them_are_one_line(t2i, t
     ]:
         line = one_error_line(lambda: bench([*args, *common]), capsys)
         assert all(w in line for w in words), line
+    for model in (["--teacher", t2i["sd"]], ["--pipeline", t2i["one"]]):  # digits features: refused before loading
+        line = one_error_line(lambda: bench([*model, "--prompts", t2i["prompts.txt"], "--out", str(tmp_path / "x")]),
+                              capsys)
+        assert "is text-to-image (RGB images)" in line and "use --features inception" in line, line
     assert not os.path.exists(tmp_path / "x")
     with pytest.raises(SourceError, match="text-to-image student: pass prompts"):
         pipeline_model(t2i["one"], 4)
