@@ -1,5 +1,6 @@
-"""GNDM benchmark on the digits teacher: DMD2 (the `digits` preset) vs GNDM (`digits-gndm`, the same settings
-with groups) vs GNDMR (GNDM + the classifier reward), at equal iterations over several seeds.
+"""GNDM benchmark on the digits teacher: DMD2 (the `digits` preset at `digits-gndm`'s settings: batch 64, generator
+lr 2e-4, no x0 clamp) vs GNDM (`digits-gndm`: those settings with groups) vs GNDMR (GNDM + the classifier reward), at
+equal iterations over several seeds.
 
     python eval/gndm_benchmark.py --steps 400 --seeds 0,1,2 --eval_samples 1000 --out /tmp/gndm-bench
 
@@ -19,7 +20,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {
-    "dmd2": ["--preset", "digits"],
+    "dmd2": ["--preset", "digits", "--batch_size", "64", "--lr_generator", "2e-4", "--clip_sample", "0"],  # as digits-gndm
     "gndm": ["--preset", "digits-gndm"],
     "gndmr": ["--preset", "digits-gndm", "--rewards", "classifier"],  # + --reward_gradient_weight
 }

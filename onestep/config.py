@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 
@@ -162,7 +163,8 @@ PRESETS: dict[str, dict] = {
     # with pixel MSE (2000 samples, 1200 iterations).
     "digits-dmd": {"method": "dmd", "generator_timesteps": [300],
                    "method_args": {"regression_weight": 0.25, "regression_distance": "teacher"}},
-    # GNDM: the digits preset's DMD2 settings, 16 conditions x 4 samples per batch.
+    # GNDM: the digits preset's DMD2 settings as they were before its batch 128, lr 1e-4 and clamp (eval/gndm_benchmark.py
+    # runs DMD2 at these for its comparison), 16 conditions x 4 samples per batch.
     "digits-gndm": {"method": "gndm", "generator_timesteps": [300], "ema_decay": 0.99, "lr_generator": 2e-4,
                     "lr_fake": 4e-4, "method_args": {"update_ratio": 3, "t_min": 0.001, "gan_generator_weight": 0.1,
                                                      "gan_critic_weight": 1.0, "gan_t_max": 0.2, "group_size": 4}},
@@ -239,14 +241,14 @@ def _convert(key: str, value, typ):
             return float(value)
         if origin is list:
             if isinstance(value, str) and value.strip().startswith("["):  # a YAML list: '["a cat, at night", 3]'
-                value = yaml.safe_load(value)
+                value = yaml.load(value, Loader=_ConfigLoader)
             elif isinstance(value, str):  # a,b,c: numbers become numbers, any other text stays as written
                 return [_list_item(v) for v in value.split(",") if v.strip()]
             if not isinstance(value, (list, tuple)):
                 raise ValueError
             return list(value)
         if origin is dict:
-            value = yaml.safe_load(value) if isinstance(value, str) else value
+            value = yaml.load(value, Loader=_ConfigLoader) if isinstance(value, str) else value
             if not isinstance(value, dict):
                 raise ValueError
             return value
@@ -292,7 +294,8 @@ def apply(values: dict, cfg: dict, source: str) -> None:
         except ConfigError:
             return value
 
-    for key in [k for k in values if k in nested and k not in types]:
+    own = method_options(method) if method in METHODS else ()  # other keys: refused below as not the method's
+    for key in [k for k in values if k in nested and k in own and k not in types]:
         if meaning(key, values[key]) != meaning(key, nested[key]):
             raise ConfigError(f"{key}: {source} gives it twice, {values[key]!r} as an option and {nested[key]!r} "
                               "under method_args; keep one")
@@ -303,8 +306,9 @@ def apply(values: dict, cfg: dict, source: str) -> None:
         elif key in types:
             cfg[key] = _convert(key, value, types[key])
         else:
-            method = values.get("method", cfg["method"])
-            if method in METHODS and key in method_options(method):
+            if method not in METHODS:
+                raise ConfigError(f"method: unknown method {method!r}; choose one of: {', '.join(sorted(METHODS))}")
+            if key in method_options(method):
                 cfg["method_args"][key] = value
                 continue
             owners = [m for m in METHODS if key in method_options(m)]
@@ -340,8 +344,16 @@ def parse_cli(argv: list[str]) -> tuple[dict, str | None, str | None]:
     return out, config_file, preset
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+class _ConfigLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that reads 1e-3 as a number, as YAML 1.2 does (PyYAML's YAML 1.1 wants 1.0e-3)."""
+
+
+_ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(\d[\d_]*)?\.?\d*[eE][-+]?\d+$"),
+                                    list("-+.0123456789"))
+
+
+class _UniqueKeyLoader(_ConfigLoader):
+    """The config files' loader: refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
 
     def construct_mapping(self, node, deep=False):
         seen = set()

@@ -56,7 +56,8 @@ class DataError(OnestepError):
 
 
 class RealImages(torch.utils.data.Dataset):
-    """Real samples (N, C, H, W) and their conditions as {"real", "real_cond"} items: one condition per sample, or
+    """Real samples (N, C, H, W) and their conditions as {"real", "real_cond"} items (from a prompt table that is not
+    cached: "real_cond_row", until resolve()): one condition per sample, or
     (uncaptioned images of a text teacher) a random row of `cond_table`, drawn anew each epoch from (seed, epoch)
     alone, so a resumed run (and every DataLoader worker or process) pairs each image with the same prompt."""
 
@@ -108,9 +109,10 @@ class ImageFolder:
     captions: list[str] | None
 
 
-def read_image_folder(path: str) -> ImageFolder:
+def read_image_folder(path: str, text: bool = True) -> ImageFolder:
     """List a folder's images and captions: `metadata.jsonl` lines {"file_name": "a.png", "text": "..."} (the
-    Hugging Face imagefolder layout), else `a.txt` beside `a.png`; every image or none must have a caption."""
+    Hugging Face imagefolder layout), else `a.txt` beside `a.png`; every image or none must have a caption, which
+    for a text-to-image teacher (`text`) must not be empty."""
     if not os.path.isdir(path):
         raise DataError(f"dataset: {path!r} is not a folder; pass a folder of images (png, jpg, webp, bmp)")
     files = sorted(os.path.relpath(os.path.join(d, f), path) for d, _, names in os.walk(path) for f in names
@@ -125,15 +127,17 @@ def read_image_folder(path: str) -> ImageFolder:
                 continue
             try:
                 row = json.loads(line)
-                texts[os.path.normpath(row["file_name"])] = str(row["text"])
+                if not isinstance(row["text"], str):
+                    raise TypeError
+                texts[os.path.normpath(row["file_name"])] = row["text"]
             except (ValueError, KeyError, TypeError):
                 raise DataError(f"dataset: line {n} of {meta!r} is not a JSON object with \"file_name\" and "
-                                "\"text\"") from None
+                                "\"text\" (a string)") from None
         missing = [f for f in files if os.path.normpath(f) not in texts]
         if missing:
             raise DataError(f"dataset: image {missing[0]!r} has no line in {meta!r}; add "
                             f'{{"file_name": "{missing[0]}", "text": "..."}} or remove the image')
-        return _captioned(path, files, [texts[os.path.normpath(f)] for f in files], "its line in metadata.jsonl")
+        return _captioned(path, files, [texts[os.path.normpath(f)] for f in files], "its line in metadata.jsonl", text)
     txt = [os.path.join(path, os.path.splitext(f)[0] + ".txt") for f in files]
     have = [os.path.isfile(t) for t in txt]
     if not any(have):
@@ -142,13 +146,13 @@ def read_image_folder(path: str) -> ImageFolder:
         first = files[have.index(False)]
         raise DataError(f"dataset: image {first!r} has no caption file {os.path.splitext(first)[0] + '.txt'!r} "
                         "while others have one; caption every image or none")
-    return _captioned(path, files, [_read_text(t).strip() for t in txt], "its .txt file")
+    return _captioned(path, files, [_read_text(t).strip() for t in txt], "its .txt file", text)
 
 
-def _captioned(path: str, files: list[str], captions: list[str], where: str) -> ImageFolder:
-    """The folder with its captions; an empty one (the null condition, not a prompt) is refused in one line."""
+def _captioned(path: str, files: list[str], captions: list[str], where: str, text: bool) -> ImageFolder:
+    """The folder with its captions; for a text teacher an empty one (the null condition, not a prompt) is refused."""
     empty = next((f for f, c in zip(files, captions) if not c.strip()), None)
-    if empty is not None:
+    if empty is not None and text:
         raise DataError(f"dataset: the caption of image {empty!r} ({where}) is empty; write its caption or remove the "
                         "image")
     return ImageFolder(path, files, captions)

@@ -350,7 +350,7 @@ def train_students(cfg, train: Callable) -> dict | None:
     from .distributed import check_joined
     from .fid import DigitsClassifier, check_digit_classes
     from .generator import Generator
-    from .loading import load_teacher
+    from .loading import is_text_teacher, load_teacher
     from .pipeline_multi import export_multi_pipeline, model_card_multi
     from .prompts import read_prompts
     from .runs import check_same_kind, clear_run_dir, prepare_run_dir, resolve_resume
@@ -374,7 +374,7 @@ def train_students(cfg, train: Callable) -> dict | None:
 
     # 1. Teacher, conditions, router
     prompts = read_prompts(cfg.prompts) if cfg.prompts else None
-    folder = read_image_folder(cfg.dataset) if cfg.dataset not in ("digits", "none") else None
+    folder = read_image_folder(cfg.dataset, is_text_teacher(cfg.teacher)) if cfg.dataset not in ("digits", "none") else None
     teacher = load_teacher(cfg.teacher, device=device, prompts=prompts, captions=folder and folder.captions)
     shape, text = teacher.sample_shape, teacher.text_conditional
     if not text and not teacher.num_classes:
@@ -396,8 +396,6 @@ def train_students(cfg, train: Callable) -> dict | None:
 
     router = build_router(cfg.router, cfg.students, classes=classes, prompt_embeds=teacher.prompt_embeds if text else None,
                           affinity=affinity, seed=cfg.seed)
-    if text:  # routed: the few rows still needed here (TSM's pool, the grid) are encoded on the CPU, not the device
-        teacher.prompt_embeds.offload()  # (a cached table has no encoders left; each student loads its own)
     if cfg.student_channels:
         check_channels(teacher.backbone, cfg.student_channels)
     if main and cfg.overwrite:  # the checks above passed (--resume with it is refused): now the replaced run goes
@@ -420,12 +418,18 @@ def train_students(cfg, train: Callable) -> dict | None:
     shared = {"train_seconds": 0.0} if cfg.shared_fake_score else None
     sub_name = lambda k: "students" if shared else f"student_{k}"  # noqa: E731
 
+    def park() -> None:  # a student trains with its own teacher: this one's text encoders (if kept) wait on the CPU
+        if text:
+            teacher.prompt_embeds.encoders_to("cpu")
+
     def tsm(rows, seed: int, name: str):  # a fresh smaller backbone, TSM-trained on rows (unless resuming)
         backbone = small_backbone(teacher.backbone, cfg.student_channels, seed=seed)
         if not cfg.tsm_steps or resolve_resume(os.path.join(run_dir, name), cfg.resume) is not None:
             return backbone, None
         t0, den = time.time(), Denoiser(backbone, teacher.denoiser.schedule, null_cond=teacher.denoiser.null_cond,
                                         prediction_type=teacher.denoiser.prediction_type)
+        if text:  # its pool's prompts (a table not cached) are encoded on the device
+            teacher.prompt_embeds.encoders_to(device)
         r = teacher_score_matching(den, teacher.denoiser, rows, shape, steps=cfg.tsm_steps, lr=cfg.tsm_lr,
                                    batch_size=cfg.batch_size, pool=cfg.tsm_pool, seed=seed, device=device)
         return backbone, {**r, "seconds": round(time.time() - t0, 1)}
@@ -442,6 +446,7 @@ def train_students(cfg, train: Callable) -> dict | None:
             backbones.append(backbone)
             continue
         t0 = time.time()
+        park()
         students.append(train(student_config(cfg, router, k, run_dir), backbone, own=(router, k)))
         entry.update(train_seconds=sub_run_seconds(run_dir, sub_name(k), time.time() - t0),
                      parameters=students[-1] and count_parameters(students[-1]))  # FSDP: the student is on the main process only
@@ -452,6 +457,7 @@ def train_students(cfg, train: Callable) -> dict | None:
                           "students")
             shared.update({"tsm": r} if r else {})
         t0 = time.time()
+        park()
         joint = train(shared_config(cfg, run_dir), backbones if cfg.student_channels else None, router, fake)
         shared["train_seconds"] = sub_run_seconds(run_dir, "students", time.time() - t0)
         students = [Generator(d, joint.timesteps, joint.clip_sample) for d in joint.denoiser.students] if main else []

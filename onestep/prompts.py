@@ -111,7 +111,7 @@ class PromptTable:
     the rows it asks for (each distinct prompt once), so a prompt file of millions of lines costs memory for one
     batch of embeddings at a time. Row i is `encode([prompts[i]])[0]` either way, up to float rounding (the text
     encoders' arithmetic may differ by batch size); `modules` are the networks `encode` runs (the text encoders),
-    which offload() moves to the CPU."""
+    which encoders_to() moves."""
 
     ndim = 3
     dtype = torch.float32
@@ -158,10 +158,10 @@ class PromptTable:
         """Every row as one tensor on `device` (all encoded now when not cached)."""
         return self[:].to(device)
 
-    def offload(self) -> None:
-        """Move the text encoders to the CPU (rows encoded later are encoded there: for the few rows still needed)."""
+    def encoders_to(self, device) -> None:
+        """Move the text encoders (rows not cached are encoded where they are): e.g. to the CPU while they wait."""
         for m in self._modules:
-            m.to("cpu")
+            m.to(device)
 
     def require_cached(self, what: str) -> None:
         """Refuse, in one line, a use that needs every row at once (`what`: the option that does) on a table that

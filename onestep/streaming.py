@@ -218,7 +218,7 @@ def pipeline_source(path: str, num_samples: int, seed: int = 0, device="cpu", pr
     if kind not in ("OneStepPipeline", "MultiStudentPipeline") + TEXT_PIPELINES:
         raise SourceError(f"pipeline {path!r} is a {kind} export, not a onestep one (OneStepPipeline, a Stable "
                           "Diffusion (XL) student or a multi-student export); score a multi-step model as --teacher")
-    text = is_text_pipeline(path)
+    text = kind in TEXT_PIPELINES or (multi and _layout(path).get("conditioning") == "text")  # (a bad layout: one line)
     from diffusers.utils import logging as dlog
 
     shown = dlog.is_progress_bar_enabled()

@@ -545,6 +545,11 @@ def test_config_file_mistakes_are_one_line(tmp_path, text, extra, message):
                            "--override", "yes, a cat"])  # list items kept as written (commas: a YAML list)
     assert prompts.method_args["forget"] == ["a red car, at night", "style: watercolor"]
     assert prompts.method_args["override"] == ["yes", "a cat"]
+    weights = load_config(["--method", "gndm", "--rewards", "classifier", "--reward_weights", "1e-3",
+                           "--method_args", "{reward_weights: [1e-3]}"])  # 1e-3 is a number in YAML lists too
+    assert weights.method_args["reward_weights"] == [0.001]
+    with pytest.raises(ConfigError, match="method: unknown method 'nosuch'; choose one of"):
+        load_config(["--method", "nosuch", "--update_ratio", "2"])
     cfg = load_config(["--config", str(tmp_path / "ok.yaml"), "--preset", "smoke"])  # the same value twice: fine
     assert (cfg.preset, cfg.mixed_precision, cfg.lr_warmup_steps, cfg.method_args["update_ratio"]) == \
         ("smoke", "no", 2, 3)

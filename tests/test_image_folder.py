@@ -74,6 +74,10 @@ def test_bad_folders_give_one_line_errors_that_say_what_to_do(tmp_path):
     (tmp_path / "txt" / "img2.txt").write_text(" \n")  # an empty caption would be the null condition
     with pytest.raises(DataError, match=r"caption of image 'img2.png' \(its .txt file\) is empty"):
         read_image_folder(str(tmp_path / "txt"))
+    assert read_image_folder(str(tmp_path / "txt"), text=False).captions[2] == ""  # other teachers ignore captions
+    (tmp_path / "jsonl" / "metadata.jsonl").write_text('{"file_name": "img0.png", "text": null}\n')
+    with pytest.raises(DataError, match=r"line 1 of .* \"text\" \(a string\)"):
+        read_image_folder(str(tmp_path / "jsonl"))
 
 
 def test_images_become_vae_latents_and_captions_cached_embeddings(sd_teacher, tmp_path):

@@ -51,7 +51,7 @@ def train(cfg, backbone=None, router=None, fake_backbone=None, own=None):
     from onestep.data import ConditionSampler, RealImages, folder_dataset, load_digits, read_image_folder
     from onestep.distributed import check_launch, clip_grad_norm, distributed_mode, mixed_precision, prepare_sharded
     from onestep.fid import DigitsClassifier, best_of_steps, digits_moments, evaluate_samples
-    from onestep.loading import load_teacher
+    from onestep.loading import is_text_teacher, load_teacher
     from onestep.methods import build_method, default_generator_timesteps
     from onestep.multistudent import own_real_images
     from onestep.optim import make_optimizer
@@ -97,7 +97,7 @@ def train(cfg, backbone=None, router=None, fake_backbone=None, own=None):
     mp = accelerator.mixed_precision
     frozen_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mp)
     prompts = read_prompts(cfg.prompts) if cfg.prompts else None  # text teachers: embedded once, cached
-    folder = read_image_folder(cfg.dataset) if cfg.dataset not in ("digits", "none") else None  # + captions
+    folder = read_image_folder(cfg.dataset, is_text_teacher(cfg.teacher)) if cfg.dataset not in ("digits", "none") else None
     teacher = load_teacher(cfg.teacher, device=device, prompts=prompts, frozen_dtype=frozen_dtype,
                            captions=folder and folder.captions, negative_prompt=cfg.negative_prompt)
     shape = teacher.sample_shape
