@@ -443,6 +443,8 @@ METHOD_OPTION_NEEDS = (
     (("reward_weights", "reward_gradient_weight", "reward_decay", "reward_eps"), lambda m: bool(m.rewards), "--rewards"),
     (("clip_model", "clip_prompt"), lambda m: "clip" in m.rewards, "--rewards clip"),
     (("clip_range",), lambda m: m.reuse > 1 or m.pg_weight > 0, "--reuse > 1 or --pg_weight > 0"),
+    (("p_mean", "p_std"), lambda m: m.fake_t in ("auto", "lognormal"),
+     "--fake_t lognormal (or auto on an EDM teacher)"),
 )
 
 
@@ -573,19 +575,31 @@ def validate(cfg: Config):
 
 def check_teacher_fit(cfg: Config, teacher) -> None:
     """The options that depend on the loaded teacher: its time range, its sample space, its sampler's step count."""
-    schedule = teacher.denoiser.schedule
+    from .cli import asset_path
+
+    schedule, from_preset = teacher.denoiser.schedule, PRESETS[cfg.preset].get("generator_timesteps")
+    units = {"vp": f"whole timesteps 0..{schedule.t_max}",
+             "edm": f"noise levels sigma in [{schedule.sigma_min}, {schedule.t_max}]",
+             "flow": "flow times t in (0, 1]"}[schedule.kind]
+    given = (f" (the {cfg.preset} preset's value)" if cfg.generator_timesteps == from_preset else "") + \
+        f"; this teacher's times are {units}: pass --generator_timesteps in that range (or '[]': one step from the " \
+        "top, SiD's sigma_init on EDM teachers)"
     if any(t > schedule.t_max for t in cfg.generator_timesteps):
-        raise ConfigError(f"generator_timesteps: {cfg.generator_timesteps} exceed this teacher's largest time {schedule.t_max}")
+        raise ConfigError(f"generator_timesteps: {cfg.generator_timesteps} exceed this teacher's largest time "
+                          f"{schedule.t_max}{given}")
     low = {"vp": (0, "0"), "edm": (schedule.sigma_min, f"its sigma_min {schedule.sigma_min}"), "flow": (0, "0 (exclusive)")}
     lo, what = low[schedule.kind]
     if any(t < lo or (schedule.kind == "flow" and t == 0) for t in cfg.generator_timesteps):
         raise ConfigError(f"generator_timesteps: {cfg.generator_timesteps} go below this teacher's smallest time, "
-                          f"{what}; pass times in its range (largest {schedule.t_max})")
+                          f"{what}{given}")
+    if schedule.kind == "vp" and any(float(t) != int(t) for t in cfg.generator_timesteps):
+        raise ConfigError(f"generator_timesteps: {cfg.generator_timesteps} are not whole numbers{given}")
     if cfg.clip_sample and teacher.text_conditional:
         raise ConfigError("clip_sample: latents have no fixed range to clamp to; use --clip_sample 0 with this teacher")
     if teacher.sample_shape != (1, 8, 8):  # digits-FID measures 8x8 digits; other teachers: eval/benchmark.py
         shape = "x".join(map(str, teacher.sample_shape))
-        for key, given in (("eval_every", cfg.eval_every > 0), ("classifier", cfg.classifier not in ("", Config.classifier))):
+        default = ("", Config.classifier, asset_path(Config.classifier))  # the default, resolved from any folder too
+        for key, given in (("eval_every", cfg.eval_every > 0), ("classifier", cfg.classifier not in default)):
             if given:
                 raise ConfigError(f"{key}: the digits classifier measures 1x8x8 digits and this teacher makes {shape}; "
                                   f"drop --{key} and measure the exported pipeline with eval/benchmark.py")

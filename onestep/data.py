@@ -190,7 +190,8 @@ def folder_dataset(folder: ImageFolder, teacher, chunk: int = 16, seed: int = 0)
     draw a random training prompt each epoch (so the condition never tells real from generated)."""
     if teacher.num_classes:
         raise DataError("dataset: a folder of images has no class labels for this class-conditional teacher; use "
-                        "--dataset digits or a text-to-image / unconditional teacher")
+                        "--dataset digits (for the 1x8x8 digits teacher), or turn the GAN off (--gan_generator_weight 0 "
+                        "--gan_critic_weight 0) to distil without real images")
     channels, size = teacher.sample_shape[0], teacher.sample_shape[-1]
     if teacher.vae is not None:
         channels, size = 3, teacher.info["image_size"]

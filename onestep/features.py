@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 import platform
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -225,7 +226,8 @@ def _build_inception(mode: str, path: str | None, device: torch.device):
         raise FeatureError(missing_weights_message(mode, path))
     try:
         return _inception_from_file(mode, path, device)
-    except (RuntimeError, ValueError, OSError, KeyError) as e:  # not the file clean-fid's loader expects
+    except (RuntimeError, ValueError, OSError, KeyError, TypeError, AttributeError,
+            pickle.UnpicklingError) as e:  # not the file clean-fid's loader expects (e.g. the other mode's)
         raise FeatureError(f"Inception weights for mode {mode!r}: {path} is not {PT_NAME if mode == 'legacy_pytorch' else TS_NAME} "
                            f"({type(e).__name__}); download {weights_url(mode)} and pass that file") from None
 

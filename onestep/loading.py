@@ -327,7 +327,7 @@ def load_teacher(spec: str, dtype: torch.dtype = torch.float32, device="cpu", *,
     _check_scheduler_config(sched_cfg, sched_path)
     try:
         schedule = Schedule.from_scheduler_config(sched_cfg)
-    except (ValueError, TypeError, NotImplementedError) as e:
+    except (ValueError, TypeError, NotImplementedError, ImportError) as e:  # ImportError: a scheduler's missing extra
         raise TeacherError(f"teacher scheduler ({sched_path}): {_first_line(e)}") from None
 
     extra_path = os.path.join(root, "onestep.json")

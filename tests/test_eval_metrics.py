@@ -162,6 +162,8 @@ def test_given_weights_file_runs_through_clean_fids_network_and_resizer(tmp_path
     with pytest.raises(ReferenceError, match="other weights of the 'inception_v3' extractor"):
         ref.check(other)
     Reference(ref.mu, ref.sigma, {"extractor": "inception_v3", "mode": "clean"}).check(other)
+    with pytest.raises(FeatureError, match="is not pt_inception-2015-12-05-6726825d.pth"):  # the other mode's file
+        inception_extractor("legacy_pytorch", weights)
 
 
 def test_legacy_pytorch_weights_file_is_found_through_a_private_hub_folder(tmp_path, monkeypatch):

@@ -611,6 +611,31 @@ def test_bad_input_gives_one_line_and_exit_2(args, message, bad_things, tmp_path
     assert not os.path.exists(bad_things["marker"])  # the custom model's code never ran
 
 
+def test_other_teacher_families_run_from_another_folder_get_errors_that_name_the_fix(bad_things, tmp_path,
+                                                                                      monkeypatch):
+    """The user test's findings: outside the project folder the default classifier is still the default; the
+    digits preset's generator time is named as the preset's on teachers whose times are other units."""
+    monkeypatch.chdir(tmp_path)
+    out = ["--output_dir", str(tmp_path / "o"), "--cpu_threads", "1"]
+    code, lines = cli(["--teacher", bad_things["rgb"], *out])  # dmd2's GAN: the next check, not the classifier's
+    assert code == 2 and "dataset: method 'dmd2' needs real images" in lines[-1], lines
+    code, lines = cli(["--teacher", bad_things["edm"], *out])
+    assert code == 2 and "[300] exceed this teacher's largest time 80.0 (the digits preset's value); this " \
+        "teacher's times are noise levels sigma in [0.002, 80.0]" in lines[-1], lines
+    code, lines = cli(["--teacher", bad_things["cond"], "--generator_timesteps", "500.5", *out])
+    assert code == 2 and "[500.5] are not whole numbers; this teacher's times are whole timesteps" in lines[-1], lines
+    code, lines = cli(["--method", "sid", "--fake_t", "generator", "--p_mean", "-1", *out])
+    assert code == 2 and "p_mean: only used with --fake_t lognormal" in lines[-1], lines
+    if importlib.util.find_spec("torchsde") is None:  # a scheduler diffusers has but cannot build here
+        sde = tmp_path / "sde"
+        shutil.copytree(bad_things["cond"], sde)
+        cfg = json.loads((sde / "scheduler" / "scheduler_config.json").read_text())
+        (sde / "scheduler" / "scheduler_config.json").write_text(json.dumps({**cfg, "_class_name": "DPMSolverSDEScheduler"}))
+        code, lines = cli(["--teacher", str(sde), *out])
+        assert code == 2 and len(lines) == 1 and "DPMSolverSDEScheduler requires the torchsde library" in lines[0], lines
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())  # no run folder left
+
+
 def test_resume_with_changed_hyperparameters_or_process_count_warns_and_continues(bad_things, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(os.path.dirname(os.path.dirname(bad_things["ckpt"])), run)
