@@ -230,8 +230,18 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_scheduler_config(cfg: dict, path: str) -> None:
-    """The keys a schedule is built from, checked before diffusers sees them."""
+def _check_scheduler_config(cfg: dict, path: str, indexed=None) -> None:
+    """The keys a schedule is built from, checked before diffusers sees them; the class named by the pipeline's
+    model_index.json (`indexed`: [library, class]), which stock diffusers would load, must be the config's."""
+    name = cfg.get("_class_name")
+    if name is None and any(k in cfg for k in ("sigma_min", "sigma_max", "sigma_data")):
+        raise TeacherError(f"teacher: {path} has EDM keys (sigma_min, sigma_max, sigma_data) but no _class_name, so it "
+                           "would be read as a DDPM schedule; add \"_class_name\": \"EDMEulerScheduler\" (or the "
+                           "scheduler it was trained with)")
+    if isinstance(indexed, (list, tuple)) and len(indexed) == 2 and isinstance(indexed[1], str) and name and \
+            indexed[1] != name:
+        raise TeacherError(f"teacher: model_index.json names the scheduler {indexed[1]} but {path} is a {name}; make "
+                           "them agree (diffusers loads the model_index.json class with that config)")
     steps = cfg.get("num_train_timesteps", 1000)
     if not _is_int(steps) or steps < 1:
         raise TeacherError(f"teacher: {path}: num_train_timesteps must be an integer >= 1, got {steps!r}; fix that "
@@ -324,7 +334,7 @@ def load_teacher(spec: str, dtype: torch.dtype = torch.float32, device="cpu", *,
         raise TeacherError(f"no scheduler config in {root}: add scheduler/scheduler_config.json (the teacher's "
                            "training schedule) next to the model")
     sched_cfg = _read_json(sched_path)
-    _check_scheduler_config(sched_cfg, sched_path)
+    _check_scheduler_config(sched_cfg, sched_path, index.get("scheduler"))
     try:
         schedule = Schedule.from_scheduler_config(sched_cfg)
     except (ValueError, TypeError, NotImplementedError, ImportError) as e:  # ImportError: a scheduler's missing extra

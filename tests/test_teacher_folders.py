@@ -132,6 +132,19 @@ def test_scheduler_keys_of_the_wrong_type_are_named(folders, tmp_path, key, valu
     refused(root, re.escape(os.path.join(root, "scheduler", "scheduler_config.json")) + ": " + message)
 
 
+def test_a_scheduler_config_read_otherwise_than_diffusers_would_is_refused(folders, tmp_path):
+    root = copy(folders, "cond", tmp_path)  # EDM keys without a class: it would be read as DDPM
+    path = os.path.join(root, "scheduler", "scheduler_config.json")
+    with open(path) as f:
+        cfg = {k: v for k, v in json.load(f).items() if k != "_class_name"}
+    write(path, json.dumps({**cfg, "sigma_min": 0.002, "sigma_max": 80.0}))
+    refused(root, "has EDM keys .* but no _class_name, so it would be read as a DDPM schedule")
+    root = copy(folders, "sd", tmp_path / "sd")  # the pipeline's index names another scheduler class
+    update_json(os.path.join(root, "scheduler", "scheduler_config.json"), _class_name="EulerDiscreteScheduler")
+    refused(root, "model_index.json names the scheduler PNDMScheduler but .* is a EulerDiscreteScheduler; make them "
+                  "agree")
+
+
 def _rename(folder: str, name: str) -> None:
     os.rename(weights(folder), os.path.join(folder, name))
 
