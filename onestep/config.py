@@ -290,7 +290,7 @@ def apply(values: dict, cfg: dict, source: str) -> None:
 
     def meaning(key, value):  # as the method reads it (1e-3 and 0.001, '3' and 3 agree)
         try:
-            return _method_value(method, key, value) if method in METHODS else value
+            return _method_value(method, key, value)
         except ConfigError:
             return value
 
@@ -301,8 +301,7 @@ def apply(values: dict, cfg: dict, source: str) -> None:
                               "under method_args; keep one")
     for key, value in values.items():
         if key == "method_args":
-            for k, v in (_convert("method_args", value, dict)).items():
-                cfg["method_args"][k] = v
+            cfg["method_args"].update(nested)
         elif key in types:
             cfg[key] = _convert(key, value, types[key])
         else:

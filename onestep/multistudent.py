@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .errors import OnestepError
+from .prompts import by_rows
 
 ROUTER_FILE, CENTROID_FILE = "router.json", "router.safetensors"
 CONFUSION_PER_CLASS, CONFUSION_STEPS = 100, 10  # teacher samples per class (DDIM steps) that measure class confusion
@@ -217,8 +218,7 @@ def build_router(kind: str, num_students: int, *, classes: Sequence[int] = (), p
         raise RoutingError(f"students: {num_students} students need at least {num_students} "
                            f"{'prompts' if text else 'classes'} to split, got {n}")
     if kind == "kmeans":
-        # 1024 rows at a time: a prompt table that is not cached encodes the rows it is asked for
-        feats = torch.cat([embedding_features(prompt_embeds[s:s + 1024]) for s in range(0, n, 1024)])
+        feats = by_rows(prompt_embeds, embedding_features)
         centroids = kmeans(feats, num_students, seed=seed)
         assign = torch.cdist(feats, centroids).argmin(1)
         groups = [torch.nonzero(assign == j).flatten().tolist() for j in range(num_students)]
@@ -324,8 +324,7 @@ def own_real_images(data, router: Router, k: int):
     real pairs of its own conditions only, as its samples are."""
     from .data import RealImages
 
-    n = len(data.conds)  # 1024 at a time: a prompt table not cached encodes the rows it is asked for
-    keep = torch.cat([router.route(data.conds[s:s + 1024]).cpu() for s in range(0, n, 1024)]) == k
+    keep = by_rows(data.conds, lambda c: router.route(c).cpu()) == k
     return RealImages(data.samples[keep], conds=data.conds.subset(keep) if hasattr(data.conds, "subset")
                       else data.conds[keep])
 

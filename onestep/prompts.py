@@ -88,6 +88,12 @@ def encode_prompts_xl(tokenizers: list, text_encoders: list, prompts: list[str],
     return out
 
 
+def by_rows(table, fn, size: int = 1024) -> torch.Tensor:
+    """torch.cat of fn(table[s:s + size]) over the rows of `table` (a tensor or a PromptTable): a table that is not
+    cached then encodes `size` rows at a time, never all of them."""
+    return torch.cat([fn(table[s:s + size]) for s in range(0, len(table), size)])
+
+
 CACHE_MB_ENV = "ONESTEP_PROMPT_CACHE_MB"  # the most memory a prompt table's cache may take; larger tables encode
 CACHE_MB = 1024                           # each drawn batch of rows instead (the text encoders stay loaded)
 
@@ -153,10 +159,6 @@ class PromptTable:
         sub.shape, sub.cached = torch.Size((len(rows), *self.shape[1:])), self.cached
         sub.nbytes, sub._rows = self.nbytes // max(len(self), 1) * len(rows), None if self._rows is None else self._rows[rows]
         return sub
-
-    def to(self, device) -> torch.Tensor:
-        """Every row as one tensor on `device` (all encoded now when not cached)."""
-        return self[:].to(device)
 
     def encoders_to(self, device) -> None:
         """Move the text encoders (rows not cached are encoded where they are): e.g. to the CPU while they wait."""

@@ -181,9 +181,10 @@ def _layout(path: str) -> dict:
     return layout
 
 
-def is_text_pipeline(path: str) -> bool:
+def is_text_pipeline(path: str, strict: bool = False) -> bool:
     """Whether the export at `path` is a text-to-image student (a stock Stable Diffusion (XL) pipeline, or a
-    multi-student export of one), from its files; False where they cannot be read (pipeline_source says why)."""
+    multi-student export of one), from its files; where they cannot be read False, or with `strict` the SourceError
+    that says why."""
     from .pipeline_multi import LAYOUT_FILE
     from .prompt_sources import TEXT_PIPELINES
 
@@ -192,6 +193,8 @@ def is_text_pipeline(path: str) -> bool:
             return _layout(path).get("conditioning") == "text"
         return _class_name(os.path.join(path, "model_index.json")) in TEXT_PIPELINES
     except (OSError, ValueError, SourceError):
+        if strict:
+            raise
         return False
 
 
@@ -218,7 +221,7 @@ def pipeline_source(path: str, num_samples: int, seed: int = 0, device="cpu", pr
     if kind not in ("OneStepPipeline", "MultiStudentPipeline") + TEXT_PIPELINES:
         raise SourceError(f"pipeline {path!r} is a {kind} export, not a onestep one (OneStepPipeline, a Stable "
                           "Diffusion (XL) student or a multi-student export); score a multi-step model as --teacher")
-    text = kind in TEXT_PIPELINES or (multi and _layout(path).get("conditioning") == "text")  # (a bad layout: one line)
+    text = is_text_pipeline(path, strict=True)
     from diffusers.utils import logging as dlog
 
     shown = dlog.is_progress_bar_enabled()
