@@ -89,6 +89,8 @@ class Config:
     # ---- optimisation ----
     steps: int = 1200                    # training iterations (each has a critic step; every update_ratio-th a generator step)
     batch_size: int = 64                 # per process
+    gradient_accumulation_steps: int = 1 # each update adds up the gradients of this many batches of batch_size (an
+                                         # update sees batch_size x this x the processes); activations: one batch's
     lr_generator: float = 5e-5
     lr_fake: float = 2e-4
     optimizer: str = "adamw"             # both optimisers: "adamw" (torch, fused) or "adamw8bit" (bitsandbytes: 8-bit
@@ -109,7 +111,7 @@ class Config:
     # ---- DisBack: degradation recording + distribution backtracking around the method (onestep/disback.py) ----
     backtrack: bool = False              # record the degradation path, start the fake score at its end, walk the DM
                                          # target back node by node to the teacher
-    backtrack_nodes: int = 4             # N recorded nodes S'_1..S'_N; the fake score starts from S'_N, the target at S'_{N-1}
+    backtrack_nodes: int = 10            # N recorded nodes S'_1..S'_N; the fake score starts from S'_N, the target at S'_{N-1}
     backtrack_interval: int = 100        # iterations on each target node ("plateau": at most)
     backtrack_switch: str = "fixed"      # "fixed" (every backtrack_interval iterations) or "plateau" (also earlier, when
                                          # the smoothed DM-gradient norm stops falling)
@@ -207,7 +209,7 @@ CHOICES = {"fake_score": ("auto", "copy", "lora"), "attention": ("sdpa", "xforme
            "router": ("auto", "balanced", "confusion", "kmeans"), "backtrack_switch": ("fixed", "plateau"),
            "student_fake_score": ("student", "teacher"), "optimizer": OPTIMIZERS,
            "cpu_malloc": CPU_MALLOC, "nonfinite_check": NONFINITE_CHECKS}
-POSITIVE = ("steps", "batch_size", "lr_generator", "lr_fake", "eval_samples", "lora_rank", "max_nonfinite_steps",
+POSITIVE = ("steps", "batch_size", "gradient_accumulation_steps", "lr_generator", "lr_fake", "eval_samples", "lora_rank", "max_nonfinite_steps",
             "backtrack_nodes", "backtrack_interval", "backtrack_patience", "record_interval",
             "students", "tsm_lr", "tsm_pool")
 NON_NEGATIVE = ("lr_warmup_steps", "cpu_threads", "log_every", "sample_every", "eval_every", "checkpoint_every", "checkpoints_total_limit",
@@ -404,6 +406,11 @@ def load_config(argv: list[str]) -> Config:
     apply(overrides, cfg, "the command line")
     if cfg["method"] == preset_method:  # a preset's method options belong to its method; another --method starts clean
         cfg["method_args"] = {**preset_args, **cfg["method_args"]}
+    from .methods import METHODS
+
+    for key, value in getattr(METHODS.get(cfg["method"]), "preferred_config", {}).items():  # e.g. SiD's Adam betas
+        if key not in PRESETS[preset] and key not in file_values and key not in overrides:
+            cfg[key] = value
     config = Config(**cfg)
     from .cli import asset_path
 
@@ -411,8 +418,6 @@ def load_config(argv: list[str]) -> Config:
     method = validate(config)
     config.method_args = method_kwargs(config)  # typed, so config.yaml records 1.5, not '1.5'
     if config.fake_score == "auto":  # resolved here, so config.yaml records what ran
-        from .methods import METHODS
-
         config.fake_score = getattr(METHODS[config.method], "preferred_fake_score", "copy")
     # a run's own config.yaml lists every key: a file's keys count as given where they change the preset's value
     changed = {k for k in file_values if k in before_file and getattr(config, k) != before_file[k]}
@@ -569,6 +574,10 @@ def validate(cfg: Config):
     if getattr(method, "group_size", 1) > 1 and cfg.batch_size % method.group_size:
         raise ConfigError(f"group_size: {method.group_size} does not divide --batch_size {cfg.batch_size} (the samples per "
                           "process); pick a divisor")
+    if getattr(method, "reuse", 1) > 1 and cfg.gradient_accumulation_steps > 1:
+        raise ConfigError(f"reuse: a rollout serves {method.reuse} updates, but with --gradient_accumulation_steps "
+                          f"{cfg.gradient_accumulation_steps} the micro-batches of one update would share it; use one of "
+                          "them")
     return method
 
 
@@ -616,14 +625,18 @@ def check_teacher_fit(cfg: Config, teacher) -> None:
     if "sigma_init" in cfg.method_args:  # SiD / SFD: the generator's sigma on EDM teachers, where no times are given
         sigma = cfg.method_args["sigma_init"]
         if schedule.kind != "edm":
-            raise ConfigError(f"sigma_init: {sigma} is not used: this teacher is not an EDM one (its generator starts "
-                              "at the top of its schedule); drop it")
+            raise ConfigError(f"sigma_init: {sigma} is not used: this teacher is not an EDM one (sigma_init is an EDM "
+                              "generator's starting sigma; --generator_timesteps sets where others start); drop it")
         if cfg.generator_timesteps:
             raise ConfigError(f"sigma_init: {sigma} is not used: --generator_timesteps sets the generator's times; "
                               "drop one")
         if sigma > schedule.sigma_max:
             raise ConfigError(f"sigma_init: {sigma} exceeds this teacher's sigma_max {schedule.sigma_max}; pass at most "
                               "that")
+    lognormal = [k for k in ("p_mean", "p_std") if k in cfg.method_args]  # SiD's fake-loss times, log-normal in sigma
+    if lognormal and schedule.kind != "edm" and cfg.method_args.get("fake_t", "auto") == "auto":
+        raise ConfigError(f"{lognormal[0]}: not used: on this {schedule.kind.upper()} teacher fake_t auto draws the fake "
+                          "loss's times as the generator's; add --fake_t lognormal or drop it")
 
 
 def _check_numbers(cfg: Config, method) -> None:

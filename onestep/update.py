@@ -15,9 +15,10 @@ Without skips both give the same weights, optimiser states and EMA (tested).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -50,6 +51,39 @@ def floats(logs: dict) -> dict:
     for keys in by_device.values():
         values = torch.stack([logs[k].detach().float().reshape(()) for k in keys]).tolist()
         out.update(zip(keys, values))
+    return out
+
+
+def accumulated(accelerator, loss_fn: Callable, triad, batches: Sequence[dict], modules=()) -> tuple[torch.Tensor, dict]:
+    """One turn's loss and backward over its micro-batches (--gradient_accumulation_steps): each backward takes
+    loss_i / n, so the gradients add up to those of the mean over all of them. Under DDP the gradients of `modules`
+    are synchronised once, at the last backward (accelerate's no_sync before it). Returns the mean loss (detached
+    when n > 1) and each log's mean over the micro-batches; one micro-batch is exactly the plain turn."""
+    n, total, parts = len(batches), 0.0, []
+    for i, batch in enumerate(batches):
+        with contextlib.ExitStack() as hold:
+            for m in modules if i < n - 1 else ():
+                hold.enter_context(accelerator.no_sync(m))
+            with accelerator.autocast():
+                loss, logs = loss_fn(triad, batch)
+            accelerator.backward(loss if n == 1 else loss / n)
+        if n == 1:
+            return loss, logs
+        total, parts = total + loss.detach().float() / n, parts + [logs]
+    return total, mean_logs(parts)
+
+
+def mean_logs(parts: Sequence[dict]) -> dict:
+    """Each key's mean over the micro-batches' logs that hold it (tensors and numbers; other values: the last)."""
+    out = {}
+    for k in {k: None for logs in parts for k in logs}:
+        vals = [logs[k] for logs in parts if k in logs]
+        if all(torch.is_tensor(v) and v.numel() == 1 for v in vals):
+            out[k] = torch.stack([v.detach().float().reshape(()) for v in vals]).mean()
+        elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+            out[k] = sum(vals) / len(vals)
+        else:
+            out[k] = vals[-1]
     return out
 
 

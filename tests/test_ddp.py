@@ -39,14 +39,14 @@ def test_processes_accelerate_did_not_join_are_refused(cond_teacher, tmp_path):
 @pytest.mark.slow
 def test_ddp_step_equals_one_process_step_on_the_same_global_batch(tmp_path):
     """Gradients are synchronised (averaged): a 2-process DMD2 iteration (generator and critic turns, GAN on) gives the
-    weights one process gets from the same global batch."""
+    weights one process gets from the same global batch; so does one with two accumulated micro-batches per process."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            os.path.join(ROOT, "tests", "ddp_step.py"), str(tmp_path)]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads((tmp_path / "ddp_step.json").read_text())
-    for role in ("generator", "critic"):
+    for role in ("generator", "critic", "accumulated_generator", "accumulated_critic"):
         assert rep[f"{role}_replica_spread"] == 0.0
         assert rep[f"{role}_update_size"] > 1e-4  # the step moved the weights ...
         assert rep[f"{role}_vs_single_process"] < 1e-3 * rep[f"{role}_update_size"]  # ... as one process would

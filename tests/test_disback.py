@@ -233,9 +233,15 @@ def test_backtrack_command_records_once_and_reuses_for_another_method(cond_teach
     assert r.returncode == 0, r.stderr[-3000:]
     d = json.loads((tmp_path / "dmd2" / "metrics.json").read_text())["disback"]
     assert d["switches"] == [[2, 0]] and d["final_node"] == 0  # the schedule continued, not restarted at S'_1
-    r = run_distill([*common, "--name", "sid", "--method", "sid"])  # the same recording serves SiD
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_distill([*common, "--name", "sid", "--method", "sid", "--adam_beta1", "0.9"])  # the same recording serves
+    assert r.returncode == 0, r.stderr[-3000:]                                             # SiD at DMD2's betas
     assert os.path.getmtime(index) == mtime
+    assert json.loads((tmp_path / "sid" / "metrics.json").read_text())["disback"]["folder"] == d["folder"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "sid" / "logs" / "onestep")).Reload()
+    node = [e.value for e in events.Scalars("backtrack_node")]  # the node in use: S'_1, then the teacher (0)
+    assert node[0] == 1 and node[-1] == 0
 
 
 @pytest.mark.parametrize("args,key", [(["--backtrack_interval", "4"], "backtrack_interval"),  # 1 node x 4 >= 4 steps

@@ -140,7 +140,7 @@ def test_fsdp_sd_dmd2_run_trains_as_ddp_does(tmp_path):
 
 @fsdp2
 @pytest.mark.parametrize("flags, env, message", [
-    (["--backtrack", "true", "--backtrack_interval", "1"], {}, "FSDP does not support --backtrack"),
+    (["--backtrack", "true", "--backtrack_nodes", "2", "--backtrack_interval", "1"], {}, "FSDP does not support --backtrack"),
     (["--ema_decay", "0.9", "--offload_ema", "true"], {}, "FSDP does not support --offload_ema"),
     ([], {"FSDP_VERSION": "1"}, "FSDP version 1 is not supported"),
     ([], {"FSDP_AUTO_WRAP_POLICY": "SIZE_BASED_WRAP"}, "use TRANSFORMER_BASED_WRAP"),

@@ -142,6 +142,27 @@ def test_resume_continues_the_same_trajectory(cond_teacher, tmp_path, monkeypatc
     assert (tmp_path / "resumed" / "config.yaml").read_text() == config
 
 
+def test_gradient_accumulation_resumes_exactly(cond_teacher, tmp_path, monkeypatch):
+    """--gradient_accumulation_steps 2 at batch 32: each iteration takes two real batches (6 after 3 iterations, mid
+    epoch), and a crash after the step-3 checkpoint and --resume latest still give the straight run's tensors."""
+    monkeypatch.setitem(METHODS, "dmd2", CountingDMD2)
+    args = [*EXACT, "--batch_size", "32", "--gradient_accumulation_steps", "2", "--teacher", cond_teacher,
+            "--output_dir", str(tmp_path), "--steps", "8", "--checkpoint_every", "3", "--checkpoints_total_limit", "0"]
+    straight_and_resumed(monkeypatch, args)
+    position = load_file(str(tmp_path / "resumed" / "checkpoints" / "step_0000003" / runs.DATA_STATE))
+    per_epoch = (load_digits_count(0) // 32)
+    assert int(position["offset"]) == 6 % per_epoch != 0
+    a, b = final_state(str(tmp_path / "straight"), 8), final_state(str(tmp_path / "resumed"), 8)
+    assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert int(b["custom_checkpoint_1.pkl:0"]) == 8  # 4 generator turns of 2 micro-batches each
+
+
+def load_digits_count(label: int) -> int:
+    from onestep.data import load_digits
+
+    return int((load_digits("train")[1] == label).sum())
+
+
 def test_lora_fake_score_checkpoints_hold_the_adapters_only_and_resume_exactly(cond_teacher, tmp_path, monkeypatch):
     """A LoRA fake score's checkpoint file keeps its adapters, not the teacher's weights under them, and a run
     resumed from it continues bit for bit (the teacher's weights come from the teacher)."""
@@ -507,6 +528,10 @@ def bad_things(tmp_path_factory, cond_teacher, uncond_teacher):
 
 BAD = [  # (id, arguments, what the one line must say); {name} is a path from bad_things
     ("batch_size", ["--batch_size", "0"], "batch_size: must be > 0, got 0"),
+    ("accumulation", ["--gradient_accumulation_steps", "0"], "gradient_accumulation_steps: must be > 0, got 0"),
+    ("accumulation_reuse", ["--method", "gndm", "--generator_timesteps", "999,499", "--reuse", "2",
+                            "--gradient_accumulation_steps", "2"], "the micro-batches of one update would share it"),
+    ("generator_noise", ["--method", "sid", "--generator_noise", "both"], "generator_noise must be fresh or shared"),
     ("nan_lr", ["--lr_generator", "nan"], "lr_generator: must be a finite number, got nan"),
     ("log_every", ["--log_every", "0"], "log_every: must be > 0"),
     ("seed", ["--seed", "-1"], "seed: must be in 0..4294967295, got -1"),
@@ -570,7 +595,7 @@ BAD = [  # (id, arguments, what the one line must say); {name} is a path from ba
     ("unused_method_option", ["--method", "vsd", "--kappa_min", "2"], "kappa_min: only used with --random_guidance true"),
     ("unused_regression", ["--method", "dmd", "--regression_steps", "10"], "only used with --regression_weight > 0"),
     ("unused_negative_prompt", ["--negative_prompt", "blurry"], "negative_prompt: only used with guidance"),
-    ("unused_plateau", ["--backtrack", "true", "--backtrack_interval", "1", "--backtrack_patience", "3"],
+    ("unused_plateau", ["--backtrack", "true", "--backtrack_nodes", "2", "--backtrack_interval", "1", "--backtrack_patience", "3"],
      "backtrack_patience: only used with --backtrack_switch plateau"),
     ("eval_every_no_classifier", ["--eval_every", "2"], "eval_every: FID during training needs the digits classifier"),
     ("classifier_rgb", ["--teacher", "{rgb}", "--classifier", "{classifier}"],
@@ -594,7 +619,7 @@ BAD = [  # (id, arguments, what the one line must say); {name} is a path from ba
     ("resume_schedule", ["--resume", "{ckpt}", "--teacher", "{flow}"],
      "other teacher_schedule ('vp:epsilon' there, 'flow:flow' now)"),
     ("sfd_students", ["--method", "sfd", "--forget", "3", "--students", "2"], "train SFD with --students 1"),
-    ("record_foreign", ["--backtrack", "true", "--backtrack_interval", "1", "--record_dir", "{rgb}"],
+    ("record_foreign", ["--backtrack", "true", "--backtrack_nodes", "2", "--backtrack_interval", "1", "--record_dir", "{rgb}"],
      "holds files that are not a DisBack recording"),
 ]
 

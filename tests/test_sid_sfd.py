@@ -231,6 +231,29 @@ def test_cli_parses_forget_lists_and_another_method_leaves_the_presets_method_op
     assert build_method(sfd.method, **method_kwargs(sfd)).t_max == 0.8  # another method: SiD's own default
     with pytest.raises(ConfigError, match="fake_t must be one of"):
         load_config(["--method", "sid", "--fake_t", "sometimes"])
+    # SiD's Adam betas (0, 0.999) wherever nothing else sets beta1: the default preset, another preset, not DMD2
+    assert load_config(["--method", "sid"]).adam_beta1 == 0.0 == load_config(["--method", "sfd", "--forget", "3"]).adam_beta1
+    assert load_config(["--preset", "cifar10", "--method", "sid"]).adam_beta1 == 0.0
+    assert load_config(["--method", "sid", "--adam_beta1", "0.5"]).adam_beta1 == 0.5  # the command line's value
+    assert load_config(["--method", "dmd2"]).adam_beta1 == 0.9
+
+
+@pytest.mark.parametrize("method", ["sid", "sfd"])
+@pytest.mark.parametrize("noise", ["fresh", "shared"])
+def test_generator_turn_draws_its_own_noise_unless_shared(method, noise):
+    """SiD's release grades the generator on a fresh draw, not on the samples the fake score's step (first in the
+    iteration) just trained on; generator_noise shared reuses the batch's."""
+    triad, calls = make_triad(), []
+    generate = triad.generate
+    triad.generate = lambda z, c=None: calls.append(z.clone()) or generate(z, c)
+    extra = {"forget": [3], "override": [1]} if method == "sfd" else {}
+    m = build_method(method, generator_noise=noise, **extra)
+    if method == "sfd":
+        m.setup(torch.arange(10), list(range(10)))
+    batch = labelled_batch([0, 3, 5, 7])
+    m.fake_score_loss(triad, batch)
+    m.generator_loss(triad, batch)
+    assert torch.equal(calls[0], batch["z"]) and torch.equal(calls[1], batch["z"]) == (noise == "shared")
 
 
 @pytest.mark.slow

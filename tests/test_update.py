@@ -7,7 +7,7 @@ import torch
 
 from onestep.errors import NonFiniteError, OnestepError
 from onestep.triad import in_place_ema
-from onestep.update import Updates, device_skip_blocker, floats
+from onestep.update import Updates, accumulated, device_skip_blocker, floats, mean_logs
 
 CPU = torch.device("cpu")
 
@@ -206,3 +206,29 @@ def test_a_skipped_fp16_update_ends_the_scalers_turn_and_lowers_its_scale():
         if i == 0:
             assert scaler.get_scale() == 2.0**15 and all(torch.equal(a, p) for a, p in zip(before, net.parameters()))
     assert not all(torch.equal(a, p) for a, p in zip(before, net.parameters()))
+
+
+def test_accumulated_micro_batches_give_the_whole_batch_gradient():
+    """Two micro-batches (each backward of loss / 2) leave the gradient of the mean over both, and the mean of
+    their logs; one micro-batch is the plain turn (its own loss tensor, no scaling)."""
+    from accelerate import Accelerator
+
+    acc, net = Accelerator(cpu=True), build()[0]
+
+    def loss_fn(model, batch):
+        per = model(batch["z"]).square().flatten()
+        return per.mean(), {"loss_x": per.mean().detach(), "n": len(per), "tag": "last"}
+
+    z = torch.randn(8, 4, generator=torch.Generator().manual_seed(3))
+    whole, logs1 = accumulated(acc, loss_fn, net, [{"z": z}])
+    assert whole.requires_grad and logs1["n"] == 8  # one micro-batch: returned as loss_fn gave it
+    grad = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad(set_to_none=True)
+    loss, logs = accumulated(acc, loss_fn, net, [{"z": z[:3]}, {"z": z[3:]}])  # unequal halves: mean of the means
+    parts = [net(z[:3]).square().mean(), net(z[3:]).square().mean()]
+    assert torch.allclose(loss, (parts[0] + parts[1]) / 2) and not loss.requires_grad
+    net.zero_grad(set_to_none=True)
+    accumulated(acc, loss_fn, net, [{"z": z[:4]}, {"z": z[4:]}])
+    assert all(torch.allclose(p.grad, g, atol=1e-7) for p, g in zip(net.parameters(), grad))
+    assert logs["n"] == 4.0 and logs["tag"] == "last" and torch.allclose(logs["loss_x"], loss)
+    assert mean_logs([{"a": 1}, {"b": torch.tensor(2.0)}, {"a": 3}]) == {"a": 2.0, "b": torch.tensor(2.0)}

@@ -63,7 +63,7 @@ def train(cfg, backbone=None, router=None, fake_backbone=None, own=None):
     from onestep.sampling import sample_teacher
     from onestep.schedule import to_device
     from onestep.triad import DEFAULT_LORA_TARGETS, Triad, enable_gradient_checkpointing
-    from onestep.update import Updates, floats
+    from onestep.update import Updates, accumulated, floats
 
     # 1. Configuration ------------------------------------------------------------------------------
     method = build_method(cfg.method, **method_kwargs(cfg))
@@ -90,7 +90,7 @@ def train(cfg, backbone=None, router=None, fake_backbone=None, own=None):
     accelerator.wait_for_everyone()
     resume_from = resolve_resume(run_dir, cfg.resume)
     if cfg.resume and resume_from is None and main_proc:
-        print(f"resume: no complete checkpoint in {run_dir}/checkpoints; starting from step 0", file=sys.stderr)
+        print(f"warning: resume: no complete checkpoint in {run_dir}/checkpoints; starting from step 0", file=sys.stderr)
     set_seed(cfg.seed)
 
     # 3. Teacher, conditions and data -----------------------------------------------------------------
@@ -220,7 +220,7 @@ def train(cfg, backbone=None, router=None, fake_backbone=None, own=None):
                                 turns=[(opt_g, sched_g, cfg.lr_generator), (opt_f, sched_f, cfg.lr_fake), (opt_h, sched_h, cfg.lr_fake)])
     else:  # fresh, per-process noise; a resumed run continues the RNG streams it saved
         set_seed(cfg.seed, device_specific=True)
-    if main_proc:
+    if main_proc and start < cfg.steps:  # (a finished run resumed trains nothing: its config.yaml stays)
         with open(os.path.join(run_dir, "config.yaml"), "w") as f:
             yaml.safe_dump(saved_config(cfg), f, sort_keys=False)
     accelerator.init_trackers("onestep", config={k: str(v) if isinstance(v, (list, dict)) else v
@@ -252,12 +252,13 @@ def train(cfg, backbone=None, router=None, fake_backbone=None, own=None):
     trained = {"generator": triad.generator_parameters(), "fake": triad.critic_parameters()}
     parts = {"generator": (method.generator_loss, [opt_g], [sched_g]),  # + the GAN head's own under FSDP
              "fake": (method.fake_score_loss, [o for o in (opt_f, opt_h) if o], [s for s in (sched_f, sched_h) if s])}
+    ddp_modules = [m for m in (triad.generator, triad.fake_score, triad.gan_head) if m is not None]
     latest = {}  # each term's newest value: a logging step that is no generator step still logs the generator's
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=name, disable=not accelerator.is_local_main_process)
     for step in bar:
-        batch = {"z": torch.randn(cfg.batch_size, *shape, device=device), "cond": draw_cond(cfg.batch_size), "step": step}
-        if real_iter is not None:
-            batch.update(next(real_iter))  # "real" (+ "real_cond")
+        batches = [dict(z=torch.randn(cfg.batch_size, *shape, device=device), cond=draw_cond(cfg.batch_size), step=step,
+                        **(next(real_iter) if real_iter is not None else {}))  # "real" (+ "real_cond")
+                   for _ in range(cfg.gradient_accumulation_steps)]
         turns = ["fake", "generator"] if getattr(method, "fake_first", False) else ["generator", "fake"]
         logs = {}
         for turn in turns:
@@ -266,16 +267,14 @@ def train(cfg, backbone=None, router=None, fake_backbone=None, own=None):
             loss_fn, opts, lr_scheds = parts[turn]
             for opt in opts:
                 opt.zero_grad(set_to_none=True)  # nothing another turn's backward may have left
-            with accelerator.autocast():
-                loss, turn_logs = loss_fn(triad, batch)
-            accelerator.backward(loss)
+            loss, turn_logs = accumulated(accelerator, loss_fn, triad, batches, ddp_modules)
             turn_logs[f"grad_norm_{turn}"] = clip_grad_norm(accelerator, trained[turn], cfg.grad_clip or float("inf"))
             if updates(step, turn, loss, turn_logs[f"grad_norm_{turn}"], opts, lr_scheds, turn_logs,
                        triad.ema_step if turn == "generator" else None):
                 logs.update(turn_logs)
-        latest.update(logs)
-        if hasattr(method, "on_step"):  # e.g. DisBack's target schedule
+        if hasattr(method, "on_step"):  # e.g. DisBack's target schedule (it logs the node in use)
             method.on_step(triad, step, logs)
+        latest.update(logs)
         done = step + 1
         if cfg.compile and step == start and main_proc:
             tqdm.write(f"torch.compile: the first iteration (with compilation) took {bar.format_dict['elapsed']:.1f} s")

@@ -154,7 +154,7 @@ class SFD(SiD):
 
     # ---- generator turn --------------------------------------------------------------------------
     def generator_loss(self, triad, batch: dict) -> tuple[torch.Tensor, dict]:
-        z, c, sched = batch["z"], batch.get("cond"), triad.teacher.schedule
+        z, c, sched = self.generator_z(batch), batch.get("cond"), triad.teacher.schedule
         x = triad.generate(z, c)
         forget = self.is_forget(c)
         on = self.gen_forget_coef > 0 and bool(forget.any())

@@ -8,7 +8,7 @@ Fake score: denoising loss on sg(G(z)) (EDM: ln sigma ~ N(-1.2, 1.2^2), EDM's la
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 
@@ -34,6 +34,9 @@ def sid_loss(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor, alph
 class SiD:
     """SiD: the alpha-weighted score-identity loss through both score networks; 1:1 updates, fake score first."""
 
+    # run settings SiD uses where the preset, a config file or the command line does not set them: Adam betas (0, 0.999)
+    preferred_config: ClassVar[dict] = {"adam_beta1": 0.0}
+
     update_ratio: int = 1             # fake-score steps per generator step (SiD: 1)
     alpha: float = 1.2                # SiD's alpha (1.2; 1.0 for AFHQ)
     sigma_init: float = 2.5           # EDM teachers: the generator's sigma when --generator_timesteps is not given
@@ -52,6 +55,8 @@ class SiD:
     p_std: float = 1.2
     fake_loss_space: str = "auto"     # DSM space of the fake score; auto: eps (VP), edm (EDM), flow (flow)
     fake_first: bool = True           # SiD: the fake score's step comes first in each iteration
+    generator_noise: str = "fresh"    # the generator turn's noise: "fresh" (its own draw, as SiD's release), "shared"
+                                      # (the batch's: the samples the fake score's step just trained on)
 
     def __post_init__(self):
         if self.update_ratio < 1:
@@ -64,6 +69,10 @@ class SiD:
             raise ValueError(f"sigma_init must be > 0, got {self.sigma_init}")
         if self.fake_t not in FAKE_T_CHOICES:
             raise ValueError(f"fake_t must be one of {', '.join(FAKE_T_CHOICES)}, got {self.fake_t!r}")
+        if not self.alpha >= 0:
+            raise ValueError(f"alpha must be >= 0 (SiD: 1.2), got {self.alpha}")
+        if self.generator_noise not in ("fresh", "shared"):
+            raise ValueError(f"generator_noise must be fresh or shared, got {self.generator_noise!r}")
         if self.p_std <= 0 or self.weight_eps <= 0:
             raise ValueError(f"p_std and weight_eps must be > 0, got {self.p_std}, {self.weight_eps}")
 
@@ -112,8 +121,12 @@ class SiD:
         return weighted_dsm(sched, t, triad.fake_score(x_t, t, cond), x, self.loss_space(sched))
 
     # ---- generator turn --------------------------------------------------------------------------
+    def generator_z(self, batch: dict) -> torch.Tensor:
+        """The generator turn's noise: a fresh draw, or the batch's (which the fake score's step used)."""
+        return torch.randn_like(batch["z"]) if self.generator_noise == "fresh" else batch["z"]
+
     def generator_loss(self, triad, batch: dict) -> tuple[torch.Tensor, dict]:
-        z, c = batch["z"], batch.get("cond")
+        z, c = self.generator_z(batch), batch.get("cond")
         x = triad.generate(z, c)
         loss, logs = self.generator_terms(triad, x, c, self.generator_t(triad.teacher.schedule, len(z), x.device))
         loss = loss.mean()
