@@ -75,15 +75,17 @@ def test_fsdp_run_trains_as_ddp_does_and_resumes_exactly(tmp_path):
 @fsdp2
 @pytest.mark.slow
 @pytest.mark.parametrize("flags", [["--method", "vsd", "--fake_score", "copy"], ["--fake_score", "lora", "--ema_decay", "0.9"],
-                                   ["--fake_score", "lora", "--shared_critic_pass", "true", "--gradient_checkpointing", "true"]],
-                         ids=["vsd-copy", "dmd2-lora", "dmd2-lora-shared-critic-pass"])
+                                   ["--fake_score", "lora", "--shared_critic_pass", "true", "--gradient_checkpointing", "true"],
+                                   ["--gradient_accumulation_steps", "2"]],
+                         ids=["vsd-copy", "dmd2-lora", "dmd2-lora-shared-critic-pass", "dmd2-accumulation"])
 def test_fsdp_frozen_and_lora_fake_scores_train_as_ddp_does(tmp_path, flags):
     """VSD calls the fake score frozen under no_grad: FSDP2 keeps a root's gathered weights after a no-grad forward,
     with the requires_grad they were gathered with; the triad regathers after each toggle, so the critic turn trains
     the whole fake score (else its root-level weights stayed frozen: a relative gap of 0.36). A LoRA fake score shards
     the backbone it shares with the teacher: both views gather it, the teacher's weights never change. With
     shared_critic_pass the critic's backward runs on a forward of the generator turn, past its backward, the GAN
-    term's freeze of the fake score and the regathers (with checkpointing: recomputed there)."""
+    term's freeze of the fake score and the regathers (with checkpointing: recomputed there). With gradient
+    accumulation the micro-batches before the last leave their gradients unreduced (FSDP2's requires_gradient_sync)."""
     out = ["--output_dir", str(tmp_path), "--preset", "smoke", "--steps", "4", *flags]
     r = run_fsdp([*out, "--name", "fsdp"])
     assert r.returncode == 0, r.stderr[-3000:]

@@ -651,6 +651,8 @@ def test_other_teacher_families_run_from_another_folder_get_errors_that_name_the
     assert code == 2 and "[500.5] are not whole numbers; this teacher's times are whole timesteps" in lines[-1], lines
     code, lines = cli(["--method", "sid", "--fake_t", "generator", "--p_mean", "-1", *out])
     assert code == 2 and "p_mean: only used with --fake_t lognormal" in lines[-1], lines
+    code, lines = cli(["--method", "sid", "--p_std", "1", *out])  # the digits teacher is VP: auto is not log-normal
+    assert code == 2 and "p_std: not used: on this VP teacher fake_t auto draws" in lines[-1], lines
     if importlib.util.find_spec("torchsde") is None:  # a scheduler diffusers has but cannot build here
         sde = tmp_path / "sde"
         shutil.copytree(bad_things["cond"], sde)
