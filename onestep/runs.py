@@ -129,9 +129,14 @@ def run_config(cfg, schedule=None) -> dict:
     return out
 
 
+# keys added after checkpoints of runs without them were written: left out at their default, so those still match
+HASH_DEFAULTS = {"gradient_accumulation_steps": 1}
+
+
 def _hashed(config: dict) -> dict:
     """The keys that shape the trajectory, method options as top-level keys (as on the command line)."""
-    out = {k: v for k, v in config.items() if k not in HASH_IGNORED and k != "method_args"}
+    out = {k: v for k, v in config.items()
+           if k not in HASH_IGNORED and k != "method_args" and (k not in HASH_DEFAULTS or v != HASH_DEFAULTS[k])}
     return {**out, **config.get("method_args", {})}
 
 

@@ -184,3 +184,7 @@ def test_config_hash_ignores_run_plumbing_and_sees_the_trajectory(key, other):
     assert runs.config_hash(plumbing) == runs.config_hash(base)
     changed = {**base, other: base[other] + 1 if isinstance(base[other], (int, float)) else base[other] + "x"}
     assert runs.config_hash(changed) != runs.config_hash(base)
+    # a key added later hashes as its absence at its default (an older checkpoint still matches), not otherwise
+    older = {k: v for k, v in base.items() if k not in runs.HASH_DEFAULTS}
+    assert runs.config_hash(older) == runs.config_hash(base)
+    assert runs.config_hash({**base, "gradient_accumulation_steps": 2}) != runs.config_hash(base)
