@@ -574,6 +574,10 @@ def validate(cfg: Config):
     if getattr(method, "group_size", 1) > 1 and cfg.batch_size % method.group_size:
         raise ConfigError(f"group_size: {method.group_size} does not divide --batch_size {cfg.batch_size} (the samples per "
                           "process); pick a divisor")
+    if getattr(method, "shared_critic_pass", False) and cfg.gradient_accumulation_steps > 1:
+        raise ConfigError("shared_critic_pass: the critic's backward would run on forwards of the generator turn, each "
+                          "micro-batch's graph kept (and, under DDP, synchronised as the forward was): use false with "
+                          f"--gradient_accumulation_steps {cfg.gradient_accumulation_steps}")
     if getattr(method, "reuse", 1) > 1 and cfg.gradient_accumulation_steps > 1:
         raise ConfigError(f"reuse: a rollout serves {method.reuse} updates, but with --gradient_accumulation_steps "
                           f"{cfg.gradient_accumulation_steps} the micro-batches of one update would share it; use one of "

@@ -253,7 +253,7 @@ class DisBack:
     """Wraps a method: degradation recording in prepare(), then the DM target walks back from S'_{N-1} to the teacher."""
 
     base: object                              # the method (DMD, DMD2, VSD, SiD, ...) whose losses run unchanged
-    nodes: int = 4                            # N: recorded nodes; the fake score starts from S'_N
+    nodes: int = 10                           # N: recorded nodes; the fake score starts from S'_N
     interval: int = 100                       # iterations on each target node ("plateau": at most)
     switch: str = "fixed"                     # "fixed" or "plateau" (smoothed DM-gradient norm stops falling)
     patience: int = 30                        # plateau: iterations without a new low before a switch

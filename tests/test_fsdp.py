@@ -76,8 +76,10 @@ def test_fsdp_run_trains_as_ddp_does_and_resumes_exactly(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("flags", [["--method", "vsd", "--fake_score", "copy"], ["--fake_score", "lora", "--ema_decay", "0.9"],
                                    ["--fake_score", "lora", "--shared_critic_pass", "true", "--gradient_checkpointing", "true"],
-                                   ["--gradient_accumulation_steps", "2"]],
-                         ids=["vsd-copy", "dmd2-lora", "dmd2-lora-shared-critic-pass", "dmd2-accumulation"])
+                                   ["--gradient_accumulation_steps", "2"],
+                                   ["--fake_score", "lora", "--gradient_accumulation_steps", "2"]],
+                         ids=["vsd-copy", "dmd2-lora", "dmd2-lora-shared-critic-pass", "dmd2-accumulation",
+                              "dmd2-lora-accumulation"])
 def test_fsdp_frozen_and_lora_fake_scores_train_as_ddp_does(tmp_path, flags):
     """VSD calls the fake score frozen under no_grad: FSDP2 keeps a root's gathered weights after a no-grad forward,
     with the requires_grad they were gathered with; the triad regathers after each toggle, so the critic turn trains

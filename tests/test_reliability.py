@@ -531,6 +531,8 @@ BAD = [  # (id, arguments, what the one line must say); {name} is a path from ba
     ("accumulation", ["--gradient_accumulation_steps", "0"], "gradient_accumulation_steps: must be > 0, got 0"),
     ("accumulation_reuse", ["--method", "gndm", "--generator_timesteps", "999,499", "--reuse", "2",
                             "--gradient_accumulation_steps", "2"], "the micro-batches of one update would share it"),
+    ("accumulation_shared_pass", ["--shared_critic_pass", "true", "--gradient_accumulation_steps", "2"],
+     "shared_critic_pass: the critic's backward would run on forwards of the generator turn"),
     ("generator_noise", ["--method", "sid", "--generator_noise", "both"], "generator_noise must be fresh or shared"),
     ("nan_lr", ["--lr_generator", "nan"], "lr_generator: must be a finite number, got nan"),
     ("log_every", ["--log_every", "0"], "log_every: must be > 0"),

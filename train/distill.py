@@ -252,7 +252,8 @@ def train(cfg, backbone=None, router=None, fake_backbone=None, own=None):
     trained = {"generator": triad.generator_parameters(), "fake": triad.critic_parameters()}
     parts = {"generator": (method.generator_loss, [opt_g], [sched_g]),  # + the GAN head's own under FSDP
              "fake": (method.fake_score_loss, [o for o in (opt_f, opt_h) if o], [s for s in (sched_f, sched_h) if s])}
-    ddp_modules = [m for m in (triad.generator, triad.fake_score, triad.gan_head) if m is not None]
+    sync = [m for m in (triad.generator, triad.fake_score, triad.raw("fake_score").backbone, triad.gan_head)  # wrapped:
+            if m is not None and (hasattr(m, "set_requires_gradient_sync") if fsdp else hasattr(m, "no_sync"))]  # accumulation
     latest = {}  # each term's newest value: a logging step that is no generator step still logs the generator's
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=name, disable=not accelerator.is_local_main_process)
     for step in bar:
@@ -267,7 +268,7 @@ def train(cfg, backbone=None, router=None, fake_backbone=None, own=None):
             loss_fn, opts, lr_scheds = parts[turn]
             for opt in opts:
                 opt.zero_grad(set_to_none=True)  # nothing another turn's backward may have left
-            loss, turn_logs = accumulated(accelerator, loss_fn, triad, batches, ddp_modules)
+            loss, turn_logs = accumulated(accelerator, loss_fn, triad, batches, sync)
             turn_logs[f"grad_norm_{turn}"] = clip_grad_norm(accelerator, trained[turn], cfg.grad_clip or float("inf"))
             if updates(step, turn, loss, turn_logs[f"grad_norm_{turn}"], opts, lr_scheds, turn_logs,
                        triad.ema_step if turn == "generator" else None):
