@@ -72,9 +72,8 @@ class GNDM(DMD):
         self._shape, self._device = tuple(sample_shape), device
         for key, off in (("reuse", 1), ("pg_weight", 0)):  # both act through a few-step student's re-noising chain
             if getattr(self, key) != off and triad.raw("generator").num_steps == 1:
-                raise OnestepError(f"{key}: {getattr(self, key)} acts through the likelihood ratios of a few-step "
-                                   f"student; this one has one step: use {key} {off}, or two or more "
-                                   "--generator_timesteps (e.g. 300,150 on the digits teacher)")
+                raise OnestepError(f"{key}: {getattr(self, key)} acts through the likelihood ratios of a few-step student; "
+                                   f"this one has one step: use {key} {off}, or --generator_timesteps 300,150 (digits)")
 
     def setup(self, cond_table, keys: list, classifier=None) -> None:
         """Build the external rewards for this run's conditions and check each returns one score per image."""
