@@ -56,13 +56,15 @@ def floats(logs: dict) -> dict:
 
 def accumulated(accelerator, loss_fn: Callable, triad, batches: Sequence[dict], modules=()) -> tuple[torch.Tensor, dict]:
     """One turn's loss and backward over its micro-batches (--gradient_accumulation_steps): each backward takes
-    loss_i / n, so the gradients add up to those of the mean over all of them. Under DDP the gradients of `modules`
-    are synchronised once, at the last backward (accelerate's no_sync before it). Returns the mean loss (detached
-    when n > 1) and each log's mean over the micro-batches; one micro-batch is exactly the plain turn."""
+    loss_i / n, so the gradients add up to those of the mean over all of them. The gradients of those `modules` that
+    DDP or FSDP2 wrapped are synchronised once, at the last backward (accelerate's no_sync before it; other modules
+    are passed over). Returns the mean loss (detached when n > 1) and each log's mean over the micro-batches; one
+    micro-batch is exactly the plain turn."""
     n, total, parts = len(batches), 0.0, []
+    wrapped = [m for m in modules if m is not None and (hasattr(m, "no_sync") or hasattr(m, "set_requires_gradient_sync"))]
     for i, batch in enumerate(batches):
         with contextlib.ExitStack() as hold:
-            for m in modules if i < n - 1 else ():
+            for m in wrapped if i < n - 1 else ():
                 hold.enter_context(accelerator.no_sync(m))
             with accelerator.autocast():
                 loss, logs = loss_fn(triad, batch)

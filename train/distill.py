@@ -252,8 +252,7 @@ def train(cfg, backbone=None, router=None, fake_backbone=None, own=None):
     trained = {"generator": triad.generator_parameters(), "fake": triad.critic_parameters()}
     parts = {"generator": (method.generator_loss, [opt_g], [sched_g]),  # + the GAN head's own under FSDP
              "fake": (method.fake_score_loss, [o for o in (opt_f, opt_h) if o], [s for s in (sched_f, sched_h) if s])}
-    sync = [m for m in (triad.generator, triad.fake_score, triad.raw("fake_score").backbone, triad.gan_head)  # wrapped:
-            if m is not None and (hasattr(m, "set_requires_gradient_sync") if fsdp else hasattr(m, "no_sync"))]  # accumulation
+    sync = [triad.generator, triad.fake_score, triad.raw("fake_score").backbone, triad.gan_head]  # (a LoRA's: FSDP2's)
     latest = {}  # each term's newest value: a logging step that is no generator step still logs the generator's
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=name, disable=not accelerator.is_local_main_process)
     for step in bar:
