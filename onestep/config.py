@@ -11,6 +11,7 @@ import dataclasses
 import math
 import os
 import re
+import sys
 import typing
 from dataclasses import dataclass, field
 
@@ -404,9 +405,17 @@ def load_config(argv: list[str]) -> Config:
     preset_method, preset_args, cfg["method_args"] = cfg["method"], cfg["method_args"], {}
     apply(file_values, cfg, f"config file {config_file!r}")
     apply(overrides, cfg, "the command line")
+    from .cli import first_rank
+    from .methods import METHODS, method_options
+
     if cfg["method"] == preset_method:  # a preset's method options belong to its method; another --method starts clean
         cfg["method_args"] = {**preset_args, **cfg["method_args"]}
-    from .methods import METHODS
+    elif cfg["method"] in METHODS:
+        dropped = {k: v for k, v in preset_args.items() if k in method_options(cfg["method"]) and k not in cfg["method_args"]}
+        if dropped and first_rank():  # options the new method has too: said, as its own defaults now stand in for them
+            print(f"note: --method {cfg['method']} starts from its own option defaults; preset {preset!r} sets "
+                  f"{', '.join(f'{k} {v}' for k, v in dropped.items())} for {preset_method} only (pass them to keep them)",
+                  file=sys.stderr)
 
     for key, value in getattr(METHODS.get(cfg["method"]), "preferred_config", {}).items():  # e.g. SiD's Adam betas
         if key not in PRESETS[preset] and key not in file_values and key not in overrides:

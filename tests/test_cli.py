@@ -569,3 +569,15 @@ def test_every_logging_step_logs_the_generators_newest_losses_and_the_learning_r
     steps = {tag: [e.step for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
     assert steps["loss_dm"] == steps["loss_fake"] == steps["lr_generator"] == steps["lr_fake"] == [2, 4]
     assert steps["fid"] == steps["class_accuracy"] == [4]
+
+
+def test_another_method_drops_the_presets_method_options_and_says_which(capsys):
+    """A preset's method options belong to its method: --method X starts from X's defaults, and the options X has
+    too (which a user might expect to carry over) are named on stderr; options given again are kept, not named."""
+    cfg = load_config(["--preset", "sd15-dmd2", "--method", "vsd", "--update_ratio", "2"])
+    assert cfg.method_args == {"update_ratio": 2}
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("note: --method vsd") and "real_guidance_scale 1.75" in err[0]
+    assert "update_ratio" not in err[0]
+    assert load_config(["--preset", "sd15-dmd2"]).method_args["real_guidance_scale"] == 1.75
+    assert capsys.readouterr().err == ""
