@@ -405,17 +405,12 @@ def load_config(argv: list[str]) -> Config:
     preset_method, preset_args, cfg["method_args"] = cfg["method"], cfg["method_args"], {}
     apply(file_values, cfg, f"config file {config_file!r}")
     apply(overrides, cfg, "the command line")
-    from .cli import first_rank
     from .methods import METHODS, method_options
 
     if cfg["method"] == preset_method:  # a preset's method options belong to its method; another --method starts clean
         cfg["method_args"] = {**preset_args, **cfg["method_args"]}
-    elif cfg["method"] in METHODS:
-        dropped = {k: v for k, v in preset_args.items() if k in method_options(cfg["method"]) and k not in cfg["method_args"]}
-        if dropped and first_rank():  # options the new method has too: said, as its own defaults now stand in for them
-            print(f"note: --method {cfg['method']} starts from its own option defaults; preset {preset!r} sets "
-                  f"{', '.join(f'{k} {v}' for k, v in dropped.items())} for {preset_method} only (pass them to keep them)",
-                  file=sys.stderr)
+    dropped = {k: v for k, v in preset_args.items() if cfg["method"] != preset_method and cfg["method"] in METHODS and
+               k in method_options(cfg["method"]) and k not in cfg["method_args"]}  # options the new method has too
 
     for key, value in getattr(METHODS.get(cfg["method"]), "preferred_config", {}).items():  # e.g. SiD's Adam betas
         if key not in PRESETS[preset] and key not in file_values and key not in overrides:
@@ -435,7 +430,17 @@ def load_config(argv: list[str]) -> Config:
         config.method == preset_method) else {}
     changed |= {k for k in file_args if k not in preset_typed or config.method_args.get(k) != preset_typed[k]}
     check_unused(config, set(overrides) | changed, method)
+    config._notes = [f"note: --method {config.method} starts from its own option defaults; preset {preset!r} sets "
+                     f"{', '.join(f'{k} {v}' for k, v in dropped.items())} for {preset_method} only (pass them to keep "
+                     "them)"] if dropped else []  # said once the run starts (print_notes): its defaults stand in
     return config
+
+
+def print_notes(cfg: Config) -> None:
+    """What load_config noticed but let through, as `note:` lines on stderr; a script prints them once its run has
+    started, so that bad input found later still ends in one line."""
+    for note in getattr(cfg, "_notes", []):
+        print(note, file=sys.stderr)
 
 
 def saved_config(cfg: Config) -> dict:

@@ -343,7 +343,7 @@ def train_students(cfg, train: Callable) -> dict | None:
     from accelerate.utils import DistributedType, parse_flag_from_env
 
     from . import hostmem
-    from .config import ConfigError, saved_config
+    from .config import ConfigError, print_notes, saved_config
     from .data import read_image_folder
     from .denoiser import Denoiser
     from .distributed import check_joined
@@ -405,6 +405,7 @@ def train_students(cfg, train: Callable) -> dict | None:
         router.save(run_dir)
         with open(os.path.join(run_dir, "config.yaml"), "w") as f:
             yaml.safe_dump(saved_config(cfg), f, sort_keys=False)
+        print_notes(cfg)
         for k, g in enumerate(router.groups if text and not cfg.shared_fake_score else []):  # each text student's own prompts
             os.makedirs(os.path.join(run_dir, f"student_{k}"), exist_ok=True)
             with open(os.path.join(run_dir, f"student_{k}", "prompts.txt"), "w", encoding="utf-8") as f:

@@ -573,11 +573,18 @@ def test_every_logging_step_logs_the_generators_newest_losses_and_the_learning_r
 
 def test_another_method_drops_the_presets_method_options_and_says_which(capsys):
     """A preset's method options belong to its method: --method X starts from X's defaults, and the options X has
-    too (which a user might expect to carry over) are named on stderr; options given again are kept, not named."""
+    too (which a user might expect to carry over) are named in a note printed once the run starts; options given
+    again are kept, not named; bad input found after the configuration still ends in its one line."""
+    from onestep.config import print_notes
+
     cfg = load_config(["--preset", "sd15-dmd2", "--method", "vsd", "--update_ratio", "2"])
-    assert cfg.method_args == {"update_ratio": 2}
+    assert cfg.method_args == {"update_ratio": 2} and capsys.readouterr().err == ""
+    print_notes(cfg)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("note: --method vsd") and "real_guidance_scale 1.75" in err[0]
     assert "update_ratio" not in err[0]
-    assert load_config(["--preset", "sd15-dmd2"]).method_args["real_guidance_scale"] == 1.75
+    print_notes(load_config(["--preset", "sd15-dmd2"]))
     assert capsys.readouterr().err == ""
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train", "distill.py"), "--method", "sid", "--teacher",
+                        "/nonexistent/teacher"], cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -273,6 +273,7 @@ def test_short_digits_run_lowers_forget_class_accuracy(tmp_path):
                      "--sample_every", "0", "--checkpoint_every", "0", "--cpu_threads", "1",
                      "--output_dir", str(tmp_path), "--name", "sfd"])
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "note: --method sfd starts from its own option defaults; preset 'digits-sid' sets t_max 0.5" in r.stderr
     m = json.loads((tmp_path / "sfd" / "metrics.json").read_text())
     f = m["forgetting"]
     assert f["forget"] == [3] and f["override"] == [8] and f["remaining"] == [0, 1, 2, 4, 5, 6, 7, 8, 9]

@@ -47,7 +47,7 @@ def train(cfg, backbone=None, router=None, fake_backbone=None, own=None):
 
     from onestep import hostmem
     from onestep.attention import set_attention
-    from onestep.config import ConfigError, check_teacher_fit, method_kwargs, saved_config
+    from onestep.config import ConfigError, check_teacher_fit, method_kwargs, print_notes, saved_config
     from onestep.data import ConditionSampler, RealImages, folder_dataset, load_digits, read_image_folder
     from onestep.distributed import check_launch, clip_grad_norm, distributed_mode, mixed_precision, prepare_sharded
     from onestep.fid import DigitsClassifier, best_of_steps, digits_moments, evaluate_samples
@@ -223,6 +223,7 @@ def train(cfg, backbone=None, router=None, fake_backbone=None, own=None):
     if main_proc and start < cfg.steps:  # (a finished run resumed trains nothing: its config.yaml stays)
         with open(os.path.join(run_dir, "config.yaml"), "w") as f:
             yaml.safe_dump(saved_config(cfg), f, sort_keys=False)
+        print_notes(cfg)
     accelerator.init_trackers("onestep", config={k: str(v) if isinstance(v, (list, dict)) else v
                                                   for k, v in dataclasses.asdict(cfg).items()})
 
