@@ -189,11 +189,12 @@ def markdown_table(rows: list[dict]) -> str:
             return "—"
         if key == "model":
             return f"{v} ({model_label(row['path'])})"
-        if key == "kid":
-            return f"{v:.5f}"
         if key == "seconds_per_image":
             return f"{v:.2e}"
-        return f"{v:.3f}" if isinstance(v, float) else str(v)
+        if isinstance(v, float):  # rounding error of a zero (-1e-7) prints as 0, not -0
+            places = 5 if key == "kid" else 3
+            return f"{round(v, places) + 0.0:.{places}f}"
+        return str(v)
 
     lines = ["| " + " | ".join(h for _, h in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for row in rows:

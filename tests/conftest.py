@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -11,7 +12,20 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-torch.set_num_threads(2)
+# two threads for the in-process tests; one each where pytest-xdist runs them in parallel (the README's command)
+torch.set_num_threads(1 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1 else 2)
+
+
+def free_port() -> str:
+    """A free local port for a launch's rendezvous: launches from parallel test workers must not share 29500."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def launch_cmd(*args: str) -> list[str]:
+    """`accelerate launch ARGS` with its own rendezvous port."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", free_port(), *args]
 
 
 @pytest.fixture(autouse=True)
@@ -65,6 +79,5 @@ def uncond_teacher(tmp_path_factory) -> str:
 def run_distill(args: list[str], env_extra: dict | None = None, launcher: list[str] | None = None, timeout: int = 600):
     """Run `accelerate launch train/distill.py ARGS` as a user would; returns the CompletedProcess."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *(launcher or ["--num_processes", "1"]),
-           os.path.join(ROOT, "train", "distill.py"), *args]
+    cmd = launch_cmd(*(launcher or ["--num_processes", "1"]), os.path.join(ROOT, "train", "distill.py"), *args)
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)

@@ -2,10 +2,9 @@
 import json
 import os
 import subprocess
-import sys
 
 import pytest
-from conftest import ROOT, run_distill
+from conftest import ROOT, launch_cmd, run_distill
 
 
 @pytest.mark.slow
@@ -41,8 +40,7 @@ def test_ddp_step_equals_one_process_step_on_the_same_global_batch(tmp_path):
     """Gradients are synchronised (averaged): a 2-process DMD2 iteration (generator and critic turns, GAN on) gives the
     weights one process gets from the same global batch; so does one with two accumulated micro-batches per process."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           os.path.join(ROOT, "tests", "ddp_step.py"), str(tmp_path)]
+    cmd = launch_cmd("--multi_gpu", "--num_processes", "2", os.path.join(ROOT, "tests", "ddp_step.py"), str(tmp_path))
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads((tmp_path / "ddp_step.json").read_text())

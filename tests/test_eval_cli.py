@@ -2,13 +2,12 @@
 import json
 import os
 import runpy
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, launch_cmd
 
 BENCH = os.path.join(ROOT, "eval", "benchmark.py")
 
@@ -100,12 +99,8 @@ def test_a_folder_of_generated_images_is_scored_as_it_is(bench, tmp_path, capsys
 
 def test_two_processes_give_the_one_process_result(bench, student, tmp_path):
     bench(["--pipeline", student, "--num-samples", "41", "--keep", "30", "--out", str(tmp_path / "one")])
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                        "--main_process_port", port, BENCH, "--pipeline", student, "--num-samples", "41", "--keep", "30",
+    r = subprocess.run([*launch_cmd("--multi_gpu", "--num_processes", "2"), BENCH, "--pipeline", student, "--num-samples", "41", "--keep", "30",
                         "--threads", "1", "--out", str(tmp_path / "two")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.load(open(tmp_path / "two" / "benchmark.json"))["threads"] == 1
@@ -328,3 +323,12 @@ def test_fid_speed_help_shows_the_whole_description(capsys):
         script_main("fid_speed.py")(["--help"])
     out = capsys.readouterr().out
     assert e.value.code == 0 and "streamed batch by batch (onestep.streaming)" in out and "same seeds, so the same" in out
+
+
+def test_the_table_prints_a_zero_with_rounding_error_as_zero():
+    """Self-FID computes to about -1e-7 on some thread counts: the table shows 0.000 (never -0.000), figures kept."""
+    from onestep.benchmark import markdown_table
+
+    row = {"model": "images", "path": "/data/digits", "fid": -1e-7, "kid": -2e-9, "class_accuracy": 0.98765}
+    line = markdown_table([row]).splitlines()[-1]
+    assert line.startswith("| images (digits) | — | — | 0.000 | 0.00000 | — | — | 0.988 |") and "-0" not in line

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, run_distill
+from conftest import ROOT, launch_cmd, run_distill
 from packaging.version import Version
 from safetensors.torch import load_file
 
@@ -22,9 +22,8 @@ SMOKE = ["--preset", "smoke", "--ema_decay", "0.9", "--checkpoint_every", "3", "
 
 def run_fsdp(args: list[str], processes: int = 2, precision: str = "no", timeout: int = 600):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *FSDP, "--mixed_precision", precision,
-           "--num_processes", str(processes),
-           os.path.join(ROOT, "tests", "fsdp_cpu.py"), os.path.join(ROOT, "train", "distill.py"), *args]
+    cmd = launch_cmd(*FSDP, "--mixed_precision", precision, "--num_processes", str(processes),
+                     os.path.join(ROOT, "tests", "fsdp_cpu.py"), os.path.join(ROOT, "train", "distill.py"), *args)
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
