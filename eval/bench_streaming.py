@@ -13,7 +13,6 @@ alone (time beyond sampling), and both FIDs (which agree).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -42,7 +41,7 @@ def write_pngs(source, folder: str, batch_size: int) -> float:
 def main(argv=None) -> None:
     from onestep.cli import Parser, asset_path, classifier_problem, first_error, num_samples_problem
 
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--pipeline", default="runs/digits-dmd2/pipeline", help="exported OneStepPipeline (default %(default)s)")
     src.add_argument("--teacher", help="a teacher, sampled with 1 DDIM step, instead of a pipeline")

@@ -16,8 +16,9 @@ FID; KID, precision and recall (k = 3 nearest-neighbour manifolds) on --keep sam
 of a folder reference, a seeded random subset, since files sorted by name are often sorted by class); class
 accuracy and class-coverage entropy (1.0 = all classes equally often) with the digits classifier;
 sampling seconds per image. Writes OUT/benchmark.md, OUT/benchmark.json, OUT/benchmark.png (FID vs NFE
-and vs seconds per image) and OUT/reference.npz (reuse it with --reference OUT/reference.npz; loading
-it with another extractor or mode is refused). Text-to-image teachers and students (Stable Diffusion (XL)) draw
+and vs seconds per image) and, when the reference is computed here (not a .npz or cleanfid: statistics),
+OUT/reference.npz (reuse it with --reference OUT/reference.npz; loading it with another extractor or mode is
+refused). Text-to-image teachers and students (Stable Diffusion (XL)) draw
 sample i from prompt i % P of --prompts (a file, one prompt per line): teachers through DDIM with classifier-free
 guidance (--guidance) against the empty prompt, students through their stock pipeline's own call. --images folders (e.g. a text-to-image student's samples, saved
 from its stock pipeline) are scored as they are: all of their images, no NFE or sampling time. With no models it
@@ -39,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     from onestep.cli import (Parser, asset_path, classifier_problem, eval_args_problem, first_error, num_samples_problem,
                              output_problem)
 
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__)
     g = p.add_argument_group("models (none: only compute OUT/reference.npz)")
     g.add_argument("--teacher", action="append", default=[], help="teacher folder or hub id (repeatable)")
     g.add_argument("--steps", default=None, help=f"teacher DDIM step counts (default {STEPS})")

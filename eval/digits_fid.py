@@ -5,13 +5,13 @@
 
 Features: the shipped digits classifier's penultimate layer; reference: all 1797 digits; sample i: noise
 seed i (--seed 0) or a hash of (SEED, i), class i % 10. With --cleanfid the samples go through clean-fid's own generator path instead
-(`get_model_features` with the digits network as `custom_feat_extractor`, clean-fid's seeded noise,
-uint8 images); the two paths give the same FID on the same samples (tests/test_fid.py). Prints a Markdown table and writes it as JSON with --json. The short form of
+(`get_model_features` with the digits network as `custom_feat_extractor`, uint8 images) with clean-fid's noise
+after torch.manual_seed(SEED): other samples than the default path's, so a slightly different FID; on the same
+samples the two paths give the same FID (tests/test_fid.py). Prints a Markdown table and writes it as JSON with --json. The short form of
 eval/benchmark.py (which adds KID, precision / recall, coverage entropy, timings and a plot).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
@@ -43,7 +43,7 @@ def main(argv=None) -> None:
     from onestep.errors import OnestepError
     from onestep.features import digits_extractor
 
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--teacher", help="teacher folder or hub id")
     src.add_argument("--pipeline", help="an exported OneStepPipeline folder")
@@ -52,7 +52,8 @@ def main(argv=None) -> None:
     p.add_argument("--num-samples", "--num_samples", dest="num_samples", type=int, default=2000,
                    help="samples per model (default %(default)s)")
     p.add_argument("--classifier", default=asset_path("assets/digits-classifier"))
-    p.add_argument("--seed", type=int, default=0, help="sample i uses noise seed i (0, the default) or a hash of (SEED, i)")
+    p.add_argument("--seed", type=int, default=0, help="sample i uses noise seed i (0, the default) or a hash of (SEED, i); with --cleanfid: "
+                   "torch.manual_seed(SEED) before clean-fid's own noise")
     p.add_argument("--cleanfid", action="store_true", help="run the samples through clean-fid's generator path")
     p.add_argument("--json", help="write the results here")
     a = p.parse_args(argv)

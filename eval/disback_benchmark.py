@@ -3,11 +3,12 @@
     python eval/disback_benchmark.py --seeds 0,1,2 --steps 450 --eval_every 45 --out runs/disback-benchmark \\
         --plot assets/disback-convergence.png
 
-Runs `train/distill.py --preset digits` (DMD2; `--preset digits-sid --update_ratio 1` for SiD) for every seed, once
+Runs `train/distill.py --preset digits` (DMD2; `--preset digits-sid` for SiD) for every seed, once
 as it is and once with `--backtrack` (same seeds, iterations, evaluation), at most `--jobs` runs at a time and never
 two DisBack runs at once (they share one recording: the first makes it, the others reuse it). Finished runs (a
 metrics.json) are not run again. Writes `benchmark.md` (the table), `benchmark.json` and the plot into --out.
-Options it does not know go to every run.
+Options it does not know go to every run (e.g. --update_ratio 2); the x-axis counts generator updates, iterations
+divided by the runs' update_ratio (the preset's, or the one passed).
 """
 from __future__ import annotations
 
@@ -129,22 +130,21 @@ def plot(r: dict, path: str) -> None:
 def main(argv: list[str]) -> None:
     from onestep.cli import Parser, first_error, output_problem
 
-    p = Parser(description=__doc__.split("\n")[0])
+    p = Parser(description=__doc__)
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--steps", type=int, default=450, help="iterations per run")
     p.add_argument("--eval_every", type=int, default=45)
     p.add_argument("--eval_samples", type=int, default=1000)
     p.add_argument("--preset", default="digits")
-    p.add_argument("--update_ratio", type=int, default=3, help="the preset's iterations per generator update")
     p.add_argument("--base_name", default="", help="the base method's name in the table and plot (default: the "
                    "preset's method, e.g. DMD2, SiD)")
-    p.add_argument("--nodes", type=int, default=4)
-    p.add_argument("--interval", type=int, default=15, help="--backtrack_interval")
-    p.add_argument("--switch", default="fixed")
-    p.add_argument("--record_interval", type=int, default=25)
+    p.add_argument("--nodes", type=int, default=4, help="the DisBack runs' --backtrack_nodes (default 4)")
+    p.add_argument("--interval", type=int, default=15, help="their --backtrack_interval (default 15)")
+    p.add_argument("--switch", default="fixed", help="their --backtrack_switch: fixed or plateau (default fixed)")
+    p.add_argument("--record_interval", type=int, default=25, help="their --record_interval (default 25)")
     p.add_argument("--targets", default="2,1.5", help="more FIDs to report the iterations for")
     p.add_argument("--jobs", type=int, default=2)
-    p.add_argument("--cpu_threads", type=int, default=1)
+    p.add_argument("--cpu_threads", type=int, default=1, help="torch threads per run (default 1)")
     p.add_argument("--out", default="runs/disback-benchmark")
     p.add_argument("--plot", default="", help="also write the plot here (e.g. assets/disback-convergence.png)")
     p.add_argument("--report_only", action="store_true", help="summarise finished runs, start none")
@@ -154,12 +154,18 @@ def main(argv: list[str]) -> None:
         a.targets = [float(t) for t in a.targets.split(",") if t.strip()]
     except ValueError:
         p.error(f"--seeds takes integers like 0,1,2 and --targets numbers like 2,1.5; got {a.seeds!r}, {a.targets!r}")
-    from onestep.config import PRESETS
+    from onestep.config import PRESETS, ConfigError, load_config, method_kwargs
+    from onestep.methods import build_method
 
+    try:  # the runs' configuration (checked before anything is written): its update_ratio scales the x-axis
+        cfg = load_config(["--preset", a.preset, *([] if a.report_only else extra)])
+        a.update_ratio = build_method(cfg.method, **method_kwargs(cfg)).update_ratio
+    except (ConfigError, ValueError) as e:
+        p.error(str(e))
     first_error(p, [not a.seeds and "--seeds: give at least one",
                     len(set(a.seeds)) < len(a.seeds) and f"--seeds: {a.seeds} repeats a seed (the same run twice)",
                     not all(0 < t < float("inf") for t in a.targets) and f"--targets must be FIDs > 0, got {a.targets}",
-                    min(a.steps, a.jobs, a.update_ratio) < 1 and "--steps, --jobs and --update_ratio must be >= 1",
+                    min(a.steps, a.jobs) < 1 and "--steps and --jobs must be >= 1",
                     a.eval_samples < 2 and f"--eval_samples must be >= 2, got {a.eval_samples}",
                     a.nodes < 2 and f"--nodes must be >= 2, got {a.nodes}",
                     a.switch not in ("fixed", "plateau") and f"--switch: {a.switch!r} is not one of fixed, plateau",
@@ -168,8 +174,7 @@ def main(argv: list[str]) -> None:
                     a.plot and output_problem("--plot", a.plot, "file"), lambda: output_problem("--out", a.out)])
     a.out = os.path.abspath(a.out)
     if not a.base_name:
-        method = PRESETS.get(a.preset, {}).get("method", "dmd2")
-        a.base_name = {"dmd": "DMD", "dmd2": "DMD2", "sid": "SiD", "vsd": "VSD"}.get(method, method)
+        a.base_name = {"dmd": "DMD", "dmd2": "DMD2", "sid": "SiD", "vsd": "VSD"}.get(cfg.method, cfg.method)
     os.makedirs(a.out, exist_ok=True)
     if not a.report_only:
         run_all(a, extra)

@@ -17,7 +17,6 @@ same seeds, so the same samples).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -47,7 +46,7 @@ def random_inception(device):
 def main(argv: list[str]) -> int:
     from onestep.cli import MAX_SAMPLES, Parser, first_error, output_problem
 
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__)
     p.add_argument("--num-samples", type=int, default=50_000)
     p.add_argument("--baseline-samples", type=int, default=2_000, help="samples for the per-image CPU resize baseline "
                    "(0: no baseline)")
@@ -59,7 +58,7 @@ def main(argv: list[str]) -> int:
                    "compilation falls in the untimed warm-up) or eager,compile")
     p.add_argument("--fid-baseline", action="store_true", help="also time clean-fid's own Frechet distance (scipy "
                    "sqrtm on the CPU) on the same moments")
-    p.add_argument("--device", default="", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--device", default="", help="cuda (default) or cpu; without a GPU pass --device cpu and a small --num-samples")
     p.add_argument("--out", default="", help="also write the figures to this JSON file")
     a = p.parse_args(argv)
     layouts = [x for x in a.layouts.split(",") if x]

@@ -1,6 +1,6 @@
 """Forgetting figures (Score Forgetting Distillation's metrics) of an exported digits student or of the teacher.
 
-    python eval/forgetting.py --pipeline runs/digits-sid/pipeline --forget 3
+    python eval/forgetting.py --pipeline runs/digits-sid-sid/pipeline --forget 3   # the digits-sid preset's run
     python eval/forgetting.py --teacher assets/digits-teacher --steps 100 --forget 3
 
 Unlearning accuracy (1 - classifier accuracy on samples of the forget classes), the mean classifier probability
@@ -9,7 +9,6 @@ function fills metrics.json["forgetting"] of an SFD run, so a plain student can 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
@@ -22,7 +21,7 @@ def main(argv=None) -> None:
     from onestep.errors import OnestepError
     from onestep.fid import DigitsClassifier
 
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--pipeline", help="an exported OneStepPipeline folder (class-conditional digits), or a "
                                         "multi-student export of one (each class through its own student)")

@@ -76,7 +76,7 @@ def table(results: dict, a) -> str:
 def main() -> None:
     from onestep.cli import Parser, first_error, output_problem
 
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__)
     p.add_argument("--steps", type=int, default=400, help="training iterations of every run")
     p.add_argument("--seeds", default="0,1,2", help="training seeds, e.g. 0,1,2")
     p.add_argument("--variants", default="dmd2,gndm,gndmr", help=f"a subset of {', '.join(VARIANTS)}")
@@ -85,7 +85,7 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one CPU thread each)")
     p.add_argument("--out", default="runs/gndm-benchmark", help="run folders and the table")
     p.add_argument("--classifier", default=os.path.join(ROOT, "assets", "digits-classifier"))
-    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="further distill.py options for every run")
+    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="further distill.py options for every run; must come last (all that follows goes to the runs)")
     a = p.parse_args()
     try:
         a.seeds = [int(s) for s in a.seeds.split(",") if s.strip()]

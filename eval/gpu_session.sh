@@ -59,7 +59,7 @@ stage cifar_compile_b512 260 $bench --preset cifar --variants bf16-compile --bat
     --critic-pass separate,shared --out "$out/cifar_compile_b512.json"
 stage cifar_base 120 $bench --preset cifar --variants bf16 --sync logs,host,device --out "$out/cifar_base.json"
 stage cifar_shared 90 $bench --preset cifar --variants bf16 --critic-pass separate,shared --out "$out/cifar_shared.json"
-stage gpu_tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_update.py
+stage gpu_tests 120 python3 -m pytest -q -o addopts="" -p no:cacheprovider tests/test_attention.py tests/test_update.py
 stage cifar_compile 240 $bench --preset cifar --variants bf16-compile --sync device,logs --out "$out/cifar_compile.json"
 stage cifar_cudagraphs 200 $bench --preset cifar --variants bf16-reduce-overhead --out "$out/cifar_cudagraphs.json"
 # FSDP2 on CUDA (NCCL, one rank; bf16 through FSDP2's MixedPrecisionPolicy): the smoke run of the shipped config

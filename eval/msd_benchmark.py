@@ -6,13 +6,12 @@ Each row is one `train/distill.py --students K` run (the digits preset, DMD2) wi
 (fairness rule: every student gets the single student's iterations; K students cost K times the training, never more
 per sample at inference: one forward of one student); the shared-fake-score rows train the K students jointly for
 K x --steps iterations, each splitting the batch among them (the same samples per student). `--reference DIR` adds an exported single student trained for
-as many iterations as the K = 5 students together (e.g. the default run, runs/digits-dmd2/pipeline), scored the same
-way. Digits-FID over --eval_samples samples (default 10 000; sample i: noise seed i, class i mod 10). Writes
+as many iterations as the K = 5 students together (--reference_steps, 5 x --steps for a fair row; e.g. the default
+run, runs/digits-dmd2/pipeline: 1200 = 5 x 240), scored the same way. Digits-FID over --eval_samples samples (default 10 000; sample i: noise seed i, class i mod 10). Writes
 OUT/msd_benchmark.md and .json; CPU seconds are each run's own (os.wait4), so parallel jobs do not inflate them.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -96,7 +95,7 @@ def score_reference(folder: str, eval_samples: int) -> dict:
 def main() -> None:
     from onestep.cli import Parser, first_error, output_problem
 
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__)
     p.add_argument("--rows", default="k1,k2,k5,k5-small", help=f"comma-separated, of {', '.join(ROWS)}")
     p.add_argument("--steps", type=int, default=240, help="training iterations per student")
     p.add_argument("--student_channels", default="32,32,32", help="block_out_channels of the smaller students")
@@ -106,8 +105,9 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one CPU thread each)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reference", default="", help="an exported single student to score alongside (e.g. the default run)")
-    p.add_argument("--reference_steps", type=int, default=1200, help="its training iterations, for the table")
-    p.add_argument("--out", default=os.path.join(ROOT, "runs", "msd-benchmark"))
+    p.add_argument("--reference_steps", type=int, default=1200, help="its training iterations, for the table (a fair reference: 5 x --steps)")
+    p.add_argument("--out", default=os.path.join(ROOT, "runs", "msd-benchmark"),
+                   help="run folders and the table (default: runs/msd-benchmark in the project folder)")
     p.add_argument("--skip_training", action="store_true", help="tabulate the runs already in --out")
     args = p.parse_args()
     names = [n for n in args.rows.split(",") if n]

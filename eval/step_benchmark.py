@@ -29,11 +29,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def main(argv: list[str]) -> int:
     from onestep.cli import Parser
 
-    p = Parser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="digits", help="digits, cifar, sd15 or sdxl (comma-separated for several)")
+    p = Parser(description=__doc__)
+    p.add_argument("--preset", default="digits", help="network configs, not distill.py's presets: digits (the shipped "
+                   "teacher), cifar, sd15 or sdxl (their architectures, random weights: no download); comma-separated "
+                   "for several")
     p.add_argument("--variants", default="", help="comma-separated: fp32, tf32, bf16, bf16-compile, "
                                                   "bf16-reduce-overhead, bf16-max-autotune (default: fp32 on the "
-                                                  "CPU; fp32,tf32,bf16,bf16-compile on a GPU)")
+                                                  "CPU; fp32,tf32,bf16,bf16-compile on a GPU; bf16 with "
+                                                  "--simulate-memory)")
     p.add_argument("--batch-size", type=int, default=0, help="per step (0: the preset's)")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)

@@ -7,8 +7,33 @@ import os
 import sys
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The script's docstring as written, and each option's default where its help does not already state one."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.option_strings and "default" not in text and _shown(action.default):
+            text += ("  " if text else "") + "(default: %(default)s)"
+        return text
+
+
+def _shown(default) -> bool:
+    return not (default is None or default is False or default is argparse.SUPPRESS or (
+        isinstance(default, (str, list)) and not default))  # 0 is shown
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line (no usage block), exit status 2."""
+    """argparse whose errors are one line (no usage block), exit status 2; --help shows the script's docstring whole
+    and the options' defaults (HelpFormatter)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        if "help" not in kwargs and _shown(kwargs.get("default")):  # argparse prints no line for an option without help
+            kwargs["help"] = "(default: %(default)s)"
+        return super().add_argument(*args, **kwargs)
 
     def error(self, message):
         if first_rank():

@@ -50,7 +50,7 @@ class Config:
                                          # empty prompt)
     classes: list = field(default_factory=list)  # class labels to distil (empty: all the teacher's classes)
     # ---- method ----
-    method: str = "dmd2"                 # a key of onestep.methods.METHODS
+    method: str = "dmd2"                 # a key of onestep.methods.METHODS (train/distill.py --help lists them)
     method_args: dict = field(default_factory=dict)  # options of the method (also accepted as top-level keys)
     # ---- networks ----
     fake_score: str = "auto"             # "copy" (full copy of the teacher), "lora" (adapter on its weights) or
@@ -92,13 +92,13 @@ class Config:
     batch_size: int = 64                 # per process
     gradient_accumulation_steps: int = 1 # each update adds up the gradients of this many batches of batch_size (an
                                          # update sees batch_size x this x the processes); activations: one batch's
-    lr_generator: float = 5e-5
-    lr_fake: float = 2e-4
+    lr_generator: float = 5e-5           # the generator's learning rate
+    lr_fake: float = 2e-4                # the fake score's (and a GAN head's) learning rate
     optimizer: str = "adamw"             # both optimisers: "adamw" (torch, fused) or "adamw8bit" (bitsandbytes: 8-bit
                                          # moments, 2 instead of 8 bytes per parameter; onestep/optim.py)
-    adam_beta1: float = 0.9
+    adam_beta1: float = 0.9              # both optimisers (a method may prefer another: sid / sfd 0)
     adam_beta2: float = 0.999
-    weight_decay: float = 0.01
+    weight_decay: float = 0.01           # AdamW's decoupled weight decay, both optimisers
     grad_clip: float = 10.0              # max grad norm (0: off)
     max_nonfinite_steps: int = 20        # a non-finite loss or gradient skips that update; this many in a row stop the run
     nonfinite_check: str = "auto"        # where that skip is decided: "host" (a device-to-host read per update),

@@ -257,12 +257,24 @@ def test_overwrite_with_bad_input_replaces_nothing(cond_teacher, tmp_path, flags
 
 
 def test_help_lists_keys_presets_and_methods():
+    """--help: every Config key and every method option, each with its default and the comment beside its
+    declaration; a method built on another lists what it adds or changes, and what it refuses of the other's."""
+    from onestep.config import Config
+    from onestep.methods import METHODS, method_options
+
     r = subprocess.run([sys.executable, os.path.join(ROOT, "train", "distill.py"), "--help"], capture_output=True, text=True)
-    assert r.returncode == 0 and "--steps" in r.stdout and "digits-dmd" in r.stdout and "dmd2:" in r.stdout
-    methods = {line.split(":")[0].strip(): line for line in r.stdout.splitlines() if line.startswith("  ") and ": " in line}
-    # an inherited option the method refuses is not offered (gndm runs its own generator turn)
-    assert "shared_critic_pass=False" in methods["dmd2"] and "shared_critic_pass" not in methods["gndm"]
-    assert "update_ratio=" in methods["gndm"]
+    assert r.returncode == 0 and "digits-dmd" in r.stdout
+    keys = {ln.split()[0] for ln in r.stdout.splitlines() if ln.startswith("  --")}
+    assert keys == {f"--{f.name}" for f in dataclasses.fields(Config)} - {"--method_args"}
+    assert "  --steps 1200  training iterations" in r.stdout and "  --lr_generator 5e-05 [digits: 0.0001]  the gen" in r.stdout
+    sections = dict(re.findall(r"\n (\w+): (.*?)(?=\n \w+: |\Z)", r.stdout.split("\nMethods (")[1], re.S))
+    assert set(sections) == set(METHODS)
+    assert "   --shared_critic_pass False  the critic turn's" in sections["dmd"]
+    # an inherited option the method refuses is named (gndm runs its own generator turn)
+    flat = {m: " ".join(text.split()) for m, text in sections.items()}  # wrapped lines joined
+    assert "Takes dmd's options except shared_critic_pass;" in flat["gndm"] and "--group_size 4" in flat["gndm"]
+    assert "--forget (required)" in flat["sfd"] and "Sets adam_beta1 0.0" in flat["sid"]
+    assert all(f"--{k} " in sections["dmd"] for k in method_options("dmd"))
 
 
 @pytest.mark.slow
@@ -406,7 +418,9 @@ SCRIPT_BAD_INPUTS = [
     ("eval/bench_streaming.py", ["--num-samples", "0"], "--num-samples must be >= 2"),
     ("eval/msd_benchmark.py", ["--rows", "k1", "--jobs", "0", "--out", "{tmp}/m"], "--steps and --jobs must be >= 1"),
     ("eval/gndm_benchmark.py", ["--seeds", "0,0", "--out", "{tmp}/g"], "--seeds: [0, 0] repeats a seed"),
-    ("eval/disback_benchmark.py", ["--seeds", "0", "--jobs", "0", "--out", "{tmp}/d"], "--jobs and --update_ratio must"),
+    ("eval/disback_benchmark.py", ["--seeds", "0", "--jobs", "0", "--out", "{tmp}/d"], "--steps and --jobs must"),
+    ("eval/disback_benchmark.py", ["--seeds", "0", "--update_ratio", "0", "--out", "{tmp}/d"],  # passed to the runs
+     "update_ratio must be >= 1"),
     ("eval/disback_benchmark.py", ["--seeds", "0", "--report_only", "--bogus", "3", "--out", "{tmp}/d"],
      "--bogus: unknown option"),
 ]
@@ -469,18 +483,21 @@ def test_a_config_files_method_option_that_the_run_ignores_is_refused(values, tm
 
 
 def test_help_shows_the_default_runs_values_from_any_folder(tmp_path):
-    """`--help` lists each key with the value the no-argument run uses (the digits preset over the Config defaults),
-    and the default method's options as that preset sets them; it needs no file from the current folder."""
+    """`--help` shows each key's Config default and, where the digits preset (the no-argument run) sets it, that
+    value; likewise the default method's options; it needs no file from the current folder."""
+    from onestep.config import Config
+    from onestep.usage import _show
+
     r = subprocess.run([sys.executable, os.path.join(ROOT, "train", "distill.py"), "--help"], capture_output=True,
                        text=True, cwd=str(tmp_path))
     assert r.returncode == 0, r.stderr[-2000:]
-    preset = PRESETS["digits"]
+    preset, default = PRESETS["digits"], Config()
     for key, value in preset.items():
         if key != "method_args":
-            assert f"  --{key} ({value})" in r.stdout, key
-    method = preset.get("method", "dmd2")
-    line = next(ln for ln in r.stdout.splitlines() if ln.startswith(f"  {method}: "))
-    assert all(f"{k}={v}" in line for k, v in preset["method_args"].items()), line
+            assert f"  --{key} {_show(getattr(default, key))} [digits: {_show(value)}]" in r.stdout, key
+    section = r.stdout.split(f"\n {preset.get('method', default.method)}: ")[1]
+    assert all(f"[digits: {_show(v)}]" in next(ln for ln in section.splitlines() if ln.startswith(f"   --{k} "))
+               for k, v in preset["method_args"].items())
 
 
 def test_only_the_first_process_reports_bad_input_and_ctrl_c_is_one_line(monkeypatch, capsys):
@@ -588,3 +605,18 @@ def test_another_method_drops_the_presets_method_options_and_says_which(capsys):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "train", "distill.py"), "--method", "sid", "--teacher",
                         "/nonexistent/teacher"], cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_script_help_shows_the_docstring_whole_and_each_default_once():
+    """The scripts' shared Parser: the docstring as written (examples keep their lines), every option with a default
+    says it (0 too, also without help text), once where the help states it already, never an empty one."""
+    from onestep.cli import Parser
+
+    p = Parser(description="Title.\n\n    python x.py --a 1   # an example\nText.")
+    p.add_argument("--a", type=int, default=0)
+    p.add_argument("--b", default="x", help="b things (default: x, as the paper)")
+    p.add_argument("--c", default="", help="c things")
+    p.add_argument("--d", action="store_true", help="d")
+    text = " ".join(p.format_help().split("options:")[1].split())
+    assert "\n    python x.py --a 1   # an example\n" in p.format_help()
+    assert "--a A (default: 0)" in text and text.count("default") == 2 and "c things --d" in text

@@ -6,8 +6,10 @@
     accelerate launch train/distill.py --students 5          # multi-student: 5 students, one per 2 digit classes
 
 Options are `--key value` for any field of onestep.config.Config or any option of the chosen method
-(`--help` lists them). Writes runs/<name>/: config.yaml, checkpoints/, logs/ (tensorboard),
-samples/, metrics.json, fid_curve.png, pipeline/ (diffusers export).
+(`--help` lists them). Writes <output_dir>/<name>/ (default runs/<preset>-<method>, -k<K> added with --students K):
+config.yaml, checkpoints/, logs/ (tensorboard), samples/, metrics.json, fid_curve.png (with the digits
+classifier's FID), pipeline/ (the diffusers export; also pipeline-ddim/ for an unconditional one-step VP student;
+with --students, one student_k/ each, or students/ with --shared_fake_score).
 """
 from __future__ import annotations
 
@@ -369,29 +371,12 @@ def train(cfg, backbone=None, router=None, fake_backbone=None, own=None):
     return student
 
 
-def usage() -> str:
-    from onestep.config import PRESETS, Config, apply
-    from onestep.methods import METHODS, method_options
-
-    run = dataclasses.asdict(Config())  # the default run: the digits preset over the Config defaults
-    apply(PRESETS["digits"], run, "preset 'digits'")
-    lines = [__doc__.strip(), "", "Config keys (value in the default run, preset digits):"]
-    lines += [f"  --{k} ({v})" for k, v in run.items() if k != "method_args"]
-    lines += ["", f"Presets (--preset): {', '.join(PRESETS)}", "", "Methods (--method) and their options (defaults; "
-              f"the default run's {run['method']} as preset digits sets it):"]
-    for m in METHODS:
-        preset = run["method_args"] if m == run["method"] else {}
-        lines.append(f"  {m}: " + ", ".join(f"{k}={preset.get(k, v.default if v.default is not dataclasses.MISSING else v.default_factory())}"
-                                          for k, v in method_options(m).items()
-                                          if k not in getattr(METHODS[m], "refused_options", set)()))
-    return "\n".join(lines)
-
-
 if __name__ == "__main__":
     args = sys.argv[1:]
     if "-h" in args or "--help" in args:
-        print(usage())
-        sys.exit(0)
+        from onestep.usage import distill_help, print_help
+
+        print_help(distill_help(__doc__))
     from onestep.cli import run_script
 
     run_script(main, args)  # bad input: one line (the first process's), exit 2, nothing overwritten

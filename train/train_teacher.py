@@ -1,13 +1,13 @@
 """Train the embedded digits teacher: a class-conditional diffusers UNet2DModel (DDPM, eps, 1000 steps).
 
-    python train/train_teacher.py --out assets/digits-teacher --overwrite
+    python train/train_teacher.py --out FOLDER                        # a new teacher (as shipped: the defaults)
+    python train/train_teacher.py --out assets/digits-teacher --overwrite   # replace the shipped one (its figures too)
 
 Reproduces `assets/digits-teacher/` (unet/ + scheduler/, safetensors). Labels are dropped to the
 null class (index 10) with probability `--label_dropout` so classifier-free guidance works.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -38,13 +38,15 @@ def build_unet() -> UNet2DModel:
 
 
 def main() -> None:
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="assets/digits-teacher")
-    p.add_argument("--steps", type=int, default=8000)
+    p = Parser(description=__doc__)
+    p.add_argument("--out", default="assets/digits-teacher", help="the pipeline folder written (unet/, scheduler/, "
+                   "onestep.json, training.json); an existing teacher only with --overwrite")
+    p.add_argument("--steps", type=int, default=8000, help="training iterations")
     p.add_argument("--batch_size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--ema_decay", type=float, default=0.999)
-    p.add_argument("--label_dropout", type=float, default=0.1)
+    p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate: 200 iterations of linear warm-up, "
+                   "then a cosine decay to 0.1 x")
+    p.add_argument("--ema_decay", type=float, default=0.999, help="the weights saved are this EMA's")
+    p.add_argument("--label_dropout", type=float, default=0.1, help="probability of the null class (for CFG)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace the teacher already in --out")
     a = p.parse_args()

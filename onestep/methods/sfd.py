@@ -11,6 +11,7 @@ generated and graded with the batch).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -24,6 +25,8 @@ OVERRIDE_MODES = ("auto", "map", "random", "classifier")
 @dataclass
 class SFD(SiD):
     """SFD: SiD whose forget-class samples are graded by the teacher at an override class."""
+
+    required_options: ClassVar[tuple] = ("forget",)
 
     forget: list = field(default_factory=list)    # class labels (text teachers: prompts) to forget, e.g. [3]
     override: list = field(default_factory=list)  # the override ("safe") condition of each forget entry (one: for all)
