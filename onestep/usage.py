@@ -20,7 +20,10 @@ def field_comments(cls) -> dict[str, str]:
     for klass in reversed(cls.__mro__):
         if not dataclasses.is_dataclass(klass):
             continue
-        source = inspect.getsource(klass)
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):  # no source installed: no comments
+            continue
         comments = {tok.start[0]: tok.string.lstrip("#").strip() for tok in
                     tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
         names, current = {f.name for f in dataclasses.fields(klass)}, None
@@ -53,6 +56,22 @@ def _entry(name: str, value: str, comment: str, indent: int = 2) -> list[str]:
                          break_on_hyphens=False)
 
 
+def _sections(cls, names: list[str]) -> list[tuple[str, list[str]]]:
+    """The fields under each `# ---- title ----` rule of the class's source, in order (one section without it)."""
+    try:
+        source = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):
+        return [("keys", names)]
+    out: list[tuple[str, list[str]]] = [("keys", [])]
+    for line in source:
+        body = line.strip()
+        if body.startswith("# ----"):
+            out.append((body.strip("# -"), []))
+        elif body.split(":")[0] in names:
+            out[-1][1].append(body.split(":")[0])
+    return [(title, group) for title, group in out if group]
+
+
 def _para(text: str) -> list[str]:
     return ["", *textwrap.wrap(text, WIDTH, break_on_hyphens=False)]
 
@@ -72,17 +91,11 @@ def distill_help(doc: str) -> str:
     lines += _para("Config keys: --key DEFAULT  what it is. DEFAULT is the Config default; [digits: V] is the digits "
                    "preset's value, which the default run uses (every other preset sets its own values over the Config "
                    "defaults, not over these).")
-    source = inspect.getsource(Config).splitlines()
-    sections = {ln.split("# ----")[1].strip(" -"): i for i, ln in enumerate(source) if ln.strip().startswith("# ----")}
-    fields = {f.name: f for f in dataclasses.fields(Config)}
-    where = {name: next(i for i, ln in enumerate(source) if ln.strip().startswith(name + ":")) for name in fields}
-    for title, start in sorted(sections.items(), key=lambda kv: kv[1]):
+    fields = {f.name: f for f in dataclasses.fields(Config) if f.name != "method_args"}
+    for title, names in _sections(Config, list(fields)):
         lines.append(f" {title}:")
-        ends = sorted(i for i in sections.values() if i > start)
-        for name, f in fields.items():
-            if name == "method_args" or not start < where[name] < (ends[0] if ends else len(source)):
-                continue
-            value = _show(_default(f)) + (f" [digits: {_show(digits[name])}]" if name in digits else "")
+        for name in names:
+            value = _show(_default(fields[name])) + (f" [digits: {_show(digits[name])}]" if name in digits else "")
             lines += _entry(name, value, notes.get(name, ""))
     lines += _para(f"Presets (--preset NAME): {', '.join(PRESETS)}; the README lists what each sets.")
     lines += _para("Methods (--method NAME) and their options, given as --key value like the Config keys (or under "
