@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import math
 import os
 import re
@@ -236,7 +237,10 @@ def _convert(key: str, value, typ):
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
             if isinstance(value, str) and not value.strip().lstrip("-").isdigit():
-                raise ValueError
+                number = float(value)  # 1e3, as a YAML file reads it
+                if not number.is_integer():
+                    raise ValueError
+                return int(number)
             return int(value)
         if origin is float:
             if isinstance(value, bool):
@@ -283,13 +287,14 @@ def _field_types() -> dict:
     return typing.get_type_hints(Config)
 
 
-def apply(values: dict, cfg: dict, source: str) -> None:
-    """Merge `values` into the dict `cfg`; keys that are method options go to method_args."""
+def apply(values: dict, cfg: dict, source: str, method: str | None = None) -> None:
+    """Merge `values` into the dict `cfg`; keys that are method options go to method_args, as options of the method
+    `values` names, else of `method`, else of cfg's."""
     from .methods import METHODS, method_options
 
     types = _field_types()
     nested = _convert("method_args", values["method_args"], dict) if "method_args" in values else {}
-    method = values.get("method", cfg["method"])
+    method = values.get("method") or method or cfg["method"]
 
     def meaning(key, value):  # as the method reads it (1e-3 and 0.001, '3' and 3 agree)
         try:
@@ -317,8 +322,9 @@ def apply(values: dict, cfg: dict, source: str) -> None:
             if owners:
                 raise ConfigError(f"{key}: method {method!r} has no option {key!r} (an option of {', '.join(owners)}); "
                                   f"drop it or pass --method {owners[0]}")
-            raise ConfigError(f"unknown config key {key!r} in {source}; see `accelerate launch train/distill.py "
-                              "--help` for the keys")
+            close = difflib.get_close_matches(key, [*types, *{k for m in METHODS for k in method_options(m)}], 1)
+            raise ConfigError(f"unknown config key {key!r} in {source}" + (f" (did you mean {close[0]}?)" if close else "")
+                              + "; see `accelerate launch train/distill.py --help` for the keys")
 
 
 def parse_cli(argv: list[str]) -> tuple[dict, str | None, str | None]:
@@ -333,9 +339,14 @@ def parse_cli(argv: list[str]) -> tuple[dict, str | None, str | None]:
         if not _:
             nxt = argv[i + 1] if i + 1 < len(argv) else None
             if nxt is None or nxt.startswith("--"):
+                if key in ("config", "preset"):
+                    raise ConfigError(f"{key}: needs a value: --{key} {'FILE.yaml' if key == 'config' else 'NAME'}")
                 val = "true"  # a bare flag
             else:
                 val, i = nxt, i + 1
+        if key in ("config", "preset") and (config_file if key == "config" else preset) not in (None, val):
+            raise ConfigError(f"{key}: given twice ({config_file if key == 'config' else preset!r}, {val!r}); pass one "
+                              f"{'file (a file may set preset:)' if key == 'config' else 'preset'}")
         if key == "config":
             config_file = val
         elif key == "preset":
@@ -403,14 +414,27 @@ def load_config(argv: list[str]) -> Config:
     apply(PRESETS[preset], cfg, f"preset {preset!r}")
     before_file = copy.deepcopy(cfg)
     preset_method, preset_args, cfg["method_args"] = cfg["method"], cfg["method_args"], {}
-    apply(file_values, cfg, f"config file {config_file!r}")
+    # a file's method options belong to the method it names, else to the command line's, else to the preset's
+    file_method = file_values.get("method") or overrides.get("method") or preset_method
+    apply(file_values, cfg, f"config file {config_file!r}", method=file_method)
+    file_margs, cfg["method_args"] = cfg["method_args"], {}
     apply(overrides, cfg, "the command line")
     from .methods import METHODS, method_options
 
-    if cfg["method"] == preset_method:  # a preset's method options belong to its method; another --method starts clean
-        cfg["method_args"] = {**preset_args, **cfg["method_args"]}
-    dropped = {k: v for k, v in preset_args.items() if cfg["method"] != preset_method and cfg["method"] in METHODS and
-               k in method_options(cfg["method"]) and k not in cfg["method_args"]}  # options the new method has too
+    cli_margs, cfg["method_args"], dropped, sources = cfg["method_args"], {}, {}, []
+    for source, owner, margs in ((f"preset {preset!r}", preset_method, preset_args),
+                                 (f"config file {config_file!r}", file_method, file_margs)):
+        if owner == cfg["method"]:  # a preset's or file's method options belong to its method
+            cfg["method_args"].update(margs)
+            continue
+        new = {k: v for k, v in margs.items()  # another method starts clean: the options it has too are named
+               if cfg["method"] in METHODS and k in method_options(cfg["method"]) and k not in cli_margs}
+        dropped.update(new)
+        sources += [f"{source} for {owner}"] if new else []
+    cfg["method_args"].update(cli_margs)
+    notes = [f"note: method {cfg['method']} starts from its own option defaults, not from "
+             f"{', '.join(f'{k} {v}' for k, v in dropped.items())} ({' and '.join(sources)}); pass them to keep "
+             "them"] if dropped else []
 
     for key, value in getattr(METHODS.get(cfg["method"]), "preferred_config", {}).items():  # e.g. SiD's Adam betas
         if key not in PRESETS[preset] and key not in file_values and key not in overrides:
@@ -425,14 +449,13 @@ def load_config(argv: list[str]) -> Config:
         config.fake_score = getattr(METHODS[config.method], "preferred_fake_score", "copy")
     # a run's own config.yaml lists every key: a file's keys count as given where they change the preset's value
     changed = {k for k in file_values if k in before_file and getattr(config, k) != before_file[k]}
-    file_args = {**{k: v for k, v in file_values.items() if k not in before_file}, **(file_values.get("method_args") or {})}
+    file_args = {**{k: v for k, v in file_values.items() if k not in before_file},
+                 **(file_values.get("method_args") or {})} if file_method == config.method else {}
     preset_typed = method_kwargs(dataclasses.replace(config, method_args=preset_args)) if (
         config.method == preset_method) else {}
     changed |= {k for k in file_args if k not in preset_typed or config.method_args.get(k) != preset_typed[k]}
     check_unused(config, set(overrides) | changed, method)
-    config._notes = [f"note: --method {config.method} starts from its own option defaults; preset {preset!r} sets "
-                     f"{', '.join(f'{k} {v}' for k, v in dropped.items())} for {preset_method} only (pass them to keep "
-                     "them)"] if dropped else []  # said once the run starts (print_notes): its defaults stand in
+    config._notes = notes  # said once the run starts (print_notes)
     return config
 
 
@@ -583,7 +606,7 @@ def validate(cfg: Config):
     try:
         method = build_method(cfg.method, **method_kwargs(cfg))
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"method: {e}") from None
+        raise ConfigError(str(e) if re.match(r"\w+: ", str(e)) else f"method: {e}") from None  # "key: ..." as it is
     _check_numbers(cfg, method)
     if getattr(method, "group_size", 1) > 1 and cfg.batch_size % method.group_size:
         raise ConfigError(f"group_size: {method.group_size} does not divide --batch_size {cfg.batch_size} (the samples per "

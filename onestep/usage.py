@@ -45,8 +45,8 @@ def _default(f: dataclasses.Field):
 
 
 def _show(v) -> str:
-    if isinstance(v, list):
-        return ",".join(map(str, v)) if v else "'[]'"
+    if isinstance(v, list):  # as a YAML file takes it too (quote it in a shell if it holds spaces)
+        return f"[{', '.join(map(str, v))}]" if v else "'[]'"
     return '""' if v == "" else str(v)
 
 

@@ -420,7 +420,7 @@ SCRIPT_BAD_INPUTS = [
     ("eval/gndm_benchmark.py", ["--seeds", "0,0", "--out", "{tmp}/g"], "--seeds: [0, 0] repeats a seed"),
     ("eval/disback_benchmark.py", ["--seeds", "0", "--jobs", "0", "--out", "{tmp}/d"], "--steps and --jobs must"),
     ("eval/disback_benchmark.py", ["--seeds", "0", "--update_ratio", "0", "--out", "{tmp}/d"],  # passed to the runs
-     "update_ratio must be >= 1"),
+     "update_ratio: must be >= 1"),
     ("eval/disback_benchmark.py", ["--seeds", "0", "--report_only", "--bogus", "3", "--out", "{tmp}/d"],
      "--bogus: unknown option"),
 ]
@@ -598,7 +598,7 @@ def test_another_method_drops_the_presets_method_options_and_says_which(capsys):
     assert cfg.method_args == {"update_ratio": 2} and capsys.readouterr().err == ""
     print_notes(cfg)
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("note: --method vsd") and "real_guidance_scale 1.75" in err[0]
+    assert len(err) == 1 and err[0].startswith("note: method vsd") and "real_guidance_scale 1.75" in err[0]
     assert "update_ratio" not in err[0]
     print_notes(load_config(["--preset", "sd15-dmd2"]))
     assert capsys.readouterr().err == ""
@@ -620,3 +620,23 @@ def test_script_help_shows_the_docstring_whole_and_each_default_once():
     text = " ".join(p.format_help().split("options:")[1].split())
     assert "\n    python x.py --a 1   # an example\n" in p.format_help()
     assert "--a A (default: 0)" in text and text.count("default") == 2 and "c things --d" in text
+
+
+def test_a_config_files_method_options_belong_to_the_method_it_names(tmp_path, capsys):
+    """A run's config.yaml (method dmd2 and its options) with --method sid: the file's dmd2 options are left out as
+    a preset's are, in one note; a file that names no method gives its options to the command line's --method;
+    integers read 1e3 on the command line as a file does."""
+    from onestep.config import print_notes
+
+    run = tmp_path / "config.yaml"
+    run.write_text(yaml.safe_dump(dataclasses.asdict(load_config([]))))
+    cfg = load_config(["--config", str(run), "--method", "sid", "--steps", "1e3"])
+    assert cfg.method == "sid" and cfg.method_args == {} and cfg.steps == 1000
+    print_notes(cfg)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("note: method sid starts from its own option defaults, not from")
+    assert "t_min 0.001" in err[0] and f"config file {str(run)!r} for dmd2" in err[0]
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("alpha: 1.0\n")
+    assert load_config(["--config", str(plain), "--method", "sid"]).method_args == {"alpha": 1.0}
+    assert load_config(["--config", str(run)]).method_args == load_config([]).method_args

@@ -546,13 +546,18 @@ BAD = [  # (id, arguments, what the one line must say); {name} is a path from ba
     ("dataset_missing", ["--dataset", "/no/such/folder"], "dataset: '/no/such/folder' is not 'digits', 'none' or"),
     ("dataset_empty", ["--dataset", "{empty}"], "holds no images"),
     ("preset", ["--preset", "nope"], "preset: unknown preset 'nope'"),
+    ("preset_twice", ["--preset", "smoke", "--preset", "digits"], "preset: given twice ('smoke', 'digits'); pass one"),
+    ("preset_bare", ["--preset", "--steps", "3"], "preset: needs a value: --preset NAME"),
+    ("config_twice", ["--config", "a.yaml", "--config", "b.yaml"], "config: given twice"),
+    ("typo", ["--stpes", "3"], "unknown config key 'stpes' in the command line (did you mean steps?)"),
+    ("steps_fraction", ["--steps", "2.5"], "steps: expected an integer, got '2.5'"),
     ("config_missing", ["--config", "/no/such.yaml"], "config file '/no/such.yaml' does not exist"),
     ("config_yaml", ["--config", "{badyaml}"], "is not valid YAML"),
     ("config_list", ["--config", "{listyaml}"], "must hold a mapping of keys to values"),
     ("bool", ["--overwrite", "maybe"], "overwrite: expected true or false, got 'maybe'"),
     ("positional", ["stray"], "unexpected argument 'stray'"),
     ("method_args", ["--method_args", "[1,2]"], "method_args: expected a mapping"),
-    ("update_ratio", ["--update_ratio", "0"], "update_ratio must be >= 1"),
+    ("update_ratio", ["--update_ratio", "0"], "update_ratio: must be >= 1"),
     ("output_dir", ["--output_dir", "{file}"], "output_dir: cannot create the run folder"),
     ("pickle_teacher", ["--teacher", "{bin}"], "no .safetensors weights in"),
     ("remote_code_teacher", ["--teacher", "{custom}"], "teacher backbone 'MyUNet' is not supported"),
@@ -631,8 +636,8 @@ def test_bad_input_gives_one_line_and_exit_2(args, message, bad_things, tmp_path
     args = [a.format(**bad_things) for a in args]
     if "--teacher" not in args:
         args += ["--teacher", bad_things["cond"]]
-    code, lines = cli(["--preset", "smoke", "--output_dir", str(tmp_path), "--classifier", "", "--cpu_threads", "1",
-                       *args])
+    code, lines = cli([*(["--preset", "smoke"] if "--preset" not in args else []), "--output_dir", str(tmp_path),
+                       "--classifier", "", "--cpu_threads", "1", *args])
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
     assert not any(tmp_path.iterdir())  # stopped before the run was recorded; no empty run folder left
     assert not os.path.exists(bad_things["marker"])  # the custom model's code never ran

@@ -215,7 +215,7 @@ def test_forget_equal_to_override_is_one_line_error_exit_2(tmp_path):
            "--override", "3", "--output_dir", str(tmp_path)]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: method: override: forget class 3")
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: override: forget class 3")
 
 
 def test_cli_parses_forget_lists_and_another_method_leaves_the_presets_method_options():
@@ -273,7 +273,7 @@ def test_short_digits_run_lowers_forget_class_accuracy(tmp_path):
                      "--sample_every", "0", "--checkpoint_every", "0", "--cpu_threads", "1",
                      "--output_dir", str(tmp_path), "--name", "sfd"])
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "note: --method sfd starts from its own option defaults; preset 'digits-sid' sets t_max 0.5" in r.stderr
+    assert "note: method sfd starts from its own option defaults, not from t_max 0.5 (preset 'digits-sid' for sid)" in r.stderr
     m = json.loads((tmp_path / "sfd" / "metrics.json").read_text())
     f = m["forgetting"]
     assert f["forget"] == [3] and f["override"] == [8] and f["remaining"] == [0, 1, 2, 4, 5, 6, 7, 8, 9]

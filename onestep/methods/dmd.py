@@ -64,7 +64,8 @@ class DMD:
 
     def __post_init__(self):
         if self.update_ratio < 1 or self.gan_start < 0:
-            raise ValueError(f"update_ratio must be >= 1 and gan_start >= 0, got {self.update_ratio}, {self.gan_start}")
+            raise ValueError(f"update_ratio: must be >= 1, got {self.update_ratio}" if self.update_ratio < 1 else
+                             f"gan_start: must be >= 0, got {self.gan_start}")
         if self.shared_critic_pass and self.fake_first:
             raise ValueError("shared_critic_pass reuses the generator turn's forward in the critic turn after it; "
                              "it cannot run with fake_first (critic first): drop one of them")

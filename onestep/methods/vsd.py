@@ -47,7 +47,7 @@ class VSD:
 
     def __post_init__(self):
         if self.update_ratio < 1:
-            raise ValueError(f"update_ratio must be >= 1, got {self.update_ratio}")
+            raise ValueError(f"update_ratio: must be >= 1, got {self.update_ratio}")
         if not 0 <= self.t_min <= self.t_max <= 1:
             raise ValueError(f"t_min, t_max must satisfy 0 <= t_min <= t_max <= 1, got {self.t_min}, {self.t_max}")
         if self.random_guidance and not 0 <= self.kappa_min <= self.kappa_max:
