@@ -526,7 +526,7 @@ def validate(cfg: Config):
         raise ConfigError(f"attention: {e}") from None
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
-            raise ConfigError(f"{key}: {getattr(cfg, key)!r} is not one of {', '.join(allowed)}")
+            raise ConfigError(f"{key}: {getattr(cfg, key)!r} is not one of {', '.join(a or repr(a) for a in allowed)}")
     if cfg.dataset not in ("digits", "none") and not os.path.isdir(cfg.dataset):
         raise ConfigError(f"dataset: {cfg.dataset!r} is not 'digits', 'none' or an existing folder of images")
     for key in POSITIVE:

@@ -87,7 +87,8 @@ def distill_help(doc: str) -> str:
     lines += _para("Syntax: --key value or --key=value; booleans --key (true) or --key false; lists a,b,c (or a YAML "
                    "list '[\"a, b\", 3]'; '[]' for none); --config FILE.yaml sets keys from a file (a run's config.yaml "
                    "works); --preset NAME starts from a preset; later wins: Config defaults, preset, --config file, "
-                   "command line.")
+                   "command line. An option this run would not use (e.g. a GAN option with the GAN off) is refused, "
+                   "so nothing given is silently ignored.")
     lines += _para("Config keys: --key DEFAULT  what it is. DEFAULT is the Config default; [digits: V] is the digits "
                    "preset's value, which the default run uses (every other preset sets its own values over the Config "
                    "defaults, not over these).")
