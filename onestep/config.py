@@ -555,7 +555,7 @@ def validate(cfg: Config):
     for key in ("classes", "generator_timesteps", "teacher_eval_steps", "student_channels"):
         for v in getattr(cfg, key):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or (key != "generator_timesteps" and not isinstance(v, int)):
-                raise ConfigError(f"{key}: expected numbers, got {v!r}")
+                raise ConfigError(f"{key}: expected {'numbers' if key == 'generator_timesteps' else 'integers'}, got {v!r}")
     if not all(isinstance(v, str) and v for v in cfg.lora_targets):
         raise ConfigError(f"lora_targets: expected module names like to_q,to_v, got {cfg.lora_targets!r}")
     if not all(isinstance(v, str) and v for v in cfg.gan_layers):

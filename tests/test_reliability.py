@@ -551,6 +551,7 @@ BAD = [  # (id, arguments, what the one line must say); {name} is a path from ba
     ("config_twice", ["--config", "a.yaml", "--config", "b.yaml"], "config: given twice"),
     ("typo", ["--stpes", "3"], "unknown config key 'stpes' in the command line (did you mean steps?)"),
     ("steps_fraction", ["--steps", "2.5"], "steps: expected an integer, got '2.5'"),
+    ("classes_fraction", ["--classes", "1.5"], "classes: expected integers, got 1.5"),
     ("config_missing", ["--config", "/no/such.yaml"], "config file '/no/such.yaml' does not exist"),
     ("config_yaml", ["--config", "{badyaml}"], "is not valid YAML"),
     ("config_list", ["--config", "{listyaml}"], "must hold a mapping of keys to values"),
