@@ -454,7 +454,7 @@ def load_config(argv: list[str]) -> Config:
     preset_typed = method_kwargs(dataclasses.replace(config, method_args=preset_args)) if (
         config.method == preset_method) else {}
     changed |= {k for k in file_args if k not in preset_typed or config.method_args.get(k) != preset_typed[k]}
-    check_unused(config, set(overrides) | changed, method)
+    check_unused(config, set(overrides) | changed, method, {k: f"config file {config_file!r}" for k in changed - set(overrides)})
     config._notes = notes  # said once the run starts (print_notes)
     return config
 
@@ -489,9 +489,9 @@ METHOD_OPTION_NEEDS = (
 )
 
 
-def check_unused(cfg: Config, given: set, method) -> None:
+def check_unused(cfg: Config, given: set, method, sources: dict | None = None) -> None:
     """Options the user gave (command line, or a config file's changes to the preset) that this run would ignore:
-    refused."""
+    refused (naming where a key came from, `sources`, where it is not the command line)."""
     guided = getattr(method, "uses_guidance", getattr(method, "real_guidance_scale", 1.0) != 1.0)
     needs = [(("lora_rank", "lora_targets"), cfg.fake_score == "lora", "--fake_score lora"),
              (("gan_hidden", "gan_layers", "gan_feature_source"), getattr(method, "uses_gan", False),
@@ -507,7 +507,9 @@ def check_unused(cfg: Config, given: set, method) -> None:
     for keys, used, gate in needs:
         unused = [k for k in keys if k in given and not used]
         if unused:
-            raise ConfigError(f"{unused[0]}: only used with {gate}, which this run does not have; drop it or add that")
+            where = f" (from {sources[unused[0]]})" if unused[0] in (sources or {}) else ""
+            raise ConfigError(f"{unused[0]}: only used with {gate}, which this run does not have; drop it{where} or add "
+                              "that")
 
 
 def validate(cfg: Config):

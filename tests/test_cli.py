@@ -463,7 +463,8 @@ def test_a_runs_own_config_yaml_loads_back_to_the_same_config(preset, tmp_path):
     assert dataclasses.asdict(load_config(["--config", str(path)])) == dataclasses.asdict(cfg)
     if cfg.fake_score != "lora":
         path.write_text(yaml.safe_dump({**dataclasses.asdict(cfg), "lora_rank": cfg.lora_rank + 1}, sort_keys=False))
-        with pytest.raises(ConfigError, match="lora_rank: only used with --fake_score lora"):
+        with pytest.raises(ConfigError, match=r"lora_rank: only used with --fake_score lora, which this run does not "
+                                              r"have; drop it \(from config file '.*config.yaml'\) or add that"):
             load_config(["--config", str(path)])
 
 
