@@ -2,19 +2,21 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import os
 import sys
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """The script's docstring as written, and each option's default where its help does not already state one."""
+    """The script's docstring as written, and each option's default where its help does not already state one (also
+    for an option without help, which argparse would otherwise print bare)."""
 
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if action.option_strings and "default" not in text and _shown(action.default):
-            text += ("  " if text else "") + "(default: %(default)s)"
-        return text
+    def _format_action(self, action):
+        if action.option_strings and "default" not in (action.help or "") and _shown(action.default):
+            action = copy.copy(action)
+            action.help = (f"{action.help}  " if action.help else "") + "(default: %(default)s)"
+        return super()._format_action(action)
 
 
 def _shown(default) -> bool:
@@ -29,11 +31,6 @@ class Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
-
-    def add_argument(self, *args, **kwargs):
-        if "help" not in kwargs and _shown(kwargs.get("default")):  # argparse prints no line for an option without help
-            kwargs["help"] = "(default: %(default)s)"
-        return super().add_argument(*args, **kwargs)
 
     def error(self, message):
         if first_rank():
