@@ -13,30 +13,39 @@ import tokenize
 WIDTH = 118
 
 
+def _declared(klass) -> list[tuple[str, str, str]]:
+    """(section, field, comment) for each field in the class's own source, in order: the comment beside the field and
+    on the indented comment-only lines under it; the section is the last `# ---- title ----` rule above it. Empty
+    without installed source."""
+    try:
+        source = inspect.getsource(klass)
+    except (OSError, TypeError):
+        return []
+    comments = {tok.start[0]: tok.string.lstrip("#").strip() for tok in
+                tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    names, out, section, open_ = {f.name for f in dataclasses.fields(klass)}, [], "keys", False
+    for n, line in enumerate(source.splitlines(), 1):
+        body = line.strip()
+        if body.startswith("# ----"):
+            section = body.strip("# -")
+        elif body.split(":")[0].strip() in names and len(line) - len(body) == 4:  # a field's own line
+            out.append([section, body.split(":")[0].strip(), comments.get(n, "")])
+            open_ = True
+            continue
+        elif open_ and body.startswith("#") and len(line) - len(body) > 8:  # its comment, continued
+            out[-1][2] = f"{out[-1][2]} {comments[n]}".strip()
+            continue
+        open_ = False  # anything else ends a field's comment
+    return [tuple(d) for d in out]
+
+
 def field_comments(cls) -> dict[str, str]:
-    """The comment beside each field of a dataclass and on the indented comment-only lines under it, by field name;
-    inherited fields carry their base class's comment."""
+    """The comment beside each field of a dataclass, by field name; inherited fields carry their base class's comment
+    (a redeclared default without one keeps it)."""
     out: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
-        if not dataclasses.is_dataclass(klass):
-            continue
-        try:
-            source = inspect.getsource(klass)
-        except (OSError, TypeError):  # no source installed: no comments
-            continue
-        comments = {tok.start[0]: tok.string.lstrip("#").strip() for tok in
-                    tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
-        names, current = {f.name for f in dataclasses.fields(klass)}, None
-        for n, line in enumerate(source.splitlines(), 1):
-            body = line.strip()
-            name = body.split(":")[0].strip()
-            if name in names and len(line) - len(body) == 4:  # a field's own line
-                current = name
-                out[name] = comments.get(n) or out.get(name, "")  # a redeclared default keeps its base's comment
-            elif current and body.startswith("#") and len(line) - len(body) > 8:  # its comment, continued
-                out[current] = f"{out[current]} {comments[n]}".strip()
-            else:
-                current = None
+        if dataclasses.is_dataclass(klass):
+            out.update({name: comment or out.get(name, "") for _, name, comment in _declared(klass)})
     return out
 
 
@@ -58,18 +67,11 @@ def _entry(name: str, value: str, comment: str, indent: int = 2) -> list[str]:
 
 def _sections(cls, names: list[str]) -> list[tuple[str, list[str]]]:
     """The fields under each `# ---- title ----` rule of the class's source, in order (one section without it)."""
-    try:
-        source = inspect.getsource(cls).splitlines()
-    except (OSError, TypeError):
-        return [("keys", names)]
-    out: list[tuple[str, list[str]]] = [("keys", [])]
-    for line in source:
-        body = line.strip()
-        if body.startswith("# ----"):
-            out.append((body.strip("# -"), []))
-        elif body.split(":")[0] in names:
-            out[-1][1].append(body.split(":")[0])
-    return [(title, group) for title, group in out if group]
+    out: dict[str, list[str]] = {}
+    for section, name, _ in _declared(cls):
+        if name in names:
+            out.setdefault(section, []).append(name)
+    return list(out.items()) or [("keys", names)]
 
 
 def _para(text: str) -> list[str]:
