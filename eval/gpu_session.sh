@@ -44,6 +44,9 @@ lowmem="$bench --preset sd15 --method dmd2 --variants bf16 --fake-score lora --g
     --no-components --repeats 4 --warmup 2"
 stage sd15_lowmem 160 bash -c "$lowmem --optimizer adamw8bit --out $out/sd15_lowmem_8bit.json;
     $lowmem --optimizer adamw --out $out/sd15_lowmem.json"
+#    ... and the generator a LoRA too (--generator_lora_rank 64: no float32 generator, gradients, moments or EMA;
+#    simulated 7.65 GiB with AdamW and the EMA on the GPU)
+stage sd15_lora_generator 90 $lowmem --ema on --generator-lora 64 --optimizer adamw --out $out/sd15_lora_generator.json
 # 2. FID-50k of a CIFAR-size one-step generator, end to end (stand-in Inception of the same architecture: timing;
 #    the Frechet distance from the moments on the GPU, and clean-fid's scipy one on the CPU for comparison)
 #    (features in NCHW and in channels-last layout, each over 50 000 samples)

@@ -42,6 +42,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--method", default="dmd", help="dmd or dmd2 (+ GAN head on the fake score; comma-separated: a row for each)")
     p.add_argument("--fake-score", default="copy", help="copy or lora (comma-separated: a row for each)")
+    p.add_argument("--generator-lora", default="0", help="the generator: 0 (all its weights trained) or a LoRA rank "
+                   "(an adapter on the teacher's shared weights, as --generator_lora_rank; comma-separated: a row for each)")
     p.add_argument("--gradient-checkpointing", nargs="?", const="on", default="off",
                    help="off, on or off,on (a bare flag: on) -- of the generator and the fake score")
     p.add_argument("--attention", default="sdpa", help="sdpa, xformers or auto (comma-separated: a row for each)")
@@ -119,9 +121,13 @@ def main(argv: list[str]) -> int:
         return items or p.error(f"--{name}: give at least one of {', '.join(allowed)}")
 
     onoff = {"on": True, "off": False}
+    ranks = [x for x in args.generator_lora.split(",") if x]
+    if not ranks or not all(x.isdigit() and int(x) <= 4096 for x in ranks):
+        p.error(f"--generator-lora: expected LoRA ranks 0..4096 (0: the whole generator), got {args.generator_lora!r}")
+    ranks = [int(x) for x in ranks]
     ema_modes = {**onoff, "offload": "offload"}
     options = [dict(method=me, fake_score=fs, gradient_checkpointing=onoff[gc], attention=at, cudnn_benchmark=onoff[cb],
-                    ema=ema_modes[em], optimizer=op, sync=sy, shared_critic_pass=cp == "shared")
+                    ema=ema_modes[em], optimizer=op, sync=sy, shared_critic_pass=cp == "shared", generator_lora=gl)
                for me in choices("method", args.method, ("dmd", "dmd2"))
                for fs in choices("fake-score", args.fake_score, ("copy", "lora"))
                for gc in choices("gradient-checkpointing", args.gradient_checkpointing, tuple(onoff))
@@ -130,7 +136,8 @@ def main(argv: list[str]) -> int:
                for em in choices("ema", args.ema, tuple(ema_modes))
                for op in choices("optimizer", args.optimizer, OPTIMIZERS)
                for sy in choices("sync", args.sync, SYNC_MODES)
-               for cp in choices("critic-pass", args.critic_pass, ("separate", "shared"))]
+               for cp in choices("critic-pass", args.critic_pass, ("separate", "shared"))
+               for gl in ranks]
     for o in {o["optimizer"] for o in options}:
         try:  # before any row is measured
             check_available(o)
@@ -147,7 +154,7 @@ def main(argv: list[str]) -> int:
                 for v in variants:
                     for o in options:
                         kept = ("method", "fake_score", "gradient_checkpointing", "attention", "ema", "optimizer",
-                                "shared_critic_pass")
+                                "shared_critic_pass", "generator_lora")
                         rows.append(simulate_memory(s, v, batch_size=args.batch_size or None, steps=args.steps,
                                                     **{k: o[k] for k in kept}))
                         print(json.dumps(rows[-1]), flush=True)
@@ -156,7 +163,8 @@ def main(argv: list[str]) -> int:
             flops = {}
             for v in variants:
                 for o in options:
-                    key = (o["method"], o["fake_score"], o["gradient_checkpointing"], o["shared_critic_pass"])
+                    key = (o["method"], o["fake_score"], o["gradient_checkpointing"], o["shared_critic_pass"],
+                           o["generator_lora"])
                     row = measure(work, v, device, warmup=args.warmup, repeats=args.repeats, **o,
                                   peak=args.peak_tflops or None, flops=flops.get(key),
                                   components=not args.no_components)

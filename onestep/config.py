@@ -57,7 +57,11 @@ class Config:
     fake_score: str = "auto"             # "copy" (full copy of the teacher), "lora" (adapter on its weights) or
                                          # "auto" (the method's choice: lora for vsd, copy for dmd / dmd2)
     lora_rank: int = 16                  # rank of the LoRA fake score
-    lora_targets: list = field(default_factory=list)  # modules the LoRA adapts, e.g. [to_q, to_v] (empty: onestep's default)
+    lora_targets: list = field(default_factory=list)  # modules the LoRA adapts, e.g. [to_q, to_v] (empty: onestep's default:
+                                         # attention projections and resnet convolutions)
+    generator_lora_rank: int = 0         # 0: the whole generator trains; N: a LoRA adapter of rank N on the teacher's
+                                         # own weights trains instead (shared, not copied), merged into the export
+    generator_lora_targets: list = field(default_factory=list)  # modules the generator's LoRA adapts (empty: the default)
     generator_timesteps: list = field(default_factory=list)  # few-step student, e.g. [999, 749, 499, 249]; empty: one step
     clip_sample: float = 0.0             # clamp the generator's x0 to [-v, v] in every call, gradient passed straight
                                          # through (diffusers' clip_sample_range; pixel teachers); 0: off
@@ -215,7 +219,7 @@ POSITIVE = ("steps", "batch_size", "gradient_accumulation_steps", "lr_generator"
             "backtrack_nodes", "backtrack_interval", "backtrack_patience", "record_interval",
             "students", "tsm_lr", "tsm_pool")
 NON_NEGATIVE = ("lr_warmup_steps", "cpu_threads", "log_every", "sample_every", "eval_every", "checkpoint_every", "checkpoints_total_limit",
-                "grad_clip", "weight_decay", "gan_hidden", "clip_sample", "backtrack_tolerance", "record_lr", "tsm_steps")
+                "grad_clip", "weight_decay", "gan_hidden", "generator_lora_rank", "clip_sample", "backtrack_tolerance", "record_lr", "tsm_steps")
 
 
 def _convert(key: str, value, typ):
@@ -494,6 +498,7 @@ def check_unused(cfg: Config, given: set, method, sources: dict | None = None) -
     refused (naming where a key came from, `sources`, where it is not the command line)."""
     guided = getattr(method, "uses_guidance", getattr(method, "real_guidance_scale", 1.0) != 1.0)
     needs = [(("lora_rank", "lora_targets"), cfg.fake_score == "lora", "--fake_score lora"),
+             (("generator_lora_targets",), cfg.generator_lora_rank > 0, "--generator_lora_rank N"),
              (("gan_hidden", "gan_layers", "gan_feature_source"), getattr(method, "uses_gan", False),
               "a GAN (method dmd2 or gndm, a GAN weight > 0)"),
              (("router",), cfg.students > 1, "--students K > 1"),
@@ -558,8 +563,9 @@ def validate(cfg: Config):
         for v in getattr(cfg, key):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or (key != "generator_timesteps" and not isinstance(v, int)):
                 raise ConfigError(f"{key}: expected {'numbers' if key == 'generator_timesteps' else 'integers'}, got {v!r}")
-    if not all(isinstance(v, str) and v for v in cfg.lora_targets):
-        raise ConfigError(f"lora_targets: expected module names like to_q,to_v, got {cfg.lora_targets!r}")
+    for key in ("lora_targets", "generator_lora_targets"):
+        if not all(isinstance(v, str) and v for v in getattr(cfg, key)):
+            raise ConfigError(f"{key}: expected module names like to_q,to_v, got {getattr(cfg, key)!r}")
     if not all(isinstance(v, str) and v for v in cfg.gan_layers):
         raise ConfigError(f"gan_layers: expected backbone module names like down_blocks.0.resnets.0,mid_block, got {cfg.gan_layers!r}")
     if any(c < 1 for c in cfg.student_channels):
@@ -573,12 +579,15 @@ def validate(cfg: Config):
                           "assets/digits-classifier or --eval_every 0")
     if cfg.eval_samples < 2:
         raise ConfigError(f"eval_samples: FID needs at least 2 samples, got {cfg.eval_samples}")
-    for key, cap in (("lora_rank", 4096), ("gan_hidden", 65536)):
+    for key, cap in (("lora_rank", 4096), ("generator_lora_rank", 4096), ("gan_hidden", 65536)):
         if getattr(cfg, key) > cap:
             raise ConfigError(f"{key}: at most {cap}, got {getattr(cfg, key)} (a network that size does not fit in memory)")
     if cfg.method == "sfd" and cfg.students > 1:
         raise ConfigError("method: sfd forgets classes or prompts of the whole condition set, which --students K > 1 "
                           "splits among the students; train SFD with --students 1")
+    if cfg.generator_lora_rank and (cfg.students > 1 or cfg.student_channels):
+        raise ConfigError("generator_lora_rank: a LoRA generator trains on the teacher's own weights, one student of its "
+                          "architecture; drop it, or --students / --student_channels")
     if cfg.shared_fake_score and cfg.students < 2:
         raise ConfigError("shared_fake_score: shares one fake score among --students K > 1; drop it for one student")
     if cfg.backtrack and not 0.0 <= cfg.record_cond_dropout <= 1.0:

@@ -82,6 +82,16 @@ def tuner_layers(module: nn.Module) -> list[nn.Module]:
     return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
 
 
+def merge_adapters(module: nn.Module) -> nn.Module:
+    """Every peft LoRA layer inside `module` merged into its base layer, which takes its place (in place)."""
+    tuners = {id(m) for m in tuner_layers(module)}
+    for name, layer in [(n, m) for n, m in module.named_modules() if n and id(m) in tuners]:
+        layer.merge()
+        parent, _, child = name.rpartition(".")
+        setattr(module.get_submodule(parent), child, layer.get_base_layer())
+    return module
+
+
 def set_adapters(layers: list[nn.Module], enabled: bool) -> None:
     """peft's adapter toggle on these LoRA layers, keeping every weight's requires_grad (the toggle also flips it)."""
     params = [p for layer in layers for p in layer.parameters()]

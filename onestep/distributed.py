@@ -117,6 +117,7 @@ def distributed_mode(accelerator, cfg, gan: bool = False) -> bool:
     refused = [(cfg.backtrack, "--backtrack (DisBack; use DDP)"),
                (cfg.offload_ema, "--offload_ema (under FSDP the EMA is sharded like the generator; drop the flag)"),
                (cfg.compile, "--compile (use DDP to compile)"),
+               (cfg.generator_lora_rank, "--generator_lora_rank (its weights are the teacher's, shared; use DDP)"),
                (gan and accelerator.mixed_precision == "fp16", "mixed_precision fp16 with a GAN head (its optimiser and "
                 "the fake score's share one gradient scaler per turn; use bf16)")]
     for bad, what in refused:

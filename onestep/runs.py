@@ -35,7 +35,7 @@ HASH_IGNORED = ("name", "output_dir", "overwrite", "resume", "cpu_threads", "cpu
                 "checkpoints_total_limit", "export", "preset", "max_nonfinite_steps", "nonfinite_check", "record_dir")
 # keys that define what a checkpoint's state means: resuming with other values is refused (others: a warning)
 RESUME_FIXED = ("method", "dataset", "classes", "prompts_sha256", "batch_size", "generator_timesteps", "fake_score",
-                "lora_rank", "lora_targets", "gan_feature_source", "gan_hidden", "gan_layers", "students",
+                "lora_rank", "lora_targets", "generator_lora_rank", "generator_lora_targets", "gan_feature_source", "gan_hidden", "gan_layers", "students",
                 "student_channels", "backtrack", "teacher_schedule")
 
 
@@ -334,22 +334,27 @@ def _tidy(run_dir: str) -> None:
             os.replace(d, d[:-4])
 
 
-def adapter_only_checkpoints(accelerator, module, key: str = "lora_") -> bool:
-    """A LoRA fake score sits on the frozen teacher: its checkpoint file keeps the adapters only (not the teacher's
-    weights under them, which every run loads from the teacher: for SD1.5 about 1.7 GB less per checkpoint). On load,
-    each network's file must hold exactly the keys that network saves (the adapter network: at least its adapters,
-    so that older full checkpoints still load); `load_checkpoint(..., strict=False)` then loads around the absent
-    teacher weights. Returns whether it applies (not under FSDP, which saves its own sharded state)."""
+def adapter_only_checkpoints(accelerator, modules, key: str = "lora_") -> bool:
+    """LoRA adapters on the frozen teacher (a LoRA fake score, a LoRA generator): their networks' checkpoint files
+    keep the adapters only (not the teacher's weights under them, which every run loads from the teacher: for SD1.5
+    about 1.7 GB less per checkpoint and network). On load, each network's file must hold exactly the keys that
+    network saves (an adapter network: at least its adapters, so that older full checkpoints still load);
+    `load_checkpoint(..., strict=False)` then loads around the absent teacher weights. Returns whether it applies
+    (not under FSDP, which saves its own sharded state)."""
     if accelerator.distributed_type.value == "FSDP":
         return False
+    adapted = {id(m) for m in modules}
+
+    def adapters(model) -> bool:
+        return id(accelerator.unwrap_model(model)) in adapted
 
     def saved_keys(model) -> set:
         keys = set(model.state_dict())
-        return {k for k in keys if key in k} if accelerator.unwrap_model(model) is module else keys
+        return {k for k in keys if key in k} if adapters(model) else keys
 
     def on_save(models, weights, output_dir):
         for i, model in enumerate(models):
-            if accelerator.unwrap_model(model) is module:
+            if adapters(model):
                 weights[i] = {k: v for k, v in weights[i].items() if key in k}
 
     def on_load(models, input_dir):
@@ -361,8 +366,7 @@ def adapter_only_checkpoints(accelerator, module, key: str = "lora_") -> bool:
                 continue  # accelerate reports it
             with safe_open(path, "pt") as f:
                 have, want = set(f.keys()), saved_keys(model)
-            adapters = accelerator.unwrap_model(model) is module
-            if not want <= have or (not adapters and have != want):
+            if not want <= have or (not adapters(model) and have != want):
                 missing = sorted(want - have) or sorted(have - want)
                 raise ValueError(f"{os.path.basename(path)} lacks or adds {len(missing)} tensors, e.g. {missing[0]}")
 

@@ -168,7 +168,7 @@ class StepRunner:
     def __init__(self, work: Workload, variant: str, device: torch.device, fake_score: str = "copy",
                  gradient_checkpointing: bool = False, attention: str = "sdpa", cudnn_benchmark: bool = False,
                  ema: bool | str = True, method: str = "dmd", optimizer: str = "adamw", sync: str = "auto",
-                 memory=None, shared_critic_pass: bool = False):
+                 memory=None, shared_critic_pass: bool = False, generator_lora: int = 0):
         import copy
 
         from .memsim import MemoryTracker
@@ -203,7 +203,8 @@ class StepRunner:
         self.triad = Triad.from_teacher(teacher, fake_score=fake_score, sample_shape=work.shape,
                                         ema_decay=0.999 if ema else None, offload_ema=ema == "offload",
                                         gan_head=method == "dmd2",
-                                        example_cond=self.cond, frozen_dtype=torch.bfloat16 if self.bf16 else None)
+                                        example_cond=self.cond, frozen_dtype=torch.bfloat16 if self.bf16 else None,
+                                        generator_lora_rank=generator_lora)
         # one iteration = one generator turn + one critic turn (DMD2's TTUR repeats the critic turn)
         self.method = (DMD if method == "dmd" else DMD2)(update_ratio=1, shared_critic_pass=shared_critic_pass)
         self.shared_critic_pass = shared_critic_pass
@@ -230,10 +231,8 @@ class StepRunner:
         self.phase_peaks: dict[str, float] = {}
         if self.simulated and ema == "offload":  # the EMA and its staging buffers live in host memory
             self.memory.host_resident(self.triad.ema.shadow_params)
-            pairs = [(s, p) for s, p in zip(self.triad.ema.shadow_params, self.triad.raw("generator").parameters())
-                     if p.requires_grad]
             with self.memory.host_allocations():
-                self.triad.ema._stage([s for s, _ in pairs], [p for _, p in pairs])
+                self.triad.ema._stage(self.triad.ema.shadow_params, self.triad.ema_parameters)
         if variant in COMPILE_MODES:
             mode = COMPILE_MODES[variant]
             for net in {id(n): n for n in self.nets}.values():
@@ -360,12 +359,12 @@ def measure(work: Workload, variant: str, device: torch.device, *, warmup: int =
             fake_score: str = "copy", gradient_checkpointing: bool = False, attention: str = "sdpa",
             cudnn_benchmark: bool = False, ema: bool | str = True, method: str = "dmd", peak: float | None = None,
             flops: float | None = None, components: bool = False, optimizer: str = "adamw", sync: str = "auto",
-            shared_critic_pass: bool = False) -> dict:
+            shared_critic_pass: bool = False, generator_lora: int = 0) -> dict:
     """Median step time of a variant (and, with `components`, of each pass alone, interleaved with the steps)."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
     runner = StepRunner(work, variant, device, fake_score, gradient_checkpointing, attention, cudnn_benchmark, ema, method,
-                        optimizer, sync, shared_critic_pass=shared_critic_pass)
+                        optimizer, sync, shared_critic_pass=shared_critic_pass, generator_lora=generator_lora)
     if device.type == "cuda":  # from here: the weights, optimiser states, gradients and activations of training
         torch.cuda.reset_peak_memory_stats(device)
     timer = Timer(device)
@@ -402,7 +401,7 @@ def measure(work: Workload, variant: str, device: torch.device, *, warmup: int =
     row = {"preset": work.name, "method": method, "variant": variant, "device": card, "batch": work.batch_size,
            "fake_score": fake_score, "gradient_checkpointing": gradient_checkpointing, "attention": runner.attention,
            "cudnn_benchmark": cudnn_benchmark, "ema": ema, "optimizer": optimizer, "sync": runner.sync,
-           "sync_option": sync, "shared_critic_pass": shared_critic_pass, "step_s": step_s, "img_per_s": work.batch_size / step_s, "first_step_s": first,
+           "sync_option": sync, "shared_critic_pass": shared_critic_pass, "generator_lora": generator_lora, "step_s": step_s, "img_per_s": work.batch_size / step_s, "first_step_s": first,
            "back_to_back_step_s": back_to_back_s, "back_to_back_img_per_s": work.batch_size / back_to_back_s,
            "gflop_per_step": None if flops is None else flops / 1e9,
            "tflops": None if flops is None else flops / step_s / 1e12}
@@ -434,7 +433,7 @@ def measure(work: Workload, variant: str, device: torch.device, *, warmup: int =
 def simulate_memory(preset: str, variant: str = "bf16", *, batch_size: int | None = None, steps: int = 3,
                     fake_score: str = "copy", gradient_checkpointing: bool = False, attention: str = "sdpa",
                     ema: bool | str = True, method: str = "dmd", optimizer: str = "adamw",
-                    shared_critic_pass: bool = False) -> dict:
+                    shared_critic_pass: bool = False, generator_lora: int = 0) -> dict:
     """Peak accelerator memory of `steps` iterations, estimated without an accelerator (onestep.memsim: fake
     tensors, CUDA's autocast rules): the same StepRunner, phases and options as `measure`, no timings. A lower bound
     of the GPU's `max_memory_allocated` (no workspaces, no allocator rounding)."""
@@ -454,7 +453,8 @@ def simulate_memory(preset: str, variant: str = "bf16", *, batch_size: int | Non
             with memory.host_allocations():  # the workload's float32 teacher stays in host memory, as in `measure`
                 work = build_workload(preset, torch.device("cuda"), batch_size)  # the GPU's default batch size
         runner = StepRunner(work, variant, torch.device("cpu"), fake_score, gradient_checkpointing, attention, False,
-                            ema, method, optimizer, "auto", memory=memory, shared_critic_pass=shared_critic_pass)
+                            ema, method, optimizer, "auto", memory=memory, shared_critic_pass=shared_critic_pass,
+                            generator_lora=generator_lora)
         memory.reset_peak()
         runner.step()
         first_peaks, runner.phase_peaks = runner.phase_peaks, {}
@@ -463,7 +463,7 @@ def simulate_memory(preset: str, variant: str = "bf16", *, batch_size: int | Non
         row = {"preset": work.name, "method": method, "variant": variant, "device": "simulated", "batch": work.batch_size,
                "fake_score": fake_score, "gradient_checkpointing": gradient_checkpointing, "attention": runner.attention,
                "cudnn_benchmark": False, "ema": ema, "optimizer": optimizer, "sync": runner.sync, "sync_option": "auto",
-               "shared_critic_pass": shared_critic_pass,
+               "shared_critic_pass": shared_critic_pass, "generator_lora": generator_lora,
                "step_s": None, "img_per_s": None, "first_step_s": None, "back_to_back_step_s": None,
                "back_to_back_img_per_s": None, "gflop_per_step": None, "tflops": None, "peak_fraction": None,
                "host_syncs_per_step": None, "peak_mem_gib": max(runner.phase_peaks.values()),
@@ -479,7 +479,8 @@ def markdown(rows: list[dict]) -> str:
         return "-" if v is None else format(v, fmt)
 
     def opts(r):
-        o = [r.get("fake_score", "copy") + " fake score"]
+        o = [f"LoRA generator (rank {r['generator_lora']})"] * bool(r.get("generator_lora"))
+        o += [r.get("fake_score", "copy") + " fake score"]
         o += ["grad. ckpt"] * bool(r.get("gradient_checkpointing")) + ["no EMA"] * (not r.get("ema", True))
         o += ["EMA on CPU"] * (r.get("ema") == "offload") + ["8-bit AdamW"] * (r.get("optimizer") == "adamw8bit")
         o += ["cudnn.benchmark"] * bool(r.get("cudnn_benchmark")) + [r.get("attention", "sdpa")]
@@ -503,7 +504,8 @@ def markdown(rows: list[dict]) -> str:
 def memory_markdown(rows: list[dict]) -> str:
     """Peak-memory rows (measured or simulated) as a Markdown table, with the phase that holds the peak."""
     def opts(r):
-        o = [r.get("fake_score", "copy") + " fake score"] + ["grad. ckpt"] * bool(r.get("gradient_checkpointing"))
+        o = [f"LoRA generator (rank {r['generator_lora']})"] * bool(r.get("generator_lora"))
+        o += [r.get("fake_score", "copy") + " fake score"] + ["grad. ckpt"] * bool(r.get("gradient_checkpointing"))
         o += ["shared critic pass"] * bool(r.get("shared_critic_pass"))
         o += {True: ["EMA on the device"], False: ["no EMA"], "offload": ["EMA in CPU memory"]}[r.get("ema", True)]
         return ", ".join(o + ["8-bit AdamW" if r.get("optimizer") == "adamw8bit" else "AdamW"])

@@ -2,8 +2,9 @@
 
 Built from a teacher denoiser. The fake score is a full copy of the teacher or a peft LoRA adapter
 on the teacher's own weights (then the teacher is the same module with adapters disabled: one copy
-of the weights in memory). Trained networks keep float32 master weights; the frozen teacher may be
-stored in the compute dtype. The generator's EMA is stepped by the trainer on generator steps only, on the
+of the weights in memory). The generator is a full copy, or (generator_lora_rank) a LoRA adapter on a
+copy of the teacher's module that shares the teacher's weight tensors, merged into plain weights on export.
+Trained networks keep float32 master weights; the frozen teacher may be stored in the compute dtype. The generator's EMA is stepped by the trainer on generator steps only, on the
 generator's device or (offload_ema) in CPU memory.
 
 Under FSDP2 (accelerate's `fully_shard`, applied in place) the generator and fake score hold DTensor shards: the EMA
@@ -19,7 +20,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .denoiser import Denoiser, cast_module, set_adapters, tuner_layers
+from .denoiser import Denoiser, cast_module, merge_adapters, set_adapters, tuner_layers
 from .distributed import full_tensor, is_sharded, reshard
 from .gan import GANHead
 from .generator import Generator, simulate
@@ -153,6 +154,23 @@ def _like(value: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return value.to(ref.device)
 
 
+def add_lora(module: nn.Module, targets: Sequence[str], rank: int, name: str) -> None:
+    """A peft LoRA adapter (alpha = rank, B = 0: the module computes what it did) on the modules whose names end in
+    one of `targets`; its weights float32 and trainable, the module's own weights frozen."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    names = [n for n, _ in module.named_modules()]
+    found = [t for t in targets if any(n == t or n.endswith("." + t) for n in names)]
+    if not found:
+        raise ValueError(f"none of the LoRA target modules {list(targets)} exist in the teacher")
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=found, init_lora_weights=True), module,
+                            adapter_name=name)
+    for n, p in module.named_parameters():
+        if "lora_" in n and f".{name}." in f"{n}.":
+            p.data = p.data.float()
+            p.requires_grad_(True)
+
+
 class Triad:
     """Holds the three networks; the trainer may swap in distributed wrappers of the trained ones."""
 
@@ -165,8 +183,9 @@ class Triad:
         self.gan_feature_source = gan_feature_source
         self._raw = {"generator": generator, "fake_score": fake_score, "teacher": teacher, "gan_head": gan_head}
         self.ema, self._ema_decay, self._template = None, ema_decay, None
+        self.ema_parameters = [p for p in generator.parameters() if p.requires_grad]  # a LoRA generator: its adapters
         if ema_decay:
-            self.ema = in_place_ema(generator.parameters(), ema_decay, offload=offload_ema)
+            self.ema = in_place_ema(self.ema_parameters, ema_decay, offload=offload_ema)
         trained = {id(p) for p in fake_score.parameters() if p.requires_grad}
         for p in teacher.parameters():  # a LoRA fake score shares the teacher's module: keep its adapters
             if id(p) not in trained:
@@ -181,20 +200,32 @@ class Triad:
                      gan_hidden: int | None = None, gan_layers: Sequence[str] = ("mid_block",),
                      student_backbone: nn.Module | None = None, clip_sample: float | None = None,
                      fake_from_teacher: bool = False, offload_ema: bool = False, router=None,
-                     fake_backbone: nn.Module | None = None) -> "Triad":
+                     fake_backbone: nn.Module | None = None, generator_lora_rank: int = 0,
+                     generator_lora_targets: Sequence[str] = DEFAULT_LORA_TARGETS) -> "Triad":
         """Generator and fake score initialised from the teacher's weights (DMD, SiD, VSD all start so), or from
         `student_backbone` (another architecture, e.g. a smaller UNet after Teacher Score Matching; a LoRA fake
         score stays on the teacher's weights, and so does a full copy with `fake_from_teacher`).
         With a `router` (multi-student, one shared fake score): the generator is K students behind it
         (`RoutedDenoiser`), from the K backbones in `student_backbone` (a list; None: K copies of the teacher), and
-        a full-copy fake score starts from `fake_backbone` (None: the teacher)."""
+        a full-copy fake score starts from `fake_backbone` (None: the teacher).
+        `generator_lora_rank` > 0: the generator trains a LoRA adapter of that rank (on `generator_lora_targets`) on the
+        teacher's own weight tensors, shared, not copied (in `frozen_dtype` where given); one student only."""
         if fake_score not in FAKE_SCORE_KINDS:
             raise ValueError(f"fake_score must be one of {FAKE_SCORE_KINDS}, got {fake_score!r}")
         sched, null, pt = teacher.schedule, teacher.null_cond, teacher.prediction_type
         base = teacher.backbone.requires_grad_(False).eval()
         init = base if student_backbone is None else student_backbone
         trained_copy = lambda net: copy.deepcopy(net).float().requires_grad_(True).train()  # noqa: E731
-        if router is None:
+        if generator_lora_rank:
+            if router is not None or student_backbone is not None:
+                raise ValueError("a LoRA generator trains on the teacher's own weights: one student of the teacher's "
+                                 "architecture (no --students K > 1, no --student_channels)")
+            if frozen_dtype is not None:  # before the weights are shared: the generator computes with these
+                cast_module(base, frozen_dtype)
+            shared = copy.deepcopy(base, memo={id(p): p for p in base.parameters()}).train()  # new modules, same weights
+            add_lora(shared, generator_lora_targets, generator_lora_rank, "generator")
+            student = Denoiser(shared, sched, null_cond=null, prediction_type=pt)
+        elif router is None:
             student = Denoiser(trained_copy(init), sched, null_cond=null, prediction_type=pt)
         else:
             from .multistudent import RoutedDenoiser
@@ -210,20 +241,9 @@ class Triad:
                 cast_module(base, frozen_dtype)
             teacher_view = Denoiser(base, sched, null_cond=null, prediction_type=pt)
         else:
-            from peft import LoraConfig, inject_adapter_in_model
-
             if frozen_dtype is not None:
                 cast_module(base, frozen_dtype)
-            names = [n for n, _ in base.named_modules()]
-            targets = [t for t in lora_targets if any(n == t or n.endswith("." + t) for n in names)]
-            if not targets:
-                raise ValueError(f"none of the LoRA target modules {list(lora_targets)} exist in the teacher")
-            cfg = LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=targets, init_lora_weights=True)
-            inject_adapter_in_model(cfg, base, adapter_name="fake_score")
-            for name, p in base.named_parameters():
-                if "lora_" in name:
-                    p.data = p.data.float()
-                    p.requires_grad_(True)
+            add_lora(base, lora_targets, lora_rank, "fake_score")
             fake = Denoiser(base, sched, null_cond=null, adapters=True, prediction_type=pt)
             teacher_view = Denoiser(base, sched, null_cond=null, adapters=False, prediction_type=pt)
         head = None
@@ -290,13 +310,14 @@ class Triad:
         """Update the generator EMA (call after each generator optimizer step, never on critic steps); `keep`: a
         boolean tensor, False for an update skipped on the device (the EMA then stays as it was)."""
         if self.ema is not None:
-            self.ema.step(self._raw["generator"].parameters(), keep)
+            self.ema.step(self.ema_parameters, keep)
 
     def reset_ema(self) -> None:
         """Rebuild the EMA on the generator's current parameters (after FSDP2 replaced them with shards; the EMA
         starts from the wrapped weights, which equal the ones it was built from)."""
+        self.ema_parameters = [p for p in self._raw["generator"].parameters() if p.requires_grad]
         if self.ema is not None:
-            self.ema = in_place_ema(self._raw["generator"].parameters(), self._ema_decay)
+            self.ema = in_place_ema(self.ema_parameters, self._ema_decay)
 
     def keep_template(self) -> None:
         """Keep the generator's architecture (meta tensors, no memory) to rebuild an unsharded copy from gathered
@@ -309,7 +330,8 @@ class Triad:
         self._template = copy.deepcopy(gen).to("meta")
 
     def export_generator(self, use_ema: bool = True) -> Generator | None:
-        """A float32 copy of the generator, with EMA weights where an EMA is kept and use_ema is set.
+        """A float32 copy of the generator, with EMA weights where an EMA is kept and use_ema is set; a LoRA
+        generator's adapters merged into plain weights (the teacher's architecture, no peft layers).
 
         FSDP2: a collective (every process calls it); the full weights are gathered to the main process, which gets
         the unsharded copy (on the teacher's device); the other processes get None."""
@@ -329,7 +351,9 @@ class Triad:
             out = copy.deepcopy(self._template).to_empty(device=device)
             out.load_state_dict(state, strict=True)
             return out.float().eval().requires_grad_(False)
-        gen = copy.deepcopy(gen).float().eval().requires_grad_(False)
+        kept = {id(p) for p in self.ema_parameters}
+        out = copy.deepcopy(gen).float().eval().requires_grad_(False)
         if use_ema and self.ema is not None:
-            self.ema.copy_to(gen.parameters())
-        return gen
+            self.ema.copy_to([q for p, q in zip(gen.parameters(), out.parameters()) if id(p) in kept])
+        merge_adapters(out)
+        return out

@@ -145,6 +145,7 @@ def test_fsdp_sd_dmd2_run_trains_as_ddp_does(tmp_path):
 @pytest.mark.parametrize("flags, env, message", [
     (["--backtrack", "true", "--backtrack_nodes", "2", "--backtrack_interval", "1"], {}, "FSDP does not support --backtrack"),
     (["--ema_decay", "0.9", "--offload_ema", "true"], {}, "FSDP does not support --offload_ema"),
+    (["--generator_lora_rank", "4"], {}, "FSDP does not support --generator_lora_rank"),
     ([], {"FSDP_VERSION": "1"}, "FSDP version 1 is not supported"),
     ([], {"FSDP_AUTO_WRAP_POLICY": "SIZE_BASED_WRAP"}, "use TRANSFORMER_BASED_WRAP"),
     (["--students", "2", "--shared_fake_score"], {}, "shared_fake_score: the routed students are not sharded"),

@@ -105,6 +105,29 @@ def test_simulated_step_counts_the_triads_state():
     assert _phases(on)["fake score optimizer"] == pytest.approx(fixed, rel=0.01)
 
 
+def test_simulated_lora_generator_keeps_no_float32_copy_of_the_generator():
+    """A LoRA generator on the teacher's shared weights: the generator's float32 weights, EMA and AdamW moments (16
+    bytes per weight) leave every step's fixed state; its adapters' state (and their 4-byte copy) is what comes in."""
+    from onestep.stepbench import CIFAR_UNET
+
+    import diffusers
+
+    with torch.device("meta"):
+        unet = diffusers.UNet2DModel(**CIFAR_UNET)
+    n = sum(p.numel() for p in unet.parameters())
+    full = simulate_memory("cifar", "bf16", batch_size=2)
+    lora = simulate_memory("cifar", "bf16", batch_size=2, generator_lora=8)
+    assert lora["generator_lora"] == 8 and full["generator_lora"] == 0
+    from onestep.triad import DEFAULT_LORA_TARGETS, add_lora
+
+    with torch.device("meta"):
+        add_lora(unet, DEFAULT_LORA_TARGETS, 8, "generator")
+    m = sum(p.numel() for name, p in unet.named_parameters() if "lora_" in name)
+    assert 0 < m < n / 5
+    drop = full["phase_peak_gib"]["fake score optimizer"] - lora["phase_peak_gib"]["fake score optimizer"]
+    assert drop * 2**30 == pytest.approx(16 * n - 16 * m, rel=0.01)
+
+
 def test_simulated_gradient_checkpointing_and_8bit_lower_the_peak():
     base = simulate_memory("cifar", "bf16", batch_size=64)
     ckpt = simulate_memory("cifar", "bf16", batch_size=64, gradient_checkpointing=True)
@@ -133,7 +156,7 @@ def test_step_benchmark_cli_simulates_memory(tmp_path):
     rows = json.loads(out.read_text())
     assert [row["ema"] for row in rows] == [True, "offload"] and rows[1]["peak_mem_gib"] < rows[0]["peak_mem_gib"]
     for bad, msg in ((["--variants", "bf16-compile"], "cannot be simulated"), (["--cudnn-benchmark", "on"], "do not apply"),
-                     (["--steps", "1"], "--steps must be")):
+                     (["--steps", "1"], "--steps must be"), (["--generator-lora", "4,x"], "expected LoRA ranks")):
         r = subprocess.run([sys.executable, "eval/step_benchmark.py", "--simulate-memory", "--preset", "digits", *bad],
                            capture_output=True, text=True)
         assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -178,6 +178,30 @@ def test_lora_fake_score_checkpoints_hold_the_adapters_only_and_resume_exactly(c
     assert any(not torch.equal(fake[k], a[f"model_1.safetensors:{k}"]) for k in fake)  # the adapters trained on
 
 
+def test_lora_generator_checkpoints_hold_the_adapters_only_and_resume_exactly(cond_teacher, tmp_path, monkeypatch):
+    """A LoRA generator over a LoRA fake score: both networks' checkpoint files keep their adapters only (with the
+    EMA of the generator's adapters), and the resumed run equals the straight one; its export holds plain weights,
+    the teacher's changed where the adapters sit."""
+    args = [*EXACT, "--teacher", cond_teacher, "--output_dir", str(tmp_path), "--steps", "8", "--checkpoint_every", "3",
+            "--checkpoints_total_limit", "0", "--fake_score", "lora", "--lora_rank", "4", "--generator_lora_rank", "4"]
+    straight_and_resumed(monkeypatch, args)
+    folder = tmp_path / "straight" / "checkpoints" / "step_0000003"
+    gen, fake = load_file(str(folder / "model.safetensors")), load_file(str(folder / "model_1.safetensors"))
+    assert gen and all(".lora_" in k and ".generator." in k for k in gen)
+    assert fake and all(".lora_" in k and ".fake_score." in k for k in fake)
+    a, b = final_state(str(tmp_path / "straight"), 8), final_state(str(tmp_path / "resumed"), 8)
+    assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert len([k for k in a if k.startswith("custom_checkpoint_0")]) == len(gen)  # the EMA: the adapters only
+    main = distill_main()  # the same run exported: plain weights, trained where the adapters sit
+    main([*args, "--name", "export", "--export", "true", "--steps", "4", "--checkpoint_every", "0"])  # (warm-up: lr 0 at first)
+    exported = load_file(str(tmp_path / "export" / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors"))
+    teacher = load_file(os.path.join(cond_teacher, "unet", "diffusion_pytorch_model.safetensors"))
+    assert exported.keys() == teacher.keys()
+    changed = {k for k in teacher if not torch.equal(exported[k], teacher[k])}
+    assert changed and all(k.endswith(("conv1.weight", "conv2.weight", "to_q.weight", "to_k.weight", "to_v.weight",
+                                       "to_out.0.weight")) for k in changed)
+
+
 def brightness(images, cond):
     """A differentiable reward for GNDM runs here: mean intensity."""
     return images.mean(dim=(1, 2, 3))
@@ -591,6 +615,13 @@ BAD = [  # (id, arguments, what the one line must say); {name} is a path from ba
     ("lora_rank", ["--fake_score", "lora", "--lora_rank", "1000000000"], "lora_rank: at most 4096"),
     ("name_list", ["--config", "{namelist}"], "name: expected a string, got ['a']"),
     ("unused_lora", ["--fake_score", "copy", "--lora_rank", "8"], "lora_rank: only used with --fake_score lora"),
+    ("unused_generator_lora", ["--generator_lora_targets", "to_q"],
+     "generator_lora_targets: only used with --generator_lora_rank N"),
+    ("generator_lora_targets", ["--generator_lora_rank", "4", "--generator_lora_targets", "no_such_module"],
+     "none of the LoRA target modules ['no_such_module'] exist in the teacher"),
+    ("generator_lora_students", ["--generator_lora_rank", "4", "--students", "2"],
+     "generator_lora_rank: a LoRA generator trains on the teacher's own weights"),
+    ("generator_lora_negative", ["--generator_lora_rank", "-1"], "generator_lora_rank: must be >= 0, got -1"),
     ("unused_gan", ["--method", "dmd", "--gan_hidden", "64"], "gan_hidden: only used with a GAN"),
     ("unused_router", ["--router", "confusion"], "router: only used with --students K > 1"),
     ("unused_tsm", ["--tsm_steps", "5"], "tsm_steps: only used with --student_channels"),

@@ -339,13 +339,21 @@ def assert_stock_reproduces(run, metrics, teacher, student, tmp_path, pipeline_n
     assert torch.allclose(torch.from_numpy(out["images"]), images, atol=1e-4)
 
 
-def student_from_checkpoint(run_dir, teacher_dir, step):
-    """The trained generator rebuilt from the run's accelerate checkpoint (same code path as training)."""
+def student_from_checkpoint(run_dir, teacher_dir, step, generator_lora=0):
+    """The trained generator rebuilt from the run's accelerate checkpoint (same code path as training); a LoRA
+    generator's checkpoint holds its adapters, put on the teacher's weights and merged."""
+    from onestep.denoiser import merge_adapters
     from onestep.generator import Generator
+    from onestep.triad import DEFAULT_LORA_TARGETS, add_lora
 
     t = load_teacher(teacher_dir, prompts=PROMPTS)
     state = load_file(os.path.join(run_dir, "checkpoints", f"step_{step:07d}", "model.safetensors"))
-    t.backbone.load_state_dict({k.removeprefix("denoiser.backbone."): v for k, v in state.items()})
+    if generator_lora:
+        add_lora(t.backbone, DEFAULT_LORA_TARGETS, generator_lora, "generator")
+    missing, unexpected = t.backbone.load_state_dict({k.removeprefix("denoiser.backbone."): v for k, v in state.items()},
+                                                     strict=False)
+    assert not unexpected and all("lora_" not in k for k in missing) and (generator_lora or not missing)
+    merge_adapters(t.backbone)
     return t, Generator(t.denoiser)
 
 
@@ -371,6 +379,19 @@ def test_sd_vsd_run_end_to_end_exports_a_stock_pipeline_that_reproduces_the_stud
     run, m = distill_sd("sd15-vsd", sd_teacher, tmp_path, "--random_guidance", "true")
     assert "fake_score: lora" in (run / "config.yaml").read_text()  # VSD's default fake score
     teacher, student = student_from_checkpoint(str(run), sd_teacher, 2)
+    assert_stock_reproduces(run, m, teacher, student, tmp_path, "StableDiffusionPipeline")
+
+
+def test_sd_lora_generator_exports_a_merged_stock_pipeline_that_reproduces_the_student(sd_teacher, tmp_path):
+    """A LoRA generator over VSD's LoRA fake score: one copy of the UNet's weights, the two adapters all that trains.
+    The checkpoint holds the generator's adapters; the export is the stock pipeline with them merged into the UNet."""
+    run, m = distill_sd("sd15-vsd", sd_teacher, tmp_path, "--generator_lora_rank", "4", "--lr_generator", "1e-3")
+    state = load_file(str(run / "checkpoints" / "step_0000002" / "model.safetensors"))
+    assert state and all(".lora_" in k and ".generator." in k for k in state)
+    exported = load_file(str(run / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors"))
+    teacher = teacher_weights(sd_teacher)
+    assert exported.keys() == teacher.keys() and any(not torch.equal(exported[k], teacher[k]) for k in teacher)
+    teacher, student = student_from_checkpoint(str(run), sd_teacher, 2, generator_lora=4)
     assert_stock_reproduces(run, m, teacher, student, tmp_path, "StableDiffusionPipeline")
 
 

@@ -12,12 +12,12 @@ from onestep.schedule import Schedule
 from onestep.triad import Triad
 
 
-def make_triad(fake_score="copy", gan=False, timesteps=None, source="fake_score", ema=None):
+def make_triad(fake_score="copy", gan=False, timesteps=None, source="fake_score", ema=None, generator_lora=0):
     sched = Schedule.from_scheduler_config(dict(DDPMScheduler().config))
     teacher = Denoiser(tiny_unet(), sched, null_cond=10)
     return Triad.from_teacher(teacher, fake_score=fake_score, lora_rank=4, gan_head=gan, sample_shape=(1, 8, 8),
                               example_cond=torch.tensor([0]), generator_timesteps=timesteps, gan_feature_source=source,
-                              ema_decay=ema)
+                              ema_decay=ema, generator_lora_rank=generator_lora)
 
 
 def batch(n=4):
@@ -50,15 +50,18 @@ def test_dm_gradient_replaces_non_finite():
     assert torch.isfinite(g).all()
 
 
-@pytest.mark.parametrize("fake_score,gan,source", [("copy", False, "fake_score"), ("copy", True, "fake_score"),
-                                                    ("lora", True, "fake_score"), ("copy", True, "teacher")])
-def test_gradients_reach_only_what_each_loss_trains(fake_score, gan, source):
-    triad = make_triad(fake_score, gan, source=source)
+@pytest.mark.parametrize("fake_score,gan,source,generator_lora", [
+    ("copy", False, "fake_score", 0), ("copy", True, "fake_score", 0), ("lora", True, "fake_score", 0),
+    ("copy", True, "teacher", 0), ("lora", True, "fake_score", 4), ("copy", False, "fake_score", 4)])
+def test_gradients_reach_only_what_each_loss_trains(fake_score, gan, source, generator_lora):
+    triad = make_triad(fake_score, gan, source=source, generator_lora=generator_lora)
     method = build_method("dmd2" if gan else "dmd", real_guidance_scale=2.0)
     teacher_before = snapshot(triad.teacher.backbone)
     loss, logs = method.generator_loss(triad, batch())
     loss.backward()
     assert grads_of(triad.raw("generator")), "generator got no gradient"
+    reached = [n for n, p in triad.raw("generator").named_parameters() if p.grad is not None]
+    assert not generator_lora or all(".lora_" in n and ".generator." in n for n in reached)  # its adapters only
     assert all(p.grad is None for p in triad.raw("fake_score").parameters())
     assert all(p.grad is None for p in triad.teacher.parameters())
     if gan:
@@ -105,6 +108,37 @@ def test_lora_fake_score_shares_teacher_weights():
     assert trainable and all("lora_" in n for n in trainable)
     x, t, c = torch.randn(2, 1, 8, 8), torch.tensor([100, 900]), torch.tensor([3, 4])
     assert torch.allclose(triad.fake_score(x, t, c), triad.teacher(x, t, c))  # LoRA starts at zero
+
+
+def test_lora_generator_shares_teacher_weights_and_exports_them_merged():
+    """A LoRA generator: new modules over the teacher's own weight tensors, its adapters the only trained weights
+    (and all the EMA keeps); it starts as the teacher, and its export is the teacher's plain architecture with the
+    adapters merged in, computing what the generator computes."""
+    triad = make_triad("lora", ema=0.5, generator_lora=4)
+    gen, teacher = triad.raw("generator"), triad.teacher.backbone
+    backbone = gen.denoiser.backbone
+    assert backbone is not teacher
+    ours = {n: p for n, p in backbone.named_parameters() if "lora_" not in n}
+    theirs = {n: p for n, p in teacher.named_parameters() if "lora_" not in n}
+    assert ours.keys() == theirs.keys() and all(ours[n] is theirs[n] for n in ours)  # shared, not copied
+    assert [n for n, p in gen.named_parameters() if p.requires_grad] == [
+        n for n, p in gen.named_parameters() if ".lora_" in n and ".generator." in n]
+    assert len(triad.ema.shadow_params) == len(triad.generator_parameters())
+    x, t, c = torch.randn(2, 1, 8, 8), torch.tensor([999, 999]), torch.tensor([3, 4])
+    gen.eval()
+    with torch.no_grad():
+        start = triad.teacher(x, t, c)
+        assert torch.allclose(gen(x, t, c), start)  # LoRA B = 0
+        for p in triad.generator_parameters():
+            p.normal_(0, 0.05)
+        trained = gen(x, t, c)
+        assert not torch.allclose(trained, start) and torch.equal(triad.teacher(x, t, c), start)
+        merged = triad.export_generator(use_ema=False)
+        assert set(merged.denoiser.backbone.state_dict()) == set(tiny_unet().state_dict())  # no peft layers left
+        torch.testing.assert_close(merged(x, t, c), trained, rtol=1e-4, atol=1e-4)
+        assert torch.allclose(triad.export_generator(use_ema=True)(x, t, c), start)  # the EMA has not stepped
+        triad.ema_step()
+        assert not torch.allclose(triad.export_generator(use_ema=True)(x, t, c), start)
 
 
 def test_guidance_is_one_batched_forward_and_matches_two_calls():
@@ -404,18 +438,20 @@ def test_the_pipeline_call_refuses_bad_arguments_in_one_message(tmp_path):
         OneStepPipeline(unet=tiny_unet(None), scheduler=DDPMScheduler(), timesteps=[999])(batch_size=0)
 
 
-@pytest.mark.parametrize("method_name,fake_score", [("dmd2", "copy"), ("dmd2", "lora"), ("sid", "copy"), ("sid", "lora")])
-def test_gradient_checkpointing_gives_the_same_gradients_through_a_frozen_critic(method_name, fake_score):
+@pytest.mark.parametrize("method_name,fake_score,generator_lora", [
+    ("dmd2", "copy", 0), ("dmd2", "lora", 0), ("sid", "copy", 0), ("sid", "lora", 0), ("dmd2", "lora", 4)])
+def test_gradient_checkpointing_gives_the_same_gradients_through_a_frozen_critic(method_name, fake_score, generator_lora):
     """DMD2's GAN generator term and SiD run the fake score frozen (Triad.frozen) with gradients to its input; the
     backward, and so checkpointing's recomputation, comes after the freeze is lifted and (a LoRA fake score) after
     the teacher's call turned the shared backbone's adapters off."""
     from onestep.triad import enable_gradient_checkpointing
 
     def grads(checkpointing):
-        triad = make_triad(fake_score, gan=method_name == "dmd2")
+        triad = make_triad(fake_score, gan=method_name == "dmd2", generator_lora=generator_lora)
         torch.manual_seed(5)
         with torch.no_grad():  # LoRA B starts at 0: give the adapters an effect, so off and on differ in value
-            for n, p in triad.raw("fake_score").backbone.named_parameters():
+            for n, p in [*triad.raw("fake_score").backbone.named_parameters(),
+                         *triad.raw("generator").named_parameters()]:
                 if "lora_B" in n:
                     p.normal_(0, 0.1)
         if checkpointing:

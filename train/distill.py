@@ -158,7 +158,8 @@ def train(cfg, backbone=None, router=None, fake_backbone=None, own=None):
             example_cond=example, ema_decay=cfg.ema_decay or None, frozen_dtype=frozen_dtype,
             gan_hidden=cfg.gan_hidden or None, gan_layers=cfg.gan_layers or ("mid_block",), student_backbone=backbone,
             clip_sample=cfg.clip_sample or None, fake_from_teacher=cfg.student_fake_score == "teacher",
-            offload_ema=cfg.offload_ema, router=router, fake_backbone=fake_backbone)
+            offload_ema=cfg.offload_ema, router=router, fake_backbone=fake_backbone, generator_lora_rank=cfg.generator_lora_rank,
+            generator_lora_targets=cfg.generator_lora_targets or DEFAULT_LORA_TARGETS)
     except ValueError as e:
         raise ConfigError(f"{e} (teacher {cfg.teacher!r})") from None
     triad.teacher.guidance_uncond = teacher.negative_cond  # --negative_prompt: the real score's CFG branch only
@@ -197,7 +198,9 @@ def train(cfg, backbone=None, router=None, fake_backbone=None, own=None):
         b.compile(mode=None if cfg.compile == "default" else cfg.compile)
     if loader is not None:
         loader = accelerator.prepare(loader)
-    slim = triad.raw("fake_score").adapters and adapter_only_checkpoints(accelerator, triad.raw("fake_score"))
+    adapted = [m for m, lora in ((triad.raw("fake_score"), triad.raw("fake_score").adapters),
+                                 (triad.raw("generator"), cfg.generator_lora_rank)) if lora]  # slim checkpoints
+    slim = bool(adapted) and adapter_only_checkpoints(accelerator, adapted)
     if triad.ema is not None:
         accelerator.register_for_checkpointing(triad.ema)
     if hasattr(method, "state_dict") and hasattr(method, "load_state_dict"):  # a method or wrapper with its own state
