@@ -22,6 +22,7 @@ from .generator import Generator
 from .schedule import Schedule
 
 CALL_FILE = "onestep.json"  # in a text-to-image export: {"pipeline_call": the stock call's keyword arguments}
+LORA_FILE = "pytorch_lora_weights.safetensors"  # a LoRA generator's adapters alone (diffusers' default file name)
 
 
 def class_label_tensor(class_labels, num_classes: int) -> torch.Tensor:
@@ -151,10 +152,12 @@ def stock_call(generator: Generator) -> str:
     return 'pipe("a photo of a cat", ' + ", ".join(f"{k}={v!r}" for k, v in stock_call_kwargs(generator).items()) + ")"
 
 
-def export_text_pipeline(generator: Generator, scheduler_config: dict, teacher_dir: str, out_dir: str) -> str:
+def export_text_pipeline(generator: Generator, scheduler_config: dict, teacher_dir: str, out_dir: str,
+                         lora: dict | None = None) -> str:
     """Save an SD / SDXL student as a stock StableDiffusionPipeline / StableDiffusionXLPipeline: the teacher's VAE,
     text encoder(s) and tokenizer(s), the student UNet, and an LCMScheduler whose one-step schedule is the
-    student's t_init (where one can be)."""
+    student's t_init (where one can be). `lora` (a LoRA generator's adapters, Triad.generator_adapter_state): also
+    saved alone in diffusers' LoRA format (LORA_FILE), which `load_lora_weights` puts on the teacher."""
     from diffusers import LCMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     sch = generator.schedule
@@ -176,20 +179,24 @@ def export_text_pipeline(generator: Generator, scheduler_config: dict, teacher_d
             teacher_dir, unet=unet, scheduler=lcm, safety_checker=None, feature_extractor=None,
             requires_safety_checker=False, use_safetensors=True)
     pipe.save_pretrained(out_dir, safe_serialization=True)
+    if lora:
+        type(pipe).save_lora_weights(out_dir, unet_lora_layers=lora, weight_name=LORA_FILE, safe_serialization=True)
     with open(os.path.join(out_dir, CALL_FILE), "w") as f:
         json.dump({"pipeline_call": stock_call_kwargs(generator)}, f, indent=1)
     return out_dir
 
 
 def export_pipeline(generator: Generator, scheduler_config: dict, out_dir: str, *, num_classes: int | None = None,
-                    null_class: int | None = None, text_teacher_dir: str | None = None) -> list[str]:
+                    null_class: int | None = None, text_teacher_dir: str | None = None,
+                    lora: dict | None = None) -> list[str]:
     """Save the student as OneStepPipeline (out_dir) and, for unconditional VP one-step students, as a stock
     DDIMPipeline (out_dir + "-ddim"); text-to-image students (text_teacher_dir: the SD / SDXL teacher's folder) as
-    a stock StableDiffusionPipeline / StableDiffusionXLPipeline (out_dir). Returns the folders written."""
+    a stock StableDiffusionPipeline / StableDiffusionXLPipeline (out_dir; with `lora`, also its LoRA file). Returns the
+    folders written."""
     import diffusers
 
     if text_teacher_dir is not None:
-        return [export_text_pipeline(generator, scheduler_config, text_teacher_dir, out_dir)]
+        return [export_text_pipeline(generator, scheduler_config, text_teacher_dir, out_dir, lora)]
 
     sched = getattr(diffusers, scheduler_config.get("_class_name", "DDPMScheduler")).from_config(scheduler_config)
     unet = generator.denoiser.backbone
@@ -218,6 +225,20 @@ def _exported_class(metrics: dict) -> str:
         return ""
 
 
+def _lora_lines(metrics: dict, run_dir_name: str) -> list[str]:
+    """The model card's lines for a LoRA generator's adapter file in the export (none without one)."""
+    folders = metrics.get("export") or []
+    if not folders or not os.path.isfile(os.path.join(folders[0], LORA_FILE)):
+        return []
+    return [f"The student is a LoRA on the teacher; `{LORA_FILE}` holds it alone (diffusers' format, merged into this "
+            "folder's UNet already), to load onto the teacher instead:", "", "```python",
+            "from diffusers import DiffusionPipeline, LCMScheduler",
+            f"pipe = DiffusionPipeline.from_pretrained(\"{metrics.get('teacher_path')}\")",
+            f"pipe.load_lora_weights(\"{run_dir_name}/pipeline\")",
+            f"pipe.scheduler = LCMScheduler.from_pretrained(\"{run_dir_name}/pipeline\", subfolder=\"scheduler\")",
+            f"image = {metrics['pipeline_call']}.images[0]", "```", ""]
+
+
 def model_card(metrics: dict, run_dir_name: str, has_ddim: bool) -> str:
     """A README.md for the export folder: what it is, how to load it, what was measured."""
     student, teacher = metrics.get("student", {}), metrics.get("teacher", {})
@@ -235,6 +256,7 @@ def model_card(metrics: dict, run_dir_name: str, has_ddim: bool) -> str:
                   f"pipe = DiffusionPipeline.from_pretrained(\"{run_dir_name}/pipeline\""
                   f"{', add_watermarker=False' if xl else ''})",
                   f"image = {metrics['pipeline_call']}.images[0]", "```", "",
+                  *_lora_lines(metrics, run_dir_name),
                   "Negative prompts at inference (NASA, training-free; needs onestep): "
                   "`NASA(pipe)(\"a photo of a cat\", negative_prompt=\"blurry\", strength=0.04, ...)` with "
                   "`from onestep.nasa import NASA` and the call's other arguments as above.", ""]

@@ -329,6 +329,20 @@ class Triad:
                              "cannot rebuild them")
         self._template = copy.deepcopy(gen).to("meta")
 
+    def generator_adapter_state(self, use_ema: bool = True) -> dict | None:
+        """A LoRA generator's adapter weights (EMA where kept and use_ema is set) under peft's names without the
+        adapter's, float32 on the CPU: what diffusers' `save_lora_weights(unet_lora_layers=...)` takes. None for a
+        generator trained whole."""
+        from peft.utils import get_peft_model_state_dict
+
+        backbone = getattr(self._raw["generator"].denoiser, "backbone", None)
+        if "generator" not in getattr(backbone, "peft_config", {}):
+            return None
+        ema = dict(zip(map(id, self.ema_parameters), self.ema.shadow_params)) if use_ema and self.ema else {}
+        state = {n: ema.get(id(p), p).detach().float().cpu().clone() for n, p in backbone.named_parameters()
+                 if ".generator." in f"{n}." and "lora_" in n}
+        return get_peft_model_state_dict(backbone, state_dict=state, adapter_name="generator")
+
     def export_generator(self, use_ema: bool = True) -> Generator | None:
         """A float32 copy of the generator, with EMA weights where an EMA is kept and use_ema is set; a LoRA
         generator's adapters merged into plain weights (the teacher's architecture, no peft layers).

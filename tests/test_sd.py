@@ -305,12 +305,15 @@ def test_stock_export_runs_the_student_at_its_timesteps(teacher, timesteps, tmp_
     assert torch.allclose(out, ref, atol=1e-4)
 
 
-def stock_output(folder: str, out: str, z: torch.Tensor, prompts: list[str], call: str) -> dict:
-    """Run the export with stock diffusers in a fresh process (no onestep import); latents and images as numpy."""
+def stock_output(folder: str, out: str, z: torch.Tensor, prompts: list[str], call: str, lora_on: str = "") -> dict:
+    """Run the export with stock diffusers in a fresh process (no onestep import); latents and images as numpy.
+    lora_on: a teacher folder to load the export's LoRA file onto (with the export's scheduler), as its card says."""
     torch.save(z, out + ".z.pt")
-    code = (
-        "import sys, torch, numpy as np; from diffusers import DiffusionPipeline\n"
+    load = (f"pipe = DiffusionPipeline.from_pretrained({lora_on!r}); pipe.load_lora_weights({folder!r})\n"
+            f"pipe.scheduler = LCMScheduler.from_pretrained({folder!r}, subfolder='scheduler')\n") if lora_on else \
         f"pipe = DiffusionPipeline.from_pretrained({folder!r})\n"
+    code = (
+        "import sys, torch, numpy as np; from diffusers import DiffusionPipeline, LCMScheduler\n" + load +
         f"z = torch.load({out + '.z.pt'!r})\n"
         f"kw = dict({call})\n"
         f"lat = pipe({prompts!r}, latents=z, output_type='latent', **kw).images\n"
@@ -337,6 +340,26 @@ def assert_stock_reproduces(run, metrics, teacher, student, tmp_path, pipeline_n
     assert str(out["name"]) == pipeline_name
     assert torch.allclose(torch.from_numpy(out["latents"]), latents, atol=1e-4)
     assert torch.allclose(torch.from_numpy(out["images"]), images, atol=1e-4)
+
+
+def assert_lora_file_reproduces(run, metrics, teacher_dir, tmp_path, tensors: int) -> None:
+    """A LoRA generator's export also holds its adapters alone (diffusers' LoRA format, `tensors` of them): loaded
+    onto the teacher with the export's scheduler, as the model card says, in a fresh process, they give the merged
+    export's latents and images."""
+    import numpy as np
+
+    card = (run / "pipeline" / "README.md").read_text()
+    assert "pipe.load_lora_weights(" in card and "pytorch_lora_weights.safetensors" in card
+    lora = load_file(str(run / "pipeline" / "pytorch_lora_weights.safetensors"))
+    assert len(lora) == tensors and all(k.startswith("unet.") and ".lora_" in k for k in lora)
+    assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)  # trained (B starts at 0)
+    z = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    call = metrics["pipeline_call"].split(",", 1)[1].rsplit(")", 1)[0]
+    merged = stock_output(str(run / "pipeline"), str(tmp_path / "merged"), z, PROMPTS, call)
+    on_teacher = stock_output(str(run / "pipeline"), str(tmp_path / "on-teacher"), z, PROMPTS, call, lora_on=teacher_dir)
+    assert str(on_teacher["name"]) == str(merged["name"])
+    np.testing.assert_allclose(on_teacher["latents"], merged["latents"], atol=1e-4)
+    np.testing.assert_allclose(on_teacher["images"], merged["images"], atol=1e-4)
 
 
 def student_from_checkpoint(run_dir, teacher_dir, step, generator_lora=0):
@@ -393,6 +416,7 @@ def test_sd_lora_generator_exports_a_merged_stock_pipeline_that_reproduces_the_s
     assert exported.keys() == teacher.keys() and any(not torch.equal(exported[k], teacher[k]) for k in teacher)
     teacher, student = student_from_checkpoint(str(run), sd_teacher, 2, generator_lora=4)
     assert_stock_reproduces(run, m, teacher, student, tmp_path, "StableDiffusionPipeline")
+    assert_lora_file_reproduces(run, m, sd_teacher, tmp_path, len(state))
 
 
 # the README's low-memory SD1.5 DMD2 recipe: LoRA fake score, gradient checkpointing, 8-bit AdamW, EMA in CPU memory

@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 from conftest import run_distill
-from test_sd import PROMPTS, assert_stock_reproduces, teacher_weights, tiny_tokenizer
+from test_sd import PROMPTS, assert_lora_file_reproduces, assert_stock_reproduces, teacher_weights, tiny_tokenizer
 
 from onestep.denoiser import pack_text_time, unpack_text_time
 from onestep.loading import TeacherError, load_teacher
@@ -171,6 +171,16 @@ def test_sdxl_vsd_run_exports_a_stock_sdxl_pipeline_that_reproduces_the_student(
     student = Generator(teacher.denoiser)
     assert_stock_reproduces(run, m, teacher, student, tmp_path, "StableDiffusionXLPipeline")
     assert "add_watermarker=False)" in (run / "pipeline" / "README.md").read_text()  # the student's own pixels
+
+
+def test_sdxl_lora_generator_file_loads_onto_the_teacher_as_the_merged_export(sdxl_teacher, tmp_path):
+    from safetensors.torch import load_file
+
+    run, m = distill_sdxl("dmd2", sdxl_teacher, tmp_path, "--generator_lora_rank", "4", "--lr_generator", "1e-3",
+                          "--update_ratio", "1")
+    state = load_file(str(run / "checkpoints" / "step_0000002" / "model.safetensors"))
+    assert state and all(".lora_" in k and ".generator." in k for k in state)
+    assert_lora_file_reproduces(run, m, sdxl_teacher, tmp_path, len(state))
 
 
 def test_fp16_keeps_a_force_upcast_vae_in_float32(sdxl_teacher):

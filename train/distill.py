@@ -353,7 +353,8 @@ def train(cfg, backbone=None, router=None, fake_backbone=None, own=None):
         if cfg.export:
             written = export_pipeline(student, teacher.scheduler_config, os.path.join(run_dir, "pipeline"),
                                       num_classes=teacher.num_classes, null_class=teacher.null_class,
-                                      text_teacher_dir=teacher.path if teacher.text_conditional else None)
+                                      text_teacher_dir=teacher.path if teacher.text_conditional else None,
+                                      lora=triad.generator_adapter_state() if teacher.text_conditional else None)
             metrics["export"] = written
         metrics["wall_seconds"] = round(time.time() - t_start, 1)
         if cfg.export:
