@@ -61,7 +61,9 @@ class Config:
                                          # attention projections and resnet convolutions)
     generator_lora_rank: int = 0         # 0: the whole generator trains; N: a LoRA adapter of rank N on the teacher's
                                          # own weights trains instead (shared, not copied), merged into the export
-    generator_lora_targets: list = field(default_factory=list)  # modules the generator's LoRA adapts (empty: the default)
+                                         # (on digits it wanted lr_generator 10x the full generator's)
+    generator_lora_targets: list = field(default_factory=list)  # modules the generator's LoRA adapts (empty: as
+                                         # lora_targets' default)
     generator_timesteps: list = field(default_factory=list)  # few-step student, e.g. [999, 749, 499, 249]; empty: one step
     clip_sample: float = 0.0             # clamp the generator's x0 to [-v, v] in every call, gradient passed straight
                                          # through (diffusers' clip_sample_range; pixel teachers); 0: off

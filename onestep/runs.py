@@ -35,8 +35,8 @@ HASH_IGNORED = ("name", "output_dir", "overwrite", "resume", "cpu_threads", "cpu
                 "checkpoints_total_limit", "export", "preset", "max_nonfinite_steps", "nonfinite_check", "record_dir")
 # keys that define what a checkpoint's state means: resuming with other values is refused (others: a warning)
 RESUME_FIXED = ("method", "dataset", "classes", "prompts_sha256", "batch_size", "generator_timesteps", "fake_score",
-                "lora_rank", "lora_targets", "generator_lora_rank", "generator_lora_targets", "gan_feature_source", "gan_hidden", "gan_layers", "students",
-                "student_channels", "backtrack", "teacher_schedule")
+                "lora_rank", "lora_targets", "generator_lora_rank", "generator_lora_targets", "gan_feature_source",
+                "gan_hidden", "gan_layers", "students", "student_channels", "backtrack", "teacher_schedule")
 
 
 class RunError(OnestepError):

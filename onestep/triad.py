@@ -4,8 +4,9 @@ Built from a teacher denoiser. The fake score is a full copy of the teacher or a
 on the teacher's own weights (then the teacher is the same module with adapters disabled: one copy
 of the weights in memory). The generator is a full copy, or (generator_lora_rank) a LoRA adapter on a
 copy of the teacher's module that shares the teacher's weight tensors, merged into plain weights on export.
-Trained networks keep float32 master weights; the frozen teacher may be stored in the compute dtype. The generator's EMA is stepped by the trainer on generator steps only, on the
-generator's device or (offload_ema) in CPU memory.
+Trained networks keep float32 master weights; the frozen teacher may be stored in the compute dtype. The
+generator's EMA (of its trained weights) is stepped by the trainer on generator steps only, on the generator's
+device or (offload_ema) in CPU memory.
 
 Under FSDP2 (accelerate's `fully_shard`, applied in place) the generator and fake score hold DTensor shards: the EMA
 is rebuilt on the shards after wrapping (`reset_ema`), saved and loaded as full tensors, and `export_generator`
@@ -208,8 +209,8 @@ class Triad:
         With a `router` (multi-student, one shared fake score): the generator is K students behind it
         (`RoutedDenoiser`), from the K backbones in `student_backbone` (a list; None: K copies of the teacher), and
         a full-copy fake score starts from `fake_backbone` (None: the teacher).
-        `generator_lora_rank` > 0: the generator trains a LoRA adapter of that rank (on `generator_lora_targets`) on the
-        teacher's own weight tensors, shared, not copied (in `frozen_dtype` where given); one student only."""
+        `generator_lora_rank` > 0: the generator trains a LoRA adapter of that rank (on `generator_lora_targets`) on
+        the teacher's own weight tensors, shared, not copied (in `frozen_dtype` where given); one student only."""
         if fake_score not in FAKE_SCORE_KINDS:
             raise ValueError(f"fake_score must be one of {FAKE_SCORE_KINDS}, got {fake_score!r}")
         sched, null, pt = teacher.schedule, teacher.null_cond, teacher.prediction_type
