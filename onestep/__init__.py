@@ -9,10 +9,6 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 # torch < 2.6 warns about it once per process, before any onestep code runs.
 warnings.filterwarnings("ignore", message="User provided device_type of 'cuda', but CUDA is not available",
                         category=UserWarning)
-# DDP warns (once per process) that a gradient's strides differ from its bucket's: peft's LoRA up-projection of a
-# convolution is (out, r, 1, 1), and its gradient arrives with other strides on the two size-1 dimensions, which is
-# the same memory layout; DDP copies it into the bucket either way.
-warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides", category=UserWarning)
 
 from .denoiser import Denoiser
 from .generator import Generator

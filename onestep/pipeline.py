@@ -225,15 +225,19 @@ def _exported_class(metrics: dict) -> str:
         return ""
 
 
-def _lora_lines(metrics: dict, run_dir_name: str) -> list[str]:
-    """The model card's lines for a LoRA generator's adapter file in the export (none without one)."""
+def _lora_lines(metrics: dict, run_dir_name: str, xl: bool) -> list[str]:
+    """The model card's lines for a LoRA generator's adapter file in the export (none without one); the teacher
+    loaded as the export was saved (SD: no safety checker; SDXL: no watermarker)."""
     folders = metrics.get("export") or []
     if not folders or not os.path.isfile(os.path.join(folders[0], LORA_FILE)):
         return []
     return [f"The student is a LoRA on the teacher; `{LORA_FILE}` holds it alone (diffusers' format, merged into this "
-            "folder's UNet already), to load onto the teacher instead:", "", "```python",
+            "folder's UNet already), to load onto the teacher instead (where the student trained with the teacher in "
+            "bf16 / fp16, this folder's UNet holds the teacher's weights as rounded so, and the two differ by that "
+            "rounding):", "", "```python",
             "from diffusers import DiffusionPipeline, LCMScheduler",
-            f"pipe = DiffusionPipeline.from_pretrained(\"{metrics.get('teacher_path')}\")",
+            f"pipe = DiffusionPipeline.from_pretrained(\"{metrics.get('teacher_path')}\", "
+            f"{'add_watermarker=False' if xl else 'safety_checker=None'})",
             f"pipe.load_lora_weights(\"{run_dir_name}/pipeline\")",
             f"pipe.scheduler = LCMScheduler.from_pretrained(\"{run_dir_name}/pipeline\", subfolder=\"scheduler\")",
             f"image = {metrics['pipeline_call']}.images[0]", "```", ""]
@@ -256,7 +260,7 @@ def model_card(metrics: dict, run_dir_name: str, has_ddim: bool) -> str:
                   f"pipe = DiffusionPipeline.from_pretrained(\"{run_dir_name}/pipeline\""
                   f"{', add_watermarker=False' if xl else ''})",
                   f"image = {metrics['pipeline_call']}.images[0]", "```", "",
-                  *_lora_lines(metrics, run_dir_name),
+                  *_lora_lines(metrics, run_dir_name, xl),
                   "Negative prompts at inference (NASA, training-free; needs onestep): "
                   "`NASA(pipe)(\"a photo of a cat\", negative_prompt=\"blurry\", strength=0.04, ...)` with "
                   "`from onestep.nasa import NASA` and the call's other arguments as above.", ""]

@@ -130,7 +130,7 @@ def run_config(cfg, schedule=None) -> dict:
 
 
 # keys added after checkpoints of runs without them were written: left out at their default, so those still match
-HASH_DEFAULTS = {"gradient_accumulation_steps": 1}
+HASH_DEFAULTS = {"gradient_accumulation_steps": 1, "generator_lora_rank": 0, "generator_lora_targets": []}
 
 
 def _hashed(config: dict) -> dict:

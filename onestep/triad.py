@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from typing import Sequence
 
 import torch
@@ -160,10 +161,21 @@ def add_lora(module: nn.Module, targets: Sequence[str], rank: int, name: str) ->
     one of `targets`; its weights float32 and trainable, the module's own weights frozen."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    names = [n for n, _ in module.named_modules()]
-    found = [t for t in targets if any(n == t or n.endswith("." + t) for n in names)]
+    layers = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)  # what peft's LoRA adapts
+    found = []
+    for t in targets:
+        hits = [(n, m) for n, m in module.named_modules() if n == t or n.endswith("." + t)]
+        bad = [(n, m) for n, m in hits if not isinstance(m, layers)]
+        if bad:
+            raise ValueError(f"LoRA target {t!r} names {bad[0][0]} ({type(bad[0][1]).__name__}), not a linear, "
+                             "convolution or embedding layer; name layers, e.g. to_q,to_v,conv1")
+        found += [t] * bool(hits)
     if not found:
         raise ValueError(f"none of the LoRA target modules {list(targets)} exist in the teacher")
+    # DDP then warns (once per process) that a gradient's strides differ from its bucket's: a LoRA convolution's
+    # (out, r, 1, 1) up-projection gets its gradient with other strides on the size-1 dimensions, the same memory
+    # layout, which DDP copies into its bucket either way
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides", category=UserWarning)
     inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=found, init_lora_weights=True), module,
                             adapter_name=name)
     for n, p in module.named_parameters():
@@ -217,15 +229,17 @@ class Triad:
         base = teacher.backbone.requires_grad_(False).eval()
         init = base if student_backbone is None else student_backbone
         trained_copy = lambda net: copy.deepcopy(net).float().requires_grad_(True).train()  # noqa: E731
-        if generator_lora_rank:
-            if router is not None or student_backbone is not None:
-                raise ValueError("a LoRA generator trains on the teacher's own weights: one student of the teacher's "
-                                 "architecture (no --students K > 1, no --student_channels)")
-            if frozen_dtype is not None:  # before the weights are shared: the generator computes with these
-                cast_module(base, frozen_dtype)
-            shared = copy.deepcopy(base, memo={id(p): p for p in base.parameters()}).train()  # new modules, same weights
+        if generator_lora_rank and (router is not None or student_backbone is not None):
+            raise ValueError("a LoRA generator trains on the teacher's own weights: one student of the teacher's "
+                             "architecture (no --students K > 1, no --student_channels)")
+
+        def lora_student() -> Denoiser:  # after the cast, before a LoRA fake score's adapter: new modules, same weights
+            shared = copy.deepcopy(base, memo={id(p): p for p in base.parameters()}).train()
             add_lora(shared, generator_lora_targets, generator_lora_rank, "generator")
-            student = Denoiser(shared, sched, null_cond=null, prediction_type=pt)
+            return Denoiser(shared, sched, null_cond=null, prediction_type=pt)
+
+        if generator_lora_rank:
+            student = None  # built below, on the teacher's weights in their stored dtype
         elif router is None:
             student = Denoiser(trained_copy(init), sched, null_cond=null, prediction_type=pt)
         else:
@@ -235,18 +249,20 @@ class Triad:
             student = RoutedDenoiser([Denoiser(trained_copy(b), sched, null_cond=null, prediction_type=pt)
                                       for b in inits], router)
             init = base if fake_backbone is None else fake_backbone
-        generator = Generator(student, generator_timesteps, clip_sample)
-        if fake_score == "copy":
+        if fake_score == "copy":  # (a float32 copy of the teacher's weights as loaded, before any cast)
             fake = Denoiser(trained_copy(base if fake_from_teacher else init), sched, null_cond=null, prediction_type=pt)
             if frozen_dtype is not None:
                 cast_module(base, frozen_dtype)
+            student = student or lora_student()
             teacher_view = Denoiser(base, sched, null_cond=null, prediction_type=pt)
         else:
             if frozen_dtype is not None:
                 cast_module(base, frozen_dtype)
+            student = student or lora_student()
             add_lora(base, lora_targets, lora_rank, "fake_score")
             fake = Denoiser(base, sched, null_cond=null, adapters=True, prediction_type=pt)
             teacher_view = Denoiser(base, sched, null_cond=null, adapters=False, prediction_type=pt)
+        generator = Generator(student, generator_timesteps, clip_sample)
         head = None
         if gan_head:
             source = fake if gan_feature_source == "fake_score" else teacher_view

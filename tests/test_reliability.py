@@ -621,6 +621,8 @@ BAD = [  # (id, arguments, what the one line must say); {name} is a path from ba
      "none of the LoRA target modules ['no_such_module'] exist in the teacher"),
     ("generator_lora_students", ["--generator_lora_rank", "4", "--students", "2"],
      "generator_lora_rank: a LoRA generator trains on the teacher's own weights"),
+    ("generator_lora_container", ["--generator_lora_rank", "4", "--generator_lora_targets", "down_blocks"],
+     "LoRA target 'down_blocks' names down_blocks (ModuleList), not a linear, convolution or embedding layer"),
     ("generator_lora_negative", ["--generator_lora_rank", "-1"], "generator_lora_rank: must be >= 0, got -1"),
     ("unused_gan", ["--method", "dmd", "--gan_hidden", "64"], "gan_hidden: only used with a GAN"),
     ("unused_router", ["--router", "confusion"], "router: only used with --students K > 1"),

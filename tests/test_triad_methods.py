@@ -141,6 +141,27 @@ def test_lora_generator_shares_teacher_weights_and_exports_them_merged():
         assert not torch.allclose(triad.export_generator(use_ema=True)(x, t, c), start)
 
 
+@pytest.mark.parametrize("fake_score", ["copy", "lora"])
+def test_lora_generator_under_mixed_precision_shares_the_cast_weights_and_leaves_a_full_fake_score_float32(fake_score):
+    """With the teacher stored in bf16, the LoRA generator computes with the same (cast) tensors, and a full-copy fake
+    score still starts from the teacher's float32 weights, as without a LoRA generator."""
+    sched = Schedule.from_scheduler_config(dict(DDPMScheduler().config))
+    unet = tiny_unet()
+    original = {k: v.clone() for k, v in unet.state_dict().items()}
+    triad = Triad.from_teacher(Denoiser(unet, sched, null_cond=10), fake_score=fake_score, lora_rank=4,
+                               frozen_dtype=torch.bfloat16, generator_lora_rank=4)
+    def plain(net):  # (peft renames an adapted layer's weight to <layer>.base_layer.weight)
+        return {n.replace(".base_layer", ""): p for n, p in net.named_parameters() if "lora_" not in n}
+
+    shared, teacher = plain(triad.raw("generator").denoiser.backbone), plain(triad.teacher.backbone)
+    assert shared.keys() == teacher.keys() and all(shared[n] is teacher[n] for n in shared)
+    assert all(p.dtype == torch.bfloat16 for p in shared.values())
+    assert all(p.dtype == torch.float32 for p in triad.generator_parameters())
+    if fake_score == "copy":
+        fake = triad.raw("fake_score").backbone.state_dict()
+        assert all(torch.equal(fake[k], original[k]) for k in original)
+
+
 def test_guidance_is_one_batched_forward_and_matches_two_calls():
     triad = make_triad()
     x, t, c = torch.randn(3, 1, 8, 8), torch.tensor([10, 500, 990]), torch.tensor([1, 2, 3])
