@@ -232,12 +232,6 @@ class Triad:
         if generator_lora_rank and (router is not None or student_backbone is not None):
             raise ValueError("a LoRA generator trains on the teacher's own weights: one student of the teacher's "
                              "architecture (no --students K > 1, no --student_channels)")
-
-        def lora_student() -> Denoiser:  # after the cast, before a LoRA fake score's adapter: new modules, same weights
-            shared = copy.deepcopy(base, memo={id(p): p for p in base.parameters()}).train()
-            add_lora(shared, generator_lora_targets, generator_lora_rank, "generator")
-            return Denoiser(shared, sched, null_cond=null, prediction_type=pt)
-
         if generator_lora_rank:
             student = None  # built below, on the teacher's weights in their stored dtype
         elif router is None:
@@ -249,19 +243,21 @@ class Triad:
             student = RoutedDenoiser([Denoiser(trained_copy(b), sched, null_cond=null, prediction_type=pt)
                                       for b in inits], router)
             init = base if fake_backbone is None else fake_backbone
-        if fake_score == "copy":  # (a float32 copy of the teacher's weights as loaded, before any cast)
+        fake = None  # a full copy: float32, of the teacher's weights as loaded (before the cast)
+        if fake_score == "copy":
             fake = Denoiser(trained_copy(base if fake_from_teacher else init), sched, null_cond=null, prediction_type=pt)
-            if frozen_dtype is not None:
-                cast_module(base, frozen_dtype)
-            student = student or lora_student()
-            teacher_view = Denoiser(base, sched, null_cond=null, prediction_type=pt)
-        else:
-            if frozen_dtype is not None:
-                cast_module(base, frozen_dtype)
-            student = student or lora_student()
+        if frozen_dtype is not None:
+            cast_module(base, frozen_dtype)
+        if generator_lora_rank:  # new modules over the (cast) weights, before a LoRA fake score's adapter joins them
+            shared = copy.deepcopy(base, memo={id(p): p for p in base.parameters()}).train()
+            add_lora(shared, generator_lora_targets, generator_lora_rank, "generator")
+            student = Denoiser(shared, sched, null_cond=null, prediction_type=pt)
+        if fake is None:
             add_lora(base, lora_targets, lora_rank, "fake_score")
             fake = Denoiser(base, sched, null_cond=null, adapters=True, prediction_type=pt)
             teacher_view = Denoiser(base, sched, null_cond=null, adapters=False, prediction_type=pt)
+        else:
+            teacher_view = Denoiser(base, sched, null_cond=null, prediction_type=pt)
         generator = Generator(student, generator_timesteps, clip_sample)
         head = None
         if gan_head:
