@@ -640,6 +640,10 @@ def check_teacher_fit(cfg: Config, teacher) -> None:
     from .cli import asset_path
 
     schedule, from_preset = teacher.denoiser.schedule, PRESETS[cfg.preset].get("generator_timesteps")
+    if teacher.text_conditional and schedule.kind != "vp":  # the export is a stock SD / SDXL pipeline (LCMScheduler)
+        raise ConfigError(f"teacher: this text-to-image teacher's schedule is {schedule.kind.upper()}, not VP (as "
+                          "Playground v2.5's is EDM), and its student would have no stock one-step SD / SDXL export; "
+                          "use a Stable Diffusion 1.x / 2.x or SDXL teacher with a DDPM-family scheduler")
     units = {"vp": f"whole timesteps 0..{schedule.t_max}",
              "edm": f"noise levels sigma in [{schedule.sigma_min}, {schedule.t_max}]",
              "flow": "flow times t in (0, 1]"}[schedule.kind]

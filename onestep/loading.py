@@ -110,40 +110,88 @@ def resolve_teacher_path(spec: str) -> str:
     from huggingface_hub import hf_hub_download, snapshot_download
 
     def fetch(local_only: bool) -> str:
-        allow, ignore = ["*.json", "*.safetensors", "*.txt", "*.model"], None
-        try:  # a pipeline: only its components' folders, main weights only (no fp16 / non-EMA / single-file copies)
+        try:
             with open(hf_hub_download(spec, "model_index.json", local_files_only=local_only)) as f:
-                parts = [k for k, v in json.load(f).items() if isinstance(v, list) and v[0] and k not in PIPELINE_SKIP]
-            allow = ["model_index.json"] + [f"{k}/*{ext}" for k in parts for ext in (".json", ".safetensors", ".txt", ".model")]
-            ignore = ["*.fp16.safetensors", "*non_ema*"]
+                index = json.load(f)
         except Exception:
-            pass
-        return snapshot_download(spec, allow_patterns=allow, ignore_patterns=ignore, local_files_only=local_only)
+            index = None
+        allow, ignore = hub_patterns(index)
+        path = snapshot_download(spec, allow_patterns=allow, ignore_patterns=ignore, local_files_only=local_only)
+        if local_only and not snapshot_complete(path):  # e.g. a cache of from_pretrained(variant="fp16"): download
+            raise FileNotFoundError(f"{path} lacks the weights or configs a teacher needs")
+        return path
 
     try:
         return fetch(local_only=True)
     except Exception:
         pass
+    from huggingface_hub import constants
+
     try:
+        if constants.HF_HUB_OFFLINE:  # the cache was all there is, and it lacks the teacher
+            raise ConnectionError
         _reach_hub()
         return fetch(local_only=False)
     except Exception as e:  # offline, unknown repo, no safetensors...
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else type(e).__name__
         raise TeacherError(
-            f"could not get teacher {spec!r} from the hub ({type(e).__name__}); on a machine with network run "
+            f"could not get teacher {spec!r} from the hub ({why}); on a machine with network run "
             f"`huggingface-cli download {spec} --local-dir DIR` (safetensors weights), copy DIR here and pass "
             "--teacher DIR") from None
 
 
+HUB_FILES = (".json", ".safetensors", ".txt", ".model")
+ROOT_FILES = ["config.json", "scheduler_config.json", "onestep.json", "diffusion_pytorch_model.safetensors",
+              "diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model-*.safetensors"]
+
+
+def hub_patterns(index: dict | None) -> tuple[list[str], list[str] | None]:
+    """(allow, ignore) patterns of a hub teacher's download, from its model_index.json (None: a model repo): a
+    pipeline's components' folders, and the files diffusers reads from the repo's root where a component has no
+    folder (google/ddpm-cifar10-32 keeps its UNet and scheduler there); main weights only (no fp16 / non-EMA /
+    single-file copies)."""
+    if not isinstance(index, dict):
+        return [f"*{ext}" for ext in HUB_FILES], None
+    parts = [k for k, v in index.items() if isinstance(v, list) and v and v[0] and k not in PIPELINE_SKIP]
+    allow = ["model_index.json", *ROOT_FILES] + [f"{k}/*{ext}" for k in parts for ext in HUB_FILES]
+    return allow, ["*.fp16.safetensors", "*non_ema*"]
+
+
+def snapshot_complete(root: str) -> bool:
+    """Whether a downloaded (or cached) teacher folder holds what load_teacher reads: the backbone's config and
+    safetensors weights, a scheduler config, and the weights / files of each pipeline component."""
+    def has(folder, *names):
+        return os.path.isdir(folder) and any(os.path.isfile(os.path.join(folder, n)) for n in names)
+
+    def weights(folder, name):
+        return has(folder, name, name + ".index.json")
+
+    scheduler = has(root, "scheduler_config.json") or has(os.path.join(root, "scheduler"), "scheduler_config.json")
+    if has(root, "config.json"):
+        return scheduler and weights(root, "diffusion_pytorch_model.safetensors")
+    index = _read_json(os.path.join(root, "model_index.json")) if has(root, "model_index.json") else {}
+    parts = [k for k, v in index.items() if isinstance(v, list) and v and v[0] and k not in PIPELINE_SKIP]
+    if not scheduler or not any(weights(os.path.join(root, k), "diffusion_pytorch_model.safetensors")
+                                for k in BACKBONE_SUBFOLDERS):
+        return False
+    for k in parts:
+        folder = os.path.join(root, k)
+        if k.startswith("text_encoder") and not weights(folder, "model.safetensors"):
+            return False
+        if k.startswith(("vae", *BACKBONE_SUBFOLDERS)) and not weights(folder, "diffusion_pytorch_model.safetensors"):
+            return False
+        if k.startswith("tokenizer") and not (os.path.isdir(folder) and os.listdir(folder)):
+            return False
+    return True
+
+
 def _reach_hub(timeout: float = 3.0) -> None:
-    """Fail at once where the hub cannot be reached (instead of the hub client's retries), unless it is offline
-    by choice (HF_HUB_OFFLINE, which the download then reports)."""
+    """Fail at once where the hub cannot be reached (instead of the hub client's retries)."""
     import socket
     from urllib.parse import urlparse
 
     from huggingface_hub import constants
 
-    if constants.HF_HUB_OFFLINE:
-        return
     url = urlparse(constants.ENDPOINT)
     socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout).close()
 
@@ -242,6 +290,14 @@ def _check_scheduler_config(cfg: dict, path: str, indexed=None) -> None:
             indexed[1] != name:
         raise TeacherError(f"teacher: model_index.json names the scheduler {indexed[1]} but {path} is a {name}; make "
                            "them agree (diffusers loads the model_index.json class with that config)")
+    if cfg.get("timestep_type") == "continuous" and not str(name).startswith("EDM"):
+        raise TeacherError(f"teacher: {path}: timestep_type \"continuous\" conditions the UNet on 0.25 ln(sigma), "
+                           "which onestep does not read (it feeds VP teachers integer timesteps); use a teacher with "
+                           "discrete timesteps")
+    if cfg.get("rescale_betas_zero_snr") and cfg.get("prediction_type", "epsilon") == "epsilon":
+        raise TeacherError(f"teacher: {path}: zero terminal SNR (rescale_betas_zero_snr) with epsilon prediction "
+                           "has no x0 at the last timestep; such teachers predict v (set prediction_type "
+                           "\"v_prediction\" if it was trained so)")
     steps = cfg.get("num_train_timesteps", 1000)
     if not _is_int(steps) or steps < 1:
         raise TeacherError(f"teacher: {path}: num_train_timesteps must be an integer >= 1, got {steps!r}; fix that "
@@ -315,6 +371,7 @@ def load_teacher(spec: str, dtype: torch.dtype = torch.float32, device="cpu", *,
     if name not in SUPPORTED_BACKBONES:
         raise TeacherError(f"teacher backbone {name or 'unknown'!r} is not supported; onestep distils "
                            f"{', '.join(SUPPORTED_BACKBONES)}")
+    _check_backbone_io(spec, name, cfg)
     text = name == "UNet2DConditionModel"
     if text:
         _check_text_pipeline(root, cfg)
@@ -353,6 +410,25 @@ def load_teacher(spec: str, dtype: torch.dtype = torch.float32, device="cpu", *,
     null_cond = null_class
     denoiser = Denoiser(backbone, schedule, null_cond=null_cond)
     return Teacher(denoiser, sched_cfg, root, shape, num_classes, null_class, {"backbone": name, **extra})
+
+
+def _check_backbone_io(spec: str, name: str, cfg: dict) -> None:
+    """What a teacher's UNet takes and predicts: a sample-shaped prediction (no learned variance, no inpainting or
+    upscaling inputs), and as its condition class labels of an embedding table (UNet2DModel) or text alone."""
+    c_in = cfg.get("in_channels", 3 if name == "UNet2DModel" else 4)
+    c_out = cfg.get("out_channels", c_in)
+    if c_in != c_out:
+        raise TeacherError(f"the UNet of {spec!r} takes {c_in} channels and predicts {c_out}; onestep distils teachers "
+                           "whose prediction has the sample's shape (no learned variance, no inpainting or upscaling "
+                           "inputs)")
+    embed, rows = cfg.get("class_embed_type"), cfg.get("num_class_embeds")
+    if name == "UNet2DModel" and embed is not None and rows is None:
+        raise TeacherError(f"the UNet of {spec!r} takes class embeddings of type {embed!r} without an embedding "
+                           "table; onestep conditions UNet2DModel teachers on integer labels (num_class_embeds)")
+    if name == "UNet2DConditionModel" and (embed is not None or rows is not None):
+        raise TeacherError(f"the UNet of {spec!r} takes class labels besides text (class_embed_type {embed!r}, "
+                           f"num_class_embeds {rows!r}), as upscalers and unCLIP models do; onestep distils text-to-"
+                           "image UNets (Stable Diffusion 1.x / 2.x, SDXL)")
 
 
 def square_size(sample_size, root: str) -> int:

@@ -19,6 +19,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .denoiser import Denoiser
 from .generator import Generator
+from .sampling import vp_betas
 from .schedule import Schedule
 
 CALL_FILE = "onestep.json"  # in a text-to-image export: {"pipeline_call": the stock call's keyword arguments}
@@ -147,6 +148,18 @@ def stock_call_kwargs(generator: Generator) -> dict:
     return {"timesteps": ts, "guidance_scale": 1.0}
 
 
+STOCK_BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")  # what DDIM / LCM schedulers build
+
+
+def stock_betas(scheduler_config: dict, schedule: Schedule) -> dict:
+    """Config overrides for a DDIM / LCM scheduler made from the teacher's: its betas written out where its
+    beta_schedule is one those schedulers lack (DDPM's "sigmoid"), the zero-SNR rescale already in them."""
+    if scheduler_config.get("trained_betas") is not None or \
+            scheduler_config.get("beta_schedule", "linear") in STOCK_BETA_SCHEDULES:
+        return {}
+    return {"trained_betas": vp_betas(schedule), "rescale_betas_zero_snr": False}
+
+
 def stock_call(generator: Generator) -> str:
     """The exact call, as text for the model card: pipe("a photo of a cat", ...)."""
     return 'pipe("a photo of a cat", ' + ", ".join(f"{k}={v!r}" for k, v in stock_call_kwargs(generator).items()) + ")"
@@ -169,7 +182,8 @@ def export_text_pipeline(generator: Generator, scheduler_config: dict, teacher_d
     known = inspect.signature(LCMScheduler.__init__).parameters  # the teacher's other keys (e.g. PNDM's skip_prk_steps)
     lcm_config = {k: v for k, v in scheduler_config.items() if k in known}  # would warn on every load
     lcm = LCMScheduler.from_config(lcm_config, original_inference_steps=original, clip_sample=False,
-                                   thresholding=False, timestep_spacing="leading", steps_offset=1)
+                                   thresholding=False, timestep_spacing="leading", steps_offset=1,
+                                   **stock_betas(scheduler_config, sch))
     unet = generator.denoiser.backbone
     if unet.config.get("addition_embed_type") == "text_time":  # SDXL (no watermarker: the student's own pixels)
         pipe = StableDiffusionXLPipeline.from_pretrained(teacher_dir, unet=unet, scheduler=lcm, use_safetensors=True,
@@ -210,7 +224,8 @@ def export_pipeline(generator: Generator, scheduler_config: dict, out_dir: str, 
             and int(generator.timesteps[0]) == sch.num_train_timesteps - 1):
         ddim = DDIMScheduler.from_config(scheduler_config, timestep_spacing="trailing", set_alpha_to_one=True,
                                          clip_sample=True, clip_sample_range=generator.clip_sample or 1.0,
-                                         thresholding=False)  # the student's clip, not the teacher's thresholding
+                                         thresholding=False,  # the student's clip, not the teacher's thresholding
+                                         **stock_betas(scheduler_config, sch))
         diffusers.DDIMPipeline(unet=unet, scheduler=ddim).save_pretrained(out_dir + "-ddim", safe_serialization=True)
         written.append(out_dir + "-ddim")
     return written

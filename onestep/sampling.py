@@ -22,7 +22,7 @@ def sample_teacher(teacher: Denoiser, z: torch.Tensor, cond: Cond = None, num_st
     sched = teacher.schedule
     x = sched.prior(z.float(), sched.t_max)
     if sched.kind == "vp":
-        s = DDIMScheduler(num_train_timesteps=sched.num_train_timesteps, trained_betas=_betas(sched),
+        s = DDIMScheduler(num_train_timesteps=sched.num_train_timesteps, trained_betas=vp_betas(sched),
                           prediction_type="sample", clip_sample=False, set_alpha_to_one=True,
                           timestep_spacing="trailing")
         s.set_timesteps(num_steps, device=z.device)
@@ -59,7 +59,8 @@ def sample_teacher(teacher: Denoiser, z: torch.Tensor, cond: Cond = None, num_st
     return x.float()
 
 
-def _betas(sched) -> list[float]:
+def vp_betas(sched) -> list[float]:
+    """The betas of a VP schedule, from its alphas_cumprod."""
     ac = sched.alphas_cumprod
     prev = torch.cat([ac.new_ones(1), ac[:-1]])
     return (1 - ac / prev).tolist()

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 import yaml
-from conftest import ROOT, run_distill
+from conftest import ROOT, run_distill, save_teacher
 from safetensors.torch import load_file
 
 from onestep.config import PRESETS, ConfigError, load_config
@@ -209,10 +209,65 @@ def test_an_unreachable_hub_fails_at_once_without_the_download_retries(tmp_path,
     assert False not in calls  # the local cache was looked at; no download was attempted
 
 
+def test_hub_download_patterns_take_a_flat_pipeline_repo_and_a_pipelines_main_weights():
+    """A hub teacher's download, filtered by huggingface_hub's own pattern matching over repo listings: a pipeline
+    repo keeping its UNet and scheduler at the root (google/ddpm-cifar10-32's layout, which diffusers loads) gets
+    them; a Stable Diffusion repo gets its components' main weights and configs, no fp16 / non-EMA / single-file
+    copies and no safety checker."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    from onestep.loading import hub_patterns
+
+    def fetched(index, files):
+        allow, ignore = hub_patterns(index)
+        return set(filter_repo_objects(files, allow_patterns=allow, ignore_patterns=ignore))
+
+    flat = ["README.md", "config.json", "diffusion_pytorch_model.bin", "diffusion_pytorch_model.safetensors",
+            "model_index.json", "scheduler_config.json", "images/generated_image.png"]
+    index = {"_class_name": "DDPMPipeline", "scheduler": ["diffusers", "DDPMScheduler"],
+             "unet": ["diffusers", "UNet2DModel"]}
+    assert fetched(index, flat) == {"config.json", "diffusion_pytorch_model.safetensors", "model_index.json",
+                                    "scheduler_config.json"}
+    assert fetched(None, flat) == {"config.json", "diffusion_pytorch_model.safetensors", "model_index.json",
+                                   "scheduler_config.json"}  # a model repo: its JSON and safetensors
+    sd = ["model_index.json", "v1-5-pruned.safetensors", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+          "unet/diffusion_pytorch_model.fp16.safetensors", "unet/diffusion_pytorch_model.non_ema.safetensors",
+          "vae/config.json", "vae/diffusion_pytorch_model.safetensors", "text_encoder/config.json",
+          "text_encoder/model.safetensors", "tokenizer/vocab.json", "tokenizer/merges.txt",
+          "scheduler/scheduler_config.json", "safety_checker/model.safetensors",
+          "feature_extractor/preprocessor_config.json"]
+    index = {k: ["diffusers", "X"] for k in ("unet", "vae", "text_encoder", "tokenizer", "scheduler",
+                                             "safety_checker", "feature_extractor")}
+    assert fetched(index, sd) == {"model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+                                  "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
+                                  "text_encoder/config.json", "text_encoder/model.safetensors",
+                                  "tokenizer/vocab.json", "tokenizer/merges.txt", "scheduler/scheduler_config.json"}
+
+
+def test_an_incomplete_hub_cache_is_not_taken_for_the_teacher(tmp_path, monkeypatch):
+    """The local hub cache is used where it holds a whole teacher; one holding only what another load left there
+    (the fp16 weights of `variant="fp16"`) is not: offline, that is the download instruction, not a load error."""
+    from huggingface_hub import constants
+
+    from onestep.loading import TeacherError, resolve_teacher_path
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--someone--tiny-teacher"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = save_teacher(str(repo / "snapshots" / commit), conditional=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert os.path.samefile(resolve_teacher_path("someone/tiny-teacher"), snapshot)
+    unet = os.path.join(snapshot, "unet")
+    os.rename(os.path.join(unet, "diffusion_pytorch_model.safetensors"),
+              os.path.join(unet, "diffusion_pytorch_model.fp16.safetensors"))
+    with pytest.raises(TeacherError, match="huggingface-cli download someone/tiny-teacher"):
+        resolve_teacher_path("someone/tiny-teacher")
+
+
 def test_a_teacher_of_non_square_samples_is_refused(tmp_path):
     import json
-
-    from conftest import save_teacher
 
     from onestep.loading import TeacherError, load_teacher
 

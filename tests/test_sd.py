@@ -187,6 +187,25 @@ def test_incomplete_pipelines_are_refused_with_one_line(sd_teacher, tmp_path):
         load_teacher(str(xl))
 
 
+def test_a_text_teacher_with_an_edm_schedule_is_refused_before_training(sd_teacher, tmp_path):
+    """An SD pipeline with an EDM scheduler (Playground v2.5's kind) loads (its samples can be measured), but a run
+    stops before training: its student would have no stock one-step SD export."""
+    from diffusers import EDMEulerScheduler
+
+    from onestep.config import Config, ConfigError, check_teacher_fit
+
+    root = tmp_path / "edm"
+    shutil.copytree(sd_teacher, root)
+    shutil.rmtree(root / "scheduler")
+    EDMEulerScheduler().save_pretrained(str(root / "scheduler"))
+    index = json.loads((root / "model_index.json").read_text())
+    (root / "model_index.json").write_text(json.dumps({**index, "scheduler": ["diffusers", "EDMEulerScheduler"]}))
+    teacher = load_teacher(str(root))
+    assert teacher.denoiser.schedule.kind == "edm"
+    with pytest.raises(ConfigError, match="text-to-image teacher's schedule is EDM, not VP .* no stock one-step"):
+        check_teacher_fit(Config(teacher=str(root), generator_timesteps=[80.0], classifier="", eval_every=0), teacher)
+
+
 def test_vsd_gradient_is_sigma_squared_eps_difference(teacher):
     sched = teacher.denoiser.schedule
     x, x_t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)

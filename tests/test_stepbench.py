@@ -23,7 +23,7 @@ def count_calls(module):
 
 @pytest.mark.parametrize("options", [dict(method="dmd2"), dict(method="dmd", regression_weight=0.5, regression_pairs=8,
                                                                 regression_steps=2, regression_batch=4),
-                                     dict(method="dmd2", shared_critic_pass=True)])
+                                     dict(method="dmd2", shared_critic_pass=True), dict(method="vsd")])
 def test_generator_runs_once_per_iteration(options):
     """The generator output is computed once and reused by every term: DM, GAN or regression, and the critic turn."""
     options = dict(options)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import ROOT, run_distill, save_teacher
 from test_sd import save_tiny_sd
 
@@ -143,6 +144,41 @@ def test_a_scheduler_config_read_otherwise_than_diffusers_would_is_refused(folde
     update_json(os.path.join(root, "scheduler", "scheduler_config.json"), _class_name="EulerDiscreteScheduler")
     refused(root, "model_index.json names the scheduler PNDMScheduler but .* is a EulerDiscreteScheduler; make them "
                   "agree")
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"_class_name": "EulerDiscreteScheduler", "timestep_type": "continuous", "prediction_type": "v_prediction"},
+     r'timestep_type "continuous" conditions the UNet on 0.25 ln\(sigma\)'),
+    ({"rescale_betas_zero_snr": True}, "zero terminal SNR .* with epsilon prediction has no x0 at the last timestep"),
+])
+def test_a_schedule_onestep_would_misread_is_refused(folders, tmp_path, changes, message):
+    """Schedules that would load and then train on a misread teacher (continuous-time Euler conditioning) or on NaN
+    (epsilon prediction at zero terminal SNR) are refused when the teacher loads; v prediction at zero SNR loads."""
+    root = copy(folders, "cond", tmp_path)
+    path = os.path.join(root, "scheduler", "scheduler_config.json")
+    update_json(path, **changes)
+    refused(root, re.escape(path) + ": " + message)
+    update_json(path, prediction_type="v_prediction", timestep_type="discrete")
+    teacher = load_teacher(root)
+    x_t = torch.randn(2, 1, 8, 8)
+    assert torch.isfinite(teacher.denoiser(x_t, torch.tensor([999, 500]), torch.tensor([1, 2]))).all()
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"out_channels": 2}, "takes 1 channels and predicts 2; .*no learned variance"),
+    ({"num_class_embeds": None, "class_embed_type": "timestep"},
+     "takes class embeddings of type 'timestep' without an embedding table"),
+])
+def test_a_unet_whose_inputs_or_outputs_onestep_cannot_feed_is_refused(folders, tmp_path, changes, message):
+    root = copy(folders, "cond", tmp_path)
+    update_json(os.path.join(root, "unet", "config.json"), **changes)
+    refused(root, message)
+
+
+def test_a_text_unet_with_class_labels_is_refused(folders, tmp_path):
+    root = copy(folders, "sd", tmp_path)
+    update_json(os.path.join(root, "unet", "config.json"), num_class_embeds=1000)
+    refused(root, "takes class labels besides text")
 
 
 def _rename(folder: str, name: str) -> None:

@@ -413,6 +413,29 @@ def test_clip_sample_clamps_values_passes_gradients_and_exports(tmp_path):
     assert torch.allclose(out, (x.detach() + 1) / 2, atol=1e-5)  # the pipeline maps [-1, 1] to [0, 1]
 
 
+@pytest.mark.parametrize("beta_schedule", ["sigmoid", "squaredcos_cap_v2"])
+def test_stock_ddim_export_of_a_teacher_schedule_ddim_lacks(tmp_path, beta_schedule):
+    """DDPM's "sigmoid" betas, which DDIMScheduler cannot build, go into the -ddim export written out; it reproduces
+    the student (and a schedule DDIM has keeps its name)."""
+    import numpy as np
+    from diffusers import DDIMPipeline
+
+    from onestep.generator import Generator
+    from onestep.pipeline import OneStepPipeline, export_pipeline
+
+    config = dict(DDPMScheduler(beta_schedule=beta_schedule).config)
+    teacher = Denoiser(tiny_unet(None), Schedule.from_scheduler_config(config))
+    written = export_pipeline(Generator(teacher, [999]), config, str(tmp_path / "p"))
+    assert written == [str(tmp_path / "p"), str(tmp_path / "p-ddim")]
+    ddim = DDIMPipeline.from_pretrained(written[1])
+    assert (ddim.scheduler.config.trained_betas is None) == (beta_schedule != "sigmoid")
+    z = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    ours = OneStepPipeline.from_pretrained(written[0])(batch_size=3, latents=z, output_type="np").images
+    theirs = ddim(batch_size=3, num_inference_steps=1, generator=torch.Generator().manual_seed(0),
+                  output_type="np").images
+    assert np.abs(theirs - ours).max() < 1e-4
+
+
 @pytest.mark.parametrize("kind", ["flow", "edm"])
 def test_flow_and_edm_students_reload_with_their_own_schedule(tmp_path, kind):
     """An exported flow / EDM student loads with its own schedule, not a VP fallback, and reproduces its outputs."""

@@ -2,7 +2,7 @@
 
 Generator: t ~ U[2%, 98%], x_t = alpha_t x + sigma_t eps; both branches under CFG at the same scale kappa;
 g = sigma_t^2 (eps_T - eps_F) = alpha_t sigma_t (x0_fake - x0_real); L = 0.5 mean((x - sg(x - g))^2).
-Fake score (a LoRA on the teacher by default): on sg(G(z)), t ~ U over the full range, the condition dropped to
+Fake score (a LoRA on the teacher by default): on sg(G(z)) (the generator turn's output, reused), t ~ U over the full range, the condition dropped to
 null with p = 0.1, eps-MSE weighted by abar_t = alpha_t^2. One fake-score step per generator step.
 """
 from __future__ import annotations
@@ -85,6 +85,7 @@ class VSD:
         z, c = batch["z"], batch.get("cond")
         n, sched = z.shape[0], triad.teacher.schedule
         x = triad.generate(z, c)
+        batch["generated"] = x.detach()  # the critic turn of this iteration trains on it (SwiftBrush)
         with torch.no_grad(), triad.frozen("fake_score"):  # unwrapped: .guided, and no DDP reducer on the fake score
             t = sched.sample_t(n, self.t_min, self.t_max, device=x.device)
             x_t = sched.add_noise(x, torch.randn_like(x), t)
@@ -103,8 +104,10 @@ class VSD:
     def fake_score_loss(self, triad, batch: dict) -> tuple[torch.Tensor, dict]:
         z, c = batch["z"], batch.get("cond")
         n, sched = z.shape[0], triad.teacher.schedule
-        with torch.no_grad():
-            x = triad.generate(z, c)
+        x = batch.get("generated")  # the generator turn's output, when this iteration had one
+        if x is None:
+            with torch.no_grad():
+                x = triad.generate(z, c)
         t = sched.sample_t(n, 0.0, 1.0, device=x.device)
         x_t = sched.add_noise(x, torch.randn_like(x), t)
         c_in = triad.teacher.drop_cond(c, self.cond_dropout)  # the teacher view holds the same null condition
