@@ -153,9 +153,13 @@ def main(argv=None) -> None:
         reference = load_reference(a.reference, extractor, a.batch_size, a.keep, acc)
         if models:
             check_reference_size(reference, a.keep)
+            if a.keep and reference.features is None and acc.is_main_process:
+                print("warning: the reference holds moments only (no features): KID and precision / recall are left "
+                      "out; recompute it with --keep N for them, or pass --keep 0", file=sys.stderr)
         rows = []
         for m in models:
-            rows.append(evaluate_model(m, extractor, reference, a.batch_size, min(a.keep, a.num_samples), accelerator=acc))
+            keep = a.keep if m.model == "images" else min(a.keep, a.num_samples)  # a folder scores all its images
+            rows.append(evaluate_model(m, extractor, reference, a.batch_size, keep, accelerator=acc))
             if acc.is_main_process:
                 print(f"{m.model} {m.path} steps {m.steps}: FID {rows[-1]['fid']:.3f}", file=sys.stderr)
     except (OnestepError, OSError) as err:

@@ -123,7 +123,8 @@ def main(argv: list[str]) -> int:
 
     def timed(n: int, ex: Extractor, sample) -> dict:
         t0 = time.perf_counter()
-        src = GeneratorSource(sample, n, work.shape, None, 0, device)
+        warm = min(n, a.batch_size + n % a.batch_size)  # a full batch and the last one's shape, not the whole job
+        src = GeneratorSource(sample, warm, work.shape, None, 0, device)
         stream_features(src, ex, min(a.batch_size, n))  # warm-up: cuDNN, allocator, the resize matrices, compilation
         if device.type == "cuda":
             torch.cuda.synchronize()

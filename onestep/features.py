@@ -212,13 +212,14 @@ def _build_inception(mode: str, path: str | None, device: torch.device):
     """clean-fid's network for `mode`: from `path` if given, else from where clean-fid keeps (or downloads) it."""
     from cleanfid.features import build_feature_extractor
 
-    if path is None:
-        if not os.path.isfile(default_weights_path(mode)) and os.environ.get("HF_HUB_OFFLINE") == "1":
+    if path is None and not os.path.isfile(default_weights_path(mode)):
+        if offline() or not reachable(weights_url(mode)):  # clean-fid's download has no timeout
             raise FeatureError(missing_weights_message(mode, None))
         try:
             return build_feature_extractor(mode, device, use_dataparallel=False)
-        except OSError as e:  # URLError (offline), HTTP errors, ...
+        except (OSError, RuntimeError) as e:  # URLError, HTTP errors, a download cut off
             raise FeatureError(missing_weights_message(mode, None) + f" [{type(e).__name__}]") from None
+    path = path or default_weights_path(mode)  # there already: read as a given file is (a broken one is named)
     if os.path.isdir(path):
         raise FeatureError(f"Inception weights for mode {mode!r}: {path} is a folder; pass the weights file itself "
                            f"({PT_NAME if mode == 'legacy_pytorch' else TS_NAME}, from {weights_url(mode)})")
@@ -230,6 +231,24 @@ def _build_inception(mode: str, path: str | None, device: torch.device):
             pickle.UnpicklingError) as e:  # not the file clean-fid's loader expects (e.g. the other mode's)
         raise FeatureError(f"Inception weights for mode {mode!r}: {path} is not {PT_NAME if mode == 'legacy_pytorch' else TS_NAME} "
                            f"({type(e).__name__}); download {weights_url(mode)} and pass that file") from None
+
+
+def offline() -> bool:
+    """HF_HUB_OFFLINE set to a true value (as huggingface_hub reads it): nothing is downloaded."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def reachable(url: str, timeout: float = 3.0) -> bool:
+    """Whether `url`'s host accepts a connection within `timeout` seconds."""
+    import socket
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    try:
+        socket.create_connection((u.hostname, u.port or (443 if u.scheme == "https" else 80)), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def _inception_from_file(mode: str, path: str, device: torch.device):

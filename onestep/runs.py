@@ -257,6 +257,13 @@ def resolve_resume(run_dir: str, resume: str) -> str | None:
             verify_checkpoint(resume)
         except CheckpointError as e:
             raise CheckpointError(f"{e}; --resume latest takes the run's newest intact checkpoint") from None
+        mine = os.path.join(os.path.realpath(run_dir), "checkpoints")
+        if os.path.dirname(os.path.realpath(resume)) == mine:  # this run's own earlier checkpoint: a branch
+            later = [os.path.basename(d) for d in checkpoints(run_dir) if _step_of(d) > (_step_of(resume) or 0)]
+            if later:
+                _warn(f"resume: {mine} also holds {', '.join(later)}, after {os.path.basename(resume)}; this run "
+                      "replaces them as it reaches their steps, and until then --resume latest would take them: "
+                      "remove them to continue from this checkpoint alone")
         return resume
     found = [d for d in glob.glob(os.path.join(run_dir, "checkpoints", CHECKPOINT_PREFIX + "*"))
              if _step_of(d) is not None and os.path.isdir(d)]
@@ -301,6 +308,8 @@ def save_checkpoint(accelerator, run_dir: str, step: int, keep: int, config: dic
             save_file(data.state_dict(), os.path.join(tmp, DATA_STATE))
         files = {n: {"bytes": os.path.getsize(os.path.join(tmp, n)), "sha256": file_sha256(os.path.join(tmp, n))}
                  for n in sorted(os.listdir(tmp))}
+        for n in files:  # on disk, not only in the page cache, before the manifest vouches for them (a power loss)
+            _fsync(os.path.join(tmp, n))
         manifest = {"format": MANIFEST_FORMAT, "step": step, "processes": accelerator.num_processes,
                     "config_hash": config_hash(config), "config": config, "files": files, "history": history or {}}
         with open(os.path.join(tmp, MANIFEST + ".part"), "w") as f:
@@ -311,7 +320,9 @@ def save_checkpoint(accelerator, run_dir: str, step: int, keep: int, config: dic
         if os.path.isdir(final):  # same step again (a resumed run): the old one stays until the new one is in place
             shutil.rmtree(final + ".old", ignore_errors=True)
             os.replace(final, final + ".old")
+        _fsync(tmp)
         os.replace(tmp, final)
+        _fsync(os.path.dirname(final))  # the rename itself is durable before anything older goes
         shutil.rmtree(final + ".old", ignore_errors=True)
         verify_checkpoint(final)  # what is on disk matches the manifest before anything older goes
         older = [d for d in checkpoints(run_dir) if _step_of(d) < step]  # later ones belong to an abandoned run
@@ -320,6 +331,20 @@ def save_checkpoint(accelerator, run_dir: str, step: int, keep: int, config: dic
             shutil.rmtree(old + ".del", ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _fsync(path: str) -> None:
+    """Flush a file's (or a folder's entries') writes to disk, where the system lets a folder be opened so."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # a folder on Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _tidy(run_dir: str) -> None:
@@ -408,6 +433,12 @@ def load_checkpoint(accelerator, folder: str, config: dict, data=None, strict: b
     if differs:
         _warn(f"resume: the configuration differs from checkpoint {os.path.basename(folder)}'s in {show}; "
               "continuing with the new values")
+    before = manifest.get("config", {}).get("steps")
+    if before is not None and before != config.get("steps") and \
+            config.get("lr_scheduler", "constant") not in ("constant", "constant_with_warmup"):
+        _warn(f"resume: --steps {config.get('steps')} (the checkpoint's run had {before}): the "
+              f"{config['lr_scheduler']} learning-rate schedule is laid over the new length, so from iteration "
+              f"{manifest['step']} the rate follows that curve, not the old one")
     step, saved_by = int(manifest["step"]), manifest.get("processes", accelerator.num_processes)
     reapply_hyperparameters(turns, config, saved_by, accelerator.num_processes, ema)
     if saved_by != accelerator.num_processes:  # per-process RNG states do not map onto this run's processes
@@ -491,6 +522,8 @@ class RealBatches:
         return it
 
     def _set_epoch(self) -> None:
+        if hasattr(self.loader, "set_epoch"):  # accelerate's prepared loader tells the dataset its own count when
+            self.loader.set_epoch(self.epoch)  # iterated, which a resumed process would restart at 0
         if hasattr(self.loader.dataset, "set_epoch"):
             self.loader.dataset.set_epoch(self.epoch)
 

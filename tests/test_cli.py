@@ -362,6 +362,15 @@ def test_resume_latest_continues_from_the_newest_checkpoint(cond_teacher, tmp_pa
                            capture_output=True, text=True)
     lines = [ln for ln in other.stderr.splitlines() if ln.strip()]
     assert other.returncode == 2 and len(lines) == 1 and "holds a run with students 1, this command has 2" in lines[0]
+    import contextlib
+    import io
+
+    from onestep.runs import resolve_resume
+
+    err = io.StringIO()  # a branch from an earlier checkpoint of this run: the later ones are named
+    with contextlib.redirect_stderr(err):
+        assert resolve_resume(str(tmp_path / "r"), str(tmp_path / "r" / "checkpoints" / "step_0000004")) is not None
+    assert "also holds step_0000006, after step_0000004" in err.getvalue()
 
 
 @pytest.mark.parametrize("check", ["host", "device"])

@@ -115,6 +115,25 @@ def test_missing_inception_weights_give_one_clear_line(tmp_path, monkeypatch):
         inception_extractor("fast")
 
 
+@pytest.mark.parametrize("offline", ["true", "YES", ""])
+def test_the_default_inception_file_absent_offline_or_broken_is_one_line(tmp_path, monkeypatch, offline):
+    """Where clean-fid keeps the weights: absent, with HF_HUB_OFFLINE true (any of huggingface_hub's spellings) or
+    no route to the download (an unreachable host stands for it), one line and no download; a file there that
+    is not the weights (a cut-off download) is named, not a traceback."""
+    import onestep.features as features
+
+    default = tmp_path / "inception-2015-12-05.pt"
+    monkeypatch.setattr(features, "default_weights_path", lambda mode: str(default))
+    monkeypatch.setattr(features, "weights_url", lambda mode: "http://127.0.0.1:9/inception-2015-12-05.pt")
+    monkeypatch.setattr(features, "build_feature_extractor", None, raising=False)  # must not be reached
+    monkeypatch.setenv("HF_HUB_OFFLINE", offline)
+    with pytest.raises(FeatureError, match=r"are not at .*inception-2015-12-05\.pt and cannot be downloaded"):
+        inception_extractor("clean")
+    default.write_bytes(b"partial")
+    with pytest.raises(FeatureError, match=r"inception-2015-12-05\.pt is not inception-2015-12-05\.pt"):
+        inception_extractor("clean")
+
+
 class _Layers(nn.Module):  # a stand-in with the TorchScript Inception's interface (pool, then a 1x1 conv)
     def __init__(self):
         super().__init__()

@@ -254,13 +254,21 @@ def test_real_batches_resume_mid_epoch_replays_the_same_stream():
     assert not all(torch.equal(next(plain)[0], y) for y in expected[:2])  # the position is what makes them equal
 
 
-def test_uncaptioned_real_images_keep_their_prompts_across_a_resume():
+@pytest.mark.parametrize("prepared", [False, True])
+def test_uncaptioned_real_images_keep_their_prompts_across_a_resume(prepared):
     """Uncaptioned images of a text teacher draw a prompt per epoch from (seed, epoch): after a restore, in a process
-    with another RNG history, the batches and their prompts equal the uninterrupted stream's, and epochs differ."""
+    with another RNG history, the batches and their prompts equal the uninterrupted stream's, and epochs differ.
+    prepared: the loader as accelerate prepares it, which tells the dataset its own epoch count when iterated."""
+    from accelerate.data_loader import prepare_data_loader
+
     from onestep.data import RealImages
 
+    def make_loader(dataset):
+        loader = torch.utils.data.DataLoader(dataset, batch_size=4, shuffle=True, drop_last=True)  # 3 batches/epoch
+        return prepare_data_loader(loader, num_processes=1, process_index=0, put_on_device=False) if prepared else loader
+
     data = RealImages(torch.arange(12.0).reshape(12, 1, 1, 1), cond_table=torch.arange(5.0).reshape(5, 1) * 10, seed=3)
-    loader = torch.utils.data.DataLoader(data, batch_size=4, shuffle=True, drop_last=True)  # 3 batches per epoch
+    loader = make_loader(data)
     torch.manual_seed(0)
     stream = runs.RealBatches(loader)
     for _ in range(4):
@@ -272,7 +280,7 @@ def test_uncaptioned_real_images_keep_their_prompts_across_a_resume():
 
     torch.manual_seed(123)
     fresh = RealImages(data.samples, cond_table=data.cond_table, seed=3)
-    restored = runs.RealBatches(torch.utils.data.DataLoader(fresh, batch_size=4, shuffle=True, drop_last=True))
+    restored = runs.RealBatches(make_loader(fresh))
     restored.load_state_dict(state)
     torch.set_rng_state(live)
     got = [next(restored) for _ in range(6)]
@@ -724,3 +732,12 @@ def test_resume_with_changed_hyperparameters_or_process_count_warns_and_continue
     fake = torch.load(step3 / "optimizer_1.bin", weights_only=True)["param_groups"][0]
     sched = torch.load(step3 / "scheduler_1.bin", weights_only=True)
     assert fake["lr"] == fake["initial_lr"] == 1e-3 and sched["base_lrs"] == [1e-3] and sched["last_epoch"] == 2
+    # more iterations under a decaying LR schedule: its curve is laid over the new length, and the warning says so
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        distill_main()(["--preset", "smoke", "--teacher", bad_things["cond"], "--output_dir", str(tmp_path),
+                        "--name", "run", "--steps", "4", "--lr_fake", "1e-3", "--classifier", "", "--export", "false",
+                        "--cpu_threads", "1", "--resume", "latest", "--lr_scheduler", "cosine"])
+    warnings = [ln for ln in err.getvalue().splitlines() if ln.startswith("warning:")]
+    assert any("--steps 4 (the checkpoint's run had 3): the cosine learning-rate schedule is laid over the new "
+               "length" in w for w in warnings), warnings
