@@ -542,6 +542,11 @@ def _load_text_teacher(root, unet, schedule, sched_cfg, prompts, frozen_dtype, d
     with _loading("vae", vae_dir):
         vae = diffusers.AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True, torch_dtype=vae_dtype)
         scale, shift = latent_normalisation(vae.config)  # scaling_factor, latents_mean / latents_std
+    extra = [k for k in ("shift_factor",) + (() if xl else ("latents_mean", "latents_std")) if vae.config.get(k)]
+    if extra:  # the export decodes as the stock pipeline does: SD by scaling_factor alone, SDXL also by mean / std
+        raise TeacherError(f"the VAE of {root!r} has {' and '.join(extra)}, which the stock "
+                           f"{'SDXL' if xl else 'Stable Diffusion'} pipeline does not apply when it decodes, so its "
+                           "export would decode other latents than the student trained on; use the pipeline's own VAE")
     vae = vae.to(device).eval().requires_grad_(False)
     if vae.config.latent_channels != unet.config.in_channels:
         raise TeacherError(f"the UNet of {root!r} takes {unet.config.in_channels} channels but the VAE makes "

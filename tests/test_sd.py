@@ -206,6 +206,17 @@ def test_a_text_teacher_with_an_edm_schedule_is_refused_before_training(sd_teach
         check_teacher_fit(Config(teacher=str(root), generator_timesteps=[80.0], classifier="", eval_every=0), teacher)
 
 
+def test_a_vae_with_statistics_the_stock_sd_pipeline_ignores_is_refused(sd_teacher, tmp_path):
+    """StableDiffusionPipeline decodes by scaling_factor alone: per-channel statistics in an SD VAE config would
+    make the student train in latents its export does not decode."""
+    root = tmp_path / "sd"
+    shutil.copytree(sd_teacher, root)
+    cfg = json.loads((root / "vae" / "config.json").read_text())
+    (root / "vae" / "config.json").write_text(json.dumps({**cfg, "latents_mean": [0.0] * 4, "latents_std": [0.5] * 4}))
+    with pytest.raises(TeacherError, match="has latents_mean and latents_std, which the stock Stable Diffusion"):
+        load_teacher(str(root))
+
+
 def test_vsd_gradient_is_sigma_squared_eps_difference(teacher):
     sched = teacher.denoiser.schedule
     x, x_t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)

@@ -206,3 +206,6 @@ def test_per_channel_latent_statistics_of_the_vae_config_are_used(tmp_path):
         images = torch.rand(2, 3, 16, 16) * 2 - 1
         latents = teacher.vae.encode(images).latent_dist.mode()
         assert torch.allclose(teacher.encode_images(images), (latents - mean) * cfg["scaling_factor"] / std, atol=1e-5)
+    cfg_file.write_text(json.dumps({**cfg, "shift_factor": 0.1}))  # a shift the stock SDXL pipeline never applies
+    with pytest.raises(TeacherError, match="has shift_factor, which the stock SDXL pipeline does not apply"):
+        load_teacher(folder, prompts=PROMPTS)
