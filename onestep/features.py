@@ -213,6 +213,8 @@ def _build_inception(mode: str, path: str | None, device: torch.device):
     from cleanfid.features import build_feature_extractor
 
     if path is None and not os.path.isfile(default_weights_path(mode)):
+        from .loading import reachable
+
         if offline() or not reachable(weights_url(mode)):  # clean-fid's download has no timeout
             raise FeatureError(missing_weights_message(mode, None))
         try:
@@ -236,19 +238,6 @@ def _build_inception(mode: str, path: str | None, device: torch.device):
 def offline() -> bool:
     """HF_HUB_OFFLINE set to a true value (as huggingface_hub reads it): nothing is downloaded."""
     return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
-
-
-def reachable(url: str, timeout: float = 3.0) -> bool:
-    """Whether `url`'s host accepts a connection within `timeout` seconds."""
-    import socket
-    from urllib.parse import urlparse
-
-    u = urlparse(url)
-    try:
-        socket.create_connection((u.hostname, u.port or (443 if u.scheme == "https" else 80)), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
 
 
 def _inception_from_file(mode: str, path: str, device: torch.device):

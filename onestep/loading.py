@@ -152,9 +152,14 @@ def hub_patterns(index: dict | None) -> tuple[list[str], list[str] | None]:
     single-file copies)."""
     if not isinstance(index, dict):
         return [f"*{ext}" for ext in HUB_FILES], None
-    parts = [k for k, v in index.items() if isinstance(v, list) and v and v[0] and k not in PIPELINE_SKIP]
+    parts = _index_parts(index)
     allow = ["model_index.json", *ROOT_FILES] + [f"{k}/*{ext}" for k in parts for ext in HUB_FILES]
     return allow, ["*.fp16.safetensors", "*non_ema*"]
+
+
+def _index_parts(index: dict) -> list[str]:
+    """The components of a pipeline's model_index.json that a teacher reads (no safety checker and the like)."""
+    return [k for k, v in index.items() if isinstance(v, list) and v and v[0] and k not in PIPELINE_SKIP]
 
 
 def snapshot_complete(root: str) -> bool:
@@ -169,8 +174,7 @@ def snapshot_complete(root: str) -> bool:
     scheduler = has(root, "scheduler_config.json") or has(os.path.join(root, "scheduler"), "scheduler_config.json")
     if has(root, "config.json"):
         return scheduler and weights(root, "diffusion_pytorch_model.safetensors")
-    index = _read_json(os.path.join(root, "model_index.json")) if has(root, "model_index.json") else {}
-    parts = [k for k, v in index.items() if isinstance(v, list) and v and v[0] and k not in PIPELINE_SKIP]
+    parts = _index_parts(_read_json(os.path.join(root, "model_index.json")) if has(root, "model_index.json") else {})
     if not scheduler or not any(weights(os.path.join(root, k), "diffusion_pytorch_model.safetensors")
                                 for k in BACKBONE_SUBFOLDERS):
         return False
@@ -185,15 +189,25 @@ def snapshot_complete(root: str) -> bool:
     return True
 
 
-def _reach_hub(timeout: float = 3.0) -> None:
+def _reach_hub() -> None:
     """Fail at once where the hub cannot be reached (instead of the hub client's retries)."""
+    from huggingface_hub import constants
+
+    if not reachable(constants.ENDPOINT):
+        raise ConnectionError(f"{constants.ENDPOINT} cannot be reached")
+
+
+def reachable(url: str, timeout: float = 3.0) -> bool:
+    """Whether `url`'s host accepts a connection within `timeout` seconds."""
     import socket
     from urllib.parse import urlparse
 
-    from huggingface_hub import constants
-
-    url = urlparse(constants.ENDPOINT)
-    socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout).close()
+    u = urlparse(url)
+    try:
+        socket.create_connection((u.hostname, u.port or (443 if u.scheme == "https" else 80)), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def _read_json(path: str) -> dict:

@@ -318,6 +318,15 @@ class Triad:
             k = int(torch.randint(0, gen.num_steps, ()).item()) if gen.num_steps > 1 else 0
         return simulate(self.generator, gen.schedule, gen.timesteps, z, cond, k)
 
+    def critic_samples(self, batch: dict) -> torch.Tensor:
+        """The critic turn's samples: the generator turn's output of this iteration (batch["generated"], which a
+        method's generator turn leaves there), else a no-grad draw of its own (a critic-only iteration)."""
+        x = batch.get("generated")
+        if x is None:
+            with torch.no_grad():
+                x = self.generate(batch["z"], batch.get("cond"))
+        return x
+
     # ---- EMA -----------------------------------------------------------------------------------
     def ema_step(self, keep: torch.Tensor | None = None) -> None:
         """Update the generator EMA (call after each generator optimizer step, never on critic steps); `keep`: a

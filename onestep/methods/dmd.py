@@ -154,12 +154,8 @@ class DMD:
 
     # ---- critic turn -----------------------------------------------------------------------------
     def fake_score_loss(self, triad, batch: dict) -> tuple[torch.Tensor, dict]:
-        z, c = batch["z"], batch.get("cond")
-        sched, n = triad.teacher.schedule, batch["z"].shape[0]
-        x = batch.get("generated")  # the generator turn's output, when this iteration had one
-        if x is None:
-            with torch.no_grad():
-                x = triad.generate(z, c)
+        c, sched, n = batch.get("cond"), triad.teacher.schedule, batch["z"].shape[0]
+        x = triad.critic_samples(batch)
         shared = batch.pop("critic_pass", None)  # (t, prediction) of the generator turn's fake-score forward
         if shared is not None:
             t, x0_pred = shared

@@ -2,8 +2,9 @@
 
 Generator: t ~ U[2%, 98%], x_t = alpha_t x + sigma_t eps; both branches under CFG at the same scale kappa;
 g = sigma_t^2 (eps_T - eps_F) = alpha_t sigma_t (x0_fake - x0_real); L = 0.5 mean((x - sg(x - g))^2).
-Fake score (a LoRA on the teacher by default): on sg(G(z)) (the generator turn's output, reused), t ~ U over the full range, the condition dropped to
-null with p = 0.1, eps-MSE weighted by abar_t = alpha_t^2. One fake-score step per generator step.
+Fake score (a LoRA on the teacher by default): on sg(G(z)) (the generator turn's output, reused), t ~ U over the
+full range, the condition dropped to null with p = 0.1, eps-MSE weighted by abar_t = alpha_t^2. One fake-score step
+per generator step.
 """
 from __future__ import annotations
 
@@ -104,10 +105,7 @@ class VSD:
     def fake_score_loss(self, triad, batch: dict) -> tuple[torch.Tensor, dict]:
         z, c = batch["z"], batch.get("cond")
         n, sched = z.shape[0], triad.teacher.schedule
-        x = batch.get("generated")  # the generator turn's output, when this iteration had one
-        if x is None:
-            with torch.no_grad():
-                x = triad.generate(z, c)
+        x = triad.critic_samples(batch)
         t = sched.sample_t(n, 0.0, 1.0, device=x.device)
         x_t = sched.add_noise(x, torch.randn_like(x), t)
         c_in = triad.teacher.drop_cond(c, self.cond_dropout)  # the teacher view holds the same null condition
